@@ -1,0 +1,53 @@
+# fer-sweep: the user-facing verbs. Each calls `python -m orchestrator` or `python -m trainers`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+SWEEP  ?= sweeps/demo.yaml
+HOST   ?= 127.0.0.1
+PORT   ?= 5000
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup sweep plan test bench ui promote production report up down clean
+
+setup: $(STAMP)
+
+# Re-installs only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+sweep: $(STAMP)
+	$(PY) -m orchestrator sweep $(SWEEP)
+
+plan: $(STAMP)
+	$(PY) -m orchestrator plan $(SWEEP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m pytest -q -s tests/bench
+
+ui: $(STAMP)
+	$(PY) -m mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host $(HOST) --port $(PORT)
+
+promote: $(STAMP)
+	$(PY) -m orchestrator promote $(SWEEP)
+
+production: $(STAMP)
+	$(PY) -m orchestrator production $(SWEEP)
+
+report: $(STAMP)
+	$(PY) -m orchestrator report $(SWEEP)
+
+up:
+	docker compose -f docker/compose.yaml --env-file docker/.env up -d
+
+down:
+	docker compose -f docker/compose.yaml --env-file docker/.env down
+
+clean:
+	rm -rf $(VENV) .pytest_cache

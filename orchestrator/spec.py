@@ -1,0 +1,559 @@
+"""A sweep spec: YAML read into a frozen, fully validated SweepSpec.
+
+A spec is shared data settings, named model presets, one trial's defaults and
+named experiments, each a grid of axes over those defaults. Everything is
+checked before anything runs, including every trial the grids produce; each
+error is one line: ``<file>: <dotted field> <what is wrong>; <what to do>``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from trainers.config import MODEL_NAMES, ConfigError, DataConfig, TrialConfig, from_dict
+from orchestrator.plan import experiment_points, resolve_trial, trial_point
+
+TOP_KEYS = ("name", "description", "data", "production", "models", "defaults", "experiments",
+            "seeds", "search", "promote", "execution")
+DEFAULTS_KEYS = ("model", "optim", "train")
+EXPERIMENT_KEYS = ("title", "grid", "set", "reference")
+SEARCH_KEYS = ("method", "n_trials", "space")
+AXIS_ALIASES = {"optimizer": "optim.name", "lr": "optim.lr", "epochs": "train.epochs", "seed": "train.seed"}
+SEARCH_METHODS = ("grid", "tpe")
+PROMOTE_METRICS = ("val_macro_f1", "test_macro_f1", "val_accuracy", "test_accuracy")
+SWEEP_NAME = re.compile(r"[a-z0-9_-]+")
+GROUP_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# MLflow aliases: letters, digits, _ and -; "latest" and "v<digits>" are reserved.
+ALIAS_NAME = re.compile(r"(?!latest$)(?!v\d+$)[A-Za-z0-9_-]+")
+# YAML 1.1 (PyYAML) reads 1e-3 as a string; YAML 1.2 and every user read it as a number.
+EXPONENT_FLOAT = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+class SpecError(ConfigError):
+    """A sweep spec is invalid; the one-line message names the file and the dotted field."""
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    method: str = "grid"
+    n_trials: int = 0             # tpe only: how many trials the sampler proposes
+    space: dict = dataclasses.field(default_factory=dict)   # axis -> tuple of choices or {low, high, log}
+
+
+@dataclass(frozen=True)
+class PromoteSpec:
+    model: str = "vit"            # a model preset or architecture name; only those runs compete
+    metric: str = "val_macro_f1"
+    name: str = "fer-vit"         # registered model name
+    alias: str = "champion"
+
+
+@dataclass(frozen=True)
+class ExecutionSpec:
+    jobs: int = 1                 # parallel trials (CPU) or slots when no GPU list is given
+    gpus: tuple[int, ...] | None = None   # None: every visible GPU, else these indices
+    max_retries: int = 2
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    title: str
+    grid: dict[str, tuple]        # canonical dotted axis (aliases resolved) -> values, in spec order
+    set: dict                     # canonical dotted path -> one value, applied before the grid
+    reference: dict               # the study's reported numbers, free form
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    description: str
+    path: str
+    data: dict
+    production: dict | None
+    models: dict[str, dict]
+    defaults: dict                # {model: preset name, optim: {...}, train: {...}}
+    experiments: tuple[Experiment, ...]
+    seeds: tuple[int, ...]
+    search: SearchSpec
+    promote: PromoteSpec
+    execution: ExecutionSpec
+
+
+# --- reading YAML ---------------------------------------------------------------------
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping key appears twice; ``path`` is its dotted name."""
+
+    def __init__(self, path: str, mark: yaml.Mark):
+        super().__init__(path)
+        self.path, self.mark = path, mark
+
+
+class SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice is an error and 1e-3 is a float."""
+
+    def construct_document(self, node):
+        _reject_duplicate_keys(node, "", set())
+        return super().construct_document(node)
+
+
+SpecLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
+
+
+def _reject_duplicate_keys(node: yaml.Node, path: str, seen: set[int]) -> None:
+    if id(node) in seen:          # an alias points back at a node already walked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _reject_duplicate_keys(item, f"{path}[{i}]", seen)
+    elif isinstance(node, yaml.MappingNode):
+        keys: set[tuple[str, str]] = set()
+        for key, value in node.value:
+            if key.tag == "tag:yaml.org,2002:merge":
+                continue
+            name = key.value if isinstance(key, yaml.ScalarNode) else "<complex key>"
+            child = f"{path}.{name}" if path else name
+            if (key.tag, name) in keys:
+                raise DuplicateKeyError(child, key.start_mark)
+            keys.add((key.tag, name))
+            _reject_duplicate_keys(value, child, seen)
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read a sweep spec file and validate it completely."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{source}: file not found") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{source}: is not UTF-8 text") from None
+    except OSError as err:
+        raise SpecError(f"{source}: cannot be read ({err.strerror})") from None
+    try:
+        raw = yaml.load(text, Loader=SpecLoader)
+    except DuplicateKeyError as err:
+        raise SpecError(f"{source}: {err.path} is given twice ({_at(err.mark)}); "
+                        "each key may appear once, rename or remove one") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"{source}: not valid YAML {_yaml_problem(err)}") from None
+    return spec_from_dict(raw, source)
+
+
+def _at(mark: yaml.Mark) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"at {_at(mark)}: {problem}" if mark else f"({problem})"
+
+
+# --- validating -----------------------------------------------------------------------
+
+def spec_from_dict(raw: dict, source: str = "spec") -> SweepSpec:
+    """Validate a parsed spec; every error names ``source`` and the dotted field."""
+    if not isinstance(raw, dict):
+        _fail(source, "the top level", f"must be a mapping with name, data, experiments ...; got {_describe(raw)}")
+    raw = copy.deepcopy(raw)
+    _reject_unknown(raw, TOP_KEYS, "", source, "top-level key")
+    name = _parse_name(raw.get("name"), source)
+    description = raw.get("description") or ""
+    if not isinstance(description, str):
+        _fail(source, "description", f"must be text, got {_describe(description)}")
+    data = _parse_data(raw.get("data"), "data", source)
+    production = None if raw.get("production") is None else _parse_data(raw["production"], "production", source)
+    models = _parse_models(raw.get("models"), source)
+    search = _parse_search(raw.get("search"), models, source)
+    experiments = _parse_experiments(raw.get("experiments"), models, source)
+    if search.method == "grid" and not experiments:
+        _fail(source, "experiments", "is required with search method grid: at least one named group with a grid")
+    spec = SweepSpec(
+        name=name, description=description, path=source, data=data, production=production,
+        models=models, defaults=_parse_defaults(raw.get("defaults"), models, source),
+        experiments=experiments, seeds=_parse_seeds(raw.get("seeds", [0]), source), search=search,
+        promote=_parse_promote(raw.get("promote"), models, source),
+        execution=_parse_execution(raw.get("execution"), source),
+    )
+    _check_every_trial(spec, raw)
+    return spec
+
+
+def _fail(source: str, field: str, why: str) -> typing.NoReturn:
+    raise SpecError(f"{source}: {field} {why}")
+
+
+def _describe(value: Any) -> str:
+    return "nothing (null)" if value is None else f"{type(value).__name__} {value!r}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _mapping(value: Any, field: str, source: str, optional: bool = False) -> dict:
+    if value is None and optional:
+        return {}
+    if not isinstance(value, dict):
+        _fail(source, field, f"must be a mapping, got {_describe(value)}")
+    return value
+
+
+def _reject_unknown(mapping: dict, allowed: tuple[str, ...], prefix: str, source: str, what: str = "key") -> None:
+    for key in mapping:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            field = f"{prefix}.{key}" if prefix else str(key)
+            _fail(source, field, f"is not a known {what}; {hint}allowed: {', '.join(allowed)}")
+
+
+def _reject_repeats(values: list, field: str, source: str) -> None:
+    for i, value in enumerate(values):
+        if value in values[:i]:
+            _fail(source, field, f"lists {value!r} more than once")
+
+
+def _parse_name(value: Any, source: str) -> str:
+    if value is None:
+        _fail(source, "name", "is required: a short id ([a-z0-9_-]+) naming the MLflow experiment and Optuna study")
+    if not isinstance(value, str) or not SWEEP_NAME.fullmatch(value):
+        _fail(source, "name", f"must use only a-z, 0-9, _ and -; got {_describe(value)}")
+    return value
+
+
+def _parse_data(value: Any, section: str, source: str) -> dict:
+    data = _mapping(value, section, source, optional=True)
+    _build_trial({"data": data}, source, _locator([("data", section)], "data"))
+    return data
+
+
+def _parse_models(value: Any, source: str) -> dict[str, dict]:
+    models = _mapping(value, "models", source, optional=True)
+    for preset, body in models.items():
+        field = f"models.{preset}"
+        body = _mapping(body, field, source)
+        if "name" not in body:
+            _fail(source, f"{field}.name", f"is required: the architecture, one of {', '.join(MODEL_NAMES)}")
+        _build_trial({"model": body}, source, _locator([("model", field)], field))
+    return {str(preset): body for preset, body in models.items()}
+
+
+def _check_preset(value: Any, models: dict, field: str, source: str) -> None:
+    if not isinstance(value, str) or value not in models:
+        have = ", ".join(models) or "none are defined"
+        _fail(source, field, f"must name a model preset under models ({have}); got {_describe(value)}")
+
+
+def _parse_defaults(value: Any, models: dict, source: str) -> dict:
+    defaults = _mapping(value, "defaults", source, optional=True)
+    if "tracking" in defaults:
+        _fail(source, "defaults.tracking", "is set by the orchestrator (experiment, parent run, tags); remove it")
+    if "data" in defaults:
+        _fail(source, "defaults.data", "is not allowed here; put shared data settings in the top-level data section")
+    _reject_unknown(defaults, DEFAULTS_KEYS, "defaults", source)
+    if isinstance(defaults.get("train"), dict) and "seed" in defaults["train"]:
+        _fail(source, "defaults.train.seed", "is set per trial from seeds; list them under seeds: [...]")
+    if models and "model" not in defaults:
+        _fail(source, "defaults.model", f"is required: the preset every trial starts from ({', '.join(models)})")
+    if "model" in defaults:
+        _check_preset(defaults["model"], models, "defaults.model", source)
+    return defaults
+
+
+def _parse_seeds(value: Any, source: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value or not all(_is_int(s) for s in value):
+        _fail(source, "seeds", f"must be a non-empty list of integers, e.g. [0, 1, 2]; got {_describe(value)}")
+    _reject_repeats(value, "seeds", source)
+    return tuple(value)
+
+
+# --- experiments and axes -------------------------------------------------------------
+
+def _trial_fields(cls: type = TrialConfig, prefix: str = "") -> list[str]:
+    """Every dotted path into the trial config (sections and leaves), tracking excluded."""
+    paths = []
+    for name, tp in typing.get_type_hints(cls).items():
+        if name == "tracking":
+            continue
+        paths.append(prefix + name)
+        if dataclasses.is_dataclass(tp):
+            paths += _trial_fields(tp, f"{prefix}{name}.")
+    return paths
+
+
+TRIAL_FIELDS = tuple(_trial_fields())
+
+
+def canonical_axis(key: str) -> str:
+    """The dotted trial path an axis name stands for (aliases resolved)."""
+    return AXIS_ALIASES.get(key, key)
+
+
+def _axis_path(key: Any, field: str, source: str) -> str:
+    if not isinstance(key, str):
+        _fail(source, field, "must be a dotted trial field such as optim.lr")
+    path = canonical_axis(key)
+    if path.split(".")[0] == "tracking":
+        _fail(source, field, "is set by the orchestrator; remove it")
+    if path != "model" and path not in TRIAL_FIELDS:
+        close = difflib.get_close_matches(path, TRIAL_FIELDS + tuple(AXIS_ALIASES), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        _fail(source, field, f"is not a trial field; {hint}use a dotted path such as optim.lr, train.epochs "
+                             f"or data.split_seed, model (a preset), or an alias ({', '.join(AXIS_ALIASES)})")
+    return path
+
+
+def _parse_experiments(value: Any, models: dict, source: str) -> tuple[Experiment, ...]:
+    experiments = _mapping(value, "experiments", source, optional=True)
+    return tuple(_parse_experiment(name, body, models, source) for name, body in experiments.items())
+
+
+def _parse_experiment(name: Any, body: Any, models: dict, source: str) -> Experiment:
+    field = f"experiments.{name}"
+    if not isinstance(name, str) or not GROUP_NAME.fullmatch(name):
+        _fail(source, field, "must be named with letters, digits, _ and - only")
+    body = _mapping(body, field, source)
+    _reject_unknown(body, EXPERIMENT_KEYS, field, source)
+    title = body.get("title", name)
+    if not isinstance(title, str):
+        _fail(source, f"{field}.title", f"must be text, got {_describe(title)}")
+    if not body.get("grid"):
+        _fail(source, f"{field}.grid", "is missing or empty; give at least one axis, e.g. {train.epochs: [2, 3]}")
+    grid = _parse_grid(_mapping(body["grid"], f"{field}.grid", source), f"{field}.grid", models, source)
+    fixed = _parse_set(_mapping(body.get("set"), f"{field}.set", source, True), f"{field}.set", models, source)
+    reference = _mapping(body.get("reference"), f"{field}.reference", source, optional=True)
+    return Experiment(name=name, title=title, grid=grid, set=fixed, reference=reference)
+
+
+def _parse_grid(grid: dict, prefix: str, models: dict, source: str) -> dict[str, tuple]:
+    axes: dict[str, tuple] = {}
+    for key, values in grid.items():
+        field = f"{prefix}.{key}"
+        path = _axis_path(key, field, source)
+        if path in axes:
+            _fail(source, field, f"sets {path} again; give each field one axis")
+        if not isinstance(values, list) or not values:
+            _fail(source, field, f"must be a non-empty list of values, got {_describe(values)}; "
+                                 "write [x] for one value, or put it under set")
+        _reject_repeats(values, field, source)
+        if path == "model":
+            for preset in values:
+                _check_preset(preset, models, field, source)
+        axes[path] = tuple(values)
+    return axes
+
+
+def _parse_set(mapping: dict, prefix: str, models: dict, source: str) -> dict:
+    fixed: dict = {}
+    for key, value in mapping.items():
+        field = f"{prefix}.{key}"
+        path = _axis_path(key, field, source)
+        if path in fixed:
+            _fail(source, field, f"sets {path} again; give each field once")
+        if path == "model":
+            _check_preset(value, models, field, source)
+        fixed[path] = value
+    return fixed
+
+
+# --- search, promote, execution -------------------------------------------------------
+
+def _parse_search(value: Any, models: dict, source: str) -> SearchSpec:
+    search = _mapping(value, "search", source, optional=True)
+    _reject_unknown(search, SEARCH_KEYS, "search", source)
+    method = search.get("method", "grid")
+    if method not in SEARCH_METHODS:
+        _fail(source, "search.method", f"must be one of {', '.join(SEARCH_METHODS)}; got {_describe(method)}")
+    if method == "grid":
+        for key in ("n_trials", "space"):
+            if key in search:
+                _fail(source, f"search.{key}", "is only used with method tpe")
+        return SearchSpec()
+    n_trials = search.get("n_trials")
+    if not _is_int(n_trials) or n_trials < 1:
+        _fail(source, "search.n_trials", f"must be a positive integer for method tpe; got {_describe(n_trials)}")
+    space = _mapping(search.get("space"), "search.space", source)
+    if not space:
+        _fail(source, "search.space", "must name at least one axis to search, "
+                                      "e.g. {optim.lr: {low: 1.0e-5, high: 1.0e-2, log: true}}")
+    axes: dict = {}
+    for key, entry in space.items():
+        field = f"search.space.{key}"
+        path = _axis_path(key, field, source)
+        if path in axes:
+            _fail(source, field, f"sets {path} again; give each field one axis")
+        axes[path] = _parse_space_entry(entry, path, field, models, source)
+    return SearchSpec(method="tpe", n_trials=n_trials, space=axes)
+
+
+def _parse_space_entry(entry: Any, path: str, field: str, models: dict, source: str) -> tuple | dict:
+    if isinstance(entry, list) and entry:
+        _reject_repeats(entry, field, source)
+        if path == "model":
+            for preset in entry:
+                _check_preset(preset, models, field, source)
+        return tuple(entry)
+    if not isinstance(entry, dict) or path == "model":
+        _fail(source, field, f"must be a list of choices or a range {{low, high, log}}; got {_describe(entry)}")
+    _reject_unknown(entry, ("low", "high", "log"), field, source)
+    low, high = (_number(entry.get(end), f"{field}.{end}", source) for end in ("low", "high"))
+    log = entry.get("log", False)
+    if not isinstance(log, bool):
+        _fail(source, f"{field}.log", f"must be true or false, got {_describe(log)}")
+    if not low < high:
+        _fail(source, field, f"needs low < high; got low {low:g}, high {high:g}")
+    if log and low <= 0:
+        _fail(source, f"{field}.low", f"must be positive on a log scale; got {low:g}")
+    return {"low": low, "high": high, "log": log}
+
+
+def _number(value: Any, field: str, source: str) -> int | float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(source, field, f"must be a number, got {_describe(value)}")
+    return value
+
+
+def _parse_promote(value: Any, models: dict, source: str) -> PromoteSpec:
+    promote = _mapping(value, "promote", source, optional=True)
+    allowed = tuple(f.name for f in dataclasses.fields(PromoteSpec))
+    _reject_unknown(promote, allowed, "promote", source)
+    for key, text in promote.items():
+        if not isinstance(text, str) or not text:
+            _fail(source, f"promote.{key}", f"must be non-empty text, got {_describe(text)}")
+    spec = PromoteSpec(**promote)
+    if spec.metric not in PROMOTE_METRICS:
+        _fail(source, "promote.metric", f"must be one of {', '.join(PROMOTE_METRICS)}; got '{spec.metric}'")
+    choices = dict.fromkeys([*models, *MODEL_NAMES])
+    if spec.model not in choices:
+        _fail(source, "promote.model",
+              f"must be a model preset or architecture ({', '.join(choices)}); got '{spec.model}'")
+    if not ALIAS_NAME.fullmatch(spec.alias):
+        _fail(source, "promote.alias",
+              f"must use letters, digits, _ and - and not be 'latest' or v<n>; got '{spec.alias}'")
+    return spec
+
+
+def _parse_execution(value: Any, source: str) -> ExecutionSpec:
+    execution = _mapping(value, "execution", source, optional=True)
+    allowed = tuple(f.name for f in dataclasses.fields(ExecutionSpec))
+    _reject_unknown(execution, allowed, "execution", source)
+    jobs = execution.get("jobs", 1)
+    if not _is_int(jobs) or jobs < 1:
+        _fail(source, "execution.jobs", f"must be an integer >= 1; got {_describe(jobs)}")
+    retries = execution.get("max_retries", 2)
+    if not _is_int(retries) or retries < 0:
+        _fail(source, "execution.max_retries", f"must be an integer >= 0; got {_describe(retries)}")
+    return ExecutionSpec(jobs=jobs, gpus=_parse_gpus(execution.get("gpus"), source), max_retries=retries)
+
+
+def _parse_gpus(value: Any, source: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(_is_int(g) and g >= 0 for g in value):
+        _fail(source, "execution.gpus", f"must be null (every visible GPU) or a list of GPU indices like [0, 1]; "
+                                        f"got {_describe(value)}")
+    _reject_repeats(value, "execution.gpus", source)
+    return tuple(value)
+
+
+# --- every trial the spec produces ----------------------------------------------------
+
+def _check_every_trial(spec: SweepSpec, raw: dict) -> None:
+    """Build the defaults trial, every grid point and every search choice; name the field that fails."""
+    seed = {"train.seed": spec.seeds[0]}
+    base = [("data", "data"), ("optim", "defaults.optim"), ("train", "defaults.train")]
+    if "model" in spec.defaults:
+        base.append(("model", f"models.{spec.defaults['model']}"))
+    _build_trial(resolve_trial(spec, seed), spec.path, _locator(base, "defaults"))
+    for exp in spec.experiments:
+        written = raw["experiments"][exp.name]
+        for point in experiment_points(exp):
+            where = _experiment_locator(exp, written, point)
+            _build_trial(resolve_trial(spec, trial_point(exp, point, spec.seeds[0])), spec.path, where)
+    if spec.search.method == "tpe":
+        _check_search_space(spec, raw["search"]["space"], seed)
+
+
+def _check_search_space(spec: SweepSpec, written: dict, seed: dict) -> None:
+    """Every choice and both ends of every range must make a valid trial over the defaults."""
+    for key in written:
+        path = canonical_axis(key)
+        entry = spec.search.space[path]
+        if isinstance(entry, dict):
+            values = [(f".{end}", entry[end]) for end in ("low", "high")]
+        else:
+            values = [("", choice) for choice in entry]
+        for suffix, value in values:
+            field = f"search.space.{key}{suffix}"
+            _build_trial(resolve_trial(spec, {**seed, path: value}), spec.path, _locator([(path, field)], field))
+
+
+def _experiment_locator(exp: Experiment, written: dict, point: dict) -> Callable[[str], str]:
+    """Name a failing field after the set or grid entry (as the user spelt it) that produced it."""
+    entries = []
+    for section in ("set", "grid"):
+        for key in written.get(section) or {}:
+            if canonical_axis(key) != "model":
+                entries.append((canonical_axis(key), f"experiments.{exp.name}.{section}.{key}"))
+    shown = ", ".join(f"{path}={value!r}" for path, value in point.items())
+    return _locator(entries, f"experiments.{exp.name} at {shown}")
+
+
+def _locator(entries: list[tuple[str, str]], context: str) -> Callable[[str], str]:
+    """Map a trial field to the last spec entry that covers it, else name it with ``context``."""
+    def locate(field: str) -> str:
+        for path, label in reversed(entries):
+            if field == path or field.startswith((path + ".", path + "[")):
+                return label + field[len(path):]
+        return f"{field} (from {context})"
+    return locate
+
+
+def _build_trial(raw: dict, source: str, where: Callable[[str], str]) -> TrialConfig:
+    """from_dict plus the data-root check; a failure names the spec field that caused it."""
+    try:
+        cfg = from_dict(raw, source)
+    except ConfigError as err:
+        field, why = _split_config_error(err, source)
+        raise SpecError(f"{source}: {where(field)} {why}") from None
+    _check_data_root(cfg.data, source, where)
+    return cfg
+
+
+def _split_config_error(err: ConfigError, source: str) -> tuple[str, str]:
+    """A trainers.config message as (field, what is wrong)."""
+    text = str(err).removeprefix(f"{source}: ")
+    unknown = re.fullmatch(r"unknown key '([^']+)' \(allowed here: (.*)\)", text)
+    if unknown:
+        return unknown[1], f"is not a known field; allowed here: {unknown[2]}"
+    field, _, why = text.partition(" ")
+    return field.rstrip("."), why
+
+
+def _check_data_root(data: DataConfig, source: str, where: Callable[[str], str]) -> None:
+    if data.source == "synthetic":
+        return
+    root = Path(data.root).expanduser()
+    relative = "" if root.is_absolute() else f" (relative to {Path.cwd()})"
+    if not root.exists():
+        _fail(source, where("data.root"), f"folder '{data.root}' does not exist{relative}; "
+                                          "point it at your dataset folder")
+    if not root.is_dir():
+        _fail(source, where("data.root"), f"'{data.root}' is a file, not a folder{relative}")

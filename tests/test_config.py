@@ -1,0 +1,88 @@
+import dataclasses
+
+import pytest
+
+from trainers.config import ConfigError, config_hash, from_dict, from_yaml, trial_name, with_overrides
+
+
+def reject(raw: dict) -> str:
+    with pytest.raises(ConfigError) as err:
+        from_dict(raw, "trial.yaml")
+    return str(err.value)
+
+
+def test_defaults_follow_the_study_protocol():
+    cfg = from_dict({})
+    assert cfg.optim.name == "adam" and cfg.optim.lr == 1e-3
+    assert cfg.train.batch_size == 256 and cfg.train.epochs == 3
+    assert (cfg.optim.lr_drop_threshold, cfg.optim.lr_drop_factor) == (0.10, 0.8)
+    assert cfg.data.split == (0.7, 0.2, 0.1)
+
+
+def test_unknown_key_is_named_with_its_dotted_path():
+    msg = reject({"optim": {"learning_rate": 0.1}})
+    assert msg.startswith("trial.yaml: unknown key 'optim.learning_rate'")
+    assert "lr" in msg
+
+
+def test_nested_unknown_key_is_named():
+    assert "'model.vit.layers'" in reject({"model": {"vit": {"layers": 2}}})
+
+
+@pytest.mark.parametrize("raw, field", [
+    ({"optim": {"lr": 0}}, "optim.lr"),
+    ({"optim": {"lr": -1e-3}}, "optim.lr"),
+    ({"optim": {"name": "adamw"}}, "optim.name"),
+    ({"train": {"epochs": 0}}, "train.epochs"),
+    ({"train": {"epochs": "three"}}, "train.epochs"),
+    ({"train": {"batch_size": 2.5}}, "train.batch_size"),
+    ({"data": {"split": [0.7, 0.4, -0.1]}}, "data.split"),
+    ({"data": {"split": [0.5, 0.2, 0.1]}}, "data.split"),
+    ({"data": {"classes": ["anger", "fear", "Anger"]}}, "data.classes"),
+    ({"data": {"source": "imagefolder"}}, "data.root"),
+    ({"model": {"name": "vgg"}}, "model.name"),
+    ({"model": {"image_size": 30, "vit": {"patch_size": 8}}}, "model.vit.patch_size"),
+    ({"train": {"device": "tpu"}}, "train.device"),
+    ({"data": {"balance": "yes"}}, "data.balance"),
+])
+def test_bad_values_are_rejected_naming_the_field(raw, field):
+    msg = reject(raw)
+    assert msg.startswith("trial.yaml: ") and field in msg
+    assert "\n" not in msg
+
+
+def test_numeric_strings_are_accepted_for_floats():
+    assert from_dict({"optim": {"lr": "1e-5"}}).optim.lr == 1e-5
+
+
+def test_config_tree_is_frozen():
+    cfg = from_dict({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.lr = 1.0
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lr: [1e-3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML \(line \d+"):
+        from_yaml(path)
+
+
+def test_hash_ignores_tracking_and_device_but_not_hyperparameters():
+    base = from_dict({})
+    assert config_hash(base) == config_hash(from_dict({"tracking": {"experiment": "x"},
+                                                       "train": {"device": "cpu"}}))
+    assert config_hash(base) != config_hash(from_dict({"optim": {"lr": 1e-4}}))
+    assert len(config_hash(base)) == 12
+
+
+def test_overrides_parse_values_as_yaml():
+    raw = with_overrides({"optim": {"name": "sgd"}}, ["optim.lr=3e-5", "train.epochs=5"])
+    cfg = from_dict(raw)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.train.epochs) == ("sgd", 3e-5, 5)
+
+
+def test_trial_name_is_readable():
+    cfg = from_dict({"optim": {"lr": 3e-5}, "train": {"seed": 1}})
+    assert trial_name(cfg) == "vit-adam-lr3e-05-ep3-s1"
+    assert trial_name(from_dict({})) == "vit-adam-lr0.001-ep3-s0"

@@ -1,0 +1,303 @@
+"""Sweep specs: validation messages, expansion into unique trials, and the plan command."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.plan import estimate_cost, expand, grid_points, resolve_trial, trial_name
+from orchestrator.spec import SpecError, SpecLoader, load_spec, spec_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "sweeps" / "demo.yaml"
+PAPER = REPO / "sweeps" / "paper.yaml"
+SHARED = ("baseline", "epochs", "optimizer_lr")
+
+
+def read(path: Path) -> dict:
+    return yaml.load(path.read_text(), Loader=SpecLoader)
+
+
+def write(tmp_path: Path, raw: dict, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def paper_at(tmp_path: Path) -> dict:
+    raw = read(PAPER)
+    raw["data"]["root"] = str(tmp_path)
+    return raw
+
+
+def shared_trial(trials):
+    return next(t for t in trials if t.name == "vit-adam-lr0.001-ep3-s0")
+
+
+# --- expansion ----------------------------------------------------------------------
+
+def test_demo_expands_to_18_grid_points_and_15_unique_trials():
+    spec = load_spec(DEMO)
+    assert grid_points(spec) == 18
+    assert len(expand(spec)) == 15
+
+
+def test_paper_expands_to_the_same_structure(tmp_path):
+    spec = spec_from_dict(paper_at(tmp_path), "sweeps/paper.yaml")
+    trials = expand(spec)
+    assert (grid_points(spec), len(trials)) == (18, 15)
+    assert shared_trial(trials).config.model.pretrained == "google/vit-base-patch16-224-in21k"
+
+
+def test_shared_trial_belongs_to_baseline_epochs_and_optimizer_lr():
+    trials = expand(load_spec(DEMO))
+    assert shared_trial(trials).groups == SHARED
+    adam_1e5 = next(t for t in trials if t.name == "vit-adam-lr1e-05-ep3-s0")
+    assert adam_1e5.groups == ("optimizer_lr", "fine_lr")
+
+
+def test_seeds_triple_the_trials(tmp_path):
+    raw = read(DEMO)
+    raw["seeds"] = [0, 1, 2]
+    spec = load_spec(write(tmp_path, raw))
+    trials = expand(spec)
+    assert grid_points(spec) == 54
+    assert len(trials) == 45
+    assert sorted({t.config.train.seed for t in trials}) == [0, 1, 2]
+    assert all(t.groups == SHARED for t in trials if t.name.startswith("vit-adam-lr0.001-ep3-"))
+
+
+def test_expand_is_deterministic_and_hashes_are_stable_across_loads():
+    first, second = expand(load_spec(DEMO)), expand(load_spec(DEMO))
+    assert [(t.hash, t.name, t.groups) for t in first] == [(t.hash, t.name, t.groups) for t in second]
+    assert all(re.fullmatch(r"[0-9a-f]{12}", t.hash) for t in first)
+
+
+def test_trial_names_are_readable_and_unique():
+    trials = expand(load_spec(DEMO))
+    names = [t.name for t in trials]
+    assert len(set(names)) == len(names)
+    assert all(re.fullmatch(r"(vit|resnet50)-(sgd|rmsprop|adam)-lr[0-9.e-]+-ep\d+-s\d+", n) for n in names)
+    assert "vit-adam-lr3e-05-ep3-s0" in names
+    assert trial_name(trials[0].config) == trials[0].name
+
+
+def test_names_that_collide_get_a_hash_suffix(tmp_path):
+    raw = read(DEMO)
+    raw["experiments"] = {"splits": {"grid": {"data.split_seed": [0, 1]}}}
+    names = [t.name for t in expand(load_spec(write(tmp_path, raw)))]
+    assert len(set(names)) == 2 and all(n.startswith("vit-adam-lr0.001-ep3-s0-") for n in names)
+
+
+def test_resolve_trial_expands_the_preset_and_applies_the_point_over_defaults():
+    spec = load_spec(DEMO)
+    raw = resolve_trial(spec, {"train.seed": 1, "model": "resnet50", "optim.lr": 2e-5})
+    assert raw["model"] == {"name": "resnet50", "pretrained": None, "image_size": 32}
+    assert raw["optim"] == {"name": "adam", "lr": 2e-5}
+    assert raw["train"] == {"epochs": 3, "batch_size": 64, "seed": 1}
+    assert raw["data"]["synthetic"]["n_images"] == 2400
+    assert spec.defaults["optim"]["lr"] == 1e-3   # the spec is not modified
+
+
+def test_aliases_and_set_reach_the_trial(tmp_path):
+    raw = read(DEMO)
+    raw["experiments"] = {"short": {"grid": {"optimizer": ["sgd"], "lr": [1e-2]}, "set": {"epochs": 2}}}
+    spec = load_spec(write(tmp_path, raw))
+    assert spec.experiments[0].grid == {"optim.name": ("sgd",), "optim.lr": (0.01,)}
+    (trial,) = expand(spec)
+    assert trial.name == "vit-sgd-lr0.01-ep2-s0"
+
+
+def test_exponent_floats_are_numbers_not_strings(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text(DEMO.read_text().replace("lr: 1.0e-3", "lr: 1e-3"))
+    assert load_spec(path).defaults["optim"]["lr"] == 1e-3
+
+
+def test_estimate_cost_counts_epochs_and_image_epochs():
+    spec = load_spec(DEMO)
+    cost = estimate_cost(spec, expand(spec))
+    assert cost["epochs"] == 47                     # 15 trials of 3 epochs, plus 2, 4 and 5 minus 3 three times
+    assert cost["image_epochs"] == round(2400 * 0.7 * 47)
+    assert 0 < cost["gpu_hours"] < cost["cpu_hours"] < 1
+    assert cost["assumptions"]
+
+
+def test_tpe_search_keeps_grid_trials_and_validates_the_space(tmp_path):
+    raw = read(DEMO)
+    raw["search"] = {"method": "tpe", "n_trials": 20,
+                     "space": {"lr": {"low": 1e-5, "high": 1e-2, "log": True}, "optim.name": ["adam", "rmsprop"]}}
+    del raw["experiments"]
+    spec = load_spec(write(tmp_path, raw))
+    assert expand(spec) == []
+    assert spec.search.space == {"optim.lr": {"low": 1e-5, "high": 1e-2, "log": True},
+                                 "optim.name": ("adam", "rmsprop")}
+    assert estimate_cost(spec, [])["epochs"] == 60
+
+
+# --- rejections ---------------------------------------------------------------------
+
+def edit(raw: dict, dotted: str, value) -> dict:
+    """Set (or, with value None, delete) a dotted key in a plain spec dict."""
+    *parents, last = dotted.split("/")
+    node = raw
+    for part in parents:
+        node = node[part]
+    if value is None:
+        del node[last]
+    else:
+        node[last] = value
+    return raw
+
+
+REJECTIONS = [
+    # (edit: path with / between keys, value), expected field, expected words
+    (("surprise", 1), "surprise", "not a known top-level key"),
+    (("defaults/train/epoch", 3), "defaults.train.epoch", "not a known field"),
+    (("experiments/optimizer_lr/grid/optim.name", ["sgd", "adamw"]),
+     "experiments.optimizer_lr.grid.optim.name", "must be one of sgd, rmsprop, adam; got 'adamw'"),
+    (("experiments/optimizer_lr/grid", {"optimizer": ["adamw"]}), "experiments.optimizer_lr.grid.optimizer", "adamw"),
+    (("defaults/optim/lr", 0), "defaults.optim.lr", "must be a positive number"),
+    (("experiments/fine_lr/grid/optim.lr", [1e-5, -1e-5]), "experiments.fine_lr.grid.optim.lr", "positive"),
+    (("experiments/epochs/grid/train.epochs", [0, 3]), "experiments.epochs.grid.train.epochs", "at least 1"),
+    (("experiments/baseline/grid", {}), "experiments.baseline.grid", "empty"),
+    (("experiments/epochs/grid/train.epochs", []), "experiments.epochs.grid.train.epochs", "non-empty list"),
+    (("data/classes", ["anger", "fear", "anger"]), "data.classes", "more than once"),
+    (("data", {"source": "imagefolder", "root": "/no/such"}), "data.root", "does not exist"),
+    (("defaults/train/epochs", "three"), "defaults.train.epochs", "must be an integer"),
+    (("data/split", [0.8, 0.3, -0.1]), "data.split", "must not be negative"),
+    (("data/split", [0.7, 0.2, 0.2]), "data.split", "sum to 1"),
+    (("experiments/baseline/grid/model", ["vit", "vgg16"]), "experiments.baseline.grid.model", "model preset"),
+    (("defaults/model", "vit-large"), "defaults.model", "model preset"),
+    (("experiments/epochs/grid", {"train.epoch": [2, 3]}), "experiments.epochs.grid.train.epoch",
+     "did you mean train.epochs"),
+    (("experiments/epochs/grid", {"tracking.experiment": ["x"]}), "experiments.epochs.grid.tracking.experiment",
+     "orchestrator"),
+    (("defaults/tracking", {"experiment": "x"}), "defaults.tracking", "orchestrator"),
+    (("seeds", [0, "1"]), "seeds", "non-empty list of integers"),
+    (("seeds", []), "seeds", "non-empty list of integers"),
+    (("name", "Demo Run"), "name", "a-z, 0-9"),
+    (("name", None), "name", "is required"),
+    (("production/synthetic/variant", "prod"), "production.synthetic.variant", "got 'prod'"),
+    (("models/vit/vit/patch_size", 5), "models.vit.vit.patch_size", "must divide"),
+    (("models/resnet50/name", None), "models.resnet50.name", "is required"),
+    (("experiments/epochs/colour", "red"), "experiments.epochs.colour", "allowed: title, grid, set, reference"),
+    (("experiments/epochs/reference", [1, 2]), "experiments.epochs.reference", "must be a mapping"),
+    (("experiments/epochs/set", {"optim.lr": "fast"}), "experiments.epochs.set.optim.lr", "must be a number"),
+    (("search", {"method": "random"}), "search.method", "must be one of grid, tpe"),
+    (("search", {"method": "tpe", "n_trials": 5, "space": {"lr": {"low": 1e-2, "high": 1e-5}}}),
+     "search.space.lr", "low < high"),
+    (("search", {"method": "tpe", "n_trials": 5, "space": {"lr": {"low": 0, "high": 1e-2, "log": True}}}),
+     "search.space.lr.low", "positive on a log scale"),
+    (("search", {"method": "tpe", "n_trials": 5, "space": {"train.epochs": {"low": 0, "high": 4}}}),
+     "search.space.train.epochs.low", "at least 1"),
+    (("search", {"method": "tpe", "n_trials": 0, "space": {"lr": [1e-3]}}), "search.n_trials", "positive integer"),
+    (("search", {"method": "tpe", "n_trials": 5, "space": {"optimizer": ["adam", "lion"]}}),
+     "search.space.optimizer", "got 'lion'"),
+    (("promote/metric", "f1"), "promote.metric", "must be one of val_macro_f1"),
+    (("promote/alias", "latest"), "promote.alias", "latest"),
+    (("execution/jobs", 0), "execution.jobs", ">= 1"),
+    (("execution/gpus", [0, -1]), "execution.gpus", "GPU indices"),
+    (("execution/max_retries", -1), "execution.max_retries", ">= 0"),
+]
+
+
+@pytest.mark.parametrize("change, field, words", REJECTIONS, ids=[r[1] + ":" + r[2][:20] for r in REJECTIONS])
+def test_bad_spec_is_rejected_with_one_line_naming_file_and_field(tmp_path, change, field, words):
+    path = write(tmp_path, edit(read(DEMO), *change))
+    with pytest.raises(SpecError) as caught:
+        load_spec(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: {field} "), message
+    assert words in message, message
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: demo\nexperiments:\n  baseline: {grid: {model: [vit, resnet50]}\n")
+    with pytest.raises(SpecError, match=r"broken\.yaml: not valid YAML at line \d+, column \d+: ") as caught:
+        load_spec(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_duplicate_experiment_names_are_rejected(tmp_path):
+    path = tmp_path / "twice.yaml"
+    text = DEMO.read_text()
+    path.write_text(text + "\n".join(["", "experiments:", "  epochs: {grid: {train.epochs: [2]}}"]) + "\n")
+    with pytest.raises(SpecError, match=rf"^{re.escape(str(path))}: experiments is given twice \(line"):
+        load_spec(path)
+    nested = text.replace("  fine_lr:", "  epochs:")
+    path.write_text(nested)
+    with pytest.raises(SpecError, match=rf"^{re.escape(str(path))}: experiments\.epochs is given twice \(line \d+"):
+        load_spec(path)
+
+
+def test_missing_file_and_non_mapping_are_one_line_errors(tmp_path):
+    with pytest.raises(SpecError, match="nothing.yaml: file not found"):
+        load_spec(tmp_path / "nothing.yaml")
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(SpecError, match="list.yaml: the top level must be a mapping"):
+        load_spec(path)
+
+
+def test_paper_spec_fails_only_on_its_missing_data_root(monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    if (REPO / "data" / "faces").is_dir():
+        pytest.skip("data/faces exists here")
+    with pytest.raises(SpecError, match=r"^sweeps/paper\.yaml: data\.root folder 'data/faces' does not exist"):
+        load_spec("sweeps/paper.yaml")
+    spec_from_dict(paper_at(tmp_path), "sweeps/paper.yaml")   # and nothing else is wrong
+
+
+def test_paper_references_follow_one_shape(tmp_path):
+    spec = spec_from_dict(paper_at(tmp_path), "sweeps/paper.yaml")
+    for exp in spec.experiments:
+        tables = [exp.reference] + [v for v in exp.reference.values() if isinstance(v, dict)]
+        for table in tables:
+            assert isinstance(table["source"], str)
+            for point in table["points"]:
+                assert len(point["value"]) == len(table["metric"])
+                assert all(0 <= v <= 1 for v in point["value"] if table["metric"][0] != "train_loss")
+                assert set(point) - {"value", "epoch", "class"} <= set(exp.grid)
+
+
+# --- the plan command -----------------------------------------------------------------
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_plan_prints_the_table_count_and_cost():
+    done = run_cli("plan", "sweeps/demo.yaml")
+    assert done.returncode == 0, done.stderr
+    assert "18 grid points → 15 unique trials" in done.stdout
+    assert "vit-adam-lr3e-05-ep3-s0" in done.stdout
+    assert "estimated cost" in done.stdout
+
+
+def test_plan_with_a_bad_spec_prints_one_error_line_and_exits_2(tmp_path):
+    path = write(tmp_path, edit(read(DEMO), "defaults/optim/name", "adamw"))
+    done = run_cli("plan", str(path))
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    assert "defaults.optim.name" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_plan_prints_the_tpe_search(tmp_path):
+    raw = read(DEMO)
+    raw["search"] = {"method": "tpe", "n_trials": 8, "space": {"lr": {"low": 1e-5, "high": 1e-2, "log": True}}}
+    done = run_cli("plan", str(write(tmp_path, raw)))
+    assert done.returncode == 0, done.stderr
+    assert "TPE: 8 trials over space optim.lr" in done.stdout
+
+
+def test_unimplemented_verbs_exit_2():
+    done = run_cli("report", "sweeps/demo.yaml")
+    assert done.returncode == 2 and "not implemented yet" in done.stderr

@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+from sklearn.metrics import confusion_matrix as sk_confusion
+from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+from trainers import metrics
+from trainers.data.balance import balance_plan, class_weights
+from trainers.data.split import TEST, TRAIN, VAL, group_split, stratified_split
+from trainers.train import reduce_lr_on_f1_drop
+
+
+def labels_like_table1(n=2000, seed=0):
+    p = np.array([8228, 2458, 2983, 9113, 13040, 7417]) / 43239
+    return np.random.default_rng(seed).choice(6, size=n, p=p)
+
+
+def test_stratified_split_keeps_70_20_10_within_every_class():
+    labels = labels_like_table1()
+    split = stratified_split(labels, (0.7, 0.2, 0.1), seed=0)
+    for c in range(6):
+        n = (labels == c).sum()
+        got = [((labels == c) & (split == s)).sum() for s in (TRAIN, VAL, TEST)]
+        assert sum(got) == n
+        assert abs(got[1] - 0.2 * n) <= 1 and abs(got[2] - 0.1 * n) <= 1
+
+
+def test_split_is_deterministic_for_a_seed_and_changes_with_it():
+    labels = labels_like_table1()
+    a = stratified_split(labels, (0.7, 0.2, 0.1), seed=3)
+    assert np.array_equal(a, stratified_split(labels, (0.7, 0.2, 0.1), seed=3))
+    assert not np.array_equal(a, stratified_split(labels, (0.7, 0.2, 0.1), seed=4))
+
+
+def test_group_split_puts_each_subject_in_one_split_near_the_ratios():
+    rng = np.random.default_rng(1)
+    subjects = [f"s{i // 8}" for i in range(2400)]
+    labels = rng.integers(0, 6, 2400)
+    split = group_split(labels, subjects, (0.7, 0.2, 0.1), seed=0)
+    by_subject = {}
+    for s, k in zip(subjects, split):
+        by_subject.setdefault(s, set()).add(int(k))
+    assert all(len(v) == 1 for v in by_subject.values())
+    shares = np.bincount(split, minlength=3) / len(split)
+    assert np.allclose(shares, [0.7, 0.2, 0.1], atol=0.02)
+    for c in range(6):
+        class_shares = np.bincount(split[labels == c], minlength=3) / (labels == c).sum()
+        assert np.allclose(class_shares, [0.7, 0.2, 0.1], atol=0.06)
+
+
+def test_balance_grows_rare_classes_up_to_the_cap():
+    labels = np.array([0] * 100 + [1] * 10 + [2] * 60)
+    idx = np.arange(len(labels))
+    plan, augmented = balance_plan(idx, labels, max_factor=3.0, seed=0)
+    counts = np.bincount(labels[plan])
+    assert counts.tolist() == [100, 30, 100]
+    assert augmented.sum() == len(plan) - len(idx) and not augmented[: len(idx)].any()
+    assert set(plan[augmented]) <= set(idx[labels != 0])
+
+
+def test_class_weights_use_the_effective_distribution():
+    effective = np.array([0] * 100 + [1] * 30 + [2] * 100)
+    w = class_weights(effective, 4)
+    assert w[3] == 0
+    assert np.allclose(w[:3], [230 / (4 * 100), 230 / (4 * 30), 230 / (4 * 100)])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_equal_scikit_learn(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 6, 400)
+    pred = np.where(rng.random(400) < 0.6, y, rng.integers(0, 6, 400))
+    pred[pred == 4] = 5          # a class never predicted
+    cm = metrics.confusion_matrix(y, pred, 6)
+    assert np.array_equal(cm, sk_confusion(y, pred, labels=range(6)))
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=range(6), zero_division=0)
+    pc = metrics.per_class(cm)
+    assert np.allclose(pc["precision"], p) and np.allclose(pc["recall"], r) and np.allclose(pc["f1"], f)
+    summary = metrics.summary(cm)
+    assert summary["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", zero_division=0))
+    assert summary["accuracy"] == pytest.approx((y == pred).mean())
+
+
+@pytest.mark.parametrize("prev, now, expected", [
+    (None, 0.5, 1e-3),          # first epoch: nothing to compare
+    (0.90, 0.85, 1e-3),         # fell 5.6%: keep
+    (0.90, 0.80, 0.8e-3),       # fell 11.1%: lr x 0.8
+    (0.50, 0.60, 1e-3),         # rose: keep
+])
+def test_lr_drops_by_20_percent_when_val_f1_falls_more_than_10_percent(prev, now, expected):
+    assert reduce_lr_on_f1_drop(prev, now, 1e-3, 0.10, 0.8) == pytest.approx(expected)

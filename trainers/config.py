@@ -1,0 +1,358 @@
+"""One trial's configuration: a frozen dataclass tree built once from a dict or YAML file.
+
+Unknown keys and bad values raise ConfigError naming the field's dotted path
+(e.g. ``optim.lr``); nothing downstream mutates the tree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# The study's six expressions, in its table order.
+DEFAULT_CLASSES = ("anger", "disgust", "fear", "happiness", "sadness", "surprise")
+SOURCES = ("synthetic", "imagefolder")
+ALIGNERS = ("none",)         # "mtcnn" joins with the face-alignment work
+MODEL_NAMES = ("vit", "resnet50")
+OPTIMIZERS = ("sgd", "rmsprop", "adam")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or impossible; the message names the field."""
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    n_images: int = 2400          # total images drawn, split by the study's Table 1 proportions
+    seed: int = 0                 # the drawing seed (identities, poses, expressions)
+    variant: str = "train"        # "train" or "production" (shifted group mix, more occlusion)
+    draw_size: int = 64           # pixels of the stored PNGs; the cache resizes to the model's input
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"
+    root: str | None = None       # dataset folder; ignored by the synthetic source
+    classes: tuple[str, ...] = DEFAULT_CLASSES
+    split: tuple[float, float, float] = (0.7, 0.2, 0.1)   # train / val / test
+    split_seed: int = 0
+    align: str = "none"
+    cache_dir: str = "mlruns/cache"
+    balance: bool = True          # augment the training split per class towards the largest class
+    balance_max_factor: float = 3.0   # a class grows to at most 3x its own size, so some imbalance stays
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+@dataclass(frozen=True)
+class ViTArchConfig:
+    """An explicit (small) ViT shape, used when no pretrained checkpoint is named."""
+    patch_size: int = 16
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "vit"
+    # vit: a hub id or a local folder; resnet50: a torchvision weights name
+    # (e.g. IMAGENET1K_V2) or a local state-dict file. None: random init.
+    pretrained: str | None = None
+    image_size: int = 224
+    vit: ViTArchConfig = ViTArchConfig()
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    # The study's rule: if validation macro F1 fell by more than 10% relative to
+    # the previous epoch, multiply the learning rate by 0.8.
+    lr_drop_threshold: float = 0.10
+    lr_drop_factor: float = 0.8
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 256
+    eval_batch_size: int = 512
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_dir: str = "mlruns/checkpoints"
+    num_threads: int = 0          # CPU threads for torch; 0 leaves torch's default
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None = None        # None: $MLFLOW_TRACKING_URI, else sqlite under mlruns/
+    experiment: str = "fer-trials"
+    run_name: str | None = None
+    parent_run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    log_model: bool = True
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+# --- building -------------------------------------------------------------------------
+
+def from_dict(raw: dict | None, source: str = "config") -> TrialConfig:
+    """Build and validate a TrialConfig; ``source`` names the file in error messages."""
+    cfg = _build(TrialConfig, raw or {}, "", source)
+    validate(cfg, source)
+    return cfg
+
+
+def from_yaml(path: str | Path) -> TrialConfig:
+    """Read a YAML file (safe loader) into a validated TrialConfig."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_where(err)})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return from_dict(raw, str(path))
+
+
+def _yaml_where(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix or 'config'} must be a mapping, got {_kind(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"{source}: unknown key '{key}' (allowed here: {', '.join(sorted(names))})")
+    values = {}
+    for name, value in raw.items():
+        values[name] = _coerce(hints[name], value, f"{prefix}{name}", source)
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, path: str, source: str):
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path + ".", source)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path, source)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {path} must be a list, got {_kind(value)}")
+        item = args[0]
+        return tuple(_coerce(item, v, f"{path}[{i}]", source) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {path} must be a mapping, got {_kind(value)}")
+        return {str(k): str(v) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {path} must be true or false, got {_kind(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {path} must be an integer, got {_kind(value)}")
+        return value
+    if tp is float:
+        # YAML 1.1 reads "1e-3" as a string; accept numeric strings for floats.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{source}: {path} must be a number, got '{value}'") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {path} must be a number, got {_kind(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {path} must be a string, got {_kind(value)}")
+        return value
+    return value
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    return f"{type(value).__name__} {value!r}"
+
+
+# --- validation -----------------------------------------------------------------------
+
+def validate(cfg: TrialConfig, source: str = "config") -> None:
+    """Reject impossible values; every message names the field."""
+    def fail(path: str, why: str):
+        raise ConfigError(f"{source}: {path} {why}")
+
+    def one_of(path: str, value: str, allowed: tuple[str, ...]):
+        if value not in allowed:
+            fail(path, f"must be one of {', '.join(allowed)}; got '{value}'")
+
+    d, m, o, t = cfg.data, cfg.model, cfg.optim, cfg.train
+    one_of("data.source", d.source, SOURCES)
+    one_of("data.align", d.align, ALIGNERS)
+    if d.source != "synthetic" and not d.root:
+        fail("data.root", f"is required for source '{d.source}' (the folder holding the dataset)")
+    if len(d.classes) < 2:
+        fail("data.classes", "needs at least two classes")
+    lowered = [c.lower() for c in d.classes]
+    if len(set(lowered)) != len(lowered):
+        dup = next(c for c in lowered if lowered.count(c) > 1)
+        fail("data.classes", f"lists '{dup}' more than once")
+    if d.balance_max_factor < 1:
+        fail("data.balance_max_factor", f"must be at least 1; got {d.balance_max_factor:g}")
+    if len(d.split) != 3:
+        fail("data.split", "must have three ratios: train, val, test")
+    if any(r < 0 for r in d.split):
+        fail("data.split", f"ratios must not be negative; got {list(d.split)}")
+    if d.split[0] <= 0 or d.split[1] <= 0:
+        fail("data.split", "needs a positive train and val ratio")
+    if not math.isclose(sum(d.split), 1.0, abs_tol=1e-6):
+        fail("data.split", f"ratios must sum to 1; got {sum(d.split):g}")
+    s = d.synthetic
+    one_of("data.synthetic.variant", s.variant, ("train", "production"))
+    if s.n_images < 60:
+        fail("data.synthetic.n_images", f"must be at least 60 (10 per class); got {s.n_images}")
+    if s.draw_size < 32:
+        fail("data.synthetic.draw_size", f"must be at least 32; got {s.draw_size}")
+
+    one_of("model.name", m.name, MODEL_NAMES)
+    if m.image_size < 16:
+        fail("model.image_size", f"must be at least 16 pixels; got {m.image_size}")
+    if m.name == "vit" and m.pretrained is None:
+        a = m.vit
+        if a.patch_size <= 0 or m.image_size % a.patch_size:
+            fail("model.vit.patch_size", f"must divide model.image_size ({m.image_size}); got {a.patch_size}")
+        if a.hidden_size <= 0 or a.num_attention_heads <= 0 or a.hidden_size % a.num_attention_heads:
+            fail("model.vit.num_attention_heads",
+                 f"must divide model.vit.hidden_size ({a.hidden_size}); got {a.num_attention_heads}")
+        if a.num_hidden_layers <= 0 or a.intermediate_size <= 0:
+            fail("model.vit.num_hidden_layers", "and intermediate_size must be positive")
+
+    one_of("optim.name", o.name, OPTIMIZERS)
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        fail("optim.lr", f"must be a positive number; got {o.lr:g}")
+    if o.momentum < 0 or o.momentum >= 1:
+        fail("optim.momentum", f"must be in [0, 1); got {o.momentum:g}")
+    if o.weight_decay < 0:
+        fail("optim.weight_decay", f"must not be negative; got {o.weight_decay:g}")
+    if not 0 <= o.lr_drop_threshold < 1:
+        fail("optim.lr_drop_threshold", f"must be in [0, 1); got {o.lr_drop_threshold:g}")
+    if not 0 < o.lr_drop_factor <= 1:
+        fail("optim.lr_drop_factor", f"must be in (0, 1]; got {o.lr_drop_factor:g}")
+
+    if t.epochs < 1:
+        fail("train.epochs", f"must be at least 1; got {t.epochs}")
+    if t.batch_size < 1:
+        fail("train.batch_size", f"must be at least 1; got {t.batch_size}")
+    if t.eval_batch_size < 1:
+        fail("train.eval_batch_size", f"must be at least 1; got {t.eval_batch_size}")
+    one_of("train.device", t.device, DEVICES)
+    if t.num_threads < 0:
+        fail("train.num_threads", f"must not be negative; got {t.num_threads}")
+
+
+# --- derived values -------------------------------------------------------------------
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain YAML-friendly data (tuples become lists)."""
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(cfg)
+
+
+def flat_params(cfg: TrialConfig) -> dict[str, str]:
+    """Flat ``section.key`` params for MLflow, the same names for every model."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else k, x)
+        else:
+            out[prefix] = ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+    walk("", {k: v for k, v in to_dict(cfg).items() if k != "tracking"})
+    return out
+
+
+def config_hash(cfg: TrialConfig) -> str:
+    """Stable 12-hex hash of what determines a trial's result (tracking and device excluded)."""
+    body = to_dict(cfg)
+    body.pop("tracking")
+    body["train"].pop("device")
+    body["train"].pop("checkpoint_dir")
+    body["train"].pop("num_threads")
+    body["data"].pop("cache_dir")
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def trial_name(cfg: TrialConfig) -> str:
+    """Readable run name: model-optimizer-lr-epochs-seed, e.g. vit-adam-lr3e-05-ep3-s0."""
+    return f"{cfg.model.name}-{cfg.optim.name}-lr{cfg.optim.lr:g}-ep{cfg.train.epochs}-s{cfg.train.seed}"
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep-merge two plain dicts; ``override`` wins; neither is modified."""
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def with_overrides(raw: dict, assignments: list[str], source: str = "--set") -> dict:
+    """Apply ``a.b.c=value`` assignments (values parsed as YAML) to a plain dict."""
+    out = raw
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{source}: expected key=value, got '{item}'")
+        nested: dict = {}
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(text)
+        out = merge(out, nested)
+    return out

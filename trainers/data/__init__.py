@@ -1,0 +1,1 @@
+"""Datasets: sources, decoding, alignment cache, splits and class balance."""

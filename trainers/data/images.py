@@ -1,0 +1,203 @@
+"""Decode any image file a user has into an RGB uint8 array, or say why not.
+
+Every way an image can be unusable maps to one of SKIP_REASONS, so the cache
+can skip it, count it and carry on; odd modes (alpha, 16-bit, float, CMYK,
+palette, grayscale) are converted rather than rejected.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SKIP_REASONS = ("empty", "truncated", "not_an_image", "unreadable", "too_large")
+
+# 250 MP is ~16,000 x 16,000: larger than any camera photo, and a full RGBA
+# decode of it already needs 1 GB, so anything bigger is refused from its header.
+MAX_PIXELS = 250_000_000
+
+# Pillow's own bomb guard warns above MAX_IMAGE_PIXELS (~89 MP by default) and
+# raises above twice that (~179 MP), which would refuse a 200 MP scan we can
+# shrink. While any decode_image call runs, the global is raised to MAX_PIXELS
+# (so Pillow only speaks up for images we refuse anyway); the last call to
+# finish restores the user's value. Calls overlap freely: the lock only guards
+# the count, so threaded decoding stays parallel.
+_PIL_LIMIT_LOCK = threading.Lock()
+_pil_limit_users = 0
+_pil_limit_saved: int | None = None
+
+# Leading bytes of formats Pillow reads: a file that starts like one of these
+# but cannot be identified was almost always cut off mid-download.
+_SIGNATURES = (
+    b"\xff\xd8\xff",          # JPEG
+    b"\x89PNG\r\n\x1a\n",     # PNG
+    b"GIF87a", b"GIF89a",     # GIF
+    b"II*\x00", b"MM\x00*",   # TIFF
+)
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class ImageSkipped(Exception):
+    """An image file that cannot be used; ``reason`` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str):
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; expected one of {SKIP_REASONS}")
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_image(path: Path, max_side: int = 1024) -> np.ndarray:
+    """Return the image at ``path`` as H x W x 3 uint8 RGB, long side <= max_side; raise ImageSkipped if unusable."""
+    if max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    path = Path(path)
+    _check_regular_nonempty(path)
+    try:
+        with _pil_bomb_limit(), _load_within_limit(path, max_side) as im:
+            ImageOps.exif_transpose(im, in_place=True)
+            return _to_rgb(_shrink(_expand_palette(im), max_side))
+    except ImageSkipped:
+        raise
+    # Pillow signals bad data with many exception types (OSError, SyntaxError,
+    # ValueError, struct.error, zlib.error, EOFError ...); a bad file must be
+    # skipped and counted, never end the sweep, so all of them are classified.
+    except Exception as exc:
+        raise _classify(exc, path) from exc
+
+
+def centre_square(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Crop the centred largest square of an H x W x 3 uint8 image and resize it to size x size."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an H x W x 3 uint8 array, got shape {rgb.shape} dtype {rgb.dtype}")
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    height, width = rgb.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    square = np.ascontiguousarray(rgb[top:top + side, left:left + side])
+    # Pillow's bilinear filter widens its support when shrinking, so this antialiases.
+    resized = Image.fromarray(square).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8).copy()
+
+
+def _check_regular_nonempty(path: Path) -> None:
+    """Reject what is not a readable, non-empty regular file before Pillow sees it."""
+    try:
+        info = os.stat(path)  # follows symlinks: dangling links and loops fail here
+    except OSError as exc:
+        raise ImageSkipped("unreadable", f"cannot stat: {exc.strerror or exc}") from exc
+    # A FIFO or device named .jpg would block open() forever; a directory cannot be decoded.
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageSkipped("unreadable", "not a regular file")
+    if info.st_size == 0:
+        raise ImageSkipped("empty", "zero-byte file")
+
+
+@contextmanager
+def _pil_bomb_limit() -> Iterator[None]:
+    """Hold Pillow's pixel limit at MAX_PIXELS for the duration, restoring it when the last user leaves."""
+    global _pil_limit_users, _pil_limit_saved
+    with _PIL_LIMIT_LOCK:
+        if _pil_limit_users == 0:
+            _pil_limit_saved = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+        _pil_limit_users += 1
+    try:
+        yield
+    finally:
+        with _PIL_LIMIT_LOCK:
+            _pil_limit_users -= 1
+            if _pil_limit_users == 0:
+                Image.MAX_IMAGE_PIXELS = _pil_limit_saved
+
+
+def _load_within_limit(path: Path, max_side: int) -> Image.Image:
+    """Open, refuse headers over MAX_PIXELS, then decode (JPEG at reduced scale when large)."""
+    im = Image.open(path)  # lazy: reads the header only
+    try:
+        width, height = im.size
+        if width * height > MAX_PIXELS:
+            raise ImageSkipped("too_large", f"{width} x {height} pixels is over {MAX_PIXELS // 1_000_000} MP")
+        im.draft("RGB", (max_side, max_side))  # JPEG decodes at 1/2, 1/4 or 1/8 scale; no-op elsewhere
+        im.load()
+    except BaseException:
+        im.close()
+        raise
+    return im
+
+
+def _expand_palette(im: Image.Image) -> Image.Image:
+    """Turn palette, 1-bit and transparent images into modes that can be averaged when shrinking."""
+    if "transparency" in im.info and im.mode in ("1", "L", "P", "RGB"):
+        return im.convert("RGBA")
+    if im.mode in ("P", "PA"):
+        return im.convert("RGBA" if im.mode == "PA" else "RGB")
+    if im.mode == "1":
+        return im.convert("L")
+    return im
+
+
+def _shrink(im: Image.Image, max_side: int) -> Image.Image:
+    """Resize in place so the long side is at most max_side, keeping the aspect ratio."""
+    if max(im.size) > max_side:
+        im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    return im
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """Convert any Pillow mode to an H x W x 3 uint8 RGB array."""
+    if im.mode in _ALPHA_MODES:
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im.convert("RGBA"))
+    elif im.mode in _SIXTEEN_BIT_MODES or im.mode == "F":
+        gray = _stretch_to_uint8(np.asarray(im))
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Map the image's actual value range onto 0..255 (16-bit and float data rarely fill their type)."""
+    values = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (values - low) * (255.0 / (high - low))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _classify(exc: Exception, path: Path) -> ImageSkipped:
+    """Map an exception raised while decoding to the reason it gets skipped for."""
+    message = str(exc) or type(exc).__name__
+    # The warning arrives as an exception only when warnings are errors (python -W error).
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return ImageSkipped("too_large", message)
+    if isinstance(exc, UnidentifiedImageError):
+        if _has_image_signature(path):
+            return ImageSkipped("truncated", "starts like an image but its header is cut short or corrupt")
+        return ImageSkipped("not_an_image", "not a format Pillow can read")
+    if isinstance(exc, EOFError) or "truncated" in message.lower():
+        return ImageSkipped("truncated", message)
+    if isinstance(exc, OSError):
+        return ImageSkipped("unreadable", message)
+    return ImageSkipped("unreadable", f"corrupt image data ({type(exc).__name__}: {message})")
+
+
+def _has_image_signature(path: Path) -> bool:
+    """Whether the file begins with the magic bytes of a format Pillow reads."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError:
+        return False
+    is_webp = head[:4] == b"RIFF" and head[8:12] == b"WEBP"  # RIFF alone is also WAV, AVI ...
+    return head.startswith(_SIGNATURES) or is_webp

@@ -1,0 +1,148 @@
+"""The two model families of the study, behind one explicit table: MODELS[name](cfg, n_classes)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainers.config import ModelConfig
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+VIT_MEAN, VIT_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)   # google/vit-* processors
+
+
+class ModelUnavailableError(RuntimeError):
+    """Pretrained weights cannot be loaded (offline, missing file); the message says how to supply them."""
+
+
+class FerClassifier(nn.Module):
+    """A backbone plus its normalisation: takes float images in [0, 1], N x 3 x H x W; returns logits."""
+
+    def __init__(self, backbone: nn.Module, family: str, mean, std, interpolate_pos: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.family = family
+        # A pretrained ViT used at another input size than it was trained at (e.g. 112 px
+        # instead of 224) interpolates its position embeddings instead of re-learning them.
+        self.interpolate_pos = interpolate_pos
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        if self.family == "vit":
+            return self.backbone(pixel_values=x, interpolate_pos_encoding=self.interpolate_pos).logits
+        return self.backbone(x)
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (ViT [CLS] token, ResNet pooled), for drift and retrieval."""
+        x = (x - self.mean) / self.std
+        if self.family == "vit":
+            out = self.backbone.vit(pixel_values=x, interpolate_pos_encoding=self.interpolate_pos)
+            return out.last_hidden_state[:, 0]
+        fc = self.backbone.fc
+        self.backbone.fc = nn.Identity()
+        try:
+            return self.backbone(x)
+        finally:
+            self.backbone.fc = fc
+
+
+def build_vit(cfg: ModelConfig, n_classes: int) -> FerClassifier:
+    """transformers ViTForImageClassification: a hub id / local folder, or an explicit small shape."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    if cfg.pretrained is None:
+        a = cfg.vit
+        config = ViTConfig(image_size=cfg.image_size, patch_size=a.patch_size, hidden_size=a.hidden_size,
+                           num_hidden_layers=a.num_hidden_layers, num_attention_heads=a.num_attention_heads,
+                           intermediate_size=a.intermediate_size, num_labels=n_classes,
+                           attn_implementation="sdpa")
+        return FerClassifier(ViTForImageClassification(config), "vit", VIT_MEAN, VIT_STD)
+    try:
+        backbone = ViTForImageClassification.from_pretrained(
+            cfg.pretrained, num_labels=n_classes, ignore_mismatched_sizes=True,
+            attn_implementation="sdpa")
+    except (OSError, ValueError) as err:
+        raise ModelUnavailableError(
+            f"model.pretrained: ViT weights '{cfg.pretrained}' could not be loaded ({_first_line(err)}); "
+            "download them once with `huggingface-cli download "
+            f"{cfg.pretrained}` on a machine with network, or set model.pretrained to a local folder "
+            "holding config.json and model.safetensors") from None
+    mean, std = _processor_stats(cfg.pretrained)
+    resized = backbone.config.image_size != cfg.image_size
+    return FerClassifier(backbone, "vit", mean, std, interpolate_pos=resized)
+
+
+def _processor_stats(name_or_path: str) -> tuple[tuple, tuple]:
+    """image_mean / image_std from a local preprocessor_config.json, else the ViT defaults."""
+    path = Path(name_or_path) / "preprocessor_config.json"
+    if path.is_file():
+        stats = json.loads(path.read_text())
+        return tuple(stats.get("image_mean", VIT_MEAN)), tuple(stats.get("image_std", VIT_STD))
+    return VIT_MEAN, VIT_STD
+
+
+def build_resnet50(cfg: ModelConfig, n_classes: int) -> FerClassifier:
+    """torchvision ResNet-50 with weights none, a torchvision weights name, or a local state-dict file."""
+    from torchvision.models import ResNet50_Weights, resnet50
+
+    source = cfg.pretrained
+    if source is None:
+        net = resnet50(weights=None)
+    elif Path(source).suffix in (".pt", ".pth", ".bin", ".safetensors") or Path(source).exists():
+        net = resnet50(weights=None)
+        net.load_state_dict(_read_state_dict(Path(source)))
+    else:
+        net = resnet50(weights=_torchvision_weights(ResNet50_Weights, source))
+    net.fc = nn.Linear(net.fc.in_features, n_classes)
+    return FerClassifier(net, "resnet50", IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _read_state_dict(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelUnavailableError(f"model.pretrained: weights file '{path}' does not exist; "
+                                    "point it at a ResNet-50 state dict (.pth)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    # weights_only: a state dict needs no pickled code, and a downloaded file must not run any.
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def _torchvision_weights(enum, name: str):
+    try:
+        weights = enum[name.removeprefix("ResNet50_Weights.")]
+    except KeyError:
+        options = ", ".join(w.name for w in enum)
+        raise ModelUnavailableError(f"model.pretrained: unknown ResNet-50 weights '{name}'; "
+                                    f"use one of {options}, a local .pth file, or null") from None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not cached.exists():
+        try:
+            weights.get_state_dict(progress=False)
+        except Exception as err:   # URLError, HTTPError, socket errors: all mean "not downloadable here"
+            raise ModelUnavailableError(
+                f"model.pretrained: ResNet-50 weights {weights.name} are not cached at {cached} and could "
+                f"not be downloaded ({_first_line(err)}); copy the file there, or set model.pretrained to a "
+                "local .pth file") from None
+    return weights
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+MODELS = {"vit": build_vit, "resnet50": build_resnet50}
+
+
+def build_model(cfg: ModelConfig, n_classes: int) -> FerClassifier:
+    """The model named by cfg.name, head sized to n_classes, every parameter trainable."""
+    model = MODELS[cfg.name](cfg, n_classes)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model

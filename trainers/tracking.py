@@ -1,0 +1,194 @@
+"""The one module that talks to MLflow for a trial: runs, params, metrics, artifacts, the model.
+
+Runs are addressed by id through an explicit MlflowClient; nothing relies on the global
+active run, so parallel trials in one process cannot cross-log.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
+
+from trainers.config import TrialConfig, config_hash, flat_params, to_dict, trial_name
+from trainers.data.dataset import PreparedData
+from trainers.data.split import SPLIT_NAMES
+from trainers.plots import confusion_png, curves_png
+from trainers.train import TrialResult
+
+STORE_DIR = Path("mlruns")
+MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """The explicit uri, else $MLFLOW_TRACKING_URI, else the local sqlite store under mlruns/."""
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    STORE_DIR.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(STORE_DIR / 'mlflow.db').resolve()}"
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts of the local sqlite store go under mlruns/artifacts/; a server chooses its own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///"))
+    return (db.parent / "artifacts" / experiment).resolve().as_uri()
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """The experiment's id, creating it (with a local artifact root) if needed."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
+    except mlflow.exceptions.MlflowException:
+        # Another process created it between our lookup and create.
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _metrics(values: dict[str, float], step: int = 0) -> list[Metric]:
+    ts = int(1000 * time.time())
+    return [Metric(k, float(v), ts, step) for k, v in values.items() if v is not None and np.isfinite(v)]
+
+
+class TrialRun:
+    """One trial's MLflow run: create or resume, then log through explicit run ids."""
+
+    def __init__(self, client: MlflowClient, run_id: str, resumed: bool):
+        self.client, self.run_id, self.resumed = client, run_id, resumed
+
+    @classmethod
+    def open(cls, cfg: TrialConfig, resume_run_id: str | None = None) -> TrialRun:
+        """Reopen the given run (a restarted trial) or start a new one, under the parent if given."""
+        t = cfg.tracking
+        client = MlflowClient(tracking_uri(t.uri))
+        if resume_run_id:
+            try:
+                client.get_run(resume_run_id)
+                client.update_run(resume_run_id, status="RUNNING")
+                return cls(client, resume_run_id, resumed=True)
+            except mlflow.exceptions.MlflowException:
+                pass  # the run was deleted or the store changed: start a fresh one
+        experiment_id = ensure_experiment(client, t.experiment)
+        tags = {"config_hash": config_hash(cfg), "model": cfg.model.name, "optimizer": cfg.optim.name,
+                "status": "running", **t.tags}
+        if t.parent_run_id:
+            tags["mlflow.parentRunId"] = t.parent_run_id
+        run = client.create_run(experiment_id, run_name=t.run_name or trial_name(cfg), tags=tags)
+        return cls(client, run.info.run_id, resumed=False)
+
+    # --- logging -------------------------------------------------------------------------
+
+    def log_setup(self, cfg: TrialConfig, data: PreparedData) -> None:
+        """Params and resolved config (once: a resumed run keeps what it logged), data counts and digest."""
+        if not self.resumed:
+            params = [Param(k, v[:6000]) for k, v in flat_params(cfg).items()]
+            for i in range(0, len(params), 100):   # the store takes at most 100 params per batch
+                self.client.log_batch(self.run_id, params=params[i:i + 100])
+            self.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
+        self.client.log_batch(self.run_id, metrics=_metrics(data.report.metrics()))
+        self.client.set_tag(self.run_id, "data_digest", data.digest)
+        self.log_text(json.dumps(data.report.__dict__, indent=2), "data_report.json")
+        self._log_dataset(data)
+
+    def _log_dataset(self, data: PreparedData) -> None:
+        import pandas as pd
+
+        frame = pd.DataFrame({"path": data.paths, "label": [data.classes[i] for i in data.labels],
+                              "split": [SPLIT_NAMES[s] for s in data.splits]})
+        with warnings.catch_warnings():   # a local folder matches two equivalent MLflow source types
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(frame, source=data.root, name=Path(data.root).name,
+                                              digest=data.digest)
+        entity = dataset._to_mlflow_entity()
+        self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", "train")])])
+
+    def on_epoch(self, epoch: int, values: dict[str, float]) -> None:
+        """Per-epoch metrics with step = epoch, one batched call."""
+        self.client.log_batch(self.run_id, metrics=_metrics(values, step=epoch))
+
+    def log_result(self, cfg: TrialConfig, data: PreparedData, result: TrialResult) -> None:
+        """Test metrics, per-class table, confusion matrix (PNG + JSON) and curves."""
+        title = trial_name(cfg)
+        summary = {"train_seconds": result.train_seconds, "epochs_completed": float(len(result.history))}
+        if result.history:
+            summary["best_val_macro_f1"] = max(h["val_macro_f1"] for h in result.history)
+            summary["final_val_macro_f1"] = result.history[-1]["val_macro_f1"]
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            if result.history:
+                self.client.log_artifact(self.run_id, str(curves_png(result.history, tmp / "curves.png", title)))
+            if result.test is not None:
+                summary.update(test_summary(result.test, data.classes))
+                self.log_text(per_class_csv(result.test, data.classes), "per_class.csv")
+                cm = result.test["confusion"]
+                self.log_text(json.dumps({"classes": list(data.classes), "counts": cm.tolist()}),
+                              "confusion_matrix.json")
+                self.client.log_artifact(
+                    self.run_id, str(confusion_png(cm, data.classes, tmp / "confusion_matrix.png", title)))
+        self.client.log_batch(self.run_id, metrics=_metrics(summary, step=len(result.history)))
+
+    def log_model(self, model, image_size: int, n_classes: int) -> str:
+        """Log the trained model (mlflow.pytorch) with its tensor signature; returns its model id."""
+        import mlflow.pytorch
+        from mlflow.models.signature import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, image_size, image_size), "images")]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_classes), "logits")]))
+        mlflow.set_tracking_uri(self.client.tracking_uri)   # Model.log resolves the store globally
+        # pt2 (torch.export) loads without unpickling code; a batch of 2 keeps the batch dimension dynamic.
+        example = np.zeros((2, 3, image_size, image_size), dtype=np.float32)
+        info = mlflow.pytorch.log_model(model.cpu().eval(), name="model", signature=signature, run_id=self.run_id,
+                                 input_example=example, serialization_format="pt2",
+                                 validate_serving_input=False,   # a JSON round trip of images adds nothing
+                                 pip_requirements=["torch", "torchvision", "transformers"])
+        self.client.set_tag(self.run_id, "model_id", info.model_id)
+        return info.model_id
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_file(self, path: Path) -> None:
+        self.client.log_artifact(self.run_id, str(path))
+
+    def finish(self, status: str) -> None:
+        """Tag the trial status and close the run."""
+        self.client.set_tag(self.run_id, "status", status)
+        self.client.set_terminated(self.run_id, MLFLOW_STATUS[status])
+
+
+def test_summary(test: dict, classes: tuple[str, ...]) -> dict[str, float]:
+    """Flat test metrics: test_accuracy, test_macro_f1, test_{precision,recall,f1}_<class>."""
+    out = {"test_loss": test["loss"], "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"]}
+    for key in ("precision", "recall", "f1"):
+        for name, value in zip(classes, test["per_class"][key]):
+            out[f"test_{key}_{name}"] = float(value)
+    return out
+
+
+def per_class_csv(test: dict, classes: tuple[str, ...]) -> str:
+    """class, precision, recall, f1, support: the study's Tables 4, 7 and 11."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["class", "precision", "recall", "f1", "support"])
+    pc = test["per_class"]
+    for i, name in enumerate(classes):
+        writer.writerow([name, f"{pc['precision'][i]:.4f}", f"{pc['recall'][i]:.4f}", f"{pc['f1'][i]:.4f}",
+                         int(pc["support"][i])])
+    return buf.getvalue()
