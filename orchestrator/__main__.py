@@ -28,34 +28,138 @@ def plan(args: argparse.Namespace) -> int:
 
 
 def sweep(args: argparse.Namespace) -> int:
-    """Run a sweep end to end: plan, claim and train every trial, promote, then report."""
-    return _not_implemented("sweep")
+    """Run a sweep end to end (or resume it): every planned trial once, then the report."""
+    from orchestrator.sweep import run_sweep
+
+    spec = load_spec(args.spec)
+    outcome = run_sweep(spec, args.storage, args.tracking_uri, _gpu_list(args.gpus), args.jobs)
+    _print_outcome(spec, outcome)
+    if outcome.interrupted:
+        return 130
+    _write_report_if_available(spec, args.tracking_uri)
+    return 1 if outcome.counts.get("failed") else 0
 
 
 def worker(args: argparse.Namespace) -> int:
-    """Join a running sweep: claim and train waiting trials on this host's GPUs."""
-    return _not_implemented("worker")
+    """Join a started sweep: claim and train waiting trials on this host's slots until none is left."""
+    from orchestrator.sweep import run_sweep
+
+    spec = load_spec(args.spec)
+    outcome = run_sweep(spec, args.storage, args.tracking_uri, _gpu_list(args.gpus), args.jobs, enqueue=False)
+    _print_outcome(spec, outcome)
+    return 130 if outcome.interrupted else 0
 
 
 def status(args: argparse.Namespace) -> int:
-    """Show a sweep's trials: waiting, running, finished, failed, diverged."""
-    return _not_implemented("status")
+    """Show a sweep's trials: waiting, running, finished, failed, diverged, and who runs what."""
+    from orchestrator.sweep import open_ledger
+
+    spec = load_spec(args.spec)
+    ledger = open_ledger(spec, args.storage)
+    latest = ledger.latest_by_hash()
+    counts = ledger.counts()
+    print(f"sweep '{spec.name}' ({ledger.url}): " + ", ".join(
+        f"{k} {counts.get(k, 0)}" for k in ("waiting", "running", "finished", "diverged", "pruned", "failed")))
+    table = Table(title="trials")
+    for column in ("optuna #", "name", "state", "attempt", "worker", "run id"):
+        table.add_column(column)
+    for t in sorted(latest.values(), key=lambda t: t.number):
+        state = t.state.name.lower() if t.state.name in ("WAITING", "RUNNING") else t.user_attrs.get("status", "")
+        table.add_row(str(t.number), t.user_attrs.get("name", ""), state, str(t.user_attrs.get("attempt", 0)),
+                      t.user_attrs.get("worker", "") if state == "running" else "", t.user_attrs.get("run_id", ""))
+    _console().print(table)
+    return 0
+
+
+def _gpu_list(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--gpus: expected GPU indices like 0,1; got '{text}'") from None
+
+
+def _print_outcome(spec: SweepSpec, outcome) -> None:
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(outcome.counts.items()))
+    print(f"sweep '{spec.name}': {counts}; wall {outcome.wall_seconds:.0f}s, trials' training "
+          f"{outcome.train_seconds:.0f}s (summed over slots); parent run {outcome.parent_run_id}")
+    if outcome.interrupted:
+        print("interrupted: run the same command again to resume; finished trials are kept")
+
+
+def _write_report_if_available(spec: SweepSpec, tracking: str | None) -> None:
+    """The sweep ends with its report; a report failure does not undo the finished trials."""
+    try:
+        from orchestrator.report import write_report
+    except ImportError:
+        return
+    from mlflow import MlflowClient
+
+    from trainers.tracking import tracking_uri
+
+    path = write_report(spec, MlflowClient(tracking_uri(tracking)))
+    print(f"report: {path}\nbrowse the runs with `make ui` (MLflow UI on http://127.0.0.1:5000)")
 
 
 def promote(args: argparse.Namespace) -> int:
     """Register the sweep's best model and alias it champion if it beats the incumbent."""
-    return _not_implemented("promote")
+    from mlflow import MlflowClient
+
+    from orchestrator.registry import RegistryError, promote as promote_best
+    from trainers.tracking import tracking_uri
+
+    spec = load_spec(args.spec)
+    try:
+        result = promote_best(spec, MlflowClient(tracking_uri(args.tracking_uri)))
+    except RegistryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(result.message)
+    return 0
 
 
 def production(args: argparse.Namespace) -> int:
     """Evaluate the champion on the production data: metrics, slices, drift."""
-    return _not_implemented("production")
+    from mlflow import MlflowClient
+
+    from orchestrator.production import degradation_table, drift_line, evaluate_production, slice_table
+    from orchestrator.registry import RegistryError
+    from trainers.tracking import tracking_uri
+
+    spec = load_spec(args.spec)
+    try:
+        result = evaluate_production(spec, MlflowClient(tracking_uri(args.tracking_uri)))
+    except RegistryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    console = _console()
+    console.print(degradation_table(result))
+    console.print(slice_table(result))
+    console.print(drift_line(result))
+    console.print(f"logged run {result.run_id} in experiment '{spec.name}-production'")
+    return 0
 
 
 def report(args: argparse.Namespace) -> int:
     """Write the study's tables and figures for a sweep from MLflow."""
-    return _not_implemented("report")
+    from mlflow import MlflowClient
 
+    from orchestrator.report import ReportError, write_report
+    from trainers.tracking import tracking_uri
+
+    spec = load_spec(args.spec)
+    try:
+        path = write_report(spec, MlflowClient(tracking_uri(args.tracking_uri)), args.out)
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {path}\nbrowse the runs with `make ui` (MLflow UI on http://127.0.0.1:5000)")
+    return 0
+
+
+# Errors about the user's input or set-up: one line, exit 2, no traceback.
+USER_ERRORS = ("DataError", "ModelUnavailableError", "SweepError")
 
 VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
     "plan": plan, "sweep": sweep, "worker": worker, "status": status,
@@ -71,8 +175,40 @@ def _add_anything(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", nargs="?", default="sweeps/demo.yaml", help="the sweep spec (default: %(default)s)")
+    parser.add_argument("--storage", help="Optuna storage URL shared by workers, e.g. postgresql://user@host/db "
+                                          "(default: sqlite under mlruns/)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                               "sqlite under mlruns/)")
+    parser.add_argument("--gpus", help="GPU indices to use, e.g. 0,1 (default: every visible GPU)")
+    parser.add_argument("--jobs", type=int, help="parallel CPU trials when no GPU is used (default: the spec's "
+                                                 "execution.jobs)")
+
+
+def _add_status_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", nargs="?", default="sweeps/demo.yaml", help="the sweep spec (default: %(default)s)")
+    parser.add_argument("--storage", help="Optuna storage URL (default: sqlite under mlruns/)")
+
+
+def _add_report_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", nargs="?", default="sweeps/demo.yaml", help="the sweep spec (default: %(default)s)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                               "sqlite under mlruns/)")
+    parser.add_argument("--out", help="folder for report.md, its CSVs and figures (default: mlruns/reports/<sweep>)")
+
+
+def _add_registry_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", nargs="?", default="sweeps/demo.yaml", help="the sweep spec (default: %(default)s)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI, registry included (default: "
+                                               "$MLFLOW_TRACKING_URI, else sqlite under mlruns/)")
+
+
 # Each verb's arguments; a verb not listed accepts anything (until it is implemented).
-ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"plan": _add_spec}
+ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "plan": _add_spec, "sweep": _add_run_options, "worker": _add_run_options, "status": _add_status_options,
+    "report": _add_report_options, "promote": _add_registry_options, "production": _add_registry_options,
+}
 
 
 def _not_implemented(verb: str) -> int:
@@ -153,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except ConfigError as err:
-        print("error: " + str(err).replace("\n", " "), file=sys.stderr)
+    except Exception as err:
+        if not isinstance(err, ConfigError) and type(err).__name__ not in USER_ERRORS:
+            raise
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
 
 

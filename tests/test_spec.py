@@ -298,6 +298,3 @@ def test_plan_prints_the_tpe_search(tmp_path):
     assert "TPE: 8 trials over space optim.lr" in done.stdout
 
 
-def test_unimplemented_verbs_exit_2():
-    done = run_cli("report", "sweeps/demo.yaml")
-    assert done.returncode == 2 and "not implemented yet" in done.stderr

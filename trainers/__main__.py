@@ -1,10 +1,19 @@
-"""`python -m trainers run CONFIG.yaml`: one trial from a file, into MLflow."""
+"""`python -m trainers run CONFIG.yaml`: one trial from a file, into MLflow.
+
+`python -m trainers serve` keeps one process per sweep slot: it reads one job per line on stdin
+({"config", "result", "log", "stop"} paths), runs it with its output sent to the job's log, and
+answers {"done": <result path>} on stdout. It saves the ~6 s of imports a fresh process costs.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import yaml
@@ -13,48 +22,106 @@ USER_ERRORS = ("ConfigError", "DataError", "ModelUnavailableError")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainers", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m trainers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="verb", required=True)
     run = sub.add_parser("run", help="run one trial from a YAML config and log it to MLflow")
     run.add_argument("config", type=Path, help="trial config (YAML), e.g. trainers/configs/example.yaml")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a field, e.g. --set optim.lr=1e-4 (repeatable)")
-    run.add_argument("--result", type=Path, help="write the outcome as JSON here (used by the orchestrator)")
+    run.add_argument("--result", type=Path, help="write the outcome as JSON here")
     run.add_argument("--log-file", type=Path, help="this trial's log, attached to its run at the end")
+    sub.add_parser("serve", help="run jobs read from stdin, one JSON line each (used by the sweep executor)")
     args = parser.parse_args(argv)
-    return run_verb(args)
+    return run_verb(args) if args.verb == "run" else serve_verb()
 
 
-def run_verb(args) -> int:
+def execute(config: Path, overrides: list[str], log_file: Path | None = None,
+            stop_file: Path | None = None) -> dict:
+    """Run one trial; returns its outcome as plain data (status error + retriable on failure)."""
     from trainers.config import ConfigError, from_dict, with_overrides
-
-    try:
-        raw = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
-        cfg = from_dict(with_overrides(raw, args.set), str(args.config))
-    except (OSError, yaml.YAMLError, ConfigError) as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    from trainers.run import run_trial
-    from trainers.tracking import tracking_uri
 
     started = time.perf_counter()
     try:
-        outcome = run_trial(cfg, args.log_file)
+        raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+        cfg = from_dict(with_overrides(raw, overrides), str(config))
+    except (OSError, yaml.YAMLError, ConfigError) as err:
+        return {"status": "error", "retriable": False, "error": _one_line(err)}
+    from trainers.run import run_trial
+
+    try:
+        outcome = run_trial(cfg, log_file, stop_file)
     except Exception as err:
         if type(err).__name__ in USER_ERRORS:
-            print(f"error: {_one_line(err)}", file=sys.stderr)
-            return 2
-        raise
-    wall = time.perf_counter() - started
+            return {"status": "error", "retriable": False, "error": _one_line(err)}
+        traceback.print_exc()
+        return {"status": "error", "retriable": True, "error": f"{type(err).__name__}: {_one_line(err)}"}
+    return {"status": outcome.status, "run_id": outcome.run_id, "metrics": outcome.metrics,
+            "train_seconds": outcome.train_seconds, "wall_seconds": time.perf_counter() - started,
+            "tracking_uri": cfg.tracking.uri, "experiment": cfg.tracking.experiment}
+
+
+def run_verb(args) -> int:
+    result = execute(args.config, args.set, args.log_file)
     if args.result:
-        args.result.write_text(json.dumps({"run_id": outcome.run_id, "status": outcome.status,
-                                           "metrics": outcome.metrics, "train_seconds": outcome.train_seconds,
-                                           "wall_seconds": wall}))
-    summary = ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items())
-    print(f"trial {outcome.status} in {wall:.1f}s: {summary}")
-    print(f"MLflow run {outcome.run_id} in {tracking_uri(cfg.tracking.uri)} "
-          f"(experiment '{cfg.tracking.experiment}'); browse it with `make ui`")
+        args.result.write_text(json.dumps(result))
+    if result["status"] == "error":
+        if result["retriable"]:
+            print(f"error: trial crashed: {result['error']}", file=sys.stderr)
+            return 1
+        print(f"error: {result['error']}", file=sys.stderr)
+        return 2
+    from trainers.tracking import tracking_uri
+
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
+    print(f"trial {result['status']} in {result['wall_seconds']:.1f}s: {summary}")
+    print(f"MLflow run {result['run_id']} in {tracking_uri(result['tracking_uri'])} "
+          f"(experiment '{result['experiment']}'); browse it with `make ui`")
     return 0
+
+
+def serve_verb() -> int:
+    """Run jobs from stdin until it closes; each job's output goes to its own log file."""
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        job = json.loads(line)
+        log = Path(job["log"])
+        with _output_to(log):
+            result = execute(Path(job["config"]), [], log, Path(job["stop"]) if job.get("stop") else None)
+        Path(job["result"]).write_text(json.dumps(result))
+        answers.write(json.dumps({"done": job["result"]}) + "\n")
+        _release_memory()
+    return 0
+
+
+@contextlib.contextmanager
+def _output_to(log: Path):
+    """Send this process's stdout and stderr (file descriptors 1 and 2) to a log file, then restore."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "a", buffering=1) as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if "torch" in sys.modules:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _one_line(err: Exception) -> str:

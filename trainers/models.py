@@ -95,7 +95,11 @@ def build_resnet50(cfg: ModelConfig, n_classes: int) -> FerClassifier:
         net = resnet50(weights=None)
     elif Path(source).suffix in (".pt", ".pth", ".bin", ".safetensors") or Path(source).exists():
         net = resnet50(weights=None)
-        net.load_state_dict(_read_state_dict(Path(source)))
+        try:
+            net.load_state_dict(_read_state_dict(Path(source)))
+        except RuntimeError as err:
+            raise ModelUnavailableError(f"model.pretrained: '{source}' does not hold ResNet-50 weights "
+                                        f"({_first_line(err)})") from None
     else:
         net = resnet50(weights=_torchvision_weights(ResNet50_Weights, source))
     net.fc = nn.Linear(net.fc.in_features, n_classes)
@@ -106,11 +110,15 @@ def _read_state_dict(path: Path) -> dict:
     if not path.is_file():
         raise ModelUnavailableError(f"model.pretrained: weights file '{path}' does not exist; "
                                     "point it at a ResNet-50 state dict (.pth)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    # weights_only: a state dict needs no pickled code, and a downloaded file must not run any.
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        # weights_only: a state dict needs no pickled code, and a downloaded file must not run any.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:   # truncated download, wrong format, or a pickle that needs code
+        raise ModelUnavailableError(f"model.pretrained: '{path}' is not a readable state dict "
+                                    f"({type(err).__name__}: {_first_line(err)}); download it again") from None
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 

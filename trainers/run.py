@@ -10,15 +10,29 @@ from trainers.config import TrialConfig, config_hash
 from trainers.data.dataset import prepare_data
 from trainers.models import build_model
 from trainers.tracking import TrialRun, test_summary
-from trainers.train import Checkpoint, run_training
+from trainers.train import Checkpoint, StopTrial, run_training
 
 
 @dataclass
 class TrialOutcome:
     run_id: str
-    status: str                      # finished / diverged
+    status: str                      # finished / diverged / pruned
     metrics: dict[str, float]        # final validation and test numbers
     train_seconds: float
+
+
+class EpochReporter:
+    """Logs each epoch to MLflow, prints one line (the sweep reads it), and honours a stop file."""
+
+    def __init__(self, run: TrialRun, epochs: int, stop_file: Path | None):
+        self.run, self.epochs, self.stop_file = run, epochs, stop_file
+
+    def on_epoch(self, epoch: int, values: dict[str, float]) -> None:
+        self.run.on_epoch(epoch, values)
+        shown = " ".join(f"{k} {values[k]:.4f}" for k in ("train_loss", "val_loss", "val_macro_f1", "lr"))
+        print(f"epoch {epoch}/{self.epochs} {shown} ({values['epoch_seconds']:.1f}s)", flush=True)
+        if self.stop_file is not None and self.stop_file.exists():
+            raise StopTrial(self.stop_file.read_text().strip() or "stop requested")
 
 
 def trial_dir(cfg: TrialConfig) -> Path:
@@ -26,19 +40,31 @@ def trial_dir(cfg: TrialConfig) -> Path:
     return Path(cfg.train.checkpoint_dir) / config_hash(cfg)
 
 
-def run_trial(cfg: TrialConfig, log_file: Path | None = None) -> TrialOutcome:
+def resumable_run_id(cfg: TrialConfig, directory: Path) -> str | None:
+    """The MLflow run a crashed attempt left, if it belongs to the same parent (same sweep)."""
+    marker = directory / "run.json"
+    if not marker.exists():
+        return None
+    saved = json.loads(marker.read_text())
+    if saved.get("parent_run_id") != cfg.tracking.parent_run_id:
+        shutil.rmtree(directory, ignore_errors=True)   # another sweep's leftovers: start clean
+        return None
+    return saved["run_id"]
+
+
+def run_trial(cfg: TrialConfig, log_file: Path | None = None, stop_file: Path | None = None) -> TrialOutcome:
     """Prepare data and model (failing before any run is created), then train and log one run."""
     data = prepare_data(cfg.data, cfg.model.image_size)
     model = build_model(cfg.model, len(data.classes))
     directory = trial_dir(cfg)
-    marker = directory / "run.json"
-    resume_id = json.loads(marker.read_text())["run_id"] if marker.exists() else None
-    run = TrialRun.open(cfg, resume_id)
+    run = TrialRun.open(cfg, resumable_run_id(cfg, directory))
     directory.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"run_id": run.run_id}))
+    (directory / "run.json").write_text(json.dumps({"run_id": run.run_id,
+                                                    "parent_run_id": cfg.tracking.parent_run_id}))
     try:
         run.log_setup(cfg, data)
-        result = run_training(cfg, data, model, Checkpoint(directory), observer=run)
+        reporter = EpochReporter(run, cfg.train.epochs, stop_file)
+        result = run_training(cfg, data, model, Checkpoint(directory), observer=reporter)
         run.log_result(cfg, data, result)
         if result.status == "finished" and cfg.tracking.log_model:
             run.log_model(model, cfg.model.image_size, len(data.classes))

@@ -5,6 +5,7 @@ active run, so parallel trials in one process cannot cross-log.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -18,6 +19,7 @@ import mlflow
 import numpy as np
 import yaml
 from mlflow import MlflowClient
+from mlflow.tracking._tracking_service import utils as mlflow_utils
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
 
 from trainers.config import TrialConfig, config_hash, flat_params, to_dict, trial_name
@@ -27,7 +29,8 @@ from trainers.plots import confusion_png, curves_png
 from trainers.train import TrialResult
 
 STORE_DIR = Path("mlruns")
-MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FINISHED", "pruned": "FINISHED", "failed": "FAILED",
+                 "killed": "KILLED"}
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -58,6 +61,26 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
     except mlflow.exceptions.MlflowException:
         # Another process created it between our lookup and create.
         return client.get_experiment_by_name(name).experiment_id
+
+
+@contextlib.contextmanager
+def global_tracking_uri(uri: str):
+    """Point MLflow's process-wide URI at a store for the duration, then restore it (and the env var).
+
+    Model logging, registration and loading resolve the store globally, not through our client;
+    MLflow also exports the URI to MLFLOW_TRACKING_URI, which child processes would inherit.
+    """
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    uri_before = mlflow_utils._tracking_uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(uri_before)
+        if env_before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
 def _metrics(values: dict[str, float], step: int = 0) -> list[Metric]:
@@ -151,13 +174,18 @@ class TrialRun:
         signature = ModelSignature(
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, image_size, image_size), "images")]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_classes), "logits")]))
-        mlflow.set_tracking_uri(self.client.tracking_uri)   # Model.log resolves the store globally
+        # Create the logged model in the run's own experiment (log_model alone would use the
+        # global default experiment and put its files under the working directory).
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        logged = self.client.create_logged_model(experiment_id, name="model", source_run_id=self.run_id)
         # pt2 (torch.export) loads without unpickling code; a batch of 2 keeps the batch dimension dynamic.
         example = np.zeros((2, 3, image_size, image_size), dtype=np.float32)
-        info = mlflow.pytorch.log_model(model.cpu().eval(), name="model", signature=signature, run_id=self.run_id,
-                                 input_example=example, serialization_format="pt2",
-                                 validate_serving_input=False,   # a JSON round trip of images adds nothing
-                                 pip_requirements=["torch", "torchvision", "transformers"])
+        with global_tracking_uri(self.client.tracking_uri):
+            info = mlflow.pytorch.log_model(
+                model.cpu().eval(), name="model", signature=signature, run_id=self.run_id,
+                model_id=logged.model_id, input_example=example, serialization_format="pt2",
+                validate_serving_input=False,   # a JSON round trip of images adds nothing
+                pip_requirements=["torch", "torchvision", "transformers"])
         self.client.set_tag(self.run_id, "model_id", info.model_id)
         return info.model_id
 

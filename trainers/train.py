@@ -24,15 +24,19 @@ from trainers.data.split import TEST, TRAIN, VAL
 from trainers.models import FerClassifier
 
 
+class StopTrial(Exception):
+    """Raised by an observer to end a trial early (e.g. pruned by the sweep's median rule)."""
+
+
 class EpochObserver(Protocol):
-    """Receives each finished epoch's metrics (the MLflow logger is one)."""
+    """Receives each finished epoch's metrics (the MLflow logger is one); may raise StopTrial."""
 
     def on_epoch(self, epoch: int, values: dict[str, float]) -> None: ...
 
 
 @dataclass
 class TrialResult:
-    status: str                                   # "finished" or "diverged"
+    status: str                                   # "finished", "diverged" or "pruned"
     history: list[dict[str, float]] = field(default_factory=list)   # one dict per epoch, with "epoch"
     test: dict | None = None                      # summary, per-class arrays, confusion matrix
     train_seconds: float = 0.0                    # wall time inside epochs (this process)
@@ -231,8 +235,13 @@ def run_training(cfg: TrialConfig, data: PreparedData, model: FerClassifier, che
                "val_macro_f1": val["macro_f1"], "lr": lr, "epoch_seconds": time.perf_counter() - t0}
         result.history.append(row)
         result.train_seconds += row["epoch_seconds"]
+        # Log before checkpointing: a crash in between repeats this epoch rather than losing its metrics.
         if observer:
-            observer.on_epoch(epoch, {k: v for k, v in row.items() if k != "epoch"})
+            try:
+                observer.on_epoch(epoch, {k: v for k, v in row.items() if k != "epoch"})
+            except StopTrial:
+                result.status = "pruned"
+                break
         lr = reduce_lr_on_f1_drop(prev_f1, val["macro_f1"], lr, cfg.optim.lr_drop_threshold,
                                   cfg.optim.lr_drop_factor)
         prev_f1 = val["macro_f1"]

@@ -21,7 +21,8 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ GROUP_B_SHARE = {"train": {"happiness": 0.70, "other": 0.08},
 OCCLUDED_SHARE = {"train": 0.03, "production": 0.35}
 VARIANT_CODES = {"train": 0, "production": 1}
 
-INTENSITY_RANGE = (0.4, 1.0)   # expression strength; 0.4 is subtle
+INTENSITY_RANGE = (0.5, 1.0)   # expression strength; 0.5 is subtle
 SUPERSAMPLE = 2                # draw at 2x and box-filter down, for smooth strokes
 FACE_HALF_HEIGHT = 0.4         # of the image side, before the pose scale
 DRAW_THREADS = min(4, os.cpu_count() or 1)
@@ -138,21 +139,21 @@ class Expression:
 
 NEUTRAL = Expression()
 # Full-strength shapes are cartoon-sized on purpose: at a 32 px model input the face's
-# half-height b is ~13 px, so a subtle (0.4) smile of 0.25 b still moves the corners ~1.3 px.
+# half-height b is ~13 px, so a subtle (0.5) smile of 0.3 b still lifts the corners ~2 px.
 EXPRESSION_SHAPES: dict[str, Expression] = {
-    "anger": Expression(brow_raise=-0.1, brow_inner=-0.15, brow_pull=0.1, brow_arch=0.0,
-                        eye_open=0.22, mouth_width=0.7, mouth_curve=-0.05, lip_press=1.0),
+    "anger": Expression(brow_raise=-0.12, brow_inner=-0.17, brow_pull=0.1, brow_arch=0.0,
+                        eye_open=0.2, mouth_width=0.7, mouth_curve=-0.06, lip_press=1.0),
     "disgust": Expression(brow_raise=-0.08, brow_inner=-0.05, brow_pull=0.05, brow_arch=0.0,
-                          eye_open=0.3, mouth_curve=-0.08, mouth_open=0.02, sneer=0.2,
+                          eye_open=0.3, mouth_curve=-0.1, mouth_open=0.02, sneer=0.24,
                           nose_wrinkle=1.0),
-    "fear": Expression(brow_raise=0.13, brow_inner=0.1, brow_pull=0.1, brow_arch=0.01,
-                       eye_open=1.0, mouth_width=1.4, mouth_curve=-0.05, mouth_open=0.12),
+    "fear": Expression(brow_raise=0.15, brow_inner=0.12, brow_pull=0.1, brow_arch=0.01,
+                       eye_open=1.05, mouth_width=1.45, mouth_curve=-0.06, mouth_open=0.14),
     "happiness": Expression(brow_raise=0.02, eye_open=0.28, mouth_width=1.3,
-                            mouth_curve=0.25, mouth_open=0.08, cheeks=1.0),
-    "sadness": Expression(brow_raise=0.03, brow_inner=0.18, brow_pull=0.04, brow_arch=-0.02,
-                          eye_open=0.35, mouth_width=0.9, mouth_curve=-0.22),
-    "surprise": Expression(brow_raise=0.24, brow_inner=0.02, brow_pull=-0.03, brow_arch=0.1,
-                           eye_open=1.1, mouth_width=0.55, mouth_open=0.25),
+                            mouth_curve=0.3, mouth_open=0.1, cheeks=1.0),
+    "sadness": Expression(brow_raise=0.03, brow_inner=0.2, brow_pull=0.04, brow_arch=-0.02,
+                          eye_open=0.35, mouth_width=0.9, mouth_curve=-0.26),
+    "surprise": Expression(brow_raise=0.26, brow_inner=0.02, brow_pull=-0.03, brow_arch=0.1,
+                           eye_open=1.15, mouth_width=0.55, mouth_open=0.28),
 }
 # Per-image wobble of each muscle setting (same units), so classes overlap a little.
 EXPRESSION_JITTER = Expression(brow_raise=0.02, brow_inner=0.02, brow_pull=0.02, brow_arch=0.015,
@@ -171,6 +172,7 @@ class ImageSpec:
 
     @property
     def path(self) -> str:
+        """Where the image lives, relative to the dataset root, with forward slashes."""
         return f"{self.label}/{self.label}_{self.index:05d}.png"
 
 
@@ -196,7 +198,7 @@ def draw_identity(rng: np.random.Generator, subject: str, group: str) -> Identit
         eye_spacing=rng.uniform(0.36, 0.44),
         eye_size=rng.uniform(0.19, 0.23),
         brow_offset=rng.normal(0, 0.015),
-        brow_thickness=rng.uniform(0.07, 0.095) * (0.85 if is_b else 1.0),
+        brow_thickness=rng.uniform(0.09, 0.12) * (0.85 if is_b else 1.0),
         mouth_width=rng.uniform(0.38, 0.46),
         lip_red=rng.uniform(0.4, 0.8) if is_b else rng.uniform(0.1, 0.4),
     )
@@ -257,9 +259,11 @@ class FaceFrame:
     b: float
 
     def at(self, u: float, v: float) -> tuple[float, float]:
+        """The canvas pixel of face point (u, v)."""
         return (self.cx + u * self.a, self.cy + v * self.b)
 
     def box(self, u: float, v: float, ru: float, rv: float) -> tuple[float, float, float, float]:
+        """The pixel bounding box of an ellipse centred on (u, v) with radii (ru, rv) in face units."""
         return (self.cx + (u - ru) * self.a, self.cy + (v - rv) * self.b,
                 self.cx + (u + ru) * self.a, self.cy + (v + rv) * self.b)
 
@@ -283,7 +287,7 @@ def draw_image(spec: ImageSpec, size: int, rng: np.random.Generator) -> Image.Im
 def draw_background(canvas: int, rng: np.random.Generator) -> Image.Image:
     """A two-colour gradient with a few random shapes as clutter."""
     start, end = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-    # A linear gradient is exact under bilinear upsampling, so compute it on 8x8 pixels.
+    # A linear ramp survives bilinear upsampling almost unchanged, so compute it on 8x8 pixels.
     ramp = _ramp(8, rng.uniform(0, 2 * math.pi))[..., None] * 0.5 + 0.5
     small = Image.fromarray((start + ramp * (end - start)).astype(np.uint8)).convert("RGBA")
     image = small.resize((canvas, canvas), Image.Resampling.BILINEAR)
@@ -365,7 +369,7 @@ def draw_eyes(draw: ImageDraw.ImageDraw, frame: FaceFrame, who: Identity, ex: Ex
     half_w = who.eye_size * frame.a
     half_h = half_w * ex.eye_open
     iris_r = min(0.55 * half_w, half_h)
-    lid = max(1.0, 0.035 * frame.b)
+    lid = max(1.0, 0.05 * frame.b)
     for side in (-1, 1):
         x, y = frame.at(side * who.eye_spacing, -0.1)
         draw.ellipse((x - half_w, y - half_h, x + half_w, y + half_h), fill=(245, 245, 240))
@@ -397,7 +401,7 @@ def draw_nose(draw: ImageDraw.ImageDraw, frame: FaceFrame, who: Identity, ex: Ex
     for side in (-1, 1):
         draw.ellipse(frame.box(side * 0.1, 0.25, 0.05, 0.03), fill=_shade(who.skin, 0.55))
     if ex.nose_wrinkle > 0.2:
-        wrinkle = _shade(who.skin, 1 - 0.45 * min(1.0, ex.nose_wrinkle))
+        wrinkle = _shade(who.skin, 1 - 0.55 * min(1.0, ex.nose_wrinkle))
         for v in (-0.06, 0.02, 0.1):
             draw.line([frame.at(-0.12, v + 0.03), frame.at(0.0, v), frame.at(0.12, v + 0.03)],
                       fill=wrinkle, width=width)
@@ -415,7 +419,7 @@ def draw_cheeks(draw: ImageDraw.ImageDraw, frame: FaceFrame, who: Identity, ex: 
 def draw_mouth(draw: ImageDraw.ImageDraw, frame: FaceFrame, who: Identity, ex: Expression) -> None:
     """A lip line when closed, an open shape otherwise; curve, sneer and pressed lips included."""
     lips = _mix(_shade(who.skin, 0.45), (150, 30, 40), who.lip_red)
-    thickness = max(1, int(round((0.055 + 0.04 * ex.lip_press) * frame.b)))
+    thickness = max(1, int(round((0.07 + 0.05 * ex.lip_press) * frame.b)))
     half_w = who.mouth_width * max(0.3, ex.mouth_width)
     sneer_side = 1.0 if ex.sneer >= 0 else -1.0
     us = np.linspace(-1, 1, 15)
@@ -478,11 +482,12 @@ def draw_text_bar(draw: ImageDraw.ImageDraw, frame: FaceFrame, v: float, rng: np
 
 
 def apply_pose(layer: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """Rotate (+-15 degrees), scale (0.92-1.08) and shift (+-4%) the person about the centre."""
+    """Rotate (up to +-15 degrees), scale (0.93-1.07) and shift (up to +-5%) about the centre."""
     size = layer.width
-    angle = math.radians(rng.uniform(-15, 15))
-    scale = rng.uniform(0.92, 1.08)
-    tx, ty = rng.uniform(-0.04, 0.04, 2) * size
+    # Mostly small, like the residual pose of aligned crops; large tilts are the tail.
+    angle = math.radians(np.clip(rng.normal(0, 5), -15, 15))
+    scale = rng.uniform(0.93, 1.07)
+    tx, ty = np.clip(rng.normal(0, 0.02, 2), -0.05, 0.05) * size
     c = size / 2
     # PIL's affine maps output pixels to input pixels, so invert: p_in = R(-angle) (p_out - c - t) / s + c.
     cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
@@ -493,9 +498,10 @@ def apply_pose(layer: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def light_and_noise(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Side light (a brightness gradient of up to +-30%), exposure (0.85-1.15) and sensor noise."""
-    pixels = np.asarray(image).astype(np.float32)
-    gain = rng.uniform(0.85, 1.15) * (1 + rng.uniform(0.0, 0.3) * _ramp(image.width, rng.uniform(0, 2 * math.pi)))
-    pixels = pixels * gain[..., None] + rng.normal(0, rng.uniform(2, 8), pixels.shape).astype(np.float32)
+    exposure, side_light = rng.uniform(0.85, 1.15), rng.uniform(0.0, 0.3)
+    gain = exposure * (1 + side_light * _ramp(image.width, rng.uniform(0, 2 * math.pi)))
+    noise = rng.standard_normal((image.height, image.width, 3), dtype=np.float32) * rng.uniform(2, 8)
+    pixels = np.asarray(image, dtype=np.float32) * gain[..., None] + noise
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
@@ -509,6 +515,8 @@ def write_synthetic(cache_dir: str | Path, cfg: SyntheticConfig, classes: tuple[
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".partial", dir=root.parent))
+    # mkdtemp makes the folder private (0700); the dataset is shared with other users' workers.
+    staging.chmod(0o755)
     try:
         draw_dataset(staging, cfg, classes)
         try:
@@ -531,16 +539,24 @@ def draw_dataset(folder: Path, cfg: SyntheticConfig, classes: tuple[str, ...]) -
     specs = plan_images(cfg, classes, np.random.default_rng(plan_seed))
     for name in classes:
         (folder / name).mkdir()
-    def draw_and_save(spec: ImageSpec, seed: np.random.SeedSequence) -> None:
-        image = draw_image(spec, cfg.draw_size, np.random.default_rng(seed))
-        # Level 1: noisy 64 px faces hardly compress further, and saving takes half the time.
-        image.save(folder / spec.path, format="PNG", compress_level=1)
-
+    draw_one = partial(draw_and_save, folder, cfg.draw_size)
     # PIL and numpy release the GIL while drawing, warping and encoding, so threads
     # overlap; each image has its own seed, so the order of work does not matter.
     with ThreadPoolExecutor(max_workers=DRAW_THREADS) as pool:
-        list(pool.map(draw_and_save, specs, image_seed.spawn(len(specs))))
-    with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as handle:
+        list(pool.map(draw_one, specs, image_seed.spawn(len(specs))))
+    write_metadata(folder / "metadata.csv", specs)
+
+
+def draw_and_save(folder: Path, size: int, spec: ImageSpec, seed: np.random.SeedSequence) -> None:
+    """Draw one image from its own seed and save it as PNG."""
+    image = draw_image(spec, size, np.random.default_rng(seed))
+    # Level 1: noisy 64 px faces hardly compress further, and saving takes half the time.
+    image.save(folder / spec.path, format="PNG", compress_level=1)
+
+
+def write_metadata(path: Path, specs: list[ImageSpec]) -> None:
+    """One row per image: path, subject, group, occluded (0/1)."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["path", "subject", "group", "occluded"])
         for spec in specs:
@@ -550,15 +566,18 @@ def draw_dataset(folder: Path, cfg: SyntheticConfig, classes: tuple[str, ...]) -
 # --- small helpers --------------------------------------------------------------------
 
 def _rgb(values) -> tuple[int, int, int]:
+    """Round and clip three numbers to an 8-bit colour."""
     r, g, b = (min(255, max(0, int(round(float(x))))) for x in values)
     return (r, g, b)
 
 
 def _shade(colour: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
+    """The colour darkened (factor < 1) or brightened."""
     return _rgb([x * factor for x in colour])
 
 
 def _mix(a: tuple[int, int, int], b: tuple[int, int, int], t: float) -> tuple[int, int, int]:
+    """The colour a fraction t of the way from a to b."""
     return _rgb([x * (1 - t) + y * t for x, y in zip(a, b)])
 
 

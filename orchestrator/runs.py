@@ -1,0 +1,68 @@
+"""A sweep's MLflow runs: one experiment per sweep, one parent run, one child run per trial.
+
+Conventions every verb relies on:
+  experiment  = the sweep's name
+  parent run  = run name <sweep>, tags role=sweep, sweep=<name>; spec.yaml and plan.csv as artifacts
+  child runs  = run name <trial name>, tags role=trial, sweep=<name>, groups=<g1,g2>, config_hash,
+                optuna_trial, status (finished | diverged | failed | pruned), mlflow.parentRunId
+"""
+from __future__ import annotations
+
+from mlflow import MlflowClient
+from mlflow.entities import Run, ViewType
+
+from trainers.tracking import ensure_experiment
+
+
+def find_parent_run(client: MlflowClient, sweep: str) -> Run | None:
+    """The sweep's parent run (the most recent one if several were ever made), or None."""
+    experiment = client.get_experiment_by_name(sweep)
+    if experiment is None:
+        return None
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.role = 'sweep' and tags.sweep = '{sweep}'",
+                              run_view_type=ViewType.ACTIVE_ONLY, order_by=["attributes.start_time DESC"],
+                              max_results=1)
+    return runs[0] if runs else None
+
+
+def open_parent_run(client: MlflowClient, sweep: str, description: str = "") -> str:
+    """Reuse the sweep's parent run (a resumed sweep keeps one parent), else create it."""
+    found = find_parent_run(client, sweep)
+    if found is not None:
+        if found.info.status != "RUNNING":
+            client.update_run(found.info.run_id, status="RUNNING")
+        return found.info.run_id
+    experiment_id = ensure_experiment(client, sweep)
+    tags = {"role": "sweep", "sweep": sweep}
+    if description:
+        tags["mlflow.note.content"] = description
+    return client.create_run(experiment_id, run_name=sweep, tags=tags).info.run_id
+
+
+def child_runs(client: MlflowClient, sweep: str, parent_run_id: str | None = None,
+               status: str | None = None) -> list[Run]:
+    """The sweep's trial runs (optionally only those with tag status=<status>), oldest first."""
+    experiment = client.get_experiment_by_name(sweep)
+    if experiment is None:
+        return []
+    parent = parent_run_id or getattr(getattr(find_parent_run(client, sweep), "info", None), "run_id", None)
+    if parent is None:
+        return []
+    query = f"tags.role = 'trial' and tags.mlflow.parentRunId = '{parent}'"
+    if status:
+        query += f" and tags.status = '{status}'"
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment.experiment_id], filter_string=query,
+                                  run_view_type=ViewType.ACTIVE_ONLY, order_by=["attributes.start_time ASC"],
+                                  max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def groups_of(run: Run) -> list[str]:
+    """The experiment groups a child run belongs to."""
+    return [g for g in run.data.tags.get("groups", "").split(",") if g]

@@ -1,0 +1,214 @@
+"""A whole sweep on this host: plan -> ledger -> executor, under one MLflow parent run."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import yaml
+from mlflow import MlflowClient
+
+from orchestrator.executor import Executor, Slot, make_slots
+from orchestrator.ledger import Claim, Ledger, default_storage
+from orchestrator.plan import PlannedTrial, expand, resolve_trial
+from orchestrator.runs import open_parent_run
+from orchestrator.spec import SweepSpec
+from trainers.config import config_hash, from_dict, trial_name
+from trainers.tracking import tracking_uri
+
+WORK_DIR = Path("mlruns/sweeps")
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot start; the message says what to do."""
+
+
+@dataclass
+class SweepOutcome:
+    counts: dict[str, int]
+    parent_run_id: str
+    wall_seconds: float
+    train_seconds: float
+    interrupted: bool
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial of this sweep shares: where it logs and under which parent."""
+    spec: SweepSpec
+    tracking_uri: str
+    parent_run_id: str
+    plan: dict[str, PlannedTrial]
+
+    def trial_config(self, claim: Claim, slot: Slot) -> dict:
+        """The plain trial config for a claim, with the sweep's tracking fields and the slot's threads."""
+        planned = self.plan.get(claim.config_hash)
+        raw = planned.raw if planned else json.loads(claim.attrs["config"])
+        name = planned.name if planned else claim.attrs["name"]
+        groups = ",".join(planned.groups) if planned else claim.attrs.get("groups", "")
+        raw = {**raw, "train": {**raw.get("train", {}), "num_threads": slot.threads}}
+        raw["tracking"] = {"uri": self.tracking_uri, "experiment": self.spec.name, "run_name": name,
+                           "parent_run_id": self.parent_run_id,
+                           "tags": {"role": "trial", "sweep": self.spec.name, "groups": groups,
+                                    "optuna_trial": str(claim.number)}}
+        return raw
+
+
+class TpeTrials:
+    """`search: tpe`: new trials sampled by Optuna's TPE, pruned by the median rule on val macro F1."""
+
+    def __init__(self, spec: SweepSpec, ledger: Ledger):
+        self.spec, self.ledger = spec, ledger
+
+    def has_more(self) -> bool:
+        sampled = sum(1 for t in self.ledger.latest_by_hash().values() if t.user_attrs.get("tpe"))
+        return sampled < self.spec.search.n_trials
+
+    def new_claim(self) -> Claim | None:
+        if not self.has_more():
+            return None
+        trial = self.ledger.study.ask()
+        point = {"train.seed": self.spec.seeds[0]}
+        for path, choice in self.spec.search.space.items():
+            if isinstance(choice, dict):
+                point[path] = trial.suggest_float(path, choice["low"], choice["high"], log=choice.get("log", False))
+            else:
+                point[path] = trial.suggest_categorical(path, list(choice))
+        raw = resolve_trial(self.spec, point)
+        cfg = from_dict(raw, self.spec.path)
+        attrs = {"config_hash": config_hash(cfg), "name": f"tpe{trial.number}-{trial_name(cfg)}",
+                 "groups": "tpe", "attempt": 0, "tpe": True, "config": json.dumps(raw)}
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return Claim(trial._trial_id, trial.number, attrs["config_hash"], 0, attrs)
+
+    def report(self, claim: Claim, epoch: int, value: float) -> bool:
+        trial = optuna.trial.Trial(self.ledger.study, claim.trial_id)
+        trial.report(value, epoch)
+        return bool(trial.should_prune())
+
+
+def open_ledger(spec: SweepSpec, storage: str | None) -> Ledger:
+    """The sweep's Optuna study (TPE sampler and median pruner when the spec asks for TPE)."""
+    sampler = pruner = None
+    if spec.search.method == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=spec.seeds[0])
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    return Ledger(storage or default_storage(), spec.name, spec.execution.max_retries, sampler, pruner)
+
+
+def plan_csv(trials: list[PlannedTrial]) -> str:
+    """The plan as CSV: hash, name, groups, model, epochs, optimizer, lr, seed."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["hash", "name", "groups", "model", "epochs", "optimizer", "lr", "seed"])
+    for t in trials:
+        c = t.config
+        writer.writerow([t.hash, t.name, ",".join(t.groups), c.model.name, c.train.epochs, c.optim.name,
+                         c.optim.lr, c.train.seed])
+    return buf.getvalue()
+
+
+def prepare_datasets(trials: list[PlannedTrial]) -> None:
+    """Decode and cache each distinct dataset once, before trials start (they then read the cache)."""
+    from trainers.data.dataset import prepare_data
+
+    seen = set()
+    for t in trials:
+        key = (json.dumps(t.raw.get("data", {}), sort_keys=True), t.config.model.image_size)
+        if key not in seen:
+            seen.add(key)
+            data = prepare_data(t.config.data, t.config.model.image_size)
+            r = data.report
+            print(f"data: {r.usable} images ({', '.join(f'{k} {sum(v.values())}' for k, v in r.per_split.items())})"
+                  f" at {t.config.model.image_size} px; skipped {sum(r.skipped.values())}, "
+                  f"dropped {sum(r.dropped.values())}")
+
+
+def start(spec: SweepSpec, storage: str | None, tracking: str | None, enqueue: bool) -> tuple[Ledger, SweepContext]:
+    """Open the ledger (recovering a crashed run's trials) and the parent run; queue the plan."""
+    ledger = open_ledger(spec, storage)
+    if not ledger.hold_host_lock():
+        raise SweepError(f"another orchestrator on this host is using {ledger.url}; wait for it to finish, "
+                         "or join it from another host with `python -m orchestrator worker --storage ...`")
+    recovered = ledger.recover_orphans() if ledger.url.startswith("sqlite") else 0
+    if recovered:
+        print(f"resuming: {recovered} trial(s) interrupted last time are queued again")
+    uri = tracking_uri(tracking)
+    client = MlflowClient(uri)
+    trials = expand(spec)
+    parent = ledger.parent_run() if enqueue else ledger.parent_run()
+    if parent is None or not _run_exists(client, parent):
+        if not enqueue:
+            raise SweepError(f"sweep '{spec.name}' has not been started in {ledger.url}; "
+                             "start it with `python -m orchestrator sweep` first")
+        parent = open_parent_run(client, spec.name, spec.description)
+        ledger.set_parent_run(parent)
+    else:
+        client.update_run(parent, status="RUNNING")
+    if enqueue:
+        client.log_text(parent, Path(spec.path).read_text(encoding="utf-8"), "spec.yaml")
+        client.log_text(parent, plan_csv(trials), "plan.csv")
+        added = ledger.enqueue(trials)
+        done = len(trials) - added
+        print(f"sweep '{spec.name}': {len(trials)} planned trials, {added} to run, {done} already done or queued")
+    return ledger, SweepContext(spec, uri, parent, {t.hash: t for t in trials})
+
+
+def _run_exists(client: MlflowClient, run_id: str) -> bool:
+    try:
+        client.get_run(run_id)
+        return True
+    except Exception:   # MlflowException for a missing run, or a store that was reset
+        return False
+
+
+def run_sweep(spec: SweepSpec, storage: str | None = None, tracking: str | None = None,
+              gpus: list[int] | None = None, jobs: int | None = None, enqueue: bool = True) -> SweepOutcome:
+    """Run (or resume, or join) the sweep on this host's slots until no trial is left."""
+    started = time.perf_counter()
+    ledger, ctx = start(spec, storage, tracking, enqueue)
+    prepare_datasets(list(ctx.plan.values()))
+    if gpus is None and jobs is None:
+        gpus, jobs = (list(spec.execution.gpus) if spec.execution.gpus else None), None
+        if not gpus:
+            from orchestrator.executor import visible_gpus
+            jobs = None if visible_gpus() else spec.execution.jobs
+    slots = make_slots(gpus, jobs)
+    search = TpeTrials(spec, ledger) if spec.search.method == "tpe" else None
+    executor = Executor(ledger, slots, WORK_DIR / spec.name, ctx.trial_config, search)
+    interrupted = follow(executor, ledger)
+    counts = dict(ledger.counts())
+    finish_parent(MlflowClient(ctx.tracking_uri), ctx.parent_run_id, counts, interrupted)
+    return SweepOutcome(counts, ctx.parent_run_id, time.perf_counter() - started,
+                        executor.progress.train_seconds, interrupted)
+
+
+def follow(executor: Executor, ledger: Ledger) -> bool:
+    """Run the executor and show live progress; Ctrl-C stops claiming and stops trials cleanly."""
+    from orchestrator.display import LiveProgress
+
+    display = LiveProgress(executor, ledger)
+    executor.run()
+    interrupted = False
+    try:
+        display.until(executor.alive)
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\nstopping: no new trials; running trials are interrupted and will resume on the next run")
+        executor.stop()
+        display.until(executor.alive)
+    display.close()
+    return interrupted
+
+
+def finish_parent(client: MlflowClient, parent: str, counts: dict[str, int], interrupted: bool) -> None:
+    """Tag the parent with the trial counts and close it."""
+    for key, value in counts.items():
+        client.set_tag(parent, f"trials_{key}", str(value))
+    unfinished = counts.get("waiting", 0) + counts.get("running", 0)
+    client.set_terminated(parent, "KILLED" if interrupted or unfinished else "FINISHED")

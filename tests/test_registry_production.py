@@ -1,0 +1,230 @@
+"""Promotion into a real (temporary sqlite) MLflow registry, then the champion on shifted production data.
+
+One small real sweep is trained once for the module: two tiny ViTs (one trained well, one
+barely) and one ResNet-50, as child runs of a parent run named "t", exactly as the sweep logs them.
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from orchestrator.__main__ import main
+from orchestrator.production import ProductionError, drift_verdict, evaluate_production, load_version, move_exported
+from orchestrator.registry import PREVIOUS_ALIAS, RegistryError, promote
+from orchestrator.runs import child_runs, open_parent_run
+from orchestrator.spec import spec_from_dict
+from tests.conftest import tiny_trial
+from trainers.config import DEFAULT_CLASSES, from_dict
+from trainers.run import run_trial
+
+# 960 images and 20 epochs (~0.3 s each on one core) give the tiny ViT a test macro F1 of ~0.78 and
+# ~0.62 on the shifted production set: a drop well outside the noise of a 96-image test split.
+# One thread: on a busy 2-core machine torch's extra threads spin and triple the wall time.
+TRAIN_DATA = {"synthetic": {"n_images": 960, "draw_size": 32}}
+TRIALS = {
+    "vit-good": {"data": TRAIN_DATA, "optim": {"lr": 2e-3}, "train": {"epochs": 20, "num_threads": 1}},
+    "vit-weak": {"data": TRAIN_DATA, "optim": {"lr": 1e-4}, "train": {"epochs": 3, "num_threads": 1}},
+    # ResNet-50 is slow on a CPU: one epoch on the default 240 images; it only has to exist.
+    "resnet": {"model": {"name": "resnet50", "image_size": 32}, "train": {"epochs": 1, "num_threads": 1}},
+}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """The store, and the run ids by trial name, of a finished three-trial sweep 't'."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    runs = {}
+    cwd = os.getcwd()
+    # A new store roots its Default experiment (0) at ./mlruns/0, where mlflow.pytorch.log_model
+    # puts the logged models: create the store from tmp to keep them out of the repository.
+    os.chdir(tmp)
+    try:
+        client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+        parent = open_parent_run(client, "t")
+        for i, (name, sections) in enumerate(TRIALS.items()):
+            raw = tiny_trial(tmp, **sections)
+            raw["tracking"].update(experiment="t", parent_run_id=parent, run_name=name,
+                                   tags={"role": "trial", "sweep": "t", "groups": "baseline", "optuna_trial": str(i)})
+            runs[name] = run_trial(from_dict(raw)).run_id
+    finally:
+        os.chdir(cwd)
+    return tmp, client, runs
+
+
+def make_spec(tmp: Path, sweep: str = "t", production: dict | str | None = "shifted", **promote_fields):
+    """A sweep spec over the fixture's data, with the shifted synthetic production set by default."""
+    cache = str(tmp / "cache")
+    if production == "shifted":
+        production = {"source": "synthetic", "cache_dir": cache,
+                      "synthetic": {"n_images": 480, "draw_size": 32, "variant": "production"}}
+    raw = {"name": sweep, "data": {"source": "synthetic", "cache_dir": cache, **TRAIN_DATA},
+           "experiments": {"baseline": {"grid": {"optim.lr": [1e-3]}}}, "promote": promote_fields}
+    if production is not None:
+        raw["production"] = production
+    return spec_from_dict(raw, f"{sweep}.yaml")
+
+
+def aliases(client, name):
+    return {alias: int(v) for alias, v in client.get_registered_model(name).aliases.items()}
+
+
+def test_promotion_picks_the_best_vit_keeps_one_version_per_run_and_moves_the_aliases(sweep):
+    tmp, client, runs = sweep
+    finished = child_runs(client, "t", status="finished")
+    assert len(finished) == 3
+    vits = [r for r in finished if r.data.params["model.name"] == "vit"]
+    best = max(vits, key=lambda r: r.data.metrics["final_val_macro_f1"])
+    assert best.info.run_id == runs["vit-good"]
+
+    first = promote(make_spec(tmp, model="resnet50"), client)     # the filter: only the ResNet competes
+    assert first.run_id == runs["resnet"] and first.champion_changed
+    assert aliases(client, "fer-vit") == {"champion": 1}
+
+    second = promote(make_spec(tmp), client)
+    assert second.run_id == runs["vit-good"] and second.metric == "final_val_macro_f1"
+    assert second.value == pytest.approx(best.data.metrics["final_val_macro_f1"])
+    assert second.champion_changed and second.version == 2
+    assert aliases(client, "fer-vit") == {"champion": 2, PREVIOUS_ALIAS: 1}
+    assert "replacing v1" in second.message
+    tags = client.get_model_version("fer-vit", "2").tags
+    assert tags["source_run_id"] == runs["vit-good"] and tags["sweep"] == "t"
+    assert tags["config_hash"] == best.data.tags["config_hash"] and tags["data_digest"] == best.data.tags["data_digest"]
+    assert tags["selection_metric"] == "val_macro_f1"
+    assert float(tags["test_macro_f1"]) == pytest.approx(best.data.metrics["test_macro_f1"])
+
+    again = promote(make_spec(tmp), client)
+    assert (again.version, again.champion_changed) == (2, False) and "already champion" in again.message
+    back = promote(make_spec(tmp, model="resnet50"), client)      # v1 again: found by its run, not re-registered
+    assert (back.version, back.champion_changed) == (1, False) and "kept champion v2" in back.message
+    assert len(client.search_model_versions("name = 'fer-vit'")) == 2
+    assert aliases(client, "fer-vit") == {"champion": 2, PREVIOUS_ALIAS: 1}
+
+
+def test_a_worse_new_candidate_is_registered_but_the_incumbent_stays_champion(sweep):
+    tmp, client, runs = sweep
+    promote(make_spec(tmp, name="fer-guard"), client)
+    worse = promote(make_spec(tmp, model="resnet50", name="fer-guard"), client)
+    assert worse.version == 2 and not worse.champion_changed
+    assert aliases(client, "fer-guard") == {"champion": 1}
+    assert "kept champion v1: its val_macro_f1" in worse.message and f"{worse.value:.4f}" in worse.message
+
+
+def test_selecting_on_the_test_set_is_labelled_as_such(sweep):
+    tmp, client, runs = sweep
+    result = promote(make_spec(tmp, metric="test_macro_f1", name="fer-test"), client)
+    assert result.metric == "test_macro_f1" and "selected on the test set, as the study did" in result.message
+
+
+@pytest.fixture(scope="module")
+def production(sweep):
+    tmp, client, runs = sweep
+    spec = make_spec(tmp, name="fer-prod")
+    promote(spec, client)
+    return spec, evaluate_production(spec, client)
+
+
+def test_production_run_logs_metrics_slices_drift_and_the_degradation_table(sweep, production):
+    tmp, client, runs = sweep
+    spec, result = production
+    run = client.get_run(result.run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "t-production"
+    assert run.info.run_name == "fer-prod-v1" and run.info.status == "FINISHED"
+    assert run.data.tags["role"] == "production" and run.data.tags["source_run_id"] == runs["vit-good"]
+    assert run.data.tags["model_name"] == "fer-prod" and run.data.tags["model_version"] == "1"
+    m = run.data.metrics
+    expected = {"production_accuracy", "production_macro_f1", "production_align_failure_rate", "drift_auc",
+                "drift_auc_control"}
+    expected |= {f"production_{k}_{c}" for k in ("precision", "recall", "f1") for c in DEFAULT_CLASSES}
+    expected |= {f"slice_{attr}_{value}_{k}" for attr, values in (("group", "ab"), ("occluded", "01"))
+                 for value in values for k in ("count", "accuracy", "macro_f1")}
+    assert expected <= set(m)
+    assert m["slice_group_a_count"] + m["slice_group_b_count"] == 480
+    assert m["slice_group_b_count"] > m["slice_group_a_count"]          # the production mix is mostly b
+    assert m["production_align_failure_rate"] == 0                       # align: none reports no failures
+    assert run.data.tags["drift_verdict"] == drift_verdict(m["drift_auc"])
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"confusion_matrix.png", "confusion_matrix.json", "degradation.csv", "degradation.md",
+            "slices.csv"} <= artifacts
+    counts = json.loads(Path(client.download_artifacts(result.run_id, "confusion_matrix.json", str(tmp))).read_text())
+    assert sum(map(sum, counts["counts"])) == 480
+    table = Path(client.download_artifacts(result.run_id, "degradation.md", str(tmp))).read_text()
+    assert "| overall |" in table and all(f"| {c} |" in table for c in DEFAULT_CLASSES)
+
+
+def test_the_shifted_production_set_scores_below_test_and_drifts_more_than_held_out_data(sweep, production):
+    tmp, client, runs = sweep
+    spec, result = production
+    test_f1 = client.get_run(runs["vit-good"]).data.metrics["test_macro_f1"]
+    m = result.metrics
+    overall = result.degradation[-1]
+    assert overall["test_f1"] == pytest.approx(test_f1) and overall["production_f1"] == m["production_macro_f1"]
+    # A 96-image test split moves macro F1 by a few points by chance; the shift costs ~0.16 here.
+    assert m["production_macro_f1"] < test_f1 - 0.05
+    # The control separates the training split from held-out images of the same distribution.
+    assert m["drift_auc"] > m["drift_auc_control"] + 0.1
+    assert m["drift_auc_control"] < 0.6
+
+
+def test_the_exported_champion_moves_off_the_cpu_with_its_burnt_in_devices(sweep, production):
+    import torch
+    tmp, client, runs = sweep
+    model, _ = load_version(client, "fer-prod", 1)
+    # The meta device stands in for CUDA: a plain .to() leaves aten.arange(device=cpu) in the graph.
+    moved = move_exported(model, torch.device("meta"))
+    assert tuple(moved(torch.rand(4, 3, 32, 32, device="meta")).shape) == (4, 6)
+
+
+def test_cli_promotes_and_prints_the_production_tables(sweep, capsys):
+    tmp, client, runs = sweep
+    raw = {"name": "t", "data": {"source": "synthetic", "cache_dir": str(tmp / "cache"), **TRAIN_DATA},
+           "production": {"source": "synthetic", "cache_dir": str(tmp / "cache"),
+                          "synthetic": {"n_images": 480, "draw_size": 32, "variant": "production"}},
+           "experiments": {"baseline": {"grid": {"optim.lr": [1e-3]}}}, "promote": {"name": "fer-cli"}}
+    path = tmp / "cli.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    uri = client.tracking_uri
+    assert main(["promote", str(path), "--tracking-uri", uri]) == 0
+    assert "fer-cli v1 from run vit-good" in capsys.readouterr().out
+    assert main(["production", str(path), "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "test vs production" in out and "production slices" in out and "drift: AUC" in out
+
+
+def test_each_missing_piece_is_one_clear_error(sweep, production, capsys):
+    tmp, client, runs = sweep
+    with pytest.raises(RegistryError, match=r"sweep 'nothing' has no finished runs .*run `make sweep` first"):
+        promote(make_spec(tmp, sweep="nothing"), client)
+
+    parent = open_parent_run(client, "r")         # a sweep whose only finished run is a ResNet
+    experiment = client.get_experiment_by_name("r").experiment_id
+    child = client.create_run(experiment, tags={"role": "trial", "sweep": "r", "status": "finished",
+                                                "mlflow.parentRunId": parent})
+    client.log_param(child.info.run_id, "model.name", "resnet50")
+    with pytest.raises(RegistryError, match="sweep 'r' has no finished vit run to promote"):
+        promote(make_spec(tmp, sweep="r"), client)
+
+    with pytest.raises(ProductionError, match=r"no champion for registered model 'fer-none'.*`make promote` first"):
+        evaluate_production(make_spec(tmp, name="fer-none"), client)
+    with pytest.raises(ProductionError, match="has no production section"):
+        evaluate_production(make_spec(tmp, production=None, name="fer-prod"), client)
+    gone = tmp / "gone"
+    for c in DEFAULT_CLASSES:
+        (gone / c).mkdir(parents=True)
+    spec = make_spec(tmp, production={"source": "imagefolder", "root": str(gone)}, name="fer-prod")
+    for c in DEFAULT_CLASSES:
+        (gone / c).rmdir()
+    gone.rmdir()
+    with pytest.raises(ProductionError, match=r"production.root folder '.*gone' does not exist"):
+        evaluate_production(spec, client)
+    two = {"source": "synthetic", "classes": ["anger", "happiness"], "cache_dir": str(tmp / "cache")}
+    with pytest.raises(ProductionError, match=r"production.classes \(anger, happiness\) differ from the champion's"):
+        evaluate_production(make_spec(tmp, production=two, name="fer-prod"), client)
+
+    spec_file = tmp / "nothing.yaml"
+    spec_file.write_text(yaml.safe_dump({"name": "nothing", "experiments": {"b": {"grid": {"optim.lr": [1e-3]}}}}))
+    assert main(["promote", str(spec_file), "--tracking-uri", client.tracking_uri]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: sweep 'nothing' has no finished runs") and err.count("\n") == 1

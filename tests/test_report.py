@@ -1,0 +1,257 @@
+"""The report: the study's tables and figures rebuilt from a real sweep in a temporary sqlite MLflow store."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from scipy import stats
+
+from orchestrator.__main__ import main
+from orchestrator.plan import expand
+from orchestrator.report import study, write_report
+from orchestrator.runs import open_parent_run
+from orchestrator.spec import SpecLoader, spec_from_dict
+from tests.conftest import TINY_VIT, tiny_trial
+from trainers.config import flat_params, from_dict
+from trainers.run import run_trial
+from trainers.tracking import ensure_experiment
+
+PAPER = Path(__file__).resolve().parents[1] / "sweeps" / "paper.yaml"
+CLASSES = ("anger", "disgust", "fear", "happiness", "sadness", "surprise")
+PNG = b"\x89PNG\r\n\x1a\n"
+# lr 1e8 makes both optimizers' loss non-finite in the first epoch: the study's Table 9 has failed cells too.
+DIVERGING_LR = 1.0e8
+
+
+def sweep_spec(name: str, experiments: dict, seeds: list[int]) -> dict:
+    return {
+        "name": name,
+        "data": {"source": "synthetic", "synthetic": {"n_images": 120, "draw_size": 32}},
+        "models": {"vit": TINY_VIT, "resnet50": {"name": "resnet50", "image_size": 16}},
+        "defaults": {"model": "vit", "optim": {"name": "adam", "lr": 1.0e-3}, "train": {"epochs": 1}},
+        "experiments": experiments,
+        "seeds": seeds,
+    }
+
+
+def run_sweep(tmp: Path, raw_spec: dict, skip_group: str | None = None) -> tuple:
+    """Every planned trial as a real child run of one parent; a group to skip gets one failed run instead."""
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    spec = spec_from_dict(raw_spec)
+    parent = open_parent_run(client, spec.name)
+    for i, trial in enumerate(expand(spec)):
+        tags = {"role": "trial", "sweep": spec.name, "groups": ",".join(trial.groups), "optuna_trial": str(i)}
+        if trial.groups == (skip_group,):
+            if trial.config.train.epochs == 2:   # one crashed run with its params, as a real crash leaves it
+                run = client.create_run(ensure_experiment(client, spec.name), run_name=trial.name,
+                                        tags={**tags, "mlflow.parentRunId": parent, "status": "failed"})
+                for key, value in flat_params(trial.config).items():
+                    client.log_param(run.info.run_id, key, value)
+                client.set_terminated(run.info.run_id, "FAILED")
+            continue
+        raw = tiny_trial(tmp, data=trial.raw["data"], model=trial.raw["model"], optim=trial.raw["optim"],
+                         train={**trial.raw["train"], "batch_size": 32})
+        raw["tracking"].update(experiment=spec.name, parent_run_id=parent, run_name=trial.name, tags=tags,
+                               log_model=False)
+        run_trial(from_dict(raw))
+    return client, spec, parent
+
+
+def log_production_run(client: MlflowClient, sweep: str, source_run_id: str) -> dict:
+    """A production evaluation run as the production verb logs it."""
+    metrics = {"production_accuracy": 0.5, "production_macro_f1": 0.4, "drift_auc": 0.8, "drift_auc_control": 0.52,
+               "slice_group_a_count": 40, "slice_group_a_accuracy": 0.55, "slice_group_a_macro_f1": 0.45}
+    for i, cls in enumerate(CLASSES):
+        for kind in ("precision", "recall", "f1"):
+            metrics[f"production_{kind}_{cls}"] = 0.1 * (i + 1) - 0.01 * len(kind)
+    run = client.create_run(ensure_experiment(client, f"{sweep}-production"), run_name="production",
+                            tags={"role": "production", "model_version": "1", "source_run_id": source_run_id})
+    for key, value in metrics.items():
+        client.log_metric(run.info.run_id, key, value)
+    client.log_text(run.info.run_id, json.dumps({"classes": list(CLASSES), "counts": [[1] * 6] * 6}),
+                    "confusion_matrix.json")
+    client.set_terminated(run.info.run_id)
+    return metrics
+
+
+@pytest.fixture(scope="module")
+def one_seed(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("one_seed")
+    raw_spec = sweep_spec("r", {
+        "baseline": {"title": "ViT vs ResNet-50", "grid": {"model": ["vit", "resnet50"]},
+                     "reference": {"source": "Tables 3 and 6", "metric": ["test_accuracy", "test_macro_f1"],
+                                   "points": [{"model": "vit", "value": [0.990, 0.990]},
+                                              {"model": "resnet50", "value": [0.895, 0.899]}]}},
+        "epochs": {"title": "Epochs ablation", "grid": {"train.epochs": [2, 3]}},
+        "optimizer_lr": {"title": "Optimizer x learning rate",
+                         "grid": {"optim.name": ["sgd", "adam"], "optim.lr": [1.0e-3, DIVERGING_LR]}},
+    }, seeds=[0])
+    client, spec, parent = run_sweep(tmp, raw_spec, skip_group="epochs")
+    baseline_vit = next(r for r in client.search_runs([client.get_experiment_by_name("r").experiment_id])
+                        if r.info.run_name == "vit-adam-lr0.001-ep1-s0")
+    production = log_production_run(client, "r", baseline_vit.info.run_id)
+    path = write_report(spec, client, tmp / "report")
+    return client, spec, parent, path, production, baseline_vit
+
+
+@pytest.fixture(scope="module")
+def three_seeds(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("three_seeds")
+    raw_spec = sweep_spec("s", {"fine_lr": {"title": "Fine LR", "grid": {"optim.lr": [1.0e-3]}}}, seeds=[0, 1, 2])
+    client, spec, parent = run_sweep(tmp, raw_spec)
+    return client, spec, parent, write_report(spec, client, tmp / "report")
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def mean_pct(client: MlflowClient, row: dict, metric: str) -> float:
+    """What MLflow holds for the row's runs, in the report's units (percent)."""
+    return 100 * statistics.fmean(client.get_run(r).data.metrics[metric] for r in row["runs"].split(";"))
+
+
+def test_test_and_per_class_tables_hold_mlflow_numbers(one_seed):
+    client, _, _, path, _, _ = one_seed
+    rows = read_csv(path.parent / "baseline_test.csv")
+    assert [r["model"] for r in rows] == ["vit", "resnet50"]
+    text = path.read_text()
+    for row in rows:
+        for metric in ("test_accuracy", "test_macro_f1"):
+            assert float(row[metric]) == pytest.approx(mean_pct(client, row, metric))
+            assert f"{float(row[metric]):.1f}" in text
+    assert float(rows[0]["study_test_accuracy"]) == pytest.approx(99.0)
+    assert f"{float(rows[0]['test_accuracy']):.1f} · study 99.0" in text
+    for model in ("vit", "resnet50"):
+        per_class = read_csv(path.parent / f"baseline_per_class_{model}.csv")
+        assert [r["class"] for r in per_class] == list(CLASSES)
+        for row in per_class:
+            for metric in ("recall", "precision", "f1"):
+                assert float(row[metric]) == pytest.approx(mean_pct(client, row, f"test_{metric}_{row['class']}"))
+
+
+def test_curves_table_is_the_metric_history(one_seed):
+    client, _, _, path, _, _ = one_seed
+    for model in ("vit", "resnet50"):
+        rows = read_csv(path.parent / f"baseline_curves_{model}.csv")
+        assert [r["epoch"] for r in rows] == ["1"]
+        (run_id,) = rows[0]["runs"].split(";")
+        for metric in ("train_loss", "train_accuracy", "train_macro_f1", "val_loss", "val_accuracy", "val_macro_f1"):
+            (logged,) = client.get_metric_history(run_id, metric)
+            unit = 1 if metric.endswith("loss") else 100
+            assert float(rows[0][metric]) == pytest.approx(unit * logged.value)
+
+
+def test_optimizer_lr_grid_marks_diverged_cells_and_heatmap_has_one_cell_per_pair(one_seed):
+    client, _, _, path, _, _ = one_seed
+    rows = read_csv(path.parent / "optimizer_lr.csv")
+    assert {(r["optim.name"], float(r["optim.lr"])) for r in rows} == {
+        (o, lr) for o in ("sgd", "adam") for lr in (1e-3, DIVERGING_LR)}
+    for row in rows:
+        if float(row["optim.lr"]) == DIVERGING_LR:
+            assert row["status"] == "diverged" and row["test_macro_f1"] == "" and row["runs"] == ""
+        else:
+            assert float(row["test_macro_f1"]) == pytest.approx(mean_pct(client, row, "test_macro_f1"))
+    heat = read_csv(path.parent / "optimizer_lr_heatmap.csv")
+    assert [float(r["optim.lr"]) for r in heat] == [1e-3, DIVERGING_LR]
+    assert all(set(r) == {"optim.lr", "sgd", "adam"} for r in heat)
+    by_pair = {(r["optim.name"], float(r["optim.lr"])): r["test_macro_f1"] for r in rows}
+    for r in heat:
+        for opt in ("sgd", "adam"):
+            assert r[opt] == by_pair[opt, float(r["optim.lr"])]
+    grid_rows = [line for line in path.read_text().splitlines() if line.startswith("| 1e+08 |")]
+    assert grid_rows == ["| 1e+08 | diverged | diverged |"]
+
+
+def test_group_without_finished_trials_is_left_out_with_its_reason(one_seed):
+    _, _, _, path, _, _ = one_seed
+    assert "Epochs ablation: no finished trials in group 'epochs' (1 failed)." in path.read_text()
+    assert not (path.parent / "epochs.csv").exists()
+
+
+def test_figures_are_png(one_seed):
+    _, _, _, path, _, _ = one_seed
+    names = {p.name for p in path.parent.glob("*.png")}
+    assert {"baseline_curves_vit.png", "baseline_curves_resnet50.png", "baseline_confusion_vit.png",
+            "baseline_confusion_resnet50.png", "optimizer_lr_heatmap.png", "production_confusion.png"} <= names
+    for name in names:
+        assert (path.parent / name).read_bytes()[:8] == PNG
+        assert f"]({name})" in path.read_text()
+
+
+def test_production_tables_compare_test_and_production(one_seed):
+    client, _, _, path, production, source = one_seed
+    test = source.data.metrics
+    rows = {r["metric"]: r for r in read_csv(path.parent / "production.csv")}
+    for name in ("accuracy", "macro_f1"):
+        assert float(rows[name]["test"]) == pytest.approx(100 * test[f"test_{name}"])
+        assert float(rows[name]["production"]) == pytest.approx(100 * production[f"production_{name}"])
+        assert float(rows[name]["change"]) == pytest.approx(100 * (production[f"production_{name}"]
+                                                                   - test[f"test_{name}"]))
+    for row in read_csv(path.parent / "production_per_class.csv"):
+        for kind in ("recall", "f1"):
+            assert float(row[f"test_{kind}"]) == pytest.approx(100 * test[f"test_{kind}_{row['class']}"])
+            assert float(row[f"production_{kind}"]) == pytest.approx(
+                100 * production[f"production_{kind}_{row['class']}"])
+    (slice_row,) = read_csv(path.parent / "production_slices.csv")
+    assert float(slice_row["accuracy"]) == pytest.approx(55.0) and "AUC 0.800" in path.read_text()
+
+
+def test_one_seed_says_so_once(one_seed):
+    text = one_seed[3].read_text()
+    assert text.count("cannot be read from a single seed") == 1 and "±" not in text
+
+
+def test_three_seeds_give_mean_and_t_interval(three_seeds):
+    client, _, _, path = three_seeds
+    text = path.read_text()
+    assert "single seed" not in text and "±" in text
+    (row,) = read_csv(path.parent / "fine_lr.csv")
+    values = [100 * client.get_run(r).data.metrics["test_macro_f1"] for r in row["runs"].split(";")]
+    half = stats.t.ppf(0.975, 2) * statistics.stdev(values) / math.sqrt(3)
+    assert row["n"] == "3" and len(values) == 3
+    assert float(row["test_macro_f1"]) == pytest.approx(statistics.fmean(values))
+    assert float(row["test_macro_f1_ci95"]) == pytest.approx(half)
+    assert f"{statistics.fmean(values):.1f} ± {half:.1f}" in text
+    best = read_csv(path.parent / "best_per_class.csv")
+    assert all(r["n"] == "3" for r in best)
+
+
+def test_report_is_logged_to_the_parent_run(one_seed):
+    client, _, parent, path, _, _ = one_seed
+    logged = {Path(a.path).name for a in client.list_artifacts(parent, "report")}
+    assert {p.name for p in path.parent.iterdir()} <= logged and "report.md" in logged
+
+
+def test_report_verb_writes_the_report_or_says_there_are_no_runs(one_seed, tmp_path, capsys):
+    client, spec, _, _, _, _ = one_seed
+    spec_file = tmp_path / "r.yaml"
+    spec_file.write_text(yaml.safe_dump({**sweep_spec("r", {"baseline": {"grid": {"model": ["vit"]}}}, [0])}))
+    assert main(["report", str(spec_file), "--tracking-uri", client.tracking_uri, "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path / "o" / "report.md") in out and "make ui" in out
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    assert main(["report", str(spec_file), "--tracking-uri", empty]) == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]   # MLflow logs creating the empty store first
+    assert last_line == f"error: no runs for sweep 'r' in {empty}; run `make sweep` first"
+
+
+def test_study_values_are_read_from_paper_yaml_reference_blocks(tmp_path):
+    raw = yaml.load(PAPER.read_text(), Loader=SpecLoader)
+    raw["data"]["root"] = str(tmp_path)
+    refs = {exp.name: exp.reference for exp in spec_from_dict(raw).experiments}
+    assert study(refs["baseline"], "test_macro_f1", {"model": "resnet50"}) == 0.899
+    assert study(refs["baseline"]["curves"], "train_loss", {"model": "vit", "epoch": 2}) == 0.039
+    assert study(refs["baseline"]["per_class"], "test_recall", {"model": "vit", "class": "surprise"}) == 0.974
+    assert study(refs["optimizer_lr"], "test_accuracy", {"optim.name": "sgd", "optim.lr": 1e-5}) == 0.142
+    assert study(refs["fine_lr"]["per_class"], "test_f1", {"class": "disgust"}, partial=True) == 0.995
+    assert study(refs["fine_lr"]["production_per_class"], "production_f1", {"class": "disgust"}, partial=True) == 0.847
+    assert study(refs["fine_lr"]["production"], "production_macro_f1", {}, partial=True) == 0.946
+    assert study(refs["epochs"], "test_accuracy", {"train.epochs": 7}) is None

@@ -1,0 +1,213 @@
+"""Sweeps end to end: real Optuna storage, real MLflow store, real trainer processes, in tmp_path."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from orchestrator.ledger import Ledger
+from orchestrator.plan import expand
+from orchestrator.runs import child_runs, find_parent_run
+from orchestrator.spec import load_spec
+from orchestrator.sweep import TpeTrials
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_VIT = {"name": "vit", "image_size": 32,
+            "vit": {"patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                    "intermediate_size": 64}}
+
+
+def write_spec(folder: Path, name: str, experiments: dict, **extra) -> Path:
+    spec = {"name": name, "data": {"source": "synthetic", "synthetic": {"n_images": 120, "draw_size": 32}},
+            "models": {"vit": TINY_VIT}, "defaults": {"model": "vit", "optim": {"name": "adam", "lr": 1e-3},
+                                                      "train": {"epochs": 1, "batch_size": 32}},
+            "experiments": experiments, "execution": {"jobs": 2, "max_retries": 1}, **extra}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def clean_env() -> dict:
+    """The environment for a child sweep: this repo importable, no tracking URI left by other tests."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**env, "PYTHONPATH": str(REPO)}
+
+
+def orchestrate(folder: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=folder, capture_output=True,
+                          text=True, timeout=timeout, env=clean_env())
+
+
+def store(folder: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}")
+
+
+def finished_children(folder: Path, sweep: str) -> dict[str, list]:
+    by_hash: dict[str, list] = {}
+    for run in child_runs(store(folder), sweep):
+        by_hash.setdefault(run.data.tags["config_hash"], []).append(run)
+    return by_hash
+
+
+def test_each_grid_point_runs_once_as_a_child_of_one_parent(in_tmp):
+    spec_path = write_spec(in_tmp, "two", {"lr": {"grid": {"optim.lr": [1e-3, 3e-3]}},
+                                           "again": {"grid": {"optim.lr": [1e-3]}}})
+    done = orchestrate(in_tmp, "sweep", str(spec_path), "--jobs", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    plan = expand(load_spec(spec_path))
+    runs = finished_children(in_tmp, "two")
+    assert sorted(runs) == sorted(t.hash for t in plan)
+    assert all(len(r) == 1 and r[0].info.status == "FINISHED" for r in runs.values())
+    shared = next(t for t in plan if t.config.optim.lr == 1e-3)
+    tags = runs[shared.hash][0].data.tags
+    assert tags["groups"] == "lr,again" and tags["sweep"] == "two" and tags["status"] == "finished"
+    assert tags["mlflow.runName"] == shared.name and "optuna_trial" in tags
+    parent = find_parent_run(store(in_tmp), "two")
+    assert parent.info.status == "FINISHED" and parent.data.tags["trials_finished"] == "2"
+    artifacts = {a.path for a in store(in_tmp).list_artifacts(parent.info.run_id)}
+    assert {"spec.yaml", "plan.csv"} <= artifacts
+    assert (in_tmp / "mlruns" / "sweeps" / "two" / shared.hash / "log.txt").read_text().count("epoch 1/1") == 1
+
+    again = orchestrate(in_tmp, "sweep", str(spec_path), "--jobs", "2")
+    assert again.returncode == 0 and "0 to run" in again.stdout
+    assert all(len(r) == 1 for r in finished_children(in_tmp, "two").values())
+
+    status = orchestrate(in_tmp, "status", str(spec_path))
+    assert status.returncode == 0 and "finished 2" in status.stdout
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(in_tmp):
+    spec_path = write_spec(in_tmp, "kill", {"lr": {"grid": {"optim.lr": [1e-3, 2e-3, 3e-3, 4e-3]}}},
+                           defaults={"model": "vit", "optim": {"name": "adam", "lr": 1e-3},
+                                     "train": {"epochs": 3, "batch_size": 16}})
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(spec_path), "--jobs", "1"],
+                            cwd=in_tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=clean_env())
+    db = in_tmp / "mlruns" / "optuna.db"
+    deadline = time.monotonic() + 300
+    first_done = None
+    while time.monotonic() < deadline and first_done is None:
+        time.sleep(1)
+        if db.exists():
+            try:
+                study = optuna.load_study(study_name="kill", storage=f"sqlite:///{db}")
+                complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+                running = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+                if complete and running:
+                    first_done = complete[0]
+            except (KeyError, Exception):
+                continue
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first_done is not None, "the sweep never finished a first trial"
+    done = orchestrate(in_tmp, "sweep", str(spec_path), "--jobs", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "interrupted last time are queued again" in done.stdout
+    runs = finished_children(in_tmp, "kill")
+    assert len(runs) == 4 and all(len(r) == 1 for r in runs.values())
+    assert all(r[0].info.status == "FINISHED" and r[0].data.tags["status"] == "finished" for r in runs.values())
+    kept = runs[first_done.user_attrs["config_hash"]][0]
+    assert kept.info.run_id == first_done.user_attrs["run_id"]        # not run again
+    for (r,) in runs.values():
+        steps = [m.step for m in store(in_tmp).get_metric_history(r.info.run_id, "val_macro_f1")]
+        assert sorted(set(steps)) == [1, 2, 3]
+    everything = store(in_tmp).search_runs([store(in_tmp).get_experiment_by_name("kill").experiment_id])
+    assert not [r for r in everything if r.info.status == "RUNNING"]
+
+
+def test_unreadable_weights_fail_their_trial_at_once_while_the_others_finish(in_tmp):
+    (in_tmp / "broken.pth").write_bytes(b"\x80\x02truncated download")
+    spec_path = write_spec(in_tmp, "crash", {"models": {"grid": {"model": ["vit", "resnet"]}}},
+                           models={"vit": TINY_VIT, "resnet": {"name": "resnet50", "image_size": 32,
+                                                               "pretrained": str(in_tmp / "broken.pth")}})
+    done = orchestrate(in_tmp, "sweep", str(spec_path), "--jobs", "2")
+    assert done.returncode == 1
+    assert "failed 1" in done.stdout and "finished 1" in done.stdout
+    study = optuna.load_study(study_name="crash", storage=f"sqlite:///{in_tmp / 'mlruns' / 'optuna.db'}")
+    assert sorted(t.user_attrs.get("status") for t in study.get_trials()) == ["failed", "finished"]
+    failed = next(t for t in study.get_trials() if t.user_attrs.get("status") == "failed")
+    assert failed.user_attrs["attempt"] == 0       # a bad file is not retried
+    assert "broken.pth' is not a readable state dict" in failed.user_attrs["error"]
+
+
+def trainer_processes(folder: Path) -> list[int]:
+    """PIDs of `python -m trainers serve` children working in this folder."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"trainers" in cmd and b"serve" in cmd and (entry / "cwd").resolve() == folder.resolve():
+                pids.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds trainer processes through /proc")
+def test_a_trainer_killed_mid_trial_is_retried_and_resumes_its_run(in_tmp):
+    spec_path = write_spec(in_tmp, "oom", {"lr": {"grid": {"optim.lr": [1e-3]}}},
+                           defaults={"model": "vit", "optim": {"name": "adam", "lr": 1e-3},
+                                     "train": {"epochs": 3, "batch_size": 16}})
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(spec_path), "--jobs", "1"],
+                            cwd=in_tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=clean_env())
+    log = in_tmp / "mlruns" / "sweeps" / "oom" / expand(load_spec(spec_path))[0].hash / "log.txt"
+    deadline = time.monotonic() + 300
+    # Once epoch 2 is reported, epoch 1's checkpoint is surely on disk.
+    while time.monotonic() < deadline and not (log.exists() and "epoch 2/3" in log.read_text()):
+        time.sleep(0.5)
+    for pid in trainer_processes(in_tmp):     # what the kernel's OOM killer would do
+        os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-3000:]
+    assert "retried" in out
+    (run,) = finished_children(in_tmp, "oom").values()
+    assert len(run) == 1 and run[0].data.tags["status"] == "finished"
+    steps = [m.step for m in store(in_tmp).get_metric_history(run[0].info.run_id, "val_macro_f1")]
+    assert sorted(set(steps)) == [1, 2, 3] and steps.count(1) == 1     # epoch 1 was not trained again
+    assert log.read_text().count("--- attempt") == 2
+
+
+def test_tpe_samples_its_budget_and_the_median_rule_prunes_a_lagging_trial(in_tmp):
+    spec_path = write_spec(in_tmp, "tpe", {"base": {"grid": {"optim.lr": [1e-3]}}},
+                           search={"method": "tpe", "n_trials": 3,
+                                   "space": {"optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}}})
+    done = orchestrate(in_tmp, "sweep", str(spec_path), "--jobs", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    spec = load_spec(spec_path)
+    ledger = Ledger(f"sqlite:///{in_tmp / 'mlruns' / 'optuna.db'}", "tpe", 0)
+    sampled = [t for t in ledger.latest_by_hash().values() if t.user_attrs.get("tpe")]
+    assert len(sampled) == 3 and len({t.params["optim.lr"] for t in sampled}) == 3
+    assert all(1e-4 <= t.params["optim.lr"] <= 1e-2 for t in sampled)
+    # The pruning decision itself, on the same real study: three trials at 0.8, a fourth at 0.1.
+    spec = dataclasses.replace(spec, search=dataclasses.replace(spec.search, n_trials=4))
+    tpe = TpeTrials(spec, Ledger(f"sqlite:///{in_tmp / 'prune.db'}", "tpe", 0,
+                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)))
+    claims = [tpe.new_claim() for _ in range(4)]
+    for c in claims[:3]:
+        assert tpe.report(c, 1, 0.8) is False
+        tpe.ledger.finish(c, "finished", 0.8, None)
+    assert tpe.report(claims[3], 1, 0.1) is True
+
+
+def test_a_stop_file_prunes_a_running_trial(tmp_path):
+    from tests.conftest import tiny_trial
+    from trainers.config import from_dict
+    from trainers.run import run_trial
+
+    stop = tmp_path / "stop"
+    stop.write_text("pruned by the median rule")
+    outcome = run_trial(from_dict(tiny_trial(tmp_path, train={"epochs": 3})), stop_file=stop)
+    assert outcome.status == "pruned"
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(outcome.run_id)
+    assert run.data.tags["status"] == "pruned" and "test_macro_f1" not in run.data.metrics
