@@ -1,0 +1,87 @@
+"""Trainer speed as ratios against baselines measured in the same run (CPU).
+
+  trainer overhead  = train_one_epoch time / a bare PyTorch loop over the same model and cached tensors
+  data wait share   = time spent producing batches / time of the whole epoch
+  cache speed-up    = first preparation of a dataset / the second (which decodes nothing)
+  logging share     = MLflow calls of a trial / the trial's training time
+"""
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from tests.conftest import tiny_trial
+from trainers.config import from_dict
+from trainers.data.dataset import prepare_data
+from trainers.data.split import TRAIN
+from trainers.models import build_model
+from trainers.run import run_trial
+from trainers.train import batches, select_device, to_float_images, train_one_epoch
+
+
+def bench_config(tmp_path):
+    raw = tiny_trial(tmp_path, data={"synthetic": {"n_images": 2400, "draw_size": 64}, "balance": False},
+                     model={"vit": {"patch_size": 8, "hidden_size": 96, "num_hidden_layers": 4,
+                                    "num_attention_heads": 4, "intermediate_size": 192}},
+                     train={"epochs": 2, "batch_size": 32, "num_threads": 0})
+    return from_dict(raw)
+
+
+def bare_epoch(model, data, order, batch_size, optimizer, loss_fn) -> float:
+    """The baseline: index the cached uint8 array, convert, forward, backward, step."""
+    images = torch.from_numpy(np.ascontiguousarray(data.images))
+    labels = torch.from_numpy(data.labels)
+    start = time.perf_counter()
+    for i in range(0, len(order), batch_size):
+        rows = torch.from_numpy(order[i:i + batch_size])
+        x = images[rows].permute(0, 3, 1, 2).float().div_(255)
+        loss = loss_fn(model(x), labels[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+def test_trainer_overhead_data_wait_cache_and_logging(tmp_path):
+    cfg = bench_config(tmp_path)
+    t0 = time.perf_counter()
+    data = prepare_data(cfg.data, cfg.model.image_size)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    again = prepare_data(cfg.data, cfg.model.image_size)
+    second = time.perf_counter() - t0
+    assert again.report.decoded == 0
+
+    device = select_device("cpu")
+    train_idx = data.indices(TRAIN)
+    order = np.random.default_rng(0).permutation(train_idx)
+    loss_fn = nn.CrossEntropyLoss()
+    torch.manual_seed(0)
+    model = build_model(cfg.model, len(data.classes))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    bare_epoch(model, data, order, cfg.train.batch_size, optimizer, loss_fn)       # warm-up
+    bare = min(bare_epoch(model, data, order, cfg.train.batch_size, optimizer, loss_fn) for _ in range(2))
+
+    plan = (train_idx, np.zeros(len(train_idx), bool))
+    ours = []
+    for epoch in (1, 2):
+        t0 = time.perf_counter()
+        train_one_epoch(model, data, plan, optimizer, loss_fn, cfg, epoch, device)
+        ours.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for _ in batches(data.images, order, cfg.train.batch_size, device, training=True):
+        pass
+    fetch = time.perf_counter() - t0
+
+    outcome = run_trial(cfg)
+    from mlflow import MlflowClient
+    run = MlflowClient(cfg.tracking.uri).get_run(outcome.run_id)
+    wall = (run.info.end_time - run.info.start_time) / 1000
+    logging = wall - outcome.train_seconds
+
+    print(f"\ntrainer overhead   {min(ours) / bare:.3f}x   (epoch {min(ours):.2f}s vs bare loop {bare:.2f}s)   goal <= 1.10")
+    print(f"data wait share    {fetch / min(ours):.1%}   (batch production {fetch:.2f}s per epoch)   goal <= 5%")
+    print(f"cache speed-up     {first / second:.0f}x   (first {first:.2f}s, second {second:.3f}s)   goal >= 50x")
+    print(f"MLflow share       {logging / wall:.1%} of the run's wall time ({logging:.1f}s of {wall:.1f}s; includes "
+          "the model export and test pass)")
