@@ -120,28 +120,32 @@ def train_one_epoch(model: nn.Module, data: PreparedData, plan: tuple[np.ndarray
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     labels_all = torch.from_numpy(data.labels)
     n_classes = len(data.classes)
-    cm = torch.zeros(n_classes * n_classes, dtype=torch.int64)
-    total_loss, seen = 0.0, 0
+    # Sums stay on the device: no host sync per step; one .item() per epoch.
+    cm = torch.zeros(n_classes * n_classes, dtype=torch.int64, device=device)
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    seen = 0
     for pos, x_u8 in batches(data.images, indices[order], cfg.train.batch_size, device, training=True):
         rows = indices[order[pos]]
         y = labels_all[rows].to(device, non_blocking=True)
         x = to_float_images(x_u8)
-        aug = torch.from_numpy(augmented[order[pos]]).to(device)
+        aug = augmented[order[pos]]
         if aug.any():
-            x[aug] = augment(x[aug], gen)
+            mask = torch.from_numpy(aug).to(device)
+            x[mask] = augment(x[mask], gen)
         with autocast(device):
             logits = model(x)
             loss = loss_fn(logits.float(), y)
-        if not torch.isfinite(loss):
-            return {"train_loss": float("nan")}
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += loss.item() * len(rows)
+        total_loss += loss.detach() * len(rows)
         seen += len(rows)
-        cm += torch.bincount((y * n_classes + logits.argmax(1)).cpu(), minlength=n_classes * n_classes)
-    summary = metrics.summary(cm.view(n_classes, n_classes).numpy())
-    return {"train_loss": total_loss / max(seen, 1), "train_accuracy": summary["accuracy"],
+        cm += torch.bincount(y * n_classes + logits.detach().argmax(1), minlength=n_classes * n_classes)
+    mean_loss = total_loss.item() / max(seen, 1)
+    if not math.isfinite(mean_loss):
+        return {"train_loss": float("nan")}     # diverged: the caller ends the trial
+    summary = metrics.summary(cm.view(n_classes, n_classes).cpu().numpy())
+    return {"train_loss": mean_loss, "train_accuracy": summary["accuracy"],
             "train_macro_f1": summary["macro_f1"]}
 
 
