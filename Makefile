@@ -44,7 +44,8 @@ report: $(STAMP)
 	$(PY) -m orchestrator report $(SWEEP)
 
 up:
-	docker compose -f docker/compose.yaml --env-file docker/.env up -d
+	@test -f docker/.env || { echo "docker/.env is missing: cp docker/env.example docker/.env, then set its password"; exit 2; }
+	docker compose -f docker/compose.yaml --env-file docker/.env up -d --build
 
 down:
 	docker compose -f docker/compose.yaml --env-file docker/.env down

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Callable
 
@@ -10,7 +11,7 @@ from rich.table import Table
 
 from orchestrator.plan import PlannedTrial, estimate_cost, expand, grid_points
 from orchestrator.spec import SweepSpec, load_spec
-from trainers.config import ConfigError
+from trainers.config import ConfigError, DataConfig
 
 
 def plan(args: argparse.Namespace) -> int:
@@ -45,7 +46,11 @@ def worker(args: argparse.Namespace) -> int:
     from orchestrator.sweep import run_sweep
 
     spec = load_spec(args.spec)
-    outcome = run_sweep(spec, args.storage, args.tracking_uri, _gpu_list(args.gpus), args.jobs, enqueue=False)
+    try:
+        outcome = run_sweep(spec, args.storage, args.tracking_uri, _gpu_list(args.gpus), args.jobs, enqueue=False)
+    except KeyboardInterrupt:    # while waiting for the sweep to start: nothing was claimed
+        print("\nstopped before the sweep started", file=sys.stderr)
+        return 130
     _print_outcome(spec, outcome)
     return 130 if outcome.interrupted else 0
 
@@ -58,15 +63,16 @@ def status(args: argparse.Namespace) -> int:
     ledger = open_ledger(spec, args.storage)
     latest = ledger.latest_by_hash()
     counts = ledger.counts()
-    print(f"sweep '{spec.name}' ({ledger.url}): " + ", ".join(
+    print(f"sweep '{spec.name}' ({ledger.safe_url}): " + ", ".join(
         f"{k} {counts.get(k, 0)}" for k in ("waiting", "running", "finished", "diverged", "pruned", "failed")))
     table = Table(title="trials")
-    for column in ("optuna #", "name", "state", "attempt", "worker", "run id"):
+    for column in ("optuna #", "name", "state", "attempt", "host/slot", "run id"):
         table.add_column(column)
     for t in sorted(latest.values(), key=lambda t: t.number):
         state = t.state.name.lower() if t.state.name in ("WAITING", "RUNNING") else t.user_attrs.get("status", "")
+        # worker = host/slot: running it now, or where it ran (a waiting retry has none yet)
         table.add_row(str(t.number), t.user_attrs.get("name", ""), state, str(t.user_attrs.get("attempt", 0)),
-                      t.user_attrs.get("worker", "") if state == "running" else "", t.user_attrs.get("run_id", ""))
+                      t.user_attrs.get("worker", ""), t.user_attrs.get("run_id", ""))
     _console().print(table)
     return 0
 
@@ -158,12 +164,27 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare(args: argparse.Namespace) -> int:
+    """Align and cache a spec's data (and production data) ahead of a sweep, then summarise what was found."""
+    from trainers.data.dataset import prepare_data
+
+    spec = load_spec(args.spec)
+    console = _console()
+    for title, cfg, size in datasets_to_prepare(spec, expand(spec)):
+        data = prepare_data(cfg, size)
+        console.print(f"{title}: {cfg.source} at {size} px, align {cfg.align}")
+        console.print(data_table(data))
+        for line in data_lines(cfg, data):
+            console.print(line)
+    return 0
+
+
 # Errors about the user's input or set-up: one line, exit 2, no traceback.
 USER_ERRORS = ("DataError", "ModelUnavailableError", "SweepError")
 
 VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
     "plan": plan, "sweep": sweep, "worker": worker, "status": status,
-    "promote": promote, "production": production, "report": report,
+    "promote": promote, "production": production, "report": report, "prepare": prepare,
 }
 
 
@@ -208,6 +229,7 @@ def _add_registry_options(parser: argparse.ArgumentParser) -> None:
 ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "plan": _add_spec, "sweep": _add_run_options, "worker": _add_run_options, "status": _add_status_options,
     "report": _add_report_options, "promote": _add_registry_options, "production": _add_registry_options,
+    "prepare": _add_spec,
 }
 
 
@@ -268,6 +290,64 @@ def _duration(hours: float) -> str:
     if hours < 1:
         return f"{max(1, round(hours * 60))} min"
     return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
+
+
+# --- prepare output -------------------------------------------------------------------
+
+def datasets_to_prepare(spec: SweepSpec, trials: list[PlannedTrial]) -> list[tuple[str, DataConfig, int]]:
+    """Each distinct (data, input size) the trials train on, then the production data at those sizes."""
+    from trainers.config import from_dict, to_dict
+
+    seen, out = set(), []
+    for t in trials:
+        key = (json.dumps(to_dict(t.config.data), sort_keys=True), t.config.model.image_size)
+        if key not in seen:
+            seen.add(key)
+            out.append(("data", t.config.data, t.config.model.image_size))
+    if spec.production is not None:
+        classes = out[0][1].classes if out else None
+        raw = spec.production if "classes" in spec.production or classes is None else \
+            {**spec.production, "classes": list(classes)}    # production is evaluated on the model's classes
+        production_cfg = from_dict({"data": raw}, spec.path).data
+        for size in sorted({size for _, _, size in out}):
+            out.append(("production", production_cfg, size))
+    return out
+
+
+def data_table(data) -> Table:
+    """Images per class per split."""
+    table = Table()
+    splits = list(data.report.per_split)
+    for column in ("class", *splits, "total"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for c in data.classes:
+        counts = [data.report.per_split[s].get(c, 0) for s in splits]
+        table.add_row(c, *map(str, counts), str(sum(counts)))
+    totals = [sum(data.report.per_split[s].values()) for s in splits]
+    table.add_row("all", *map(str, totals), str(sum(totals)))
+    return table
+
+
+def data_lines(cfg: DataConfig, data) -> list[str]:
+    """Skipped files by reason, dropped labels, alignment failures, near-duplicates across splits."""
+    r = data.report
+
+    def counts(d: dict) -> str:
+        return ", ".join(f"{k} {v}" for k, v in d.items()) or "none"
+
+    lines = [f"  skipped: {counts(r.skipped)}", f"  dropped (label not in classes): {counts(r.dropped)}"]
+    if cfg.align != "none":
+        lines.append(f"  alignment: no face found in {r.align_failures} of {r.usable} images "
+                     f"({100 * r.align_failures / max(r.usable, 1):.1f}%), centre-cropped instead")
+    duplicates = (f"  near-duplicates across splits (perceptual hash within {cfg.duplicate_distance} bits): "
+                  f"{counts(r.duplicates)}")
+    if cfg.dedupe:
+        duplicates += f"; {r.duplicates_removed} removed from val/test"
+    elif r.duplicates:
+        duplicates += " (set data.dedupe: true to remove the val/test copies)"
+    lines.append(duplicates)
+    lines.append(f"  cache: {r.decoded} images decoded now, {r.usable} usable")
+    return lines
 
 
 # --- entry point ----------------------------------------------------------------------

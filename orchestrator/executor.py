@@ -79,6 +79,7 @@ class SlotState:
     epoch: int = 0
     epochs: int = 0
     started: float = 0.0
+    run_id: str = ""              # its MLflow run, once the trainer has opened it
 
 
 @dataclass
@@ -153,14 +154,16 @@ class Executor:
     """Claims and runs trials on all slots until the ledger has nothing left to run."""
 
     def __init__(self, ledger: Ledger, slots: list[Slot], workdir: Path,
-                 trial_config: Callable[[Claim, Slot], dict], search: NewTrials | None = None):
+                 trial_config: Callable[[Claim, Slot], dict], search: NewTrials | None = None,
+                 tracking_uri: str | None = None):
         self.ledger, self.slots, self.workdir = ledger, slots, workdir
         self.trial_config = trial_config     # the plain trial config (tracking included) for a claim
         self.search = search                 # TPE: samples new trials and prunes on epochs
+        self.tracking_uri = tracking_uri     # where a dead worker's runs are closed
         self.progress = Progress(slots={s.name: SlotState() for s in slots})
         self.stopping = threading.Event()
         self.ledger_lock = threading.Lock()
-        self.host = socket.gethostname()
+        self.host = os.environ.get("FER_WORKER_NAME") or socket.gethostname()    # shown by `status`
 
     # --- the loop of one slot ------------------------------------------------------------------
 
@@ -201,13 +204,16 @@ class Executor:
 
     def _claim(self, slot: Slot) -> Claim | None:
         with self.ledger_lock:
-            self.ledger.reap_stale()
+            reaped = self.ledger.reap_stale()
             claim = self.ledger.claim()
             if claim is None and self.search is not None:
                 claim = self.search.new_claim()
             if claim is not None:
                 self.ledger.storage.set_trial_user_attr(claim.trial_id, "worker", f"{self.host}/{slot.name}")
-            return claim
+        for trial in reaped:     # a dead worker's runs: KILLED (a retry on its host reopens the run)
+            if trial.user_attrs.get("run_id") and self.tracking_uri:
+                close_run(self.tracking_uri, trial.user_attrs["run_id"], "KILLED")
+        return claim
 
     def _drained(self) -> bool:
         """Nothing waiting and nothing running anywhere (another worker's crash could queue a retry)."""
@@ -232,11 +238,12 @@ class Executor:
         state = self.progress.slots[slot.name]
         state.trial, state.epoch, state.epochs, state.started = name, 0, raw["train"].get("epochs", 0), started
         process.submit({k: str(v) for k, v in paths.items()})
-        answered = self._watch(claim, process, paths, state)
-        state.trial = ""
+        answered = self._watch(claim, process, paths, state, raw)
+        state.trial, state.run_id = "", ""
         self._record(claim, name, raw, paths, answered, time.monotonic() - started)
 
-    def _watch(self, claim: Claim, process: TrainerProcess, paths: dict[str, Path], state: SlotState) -> bool:
+    def _watch(self, claim: Claim, process: TrainerProcess, paths: dict[str, Path], state: SlotState,
+               raw: dict) -> bool:
         """Wait for the trial while sending heartbeats and reading its epochs; False if the process died."""
         last_beat, interrupted = 0.0, 0.0
         while True:
@@ -251,7 +258,8 @@ class Executor:
             now = time.monotonic()
             if now - last_beat >= HEARTBEAT_SECONDS:
                 with self.ledger_lock:
-                    self.ledger.heartbeat(claim.trial_id)
+                    self.ledger.beat(claim.trial_id)
+                self._note_run(claim, state, raw)
                 last_beat = now
             self._read_epochs(claim, paths, state)
             if self.stopping.is_set() and not interrupted:
@@ -259,6 +267,15 @@ class Executor:
                 interrupted = now
             elif interrupted and now - interrupted > STOP_GRACE_SECONDS:
                 process.kill()       # it ignored the interrupt; its checkpoint still allows a resume
+
+    def _note_run(self, claim: Claim, state: SlotState, raw: dict) -> None:
+        """Once the trainer has opened its MLflow run, record it on the trial (a reaper closes it)."""
+        if state.run_id:
+            return
+        state.run_id = marked_run(raw) or ""
+        if state.run_id:
+            with self.ledger_lock:
+                self.ledger.set_run_id(claim.trial_id, state.run_id)
 
     def _read_epochs(self, claim: Claim, paths: dict[str, Path], state: SlotState) -> None:
         """Follow the trainer's `epoch k/n ... val_macro_f1 x` lines: progress, and pruning for TPE."""
@@ -304,22 +321,33 @@ class Executor:
             self.progress.events.append(event)
 
 
-def close_orphan_run(raw: dict, status: str) -> None:
-    """A trainer killed mid-trial leaves its MLflow run RUNNING: close it (a retry reopens it)."""
+def marked_run(raw: dict) -> str | None:
+    """The MLflow run the trainer noted for this trial under this sweep's parent, if any yet."""
     from trainers.config import from_dict
     from trainers.run import trial_dir
 
-    marker = trial_dir(from_dict(raw)) / "run.json"
-    saved = _read_json(marker)
-    if not saved:
-        return
-    client = MlflowClient(raw["tracking"]["uri"])
+    saved = _read_json(trial_dir(from_dict(raw)) / "run.json")
+    if not saved or saved.get("parent_run_id") != raw["tracking"].get("parent_run_id"):
+        return None     # none yet, or another sweep's leftover the trainer will clear
+    return saved["run_id"]
+
+
+def close_orphan_run(raw: dict, status: str) -> None:
+    """A trainer killed mid-trial leaves its MLflow run RUNNING: close it (a retry reopens it)."""
+    run_id = marked_run(raw)
+    if run_id:
+        close_run(raw["tracking"]["uri"], run_id, status)
+
+
+def close_run(uri: str, run_id: str, status: str) -> None:
+    """Terminate a run left RUNNING with KILLED or FAILED and tag why; a finished run is left alone."""
+    client = MlflowClient(uri)
     try:
-        if client.get_run(saved["run_id"]).info.status == "RUNNING":
-            client.set_terminated(saved["run_id"], status)
-            client.set_tag(saved["run_id"], "status", "failed" if status == "FAILED" else "killed")
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status)
+            client.set_tag(run_id, "status", "failed" if status == "FAILED" else "killed")
     except Exception as err:   # the store may be unreachable; the retry will reopen the run anyway
-        print(f"warning: could not close run {saved['run_id']}: {err}", file=sys.stderr)
+        print(f"warning: could not close run {run_id}: {err}", file=sys.stderr)
 
 
 def _read_json(path: Path) -> dict | None:

@@ -10,22 +10,28 @@ States, and the `status` user attribute that says why:
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
+import sys
+import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import sqlalchemy.engine
+import sqlalchemy.exc
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from orchestrator.plan import PlannedTrial
 
 STORE_DIR = Path("mlruns")
-HEARTBEAT_SECONDS = 10
-GRACE_SECONDS = 60       # a RUNNING trial without a heartbeat for a minute belongs to a dead worker
+# A RUNNING trial without a heartbeat for a minute belongs to a dead worker. Tests shorten both.
+HEARTBEAT_SECONDS = int(os.environ.get("FER_HEARTBEAT_SECONDS", 10))
+GRACE_SECONDS = int(os.environ.get("FER_GRACE_SECONDS", 60))
 
 
 @dataclass(frozen=True)
@@ -51,12 +57,26 @@ class Ledger:
         engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
         self.url = url
         self.max_retries = max_retries
-        self.storage = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
-                                  grace_period=GRACE_SECONDS,
-                                  heartbeat_stale_trial_callback=self._requeue_stale)
+        for attempt in range(5):
+            try:
+                with warnings.catch_warnings():     # heartbeats are "experimental" in Optuna
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    self.storage = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
+                                              grace_period=GRACE_SECONDS)
+                break
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                # Workers starting together on a fresh database race to create Optuna's tables.
+                if attempt == 4:
+                    raise
+                time.sleep(1 + attempt)
         self.study = optuna.create_study(study_name=sweep, storage=self.storage, direction="maximize",
                                          load_if_exists=True, sampler=sampler, pruner=pruner)
         self._lock_file = None
+
+    @property
+    def safe_url(self) -> str:
+        """The storage URL with its password hidden, for printing."""
+        return sqlalchemy.engine.make_url(self.url).render_as_string(hide_password=True)
 
     # --- set-up -------------------------------------------------------------------------
 
@@ -90,8 +110,11 @@ class Ledger:
             last = latest.get(trial.hash)
             if last is not None and last.user_attrs.get("status") != "failed":
                 continue
+            # The resolved config travels with the trial, so a worker whose spec copy differs runs
+            # what the sweep planned.
             self.study.enqueue_trial({}, user_attrs={"config_hash": trial.hash, "name": trial.name,
-                                                     "groups": ",".join(trial.groups), "attempt": 0})
+                                                     "groups": ",".join(trial.groups), "attempt": 0,
+                                                     "config": json.dumps(trial.raw)})
             added += 1
         return added
 
@@ -106,12 +129,13 @@ class Ledger:
     def claim(self) -> Claim | None:
         """Pop one WAITING trial atomically, or None when the queue is empty."""
         for t in self._trials((TrialState.WAITING,)):
+            # Beat first: a worker that dies right after the switch still leaves a trial the reaper sees.
+            self.heartbeat(t._trial_id)
             try:
                 if not self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
                     continue        # another worker took it first
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
-            self.heartbeat(t._trial_id)
             return Claim(t._trial_id, t.number, t.user_attrs["config_hash"], t.user_attrs.get("attempt", 0),
                          dict(t.user_attrs))
         return None
@@ -126,52 +150,74 @@ class Ledger:
     def heartbeat(self, trial_id: int) -> None:
         self.storage.record_heartbeat(trial_id)
 
+    def beat(self, trial_id: int) -> None:
+        """A running trial's heartbeat; a missed one is not fatal (the grace period covers a few)."""
+        try:
+            self.heartbeat(trial_id)
+        except sqlalchemy.exc.SQLAlchemyError as err:
+            print(f"warning: heartbeat for trial {trial_id} not recorded: {type(err).__name__}", file=sys.stderr)
+
+    def set_run_id(self, trial_id: int, run_id: str) -> None:
+        """Record the trial's MLflow run (while it runs, so a reaper can close it if its worker dies)."""
+        try:
+            self.storage.set_trial_user_attr(trial_id, "run_id", run_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass    # reaped meanwhile; the reaper closed the run it knew of
+
     def finish(self, claim: Claim, status: str, value: float, run_id: str | None) -> None:
         """Close a trial that ran to an end: finished, diverged or pruned."""
         if run_id:
-            self.storage.set_trial_user_attr(claim.trial_id, "run_id", run_id)
+            self.set_run_id(claim.trial_id, run_id)
         state = TrialState.PRUNED if status == "pruned" else TrialState.COMPLETE
         self._close(claim.trial_id, state, status, value if state == TrialState.COMPLETE else None)
 
     def fail(self, claim: Claim, error: str, retriable: bool) -> bool:
         """Record a crash; queue a retry while retries remain. Returns whether it was retried."""
-        self.storage.set_trial_user_attr(claim.trial_id, "error", error[-2000:])
         retry = retriable and claim.attempt < self.max_retries
-        self._close(claim.trial_id, TrialState.FAIL, "retried" if retry else "failed")
+        if not self._close(claim.trial_id, TrialState.FAIL, "retried" if retry else "failed", error=error):
+            return False    # a reaper closed it first and queued its own retry
         if retry:
             self._enqueue_copy(self.storage.get_trial(claim.trial_id), attempt=claim.attempt + 1)
         return retry
 
     def release(self, claim: Claim) -> None:
         """Give back an interrupted trial (Ctrl-C) without using one of its retries."""
-        self._close(claim.trial_id, TrialState.FAIL, "released")
-        self._enqueue_copy(self.storage.get_trial(claim.trial_id), attempt=claim.attempt)
+        if self._close(claim.trial_id, TrialState.FAIL, "released"):
+            self._enqueue_copy(self.storage.get_trial(claim.trial_id), attempt=claim.attempt)
 
-    def reap_stale(self) -> None:
-        """Fail trials whose worker stopped sending heartbeats; the callback queues them again."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(self.study)
+    def reap_stale(self) -> list[FrozenTrial]:
+        """Fail the trials whose worker stopped sending heartbeats and queue them again; returns them.
 
-    def _requeue_stale(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        attempt = trial.user_attrs.get("attempt", 0)
-        self.storage.set_trial_user_attr(trial._trial_id, "status", "retried")
-        self.storage.set_trial_user_attr(trial._trial_id, "error", "worker stopped sending heartbeats")
-        if attempt < self.max_retries:
-            self._enqueue_copy(trial, attempt=attempt + 1)
-        else:
-            self.storage.set_trial_user_attr(trial._trial_id, "status", "failed")
+        Done here rather than by Optuna's fail_stale_trials, whose callback runs after the trial is
+        FAIL and so can no longer record why. Of several workers reaping at once, the one whose
+        state change lands queues the retry; the others' `_close` sees a finished trial.
+        """
+        reaped = []
+        for trial_id in self.storage._get_stale_trial_ids(self.study._study_id):
+            trial = self.storage.get_trial(trial_id)
+            retry = trial.user_attrs.get("attempt", 0) < self.max_retries
+            if self._close(trial_id, TrialState.FAIL, "retried" if retry else "failed",
+                           error=f"worker {trial.user_attrs.get('worker', '?')} stopped sending heartbeats"):
+                if retry:
+                    self._enqueue_copy(trial, attempt=trial.user_attrs.get("attempt", 0) + 1)
+                reaped.append(trial)
+        return reaped
 
     def _enqueue_copy(self, trial: FrozenTrial, attempt: int) -> None:
-        attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("status", "error", "run_id")}
+        attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("status", "error", "run_id", "worker")}
         self.study.enqueue_trial({}, user_attrs={**attrs, "attempt": attempt, "retry_of": trial.number})
 
-    def _close(self, trial_id: int, state: TrialState, status: str, value: float | None = None) -> None:
-        self.storage.set_trial_user_attr(trial_id, "status", status)
+    def _close(self, trial_id: int, state: TrialState, status: str, value: float | None = None,
+               error: str | None = None) -> bool:
+        """Set the final state; False when a stale-trial sweep by another worker closed it first."""
         try:
+            if error is not None:
+                self.storage.set_trial_user_attr(trial_id, "error", error[-2000:])
+            self.storage.set_trial_user_attr(trial_id, "status", status)
             self.storage.set_trial_state_values(trial_id, state, [value] if value is not None else None)
         except optuna.exceptions.UpdateFinishedTrialError:
-            pass    # a stale-trial sweep by another worker closed it first; its status stands
+            return False    # the reaper's status (retried or failed) stands
+        return True
 
     # --- reading ----------------------------------------------------------------------------
 

@@ -19,11 +19,9 @@ what the model reacts to, the grid sees shifts the model ignores (hair, hands, c
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -43,7 +41,7 @@ from trainers.config import ConfigError, DataConfig, from_dict, to_dict
 from trainers.data.dataset import DataError, PreparedData, metric_key, prepare_data
 from trainers.data.split import TEST, TRAIN, VAL
 from trainers.plots import confusion_png
-from trainers.tracking import ensure_experiment, global_tracking_uri
+from trainers.tracking import ensure_experiment, global_tracking_uri, no_download_bars
 
 BATCH_SIZE = 256
 DRIFT_SAMPLE = 2000           # images per side of the domain classifier: 4000 x 54 features fit in a second
@@ -289,25 +287,10 @@ def drift_verdict(auc: float) -> str:
 
 def source_training_data(client: MlflowClient, source: Run, image_size: int) -> PreparedData:
     """The champion's own data, prepared as its trial did (from the run's config.yaml artifact)."""
-    with tempfile.TemporaryDirectory() as tmp, _no_download_bar():
+    with tempfile.TemporaryDirectory() as tmp, no_download_bars():
         path = client.download_artifacts(source.info.run_id, "config.yaml", tmp)
         raw = yaml.safe_load(Path(path).read_text())
     return prepare_data(from_dict({"data": raw["data"]}).data, image_size)
-
-
-@contextlib.contextmanager
-def _no_download_bar():
-    """MLflow draws a progress bar for every download, even of one small file; not for this one."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    before = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
 
 
 def drift_scores(client: MlflowClient, source: Run, model, device, data: PreparedData,

@@ -17,12 +17,10 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
 import statistics
 import tempfile
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +35,7 @@ from orchestrator.plan import experiment_points
 from orchestrator.runs import child_runs, find_parent_run, groups_of
 from orchestrator.spec import Experiment, SweepSpec, canonical_axis
 from trainers.plots import confusion_png, curves_png  # first: it selects the Agg backend
+from trainers.tracking import no_download_bars
 
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
@@ -379,21 +378,6 @@ def metric_history(client: MlflowClient, run_id: str, metric: str) -> dict[int, 
     return {m.step: m.value for m in history}
 
 
-@contextmanager
-def no_progress_bars():
-    """MLflow draws a progress bar per download; the report fetches a few small JSON files."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    before = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
-
-
 def confusion_counts(report: Report, run_ids: list[str]) -> tuple[list[str], np.ndarray] | None:
     """The runs' confusion_matrix.json counts, summed over seeds; None when no run logged one."""
     classes, total = None, None
@@ -401,7 +385,7 @@ def confusion_counts(report: Report, run_ids: list[str]) -> tuple[list[str], np.
         folder = report.scratch / run_id
         folder.mkdir(exist_ok=True)
         try:
-            with no_progress_bars():
+            with no_download_bars():
                 path = report.client.download_artifacts(run_id, "confusion_matrix.json", str(folder))
         except (MlflowException, OSError):
             continue

@@ -21,6 +21,7 @@ from trainers.config import config_hash, from_dict, trial_name
 from trainers.tracking import tracking_uri
 
 WORK_DIR = Path("mlruns/sweeps")
+START_POLL_SECONDS = 2.0    # how often a worker started before its sweep looks for it
 
 
 class SweepError(RuntimeError):
@@ -141,22 +142,36 @@ def start(spec: SweepSpec, storage: str | None, tracking: str | None, enqueue: b
     uri = tracking_uri(tracking)
     client = MlflowClient(uri)
     trials = expand(spec)
-    parent = ledger.parent_run() if enqueue else ledger.parent_run()
-    if parent is None or not _run_exists(client, parent):
-        if not enqueue:
-            raise SweepError(f"sweep '{spec.name}' has not been started in {ledger.url}; "
-                             "start it with `python -m orchestrator sweep` first")
+    parent = ledger.parent_run()
+    if not enqueue:
+        parent = parent or wait_for_start(ledger, spec.name)
+        if not _run_exists(client, parent):
+            raise SweepError(f"sweep '{spec.name}' logs to parent run {parent}, which {uri} does not have; "
+                             "pass the --tracking-uri the sweep was started with")
+        client.update_run(parent, status="RUNNING")
+        return ledger, SweepContext(spec, uri, parent, {t.hash: t for t in trials})
+    fresh = parent is None or not _run_exists(client, parent)
+    if fresh:
         parent = open_parent_run(client, spec.name, spec.description)
-        ledger.set_parent_run(parent)
     else:
         client.update_run(parent, status="RUNNING")
-    if enqueue:
-        client.log_text(parent, Path(spec.path).read_text(encoding="utf-8"), "spec.yaml")
-        client.log_text(parent, plan_csv(trials), "plan.csv")
-        added = ledger.enqueue(trials)
-        done = len(trials) - added
-        print(f"sweep '{spec.name}': {len(trials)} planned trials, {added} to run, {done} already done or queued")
+    client.log_text(parent, Path(spec.path).read_text(encoding="utf-8"), "spec.yaml")
+    client.log_text(parent, plan_csv(trials), "plan.csv")
+    added = ledger.enqueue(trials)
+    if fresh:
+        ledger.set_parent_run(parent)    # after the queue is full: a worker waiting for it sees every trial
+    done = len(trials) - added
+    print(f"sweep '{spec.name}': {len(trials)} planned trials, {added} to run, {done} already done or queued")
     return ledger, SweepContext(spec, uri, parent, {t.hash: t for t in trials})
+
+
+def wait_for_start(ledger: Ledger, sweep: str) -> str:
+    """A worker started before its sweep waits until `sweep` has queued the trials; returns the parent run."""
+    print(f"waiting for sweep '{sweep}' to be started in {ledger.safe_url} (`python -m orchestrator sweep`); "
+          "Ctrl-C to stop", flush=True)
+    while (parent := ledger.parent_run()) is None:
+        time.sleep(START_POLL_SECONDS)
+    return parent
 
 
 def _run_exists(client: MlflowClient, run_id: str) -> bool:
@@ -180,7 +195,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, tracking: str | None 
             jobs = None if visible_gpus() else spec.execution.jobs
     slots = make_slots(gpus, jobs)
     search = TpeTrials(spec, ledger) if spec.search.method == "tpe" else None
-    executor = Executor(ledger, slots, WORK_DIR / spec.name, ctx.trial_config, search)
+    executor = Executor(ledger, slots, WORK_DIR / spec.name, ctx.trial_config, search, ctx.tracking_uri)
     interrupted = follow(executor, ledger)
     counts = dict(ledger.counts())
     finish_parent(MlflowClient(ctx.tracking_uri), ctx.parent_run_id, counts, interrupted)

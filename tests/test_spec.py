@@ -98,8 +98,8 @@ def test_resolve_trial_expands_the_preset_and_applies_the_point_over_defaults():
     raw = resolve_trial(spec, {"train.seed": 1, "model": "resnet50", "optim.lr": 2e-5})
     assert raw["model"] == {"name": "resnet50", "pretrained": None, "image_size": 32}
     assert raw["optim"] == {"name": "adam", "lr": 2e-5}
-    assert raw["train"] == {"epochs": 3, "batch_size": 64, "seed": 1}
-    assert raw["data"]["synthetic"]["n_images"] == 2400
+    assert raw["train"] == {"epochs": 3, "batch_size": 32, "seed": 1}
+    assert raw["data"]["synthetic"]["n_images"] == 4800
     assert spec.defaults["optim"]["lr"] == 1e-3   # the spec is not modified
 
 
@@ -122,7 +122,7 @@ def test_estimate_cost_counts_epochs_and_image_epochs():
     spec = load_spec(DEMO)
     cost = estimate_cost(spec, expand(spec))
     assert cost["epochs"] == 47                     # 15 trials of 3 epochs, plus 2, 4 and 5 minus 3 three times
-    assert cost["image_epochs"] == round(2400 * 0.7 * 47)
+    assert cost["image_epochs"] == round(4800 * 0.7 * 47)
     assert 0 < cost["gpu_hours"] < cost["cpu_hours"] < 1
     assert cost["assumptions"]
 

@@ -19,8 +19,9 @@ import yaml
 
 # The study's six expressions, in its table order.
 DEFAULT_CLASSES = ("anger", "disgust", "fear", "happiness", "sadness", "surprise")
-SOURCES = ("synthetic", "imagefolder")
-ALIGNERS = ("none",)         # "mtcnn" joins with the face-alignment work
+SOURCES = ("synthetic", "imagefolder", "fer2013", "rafdb", "affectnet")
+SOURCES_WITH_SPLITS = ("fer2013", "rafdb", "affectnet")   # ship their own train/test partition
+ALIGNERS = ("none", "mtcnn")
 MODEL_NAMES = ("vit", "resnet50")
 OPTIMIZERS = ("sgd", "rmsprop", "adam")
 DEVICES = ("auto", "cpu", "cuda")
@@ -46,6 +47,12 @@ class DataConfig:
     split: tuple[float, float, float] = (0.7, 0.2, 0.1)   # train / val / test
     split_seed: int = 0
     align: str = "none"
+    # mtcnn: face-box fraction added on each side of the landmark template (0: the tight
+    # ArcFace crop, eyebrows to lower lip; 0.1 also shows the forehead and chin).
+    align_margin: float = 0.1
+    use_dataset_split: bool = False   # fer2013 / rafdb / affectnet: keep the dataset's own split
+    duplicate_distance: int = 16      # near-duplicate: 256-bit perceptual hashes differ in <= 16 bits
+    dedupe: bool = False              # remove val/test images that near-duplicate an earlier split's
     cache_dir: str = "mlruns/cache"
     balance: bool = True          # augment the training split per class towards the largest class
     balance_max_factor: float = 3.0   # a class grows to at most 3x its own size, so some imbalance stays
@@ -224,6 +231,13 @@ def validate(cfg: TrialConfig, source: str = "config") -> None:
     one_of("data.align", d.align, ALIGNERS)
     if d.source != "synthetic" and not d.root:
         fail("data.root", f"is required for source '{d.source}' (the folder holding the dataset)")
+    if not 0 <= d.align_margin <= 1:
+        fail("data.align_margin", f"must be in [0, 1] (a fraction of the face box); got {d.align_margin:g}")
+    if d.use_dataset_split and d.source not in SOURCES_WITH_SPLITS:
+        fail("data.use_dataset_split", f"needs a source with its own split ({', '.join(SOURCES_WITH_SPLITS)}); "
+                                       f"data.source is '{d.source}'")
+    if not 0 <= d.duplicate_distance <= 64:
+        fail("data.duplicate_distance", f"must be in [0, 64] bits of 256; got {d.duplicate_distance}")
     if len(d.classes) < 2:
         fail("data.classes", "needs at least two classes")
     lowered = [c.lower() for c in d.classes]
@@ -321,8 +335,21 @@ def config_hash(cfg: TrialConfig) -> str:
     body["train"].pop("checkpoint_dir")
     body["train"].pop("num_threads")
     body["data"].pop("cache_dir")
+    _drop_inert_data_keys(body["data"])
     text = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _drop_inert_data_keys(data: dict) -> None:
+    """Leave out data keys that cannot change this trial, so hashes from before they existed still match."""
+    defaults = to_dict(DataConfig())
+    if data["align"] == "none":
+        data.pop("align_margin")
+    for key in ("use_dataset_split", "duplicate_distance", "dedupe"):
+        if data[key] == defaults[key]:
+            data.pop(key)
+    if not data.get("dedupe"):
+        data.pop("duplicate_distance", None)   # the audit only counts unless dedupe removes
 
 
 def trial_name(cfg: TrialConfig) -> str:

@@ -64,23 +64,41 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
 
 
 @contextlib.contextmanager
+def environment(key: str, value: str | None):
+    """Set (or with None, remove) one environment variable for the duration, then restore it."""
+    before = os.environ.get(key)
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
+def no_download_bars():
+    """MLflow draws a progress bar for every artifact download, even of one small file."""
+    return environment("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@contextlib.contextmanager
 def global_tracking_uri(uri: str):
     """Point MLflow's process-wide URI at a store for the duration, then restore it (and the env var).
 
     Model logging, registration and loading resolve the store globally, not through our client;
     MLflow also exports the URI to MLFLOW_TRACKING_URI, which child processes would inherit.
     """
-    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     uri_before = mlflow_utils._tracking_uri
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(uri_before)
-        if env_before is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env_before
+    with environment("MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI")):
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(uri_before)
 
 
 def _metrics(values: dict[str, float], step: int = 0) -> list[Metric]:

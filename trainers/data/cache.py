@@ -2,7 +2,8 @@
 
 Layout under ``cache_dir``:
   digests/<root>.json                  path -> (size, mtime_ns, sha256): unchanged files are not re-read
-  aligned/<settings>/objects/ab/<sha>.npy   one aligned image (or ``.skip`` holding why it is unusable)
+  aligned/<settings>/objects/ab/<sha>.npy   one aligned image (or ``.skip`` holding why it is unusable);
+                                            a ``.fallback`` beside it: no face found, a centre crop
   aligned/<settings>/sets/<key>.npy    a whole dataset stacked, for a load that decodes nothing
 Keys hash the image bytes plus the aligner settings, so every trial of every sweep reuses them.
 """
@@ -109,9 +110,15 @@ class AlignedStore:
         except OSError:
             return None
 
-    def put(self, digest: str, array: np.ndarray) -> None:
-        """Store one aligned image."""
+    def put(self, digest: str, array: np.ndarray, fallback: bool = False) -> None:
+        """Store one aligned image; ``fallback``: the aligner found no face and centre-cropped."""
+        if fallback:   # the flag first: whoever sees the array also sees its flag
+            atomic_write_bytes(self._object(digest, ".fallback"), b"")
         save_array(self._object(digest, ".npy"), array)
+
+    def fell_back(self, digest: str) -> bool:
+        """Whether the stored image is a centre crop because no face was found."""
+        return self._object(digest, ".fallback").exists()
 
     def put_skip(self, digest: str, reason: str) -> None:
         """Remember that these bytes are unusable, so they are not decoded again."""

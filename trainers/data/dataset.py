@@ -1,23 +1,33 @@
 """From a DataConfig to aligned uint8 images, labels and splits, through the content-addressed cache."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from trainers.config import DataConfig
+from trainers.data.align import Aligner, build_aligner
+from trainers.data.audit import AuditResult, audit_splits, near_duplicate_pairs, perceptual_hashes
 from trainers.data.cache import AlignedStore, DigestIndex, atomic_write_bytes, save_array, short_hash
-from trainers.data.images import ImageSkipped, centre_square, decode_image
+from trainers.data.images import ImageSkipped, decode_image
+from trainers.data.importers import IMPORTERS
 from trainers.data.sources import Listing, Sample, list_imagefolder
-from trainers.data.split import SPLIT_NAMES, assign_splits
+from trainers.data.split import SPLIT_NAMES, TRAIN, VAL, assign_splits, stratified_split
 from trainers.data.synthetic import write_synthetic
 from trainers.progress import progress
+
+# Images decoded and aligned per step; MTCNN batches equal-sized ones within it.
+# At most 64 x 896 x 896 x 3 bytes (~150 MB) of decoded pixels are held at once.
+ALIGN_CHUNK = 64
 
 
 class DataError(ValueError):
@@ -33,13 +43,20 @@ class DataReport:
     skipped: dict[str, int] = field(default_factory=dict)   # reason -> files
     dropped: dict[str, int] = field(default_factory=dict)   # label outside the class list -> images
     per_split: dict[str, dict[str, int]] = field(default_factory=dict)   # split -> class -> images
+    align_failures: int = 0                            # usable images the aligner fell back on (centre crop)
+    duplicates: dict[str, int] = field(default_factory=dict)   # 'train-test' -> near-duplicate pairs across them
+    duplicates_removed: int = 0                        # later copies taken out of val/test (data.dedupe)
 
     def metrics(self) -> dict[str, float]:
         """Flat numeric counts for logging."""
-        out = {"data_listed": self.listed, "data_usable": self.usable}
+        out = {"data_listed": self.listed, "data_usable": self.usable, "data_align_failures": self.align_failures,
+               "data_align_failure_rate": self.align_failures / max(self.usable, 1),
+               "data_duplicates_found": sum(self.duplicates.values()),
+               "data_duplicates_removed": self.duplicates_removed}
         out.update({f"data_skipped_{k}": v for k, v in self.skipped.items()})
         out.update({f"data_dropped_{k}": v for k, v in self.dropped.items()})
         out.update({f"data_n_{s}": sum(c.values()) for s, c in self.per_split.items()})
+        out.update({f"data_duplicates_{k.replace('-', '_')}": v for k, v in self.duplicates.items()})
         return {metric_key(k): float(v) for k, v in out.items()}
 
 
@@ -61,125 +78,282 @@ class PreparedData:
     digest: str                 # content + settings + split: names this exact dataset
     root: str
     report: DataReport
+    fallback: np.ndarray | None = None   # N bool: no face found, the image is a centre crop
 
     def indices(self, split: int) -> np.ndarray:
         """Sample indices of one split."""
         return np.flatnonzero(self.splits == split)
 
 
+ROOT_HINTS = {
+    "imagefolder": "the folder holding one sub-folder per class",
+    "fer2013": "the folder holding fer2013.csv",
+    "rafdb": "the RAF-DB basic folder (EmoLabel/, Image/aligned/)",
+    "affectnet": "the AffectNet folder (Manually_Annotated_file_lists/, Manually_Annotated_Images/)",
+}
+
+
 def dataset_root(cfg: DataConfig) -> Path:
-    """The folder the images come from (drawing the synthetic set first if needed)."""
+    """The absolute folder the images come from (drawing the synthetic set first if needed)."""
     if cfg.source == "synthetic":
-        return write_synthetic(cfg.cache_dir, cfg.synthetic, cfg.classes)
-    root = Path(cfg.root).expanduser()
+        return Path(os.path.abspath(write_synthetic(cfg.cache_dir, cfg.synthetic, cfg.classes)))
+    root = Path(os.path.abspath(Path(cfg.root).expanduser()))
     if not root.is_dir():
-        raise DataError(f"data.root: folder '{root}' does not exist; "
-                        "set data.root to the folder holding one sub-folder per class")
+        raise DataError(f"data.root: folder '{root}' does not exist; set data.root to {ROOT_HINTS[cfg.source]}")
     return root
 
 
-def align_image(path: Path, image_size: int) -> np.ndarray:
-    """Decode and crop one image to the model's input (align: none = centre square)."""
-    return centre_square(decode_image(path, max_side=max(4 * image_size, 256)), image_size)
+def list_samples(cfg: DataConfig, root: Path) -> Listing:
+    """The dataset's samples, labels mapped onto cfg.classes, through its importer."""
+    try:
+        if cfg.source in IMPORTERS:
+            return IMPORTERS[cfg.source](root, tuple(cfg.classes), Path(cfg.cache_dir))
+        return list_imagefolder(root, cfg.classes)
+    except (FileNotFoundError, ValueError) as err:
+        raise DataError(str(err)) from None
 
 
 def prepare_data(cfg: DataConfig, image_size: int) -> PreparedData:
-    """Decode and align every image once (cached), then split deterministically."""
+    """Decode and align every image once (cached), split deterministically, audit the splits for leaks."""
     root = dataset_root(cfg)
-    try:
-        listing = list_imagefolder(root, cfg.classes)
-    except (FileNotFoundError, ValueError) as err:
-        raise DataError(str(err)) from None
+    listing = list_samples(cfg, root)
     cache_dir = Path(cfg.cache_dir)
-    store = AlignedStore(cache_dir, {"align": cfg.align, "size": image_size})
+    aligner = build_aligner(cfg.align, image_size, cfg.align_margin)
+    store = AlignedStore(cache_dir, aligner.settings)
     index = DigestIndex(cache_dir, root)
-    samples, digests, skipped = _digest_samples(listing, index)
+    samples, keys, skipped = _digest_samples(listing, index, aligner)
     index.save()
-    set_key = short_hash(digests)
-    images, keep, decoded, reasons = _load_aligned(store, set_key, samples, digests, image_size)
-    skipped.update(reasons)
-    samples = [s for s, k in zip(samples, keep) if k]
-    return _finish(cfg, root, listing, samples, images, skipped, decoded, f"{store.root.name}/{set_key}")
+    set_key = short_hash(keys)
+    aligned = _load_aligned(store, aligner, set_key, samples, keys, image_size)
+    skipped.update(aligned.reasons)
+    samples = [s for s, k in zip(samples, aligned.keep) if k]
+    pairs = _near_duplicates(store, set_key, aligned.images, cfg.duplicate_distance)
+    return _finish(cfg, root, listing, samples, aligned, pairs, skipped, store, set_key)
 
 
-def _digest_samples(listing: Listing, index: DigestIndex) -> tuple[list[Sample], list[str], Counter]:
+def _digest_samples(listing: Listing, index: DigestIndex, aligner: Aligner
+                    ) -> tuple[list[Sample], list[str], Counter]:
+    """Usable samples and their cache keys: the file's SHA-256, plus the face box when one is given."""
     skipped: Counter = Counter(listing.skipped)
-    samples, digests = [], []
+    samples, keys = [], []
     for sample in listing.samples:
         digest = index.digest(sample.path)
         if digest is None:
             skipped["unreadable"] += 1
             continue
         samples.append(sample)
-        digests.append(digest)
-    return samples, digests, skipped
+        keys.append(digest if sample.box is None else hashlib.sha256(
+            f"{digest}:{list(sample.box)}:{aligner.box_context}".encode()).hexdigest())
+    return samples, keys, skipped
 
 
-def _load_aligned(store: AlignedStore, set_key: str, samples: list[Sample], digests: list[str],
-                  image_size: int) -> tuple[np.ndarray, list[bool], int, Counter]:
+@dataclass
+class AlignedSet:
+    """Aligned images of the kept samples, which samples were kept, and why others were not."""
+    images: np.ndarray          # K x S x S x 3 uint8 (memory-mapped on a cache hit)
+    keep: list[bool]            # per listed-and-readable sample
+    fallback: list[bool]        # per kept image: the aligner found no face
+    decoded: int                # images decoded (and aligned) this time
+    reasons: Counter            # skip reason -> images
+
+
+def _load_aligned(store: AlignedStore, aligner: Aligner, set_key: str, samples: list[Sample], keys: list[str],
+                  image_size: int) -> AlignedSet:
     """Stacked images for usable samples; the whole set comes from one file when seen before."""
     set_array, set_manifest = store.set_paths(set_key)
     if set_array.exists() and set_manifest.exists():
         manifest = json.loads(set_manifest.read_text())
         images = np.load(set_array, mmap_mode="r", allow_pickle=False)
-        return images, manifest["keep"], 0, Counter(manifest["reasons"])
-
-    def one(i: int):
-        cached = store.get(digests[i])
-        if cached is not None:
-            return cached, False
-        try:
-            array = align_image(samples[i].path, image_size)
-        except ImageSkipped as skip:
-            store.put_skip(digests[i], skip.reason)
-            return skip.reason, True
-        store.put(digests[i], array)
-        return array, True
-
-    arrays, keep, reasons, decoded = [], [], Counter(), 0
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        results = pool.map(one, range(len(samples)))
-        for result, fresh in progress(results, len(samples), "decoding images"):
-            decoded += fresh
-            if isinstance(result, str):
-                reasons[result] += 1
-                keep.append(False)
-            else:
-                arrays.append(result)
-                keep.append(True)
+        return AlignedSet(images, manifest["keep"], manifest.get("fallback", [False] * len(images)), 0,
+                          Counter(manifest["reasons"]))
+    results: list = [None] * len(samples)
+    flags = [False] * len(samples)
+    decoded = 0
+    label = "aligning faces" if aligner.settings["align"] != "none" else "decoding images"
+    for i, result, fallback, fresh in progress(_align_samples(store, aligner, samples, keys, image_size),
+                                               len(samples), label):
+        results[i], flags[i] = result, fallback
+        decoded += fresh
+    keep = [not isinstance(r, str) for r in results]
+    arrays = [r for r in results if not isinstance(r, str)]
+    fallback = [f for f, k in zip(flags, keep) if k]
+    reasons = Counter(r for r in results if isinstance(r, str))
     stacked = np.stack(arrays) if arrays else np.zeros((0, image_size, image_size, 3), np.uint8)
     save_array(set_array, stacked)
-    atomic_write_bytes(set_manifest, json.dumps({"keep": keep, "reasons": reasons}).encode())
-    return stacked, keep, decoded, reasons
+    atomic_write_bytes(set_manifest, json.dumps({"keep": keep, "reasons": reasons, "fallback": fallback}).encode())
+    return AlignedSet(stacked, keep, fallback, decoded, reasons)
 
 
-def _finish(cfg: DataConfig, root: Path, listing: Listing, samples: list[Sample], images: np.ndarray,
-            skipped: Counter, decoded: int, content_key: str) -> PreparedData:
+def _align_samples(store: AlignedStore, aligner: Aligner, samples: list[Sample], keys: list[str],
+                   image_size: int) -> Iterator[tuple[int, np.ndarray | str, bool, bool]]:
+    """(index, aligned image or skip reason, fell back, aligned now) per sample, cached ones first found."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        pending: list[int] = []
+        for i, hit in enumerate(pool.map(store.get, keys)):
+            if hit is None:
+                pending.append(i)
+            else:
+                yield i, hit, not isinstance(hit, str) and store.fell_back(keys[i]), False
+            if len(pending) == ALIGN_CHUNK:
+                yield from _align_chunk(pool, store, aligner, samples, keys, pending, image_size)
+                pending = []
+        yield from _align_chunk(pool, store, aligner, samples, keys, pending, image_size)
+
+
+def _align_chunk(pool: Executor, store: AlignedStore, aligner: Aligner, samples: list[Sample], keys: list[str],
+                 chunk: list[int], image_size: int) -> Iterator[tuple[int, np.ndarray | str, bool, bool]]:
+    """Decode a chunk in threads, align it in one call (batched detection), store each result."""
+    if not chunk:
+        return
+    decoded = list(pool.map(lambda i: _decode_region(samples[i], image_size, aligner.box_context), chunk))
+    good = [(i, rgb) for i, rgb in zip(chunk, decoded) if not isinstance(rgb, str)]
+    for i, reason in zip(chunk, decoded):
+        if isinstance(reason, str):
+            store.put_skip(keys[i], reason)
+            yield i, reason, False, True
+    faces = aligner.align([rgb for _, rgb in good])
+    for (i, _), face in zip(good, faces):
+        store.put(keys[i], face.image, face.fallback)
+        yield i, face.image, face.fallback, True
+
+
+def _decode_region(sample: Sample, image_size: int, box_context: float) -> np.ndarray | str:
+    """The decoded image (cropped to the sample's face box, widened by box_context), or why it is unusable."""
+    try:
+        rgb = decode_image(sample.path, max_side=max(4 * image_size, 256))
+    except ImageSkipped as skip:
+        return skip.reason
+    if sample.box is None:
+        return rgb
+    return crop_to_box(rgb, sample.box, _stored_size(sample.path), box_context)
+
+
+def crop_to_box(rgb: np.ndarray, box: tuple[int, int, int, int], stored_size: tuple[int, int],
+                context: float) -> np.ndarray:
+    """The part of rgb inside box (x, y, w, h in the file's pixels, rgb possibly shrunk), widened by context."""
+    sx, sy = rgb.shape[1] / stored_size[0], rgb.shape[0] / stored_size[1]
+    x, y, w, h = box
+    x0, x1 = max(0, round((x - context * w) * sx)), min(rgb.shape[1], round((x + w + context * w) * sx))
+    y0, y1 = max(0, round((y - context * h) * sy)), min(rgb.shape[0], round((y + h + context * h) * sy))
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return rgb        # a box outside the picture: align the whole image rather than lose it
+    return np.ascontiguousarray(rgb[y0:y1, x0:x1])
+
+
+def _stored_size(path: Path) -> tuple[int, int]:
+    """Width and height as decode_image sees them (after the EXIF rotation), from the header alone."""
+    with Image.open(path) as im:
+        width, height = im.size
+        rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)   # orientations that swap the axes
+    return (height, width) if rotated else (width, height)
+
+
+def _near_duplicates(store: AlignedStore, set_key: str, images: np.ndarray, max_distance: int) -> np.ndarray:
+    """Near-duplicate index pairs of a stacked set; hashes and pairs are computed once and kept beside it."""
+    set_array = store.set_paths(set_key)[0]
+    pairs_path = set_array.with_suffix(f".near{max_distance}.npy")
+    pairs = _load_if_exists(pairs_path)
+    if pairs is None:
+        hashes_path = set_array.with_suffix(".phash256.npy")
+        hashes = _load_if_exists(hashes_path)
+        if hashes is None or len(hashes) != len(images):
+            hashes = perceptual_hashes(images)
+            save_array(hashes_path, hashes)
+        pairs = near_duplicate_pairs(hashes, max_distance)
+        save_array(pairs_path, pairs)
+    return pairs
+
+
+def _load_if_exists(path: Path) -> np.ndarray | None:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+
+
+def _finish(cfg: DataConfig, root: Path, listing: Listing, samples: list[Sample], aligned: AlignedSet,
+            pairs: np.ndarray, skipped: Counter, store: AlignedStore, set_key: str) -> PreparedData:
     labels = np.array([s.label for s in samples], dtype=np.int64)
-    counts = np.bincount(labels, minlength=len(cfg.classes)) if len(labels) else np.zeros(len(cfg.classes), int)
-    if not len(samples):
+    _check_classes(cfg, root, labels)
+    splits = _assign(cfg, labels, samples)
+    audit = audit_splits(pairs, splits)
+    images, fallback, content_key = aligned.images, np.array(aligned.fallback, dtype=bool), set_key
+    removed = audit.later_copies if cfg.dedupe else np.zeros(0, dtype=np.int64)
+    if len(removed):
+        kept = np.setdiff1d(np.arange(len(samples)), removed)
+        images, content_key = _subset(store, set_key, images, kept)
+        samples, labels, splits, fallback = [samples[i] for i in kept], labels[kept], splits[kept], fallback[kept]
+    report = _report(cfg, listing, samples, labels, splits, skipped, aligned.decoded, fallback, audit, len(removed))
+    paths = [_rel(s.path, root, Path(cfg.cache_dir)) for s in samples]
+    digest = short_hash({"content": f"{store.root.name}/{content_key}", "paths": paths, "labels": labels.tolist(),
+                         "split": splits.tolist()})
+    return PreparedData(images=images, labels=labels, splits=splits, classes=tuple(cfg.classes),
+                        paths=paths, subjects=[s.subject for s in samples],
+                        attrs=[dict(s.attrs) for s in samples], digest=digest, root=str(root),
+                        report=report, fallback=fallback)
+
+
+def _check_classes(cfg: DataConfig, root: Path, labels: np.ndarray) -> None:
+    if not len(labels):
         raise DataError(f"no usable image found under '{root}' for classes {', '.join(cfg.classes)}; "
-                        "check data.root and data.classes (one sub-folder per class)")
+                        f"check data.root ({ROOT_HINTS.get(cfg.source, 'the dataset folder')}) and data.classes")
+    counts = np.bincount(labels, minlength=len(cfg.classes))
     empty = [c for c, n in zip(cfg.classes, counts) if n == 0]
     if empty:
         raise DataError(f"class '{empty[0]}' has no usable image under '{root}'; "
                         "add images for it or remove it from data.classes")
-    subjects = [s.subject for s in samples]
-    splits = assign_splits(labels, subjects, cfg.split, cfg.split_seed)
-    report = DataReport(
+
+
+def _assign(cfg: DataConfig, labels: np.ndarray, samples: list[Sample]) -> np.ndarray:
+    """The dataset's own split when asked (val carved from train if it has none), else the spec's."""
+    if not cfg.use_dataset_split:
+        return assign_splits(labels, [s.subject for s in samples], cfg.split, cfg.split_seed)
+    unsplit = sum(s.split not in SPLIT_NAMES for s in samples)
+    if unsplit:
+        raise DataError(f"data.use_dataset_split: {unsplit} {cfg.source} images have no split of their own "
+                        "(e.g. an unknown Usage value); set data.use_dataset_split to false to split them by "
+                        "data.split")
+    splits = np.array([SPLIT_NAMES.index(s.split) for s in samples], dtype=np.int8)
+    if not (splits == VAL).any():
+        # RAF-DB and AffectNet publish train and test only: validation comes out of train, in the
+        # spec's train:val proportion (70:20 by default, so 22% of the dataset's train).
+        train = np.flatnonzero(splits == TRAIN)
+        share = cfg.split[1] / (cfg.split[0] + cfg.split[1])
+        carved = stratified_split(labels[train], (1 - share, share, 0.0), cfg.split_seed)
+        splits[train[carved == VAL]] = VAL
+    return splits
+
+
+def _subset(store: AlignedStore, set_key: str, images: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, str]:
+    """The rows ``kept`` of a stacked set, as their own cached file (copied in slices, never whole in memory)."""
+    key = f"{set_key}-{short_hash(kept.tolist())}"
+    path = store.set_paths(key)[0]
+    if not path.exists():
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(kept), *images.shape[1:]))
+        for start in range(0, len(kept), 1024):
+            out[start:start + 1024] = images[kept[start:start + 1024]]
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    return np.load(path, mmap_mode="r", allow_pickle=False), key
+
+
+def _report(cfg: DataConfig, listing: Listing, samples: list[Sample], labels: np.ndarray, splits: np.ndarray,
+            skipped: Counter, decoded: int, fallback: np.ndarray, audit: AuditResult, removed: int) -> DataReport:
+    return DataReport(
         listed=len(listing.samples) + sum(listing.skipped.values()),
         usable=len(samples), decoded=decoded,
         skipped=dict(sorted(skipped.items())), dropped=dict(sorted(listing.dropped.items())),
         per_split={name: {c: int(((splits == s) & (labels == k)).sum()) for k, c in enumerate(cfg.classes)}
-                   for s, name in enumerate(SPLIT_NAMES)})
-    paths = [_rel(s.path, root) for s in samples]
-    digest = short_hash({"content": content_key, "paths": paths, "labels": labels.tolist(),
-                         "split": splits.tolist()})
-    return PreparedData(images=images, labels=labels, splits=splits, classes=tuple(cfg.classes),
-                        paths=paths, subjects=subjects,
-                        attrs=[dict(s.attrs) for s in samples], digest=digest, root=str(root),
-                        report=report)
+                   for s, name in enumerate(SPLIT_NAMES)},
+        align_failures=int(fallback.sum()), duplicates=audit.pairs, duplicates_removed=removed)
 
 
-def _rel(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+def _rel(path: Path, root: Path, cache_dir: Path) -> str:
+    """The image's name relative to the dataset (or, for fer2013's written PNGs, to the cache)."""
+    for base in (root, cache_dir.absolute()):
+        if path.is_relative_to(base):
+            return path.relative_to(base).as_posix()
+    return str(path)

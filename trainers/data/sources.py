@@ -25,12 +25,18 @@ METADATA_FILE = "metadata.csv"
 
 @dataclass(frozen=True)
 class Sample:
-    """One listed image: absolute path, class index, optional subject and metadata attributes."""
+    """One listed image: absolute path, class index, optional subject and metadata attributes.
+
+    Importers may add the dataset's own split ("train", "val" or "test") and a
+    face box (x, y, width, height in the file's pixels) to crop to before alignment.
+    """
 
     path: Path
     label: int
     subject: str | None = None
     attrs: tuple[tuple[str, str], ...] = ()
+    split: str | None = None
+    box: tuple[int, int, int, int] | None = None
 
 
 @dataclass
