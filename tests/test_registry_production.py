@@ -161,8 +161,12 @@ def test_the_shifted_production_set_scores_below_test_and_drifts_more_than_held_
     m = result.metrics
     overall = result.degradation[-1]
     assert overall["test_f1"] == pytest.approx(test_f1) and overall["production_f1"] == m["production_macro_f1"]
-    # A 96-image test split moves macro F1 by a few points by chance; the shift costs ~0.16 here.
-    assert m["production_macro_f1"] < test_f1 - 0.05
+    # A 96-image test split moves macro F1 by several points by chance (0.69-0.78 for the same
+    # trial across runs), so compare with validation and test together (288 images); the shift
+    # costs ~0.16 here.
+    val_f1 = client.get_run(runs["vit-good"]).data.metrics["final_val_macro_f1"]
+    held_out_f1 = (2 * val_f1 + test_f1) / 3      # val is twice the test split
+    assert m["production_macro_f1"] < held_out_f1 - 0.05
     # The control separates the training split from held-out images of the same distribution.
     assert m["drift_auc"] > m["drift_auc_control"] + 0.1
     assert m["drift_auc_control"] < 0.6
