@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-import yaml
 from mlflow import MlflowClient
 
 from orchestrator.executor import Executor, Slot, make_slots

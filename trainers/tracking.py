@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 from mlflow import MlflowClient
 from mlflow.tracking._tracking_service import utils as mlflow_utils
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
+from mlflow.entities import DatasetInput, InputTag, Metric, Param
 
 from trainers.config import TrialConfig, config_hash, flat_params, to_dict, trial_name
 from trainers.data.dataset import PreparedData

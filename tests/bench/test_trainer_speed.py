@@ -17,7 +17,7 @@ from trainers.data.dataset import prepare_data
 from trainers.data.split import TRAIN
 from trainers.models import build_model
 from trainers.run import run_trial
-from trainers.train import batches, select_device, to_float_images, train_one_epoch
+from trainers.train import batches, select_device, train_one_epoch
 
 
 def bench_config(tmp_path):
