@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import os
@@ -106,11 +107,25 @@ def _metrics(values: dict[str, float], step: int = 0) -> list[Metric]:
     return [Metric(k, float(v), ts, step) for k, v in values.items() if v is not None and np.isfinite(v)]
 
 
+def _timed(method):
+    """Add the call's wall time to the run's `mlflow_seconds` (what logging costs the trial)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+    return wrapper
+
+
 class TrialRun:
     """One trial's MLflow run: create or resume, then log through explicit run ids."""
 
     def __init__(self, client: MlflowClient, run_id: str, resumed: bool):
         self.client, self.run_id, self.resumed = client, run_id, resumed
+        self.seconds = 0.0           # spent in MLflow calls, the model's export and upload excluded
+        self.model_seconds = 0.0     # torch.export of the model and its upload
 
     @classmethod
     def open(cls, cfg: TrialConfig, resume_run_id: str | None = None) -> TrialRun:
@@ -134,16 +149,17 @@ class TrialRun:
 
     # --- logging -------------------------------------------------------------------------
 
+    @_timed
     def log_setup(self, cfg: TrialConfig, data: PreparedData) -> None:
         """Params and resolved config (once: a resumed run keeps what it logged), data counts and digest."""
         if not self.resumed:
             params = [Param(k, v[:6000]) for k, v in flat_params(cfg).items()]
             for i in range(0, len(params), 100):   # the store takes at most 100 params per batch
                 self.client.log_batch(self.run_id, params=params[i:i + 100])
-            self.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
+            self.client.log_text(self.run_id, yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
         self.client.log_batch(self.run_id, metrics=_metrics(data.report.metrics()))
         self.client.set_tag(self.run_id, "data_digest", data.digest)
-        self.log_text(json.dumps(data.report.__dict__, indent=2), "data_report.json")
+        self.client.log_text(self.run_id, json.dumps(data.report.__dict__, indent=2), "data_report.json")
         self._log_dataset(data)
 
     def _log_dataset(self, data: PreparedData) -> None:
@@ -158,10 +174,12 @@ class TrialRun:
         entity = dataset._to_mlflow_entity()
         self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", "train")])])
 
+    @_timed
     def on_epoch(self, epoch: int, values: dict[str, float]) -> None:
         """Per-epoch metrics with step = epoch, one batched call."""
         self.client.log_batch(self.run_id, metrics=_metrics(values, step=epoch))
 
+    @_timed
     def log_result(self, cfg: TrialConfig, data: PreparedData, result: TrialResult) -> None:
         """Test metrics, per-class table, confusion matrix (PNG + JSON) and curves."""
         title = trial_name(cfg)
@@ -175,16 +193,23 @@ class TrialRun:
                 self.client.log_artifact(self.run_id, str(curves_png(result.history, tmp / "curves.png", title)))
             if result.test is not None:
                 summary.update(test_summary(result.test, data.classes))
-                self.log_text(per_class_csv(result.test, data.classes), "per_class.csv")
+                self.client.log_text(self.run_id, per_class_csv(result.test, data.classes), "per_class.csv")
                 cm = result.test["confusion"]
-                self.log_text(json.dumps({"classes": list(data.classes), "counts": cm.tolist()}),
-                              "confusion_matrix.json")
+                confusion = {"classes": list(data.classes), "counts": cm.tolist()}
+                self.client.log_text(self.run_id, json.dumps(confusion), "confusion_matrix.json")
                 self.client.log_artifact(
                     self.run_id, str(confusion_png(cm, data.classes, tmp / "confusion_matrix.png", title)))
         self.client.log_batch(self.run_id, metrics=_metrics(summary, step=len(result.history)))
 
     def log_model(self, model, image_size: int, n_classes: int) -> str:
         """Log the trained model (mlflow.pytorch) with its tensor signature; returns its model id."""
+        start = time.perf_counter()
+        try:
+            return self._log_model(model, image_size, n_classes)
+        finally:
+            self.model_seconds += time.perf_counter() - start
+
+    def _log_model(self, model, image_size: int, n_classes: int) -> str:
         import mlflow.pytorch
         from mlflow.models.signature import ModelSignature
         from mlflow.types import Schema, TensorSpec
@@ -207,14 +232,14 @@ class TrialRun:
         self.client.set_tag(self.run_id, "model_id", info.model_id)
         return info.model_id
 
-    def log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
-
+    @_timed
     def log_file(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 
     def finish(self, status: str) -> None:
-        """Tag the trial status and close the run."""
+        """Tag the trial status, record what logging cost, and close the run."""
+        self.client.log_batch(self.run_id, metrics=_metrics({"mlflow_seconds": self.seconds,
+                                                              "model_log_seconds": self.model_seconds}))
         self.client.set_tag(self.run_id, "status", status)
         self.client.set_terminated(self.run_id, MLFLOW_STATUS[status])
 

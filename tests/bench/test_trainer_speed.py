@@ -3,7 +3,7 @@
   trainer overhead  = train_one_epoch time / a bare PyTorch loop over the same model and cached tensors
   data wait share   = time spent producing batches / time of the whole epoch
   cache speed-up    = first preparation of a dataset / the second (which decodes nothing)
-  logging share     = MLflow calls of a trial / the trial's training time
+  MLflow share      = time in a trial's MLflow calls (mlflow_seconds) / its training time
 """
 import time
 
@@ -76,12 +76,12 @@ def test_trainer_overhead_data_wait_cache_and_logging(tmp_path):
 
     outcome = run_trial(cfg)
     from mlflow import MlflowClient
-    run = MlflowClient(cfg.tracking.uri).get_run(outcome.run_id)
-    wall = (run.info.end_time - run.info.start_time) / 1000
-    logging = wall - outcome.train_seconds
+    logged = MlflowClient(cfg.tracking.uri).get_run(outcome.run_id).data.metrics
 
     print(f"\ntrainer overhead   {min(ours) / bare:.3f}x   (epoch {min(ours):.2f}s vs bare loop {bare:.2f}s)   goal <= 1.10")
     print(f"data wait share    {fetch / min(ours):.1%}   (batch production {fetch:.2f}s per epoch)   goal <= 5%")
     print(f"cache speed-up     {first / second:.0f}x   (first {first:.2f}s, second {second:.3f}s)   goal >= 50x")
-    print(f"MLflow share       {logging / wall:.1%} of the run's wall time ({logging:.1f}s of {wall:.1f}s; includes "
-          "the model export and test pass)")
+    print(f"MLflow share       {logged['mlflow_seconds'] / outcome.train_seconds:.1%} of training time "
+          f"({logged['mlflow_seconds']:.2f}s vs {outcome.train_seconds:.1f}s)   goal <= 2%")
+    print(f"model export       {logged['model_log_seconds']:.1f}s per trial (torch.export + upload; fixed cost, "
+          "not per epoch)")
