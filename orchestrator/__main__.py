@@ -1,4 +1,4 @@
-"""fer-sweep: a YAML sweep spec -> trials -> MLflow. Each verb is one function in VERBS."""
+"""fer-sweep: turn a YAML sweep spec into trials, run them, and read the results back from MLflow."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +37,7 @@ def sweep(args: argparse.Namespace) -> int:
     _print_outcome(spec, outcome)
     if outcome.interrupted:
         return 130
-    _write_report_if_available(spec, args.tracking_uri)
+    _write_report(spec, args.tracking_uri)
     return 1 if outcome.counts.get("failed") else 0
 
 
@@ -94,17 +94,14 @@ def _print_outcome(spec: SweepSpec, outcome) -> None:
         print("interrupted: run the same command again to resume; finished trials are kept")
 
 
-def _write_report_if_available(spec: SweepSpec, tracking: str | None) -> None:
-    """The sweep ends with its report; a report failure does not undo the finished trials."""
-    try:
-        from orchestrator.report import write_report
-    except ImportError:
-        return
+def _write_report(spec: SweepSpec, tracking: str | None, out: str | None = None) -> None:
+    """Write the sweep's report from MLflow and say where it is."""
     from mlflow import MlflowClient
 
+    from orchestrator.report import write_report
     from trainers.tracking import tracking_uri
 
-    path = write_report(spec, MlflowClient(tracking_uri(tracking)))
+    path = write_report(spec, MlflowClient(tracking_uri(tracking)), out)
     print(f"report: {path}\nbrowse the runs with `make ui` (MLflow UI on http://127.0.0.1:5000)")
 
 
@@ -112,15 +109,11 @@ def promote(args: argparse.Namespace) -> int:
     """Register the sweep's best model and alias it champion if it beats the incumbent."""
     from mlflow import MlflowClient
 
-    from orchestrator.registry import RegistryError, promote as promote_best
+    from orchestrator.registry import promote as promote_best
     from trainers.tracking import tracking_uri
 
     spec = load_spec(args.spec)
-    try:
-        result = promote_best(spec, MlflowClient(tracking_uri(args.tracking_uri)))
-    except RegistryError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = promote_best(spec, MlflowClient(tracking_uri(args.tracking_uri)))
     print(result.message)
     return 0
 
@@ -130,15 +123,10 @@ def production(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
     from orchestrator.production import degradation_table, drift_line, evaluate_production, slice_table
-    from orchestrator.registry import RegistryError
     from trainers.tracking import tracking_uri
 
     spec = load_spec(args.spec)
-    try:
-        result = evaluate_production(spec, MlflowClient(tracking_uri(args.tracking_uri)))
-    except RegistryError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = evaluate_production(spec, MlflowClient(tracking_uri(args.tracking_uri)))
     console = _console()
     console.print(degradation_table(result))
     console.print(slice_table(result))
@@ -149,18 +137,7 @@ def production(args: argparse.Namespace) -> int:
 
 def report(args: argparse.Namespace) -> int:
     """Write the study's tables and figures for a sweep from MLflow."""
-    from mlflow import MlflowClient
-
-    from orchestrator.report import ReportError, write_report
-    from trainers.tracking import tracking_uri
-
-    spec = load_spec(args.spec)
-    try:
-        path = write_report(spec, MlflowClient(tracking_uri(args.tracking_uri)), args.out)
-    except ReportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"report: {path}\nbrowse the runs with `make ui` (MLflow UI on http://127.0.0.1:5000)")
+    _write_report(load_spec(args.spec), args.tracking_uri, args.out)
     return 0
 
 
@@ -180,7 +157,7 @@ def prepare(args: argparse.Namespace) -> int:
 
 
 # Errors about the user's input or set-up: one line, exit 2, no traceback.
-USER_ERRORS = ("DataError", "ModelUnavailableError", "SweepError")
+USER_ERRORS = ("DataError", "ModelUnavailableError", "SweepError", "RegistryError", "ProductionError", "ReportError")
 
 VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
     "plan": plan, "sweep": sweep, "worker": worker, "status": status,
@@ -190,10 +167,6 @@ VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def _add_spec(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", help="the sweep spec, e.g. sweeps/demo.yaml")
-
-
-def _add_anything(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -225,17 +198,12 @@ def _add_registry_options(parser: argparse.ArgumentParser) -> None:
                                                "$MLFLOW_TRACKING_URI, else sqlite under mlruns/)")
 
 
-# Each verb's arguments; a verb not listed accepts anything (until it is implemented).
+# Each verb's arguments.
 ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "plan": _add_spec, "sweep": _add_run_options, "worker": _add_run_options, "status": _add_status_options,
     "report": _add_report_options, "promote": _add_registry_options, "production": _add_registry_options,
     "prepare": _add_spec,
 }
-
-
-def _not_implemented(verb: str) -> int:
-    print(f"error: '{verb}' is not implemented yet", file=sys.stderr)
-    return 2
 
 
 # --- plan output ----------------------------------------------------------------------
@@ -359,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, run in VERBS.items():
         doc = run.__doc__.strip()
         sub = verbs.add_parser(name, help=doc, description=doc)
-        ARGUMENTS.get(name, _add_anything)(sub)
+        ARGUMENTS[name](sub)
         sub.set_defaults(run=run)
     return parser
 

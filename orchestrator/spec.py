@@ -109,6 +109,15 @@ class SpecLoader(yaml.SafeLoader):
 SpecLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
 
 
+def parse_yaml(text: str):
+    """Parse one YAML document with SpecLoader (safe: plain data only, no Python objects)."""
+    loader = SpecLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _reject_duplicate_keys(node: yaml.Node, path: str, seen: set[int]) -> None:
     if id(node) in seen:          # an alias points back at a node already walked
         return
@@ -141,7 +150,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     except OSError as err:
         raise SpecError(f"{source}: cannot be read ({err.strerror})") from None
     try:
-        raw = yaml.load(text, Loader=SpecLoader)
+        raw = parse_yaml(text)
     except DuplicateKeyError as err:
         raise SpecError(f"{source}: {err.path} is given twice ({_at(err.mark)}); "
                         "each key may appear once, rename or remove one") from None
@@ -422,9 +431,9 @@ def _parse_space_entry(entry: Any, path: str, field: str, models: dict, source: 
 def _number(value: Any, field: str, source: str) -> int | float:
     if isinstance(value, str):
         try:
-            value = float(value)
+            return float(value)
         except ValueError:
-            pass
+            _fail(source, field, f"must be a number, got {_describe(value)}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         _fail(source, field, f"must be a number, got {_describe(value)}")
     return value

@@ -16,7 +16,7 @@ from orchestrator.__main__ import main
 from orchestrator.plan import expand
 from orchestrator.report import study, write_report
 from orchestrator.runs import open_parent_run
-from orchestrator.spec import SpecLoader, spec_from_dict
+from orchestrator.spec import parse_yaml, spec_from_dict
 from tests.conftest import TINY_VIT, tiny_trial
 from trainers.config import flat_params, from_dict
 from trainers.run import run_trial
@@ -244,7 +244,7 @@ def test_report_verb_writes_the_report_or_says_there_are_no_runs(one_seed, tmp_p
 
 
 def test_study_values_are_read_from_paper_yaml_reference_blocks(tmp_path):
-    raw = yaml.load(PAPER.read_text(), Loader=SpecLoader)
+    raw = parse_yaml(PAPER.read_text())
     raw["data"]["root"] = str(tmp_path)
     refs = {exp.name: exp.reference for exp in spec_from_dict(raw).experiments}
     assert study(refs["baseline"], "test_macro_f1", {"model": "resnet50"}) == 0.899

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from orchestrator.plan import estimate_cost, expand, grid_points, resolve_trial, trial_name
-from orchestrator.spec import SpecError, SpecLoader, load_spec, spec_from_dict
+from orchestrator.spec import SpecError, parse_yaml, load_spec, spec_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "sweeps" / "demo.yaml"
@@ -19,7 +19,7 @@ SHARED = ("baseline", "epochs", "optimizer_lr")
 
 
 def read(path: Path) -> dict:
-    return yaml.load(path.read_text(), Loader=SpecLoader)
+    return parse_yaml(path.read_text())
 
 
 def write(tmp_path: Path, raw: dict, name: str = "spec.yaml") -> Path:
