@@ -33,12 +33,17 @@ def sweep(args: argparse.Namespace) -> int:
     from orchestrator.sweep import run_sweep
 
     spec = load_spec(args.spec)
-    outcome = run_sweep(spec, args.storage, args.tracking_uri, _gpu_list(args.gpus), args.jobs)
+    try:
+        outcome = run_sweep(spec, args.storage, args.tracking_uri, _gpu_list(args.gpus), args.jobs)
+    except KeyboardInterrupt:    # while preparing data: no trial had started
+        print("\nstopped before any trial started; run the same command again to resume", file=sys.stderr)
+        return 130
     _print_outcome(spec, outcome)
     if outcome.interrupted:
         return 130
     _write_report(spec, args.tracking_uri)
-    return 1 if outcome.counts.get("failed") else 0
+    unfinished = outcome.counts.get("waiting", 0) + outcome.counts.get("running", 0)
+    return 1 if outcome.counts.get("failed") or unfinished else 0
 
 
 def worker(args: argparse.Namespace) -> int:

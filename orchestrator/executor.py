@@ -79,6 +79,7 @@ class SlotState:
     epoch: int = 0
     epochs: int = 0
     started: float = 0.0
+    log_offset: int = 0           # where this attempt's lines start in the trial's log
     run_id: str = ""              # its MLflow run, once the trainer has opened it
 
 
@@ -189,7 +190,13 @@ class Executor:
         process: TrainerProcess | None = None
         try:
             while not self.stopping.is_set():
-                claim = self._claim(slot)
+                try:
+                    claim = self._claim(slot)
+                except Exception as err:     # e.g. a locked or unreachable store: try again shortly
+                    print(f"warning: {slot.name} could not claim a trial ({type(err).__name__}: {err}); "
+                          "retrying", file=sys.stderr)
+                    time.sleep(5.0)
+                    continue
                 if claim is None:
                     if self._drained():
                         return
@@ -197,7 +204,13 @@ class Executor:
                     continue
                 if process is None or not process.alive():
                     process = TrainerProcess(slot)
-                self._run_claim(slot, claim, process)
+                try:
+                    self._run_claim(slot, claim, process)
+                except Exception as err:     # never leave a claimed trial RUNNING behind a dead thread
+                    process.kill()
+                    process = None
+                    with self.ledger_lock:
+                        self.ledger.fail(claim, f"{slot.name}: {type(err).__name__}: {err}", retriable=True)
         finally:
             if process is not None:
                 process.close()
@@ -237,6 +250,7 @@ class Executor:
         started = time.monotonic()
         state = self.progress.slots[slot.name]
         state.trial, state.epoch, state.epochs, state.started = name, 0, raw["train"].get("epochs", 0), started
+        state.log_offset = paths["log"].stat().st_size     # earlier attempts' epoch lines are not this one's
         process.submit({k: str(v) for k, v in paths.items()})
         answered = self._watch(claim, process, paths, state, raw)
         state.trial, state.run_id = "", ""
@@ -281,7 +295,7 @@ class Executor:
         """Follow the trainer's `epoch k/n ... val_macro_f1 x` lines: progress, and pruning for TPE."""
         try:
             with paths["log"].open("rb") as f:
-                f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+                f.seek(max(state.log_offset, f.seek(0, os.SEEK_END) - 4096))
                 tail = f.read().decode(errors="replace")
         except OSError:
             return

@@ -3,7 +3,7 @@
 A worker pops a WAITING trial by switching it to RUNNING in the storage (a conditional update,
 so two workers never get the same one), records heartbeats while it runs, and finishes it.
 States, and the `status` user attribute that says why:
-  COMPLETE  finished | diverged (value = best validation macro F1; 0 when diverged)
+  COMPLETE  finished | diverged (value = final validation macro F1, the logged model's; 0 when diverged)
   PRUNED    pruned (TPE's median rule)
   FAIL      failed (retries used up) | retried (a new WAITING copy took over) | released (interrupted)
 """
@@ -223,6 +223,10 @@ class Ledger:
 
     def _trials(self, states: tuple[TrialState, ...] | None = None) -> list[FrozenTrial]:
         return self.storage.get_all_trials(self.study._study_id, deepcopy=False, states=states)
+
+    def all_trials(self) -> list[FrozenTrial]:
+        """Every trial of the study, retries and superseded attempts included."""
+        return self._trials()
 
     def latest_by_hash(self) -> dict[str, FrozenTrial]:
         """The newest trial of each grid point (retries supersede the attempts before them)."""

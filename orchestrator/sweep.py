@@ -65,26 +65,38 @@ class TpeTrials:
         self.spec, self.ledger = spec, ledger
 
     def has_more(self) -> bool:
-        sampled = sum(1 for t in self.ledger.latest_by_hash().values() if t.user_attrs.get("tpe"))
+        """Budget left: every sampled trial counts once (retries and re-proposed points included)."""
+        sampled = sum(1 for t in self.ledger.all_trials() if t.user_attrs.get("tpe") and "retry_of" not in t.user_attrs)
         return sampled < self.spec.search.n_trials
 
     def new_claim(self) -> Claim | None:
-        if not self.has_more():
-            return None
-        trial = self.ledger.study.ask()
-        point = {"train.seed": self.spec.seeds[0]}
-        for path, choice in self.spec.search.space.items():
-            if isinstance(choice, dict):
-                point[path] = trial.suggest_float(path, choice["low"], choice["high"], log=choice.get("log", False))
-            else:
-                point[path] = trial.suggest_categorical(path, list(choice))
-        raw = resolve_trial(self.spec, point)
-        cfg = from_dict(raw, self.spec.path)
-        attrs = {"config_hash": config_hash(cfg), "name": f"tpe{trial.number}-{trial_name(cfg)}",
-                 "groups": "tpe", "attempt": 0, "tpe": True, "config": json.dumps(raw)}
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        return Claim(trial._trial_id, trial.number, attrs["config_hash"], 0, attrs)
+        """Sample a new point; a point TPE proposes again is recorded as a duplicate and not run twice."""
+        while self.has_more():
+            known = self.ledger.latest_by_hash()
+            trial = self.ledger.study.ask()
+            if "config_hash" in trial.user_attrs:      # ask() handed out a queued retry: run it as queued
+                attrs = dict(trial.user_attrs)
+                return Claim(trial._trial_id, trial.number, attrs["config_hash"], attrs.get("attempt", 0), attrs)
+            point = {"train.seed": self.spec.seeds[0]}
+            for path, choice in self.spec.search.space.items():
+                if isinstance(choice, dict):
+                    point[path] = trial.suggest_float(path, choice["low"], choice["high"],
+                                                      log=choice.get("log", False))
+                else:
+                    point[path] = trial.suggest_categorical(path, list(choice))
+            raw = resolve_trial(self.spec, point)
+            cfg = from_dict(raw, self.spec.path)
+            attrs = {"config_hash": config_hash(cfg), "name": f"tpe{trial.number}-{trial_name(cfg)}",
+                     "groups": "tpe", "attempt": 0, "tpe": True, "config": json.dumps(raw)}
+            if attrs["config_hash"] in known:
+                trial.set_user_attr("tpe", True)
+                self.ledger.storage.set_trial_user_attr(trial._trial_id, "status", "duplicate")
+                self.ledger.storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+                continue
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+            return Claim(trial._trial_id, trial.number, attrs["config_hash"], 0, attrs)
+        return None
 
     def report(self, claim: Claim, epoch: int, value: float) -> bool:
         trial = optuna.trial.Trial(self.ledger.study, claim.trial_id)
@@ -186,7 +198,11 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, tracking: str | None 
     """Run (or resume, or join) the sweep on this host's slots until no trial is left."""
     started = time.perf_counter()
     ledger, ctx = start(spec, storage, tracking, enqueue)
-    prepare_datasets(list(ctx.plan.values()))
+    try:
+        prepare_datasets(list(ctx.plan.values()))
+    except BaseException:       # bad data or Ctrl-C before any trial: close the parent, keep the queue
+        MlflowClient(ctx.tracking_uri).set_terminated(ctx.parent_run_id, "KILLED")
+        raise
     if gpus is None and jobs is None:
         gpus, jobs = (list(spec.execution.gpus) if spec.execution.gpus else None), None
         if not gpus:

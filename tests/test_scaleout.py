@@ -252,7 +252,8 @@ def test_two_workers_split_a_sweep_and_run_every_trial_once(tmp_path, storage, m
 
     planned = {t.hash for t in expand(load_spec(spec_a))}
     trials = study_trials(storage, "split")
-    assert len(trials) == 3                                           # no retry, no duplicate
+    assert len(trials) == 3, [(t.number, t.state.name, t.user_attrs.get("status"), t.user_attrs.get("error"))
+                              for t in trials]                        # no retry, no duplicate
     assert all(t.state == TrialState.COMPLETE and t.user_attrs["status"] == "finished" for t in trials)
     assert sorted(t.user_attrs["config_hash"] for t in trials) == sorted(planned)
     ran_a, ran_b = trials_logged_on(a, "split"), trials_logged_on(b, "split")

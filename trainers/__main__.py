@@ -62,7 +62,12 @@ def execute(config: Path, overrides: list[str], log_file: Path | None = None,
 
 
 def run_verb(args) -> int:
-    result = execute(args.config, args.set, args.log_file)
+    try:
+        result = execute(args.config, args.set, args.log_file)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the run is marked KILLED; run the same command again to resume from the last "
+              "finished epoch", file=sys.stderr)
+        return 130
     if args.result:
         args.result.write_text(json.dumps(result))
     if result["status"] == "error":
@@ -88,8 +93,13 @@ def serve_verb() -> int:
             continue
         job = json.loads(line)
         log = Path(job["log"])
-        with _output_to(log):
-            result = execute(Path(job["config"]), [], log, Path(job["stop"]) if job.get("stop") else None)
+        try:
+            with _output_to(log):
+                result = execute(Path(job["config"]), [], log, Path(job["stop"]) if job.get("stop") else None)
+        except KeyboardInterrupt:    # the sweep is stopping: the run is closed as KILLED, its checkpoint kept
+            Path(job["result"]).write_text(json.dumps({"status": "error", "retriable": True,
+                                                       "error": "interrupted"}))
+            return 130
         Path(job["result"]).write_text(json.dumps(result))
         answers.write(json.dumps({"done": job["result"]}) + "\n")
         _release_memory()

@@ -58,10 +58,10 @@ def run_trial(cfg: TrialConfig, log_file: Path | None = None, stop_file: Path | 
     model = build_model(cfg.model, len(data.classes))
     directory = trial_dir(cfg)
     run = TrialRun.open(cfg, resumable_run_id(cfg, directory))
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "run.json").write_text(json.dumps({"run_id": run.run_id,
-                                                    "parent_run_id": cfg.tracking.parent_run_id}))
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "run.json").write_text(json.dumps({"run_id": run.run_id,
+                                                        "parent_run_id": cfg.tracking.parent_run_id}))
         run.log_setup(cfg, data)
         reporter = EpochReporter(run, cfg.train.epochs, stop_file)
         result = run_training(cfg, data, model, Checkpoint(directory), observer=reporter)

@@ -171,8 +171,14 @@ class TrialRun:
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_pandas(frame, source=data.root, name=Path(data.root).name,
                                               digest=data.digest)
-        entity = dataset._to_mlflow_entity()
-        self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", "train")])])
+        inputs = [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "train")])]
+        try:
+            self.client.log_inputs(self.run_id, inputs)
+        except mlflow.exceptions.MlflowException:
+            # Two trials logging the same dataset at once race to insert its row (a unique
+            # violation on a PostgreSQL store); the row exists now, so once more succeeds.
+            time.sleep(0.5)
+            self.client.log_inputs(self.run_id, inputs)
 
     @_timed
     def on_epoch(self, epoch: int, values: dict[str, float]) -> None:
