@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 from mlflow import MlflowClient
+from mlflow.entities import RunTag
 
 from orchestrator.executor import Executor, Slot, make_slots
 from orchestrator.ledger import Claim, Ledger, default_storage
@@ -213,7 +214,8 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, tracking: str | None 
     executor = Executor(ledger, slots, WORK_DIR / spec.name, ctx.trial_config, search, ctx.tracking_uri)
     interrupted = follow(executor, ledger)
     counts = dict(ledger.counts())
-    finish_parent(MlflowClient(ctx.tracking_uri), ctx.parent_run_id, counts, interrupted)
+    if enqueue:     # the process that started the sweep closes its parent run; workers only join
+        finish_parent(MlflowClient(ctx.tracking_uri), ctx.parent_run_id, counts, interrupted)
     return SweepOutcome(counts, ctx.parent_run_id, time.perf_counter() - started,
                         executor.progress.train_seconds, interrupted)
 
@@ -237,8 +239,8 @@ def follow(executor: Executor, ledger: Ledger) -> bool:
 
 
 def finish_parent(client: MlflowClient, parent: str, counts: dict[str, int], interrupted: bool) -> None:
-    """Tag the parent with the trial counts and close it."""
-    for key, value in counts.items():
-        client.set_tag(parent, f"trials_{key}", str(value))
+    """Tag the parent with the trial counts (one batched call) and close it."""
+    tags = [RunTag(f"trials_{key}", str(value)) for key, value in counts.items()]
+    client.log_batch(parent, tags=tags)
     unfinished = counts.get("waiting", 0) + counts.get("running", 0)
     client.set_terminated(parent, "KILLED" if interrupted or unfinished else "FINISHED")
