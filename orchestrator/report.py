@@ -471,15 +471,19 @@ def test_table(report: Report, exp: Experiment, cells: list[Cell]) -> None:
         record = {a: v for a, v in zip(axes, cell.point)}
         record["n"] = len(cell.finished)
         row = [value_text(v) for v in cell.point] + report.n_cells(cell)
-        for metric in TEST_METRICS:
-            ref = study(exp.reference, metric, dict(zip(axes, cell.point)))
-            stat = cell.stat(metric)
-            put(record, metric, metric, stat, ref)
-            row.append(show(metric, stat, ref))
-        record["runs"] = cell.run_ids()
-        table.rows.append(row)
-        table.records.append(record)
+        stats = [(m, cell.stat(m), study(exp.reference, m, dict(zip(axes, cell.point)))) for m in TEST_METRICS]
+        add_row(table, cell, record, row, stats)
     report.table(table)
+
+
+def add_row(table: Table, cell: Cell, record: dict, row: list, stats: list[tuple]) -> None:
+    """Append one row: each (metric, stat, study value) shown in the table and kept in the CSV record."""
+    for metric, stat, ref in stats:
+        put(record, metric, metric, stat, ref)
+        row.append(show(metric, stat, ref))
+    record["runs"] = cell.run_ids()
+    table.rows.append(row)
+    table.records.append(record)
 
 
 def per_class_table(report: Report, name: str, cell: Cell, reference) -> None:
@@ -489,13 +493,8 @@ def per_class_table(report: Report, name: str, cell: Cell, reference) -> None:
     for cls in classes:
         record = {"class": cls, "n": len(cell.finished)}
         row = [cls, *report.n_cells(cell)]
-        for metric in PER_CLASS:
-            stat, ref = cell.stat(f"test_{metric}_{cls}"), reference(metric, cls)
-            put(record, metric, metric, stat, ref)
-            row.append(show(metric, stat, ref))
-        record["runs"] = cell.run_ids()
-        table.rows.append(row)
-        table.records.append(record)
+        stats = [(m, cell.stat(f"test_{m}_{cls}"), reference(m, cls)) for m in PER_CLASS]
+        add_row(table, cell, record, row, stats)
     report.table(table)
 
 
