@@ -15,7 +15,8 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     dev = x.device
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
-        return (torch.rand(n, generator=generator, device="cpu") * (hi - lo) + lo).to(dev)
+        # Drawn where the generator lives (the batch's device in training): no host-to-device copy.
+        return (torch.rand(n, generator=generator, device=generator.device) * (hi - lo) + lo).to(dev)
 
     # One affine warp does flip, rotation (±10°), zoom (0.9-1.1x) and shift (±6%) together.
     angle = uniform(-10, 10) * (math.pi / 180)

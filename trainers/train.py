@@ -62,14 +62,15 @@ def select_device(name: str) -> torch.device:
 
 
 def build_optimizer(cfg: TrialConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """sgd / rmsprop / adam over every parameter."""
+    """sgd / rmsprop / adam over every parameter; the fused CUDA kernels when the model is on a GPU."""
     o = cfg.optim
-    params = model.parameters()
+    params = list(model.parameters())
+    fused = {"fused": True} if params and params[0].is_cuda else {}
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **fused)
     if o.name == "rmsprop":
         return torch.optim.RMSprop(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, **fused)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -84,14 +85,32 @@ def to_float_images(batch_u8: torch.Tensor) -> torch.Tensor:
     return batch_u8.permute(0, 3, 1, 2).float().div_(255)
 
 
+def resident_images(images: np.ndarray, device: torch.device) -> torch.Tensor | None:
+    """The whole uint8 set copied to the GPU once, when it takes under a quarter of its free memory.
+
+    A batch is then a gather on the device: no host copy per step and no wait for one. Returns None
+    on CPU or when the set does not fit; batches() then gathers on the host into pinned memory.
+    """
+    if device.type != "cuda" or images.nbytes > torch.cuda.mem_get_info(device)[0] // 4:
+        return None
+    return torch.from_numpy(np.ascontiguousarray(images)).to(device)
+
+
 def batches(images: np.ndarray, order: np.ndarray, batch_size: int, device: torch.device,
-            training: bool = False):
-    """Yield (row positions, uint8 batch on device) in the given order."""
+            training: bool = False, resident: torch.Tensor | None = None):
+    """Yield (row positions, uint8 batch on device) in the given order.
+
+    Nothing here waits for the device: the order travels once, host batches come from pinned memory.
+    """
     pin = device.type == "cuda"
     # BatchNorm cannot train on one sample (ResNet's 1x1 final maps): skip a lone trailing one.
     stop = len(order) - 1 if training and len(order) % batch_size == 1 and len(order) > 1 else len(order)
+    order_dev = torch.from_numpy(np.ascontiguousarray(order)).to(device) if resident is not None else None
     for start in range(0, stop, batch_size):
         pos = np.arange(start, min(start + batch_size, stop))
+        if order_dev is not None:
+            yield pos, resident[order_dev[start:start + len(pos)]]
+            continue
         rows = order[pos]
         # Sorted reads are sequential in the memory-mapped cache; restore the order afterwards.
         sort = np.argsort(rows, kind="stable")
@@ -111,35 +130,42 @@ def autocast(device: torch.device):
 
 
 def train_one_epoch(model: nn.Module, data: PreparedData, plan: tuple[np.ndarray, np.ndarray],
-                    optimizer, loss_fn, cfg: TrialConfig, epoch: int, device) -> dict[str, float]:
-    """One pass over the balanced training plan; returns loss, accuracy, macro F1."""
+                    optimizer, loss_fn, cfg: TrialConfig, epoch: int, device,
+                    resident: torch.Tensor | None = None) -> dict[str, float]:
+    """One pass over the balanced training plan; returns loss, accuracy, macro F1.
+
+    The step never waits for the device: rows, labels and augmentation positions travel once per
+    epoch, random numbers are drawn on the device, and the sums are read once at the end.
+    """
     model.train()
     indices, augmented = plan
     rng = np.random.default_rng([cfg.train.seed, epoch])
     order = rng.permutation(len(indices))
-    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-    labels_all = torch.from_numpy(data.labels)
+    gen = torch.Generator(device=device).manual_seed(int(rng.integers(2**31)))
+    rows = indices[order]
+    labels = torch.from_numpy(data.labels[rows]).to(device)
+    aug_pos = np.flatnonzero(augmented[order])
+    aug_dev = torch.from_numpy(aug_pos).to(device)
     n_classes = len(data.classes)
-    # Sums stay on the device: no host sync per step; one .item() per epoch.
     cm = torch.zeros(n_classes * n_classes, dtype=torch.int64, device=device)
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
-    for pos, x_u8 in batches(data.images, indices[order], cfg.train.batch_size, device, training=True):
-        rows = indices[order[pos]]
-        y = labels_all[rows].to(device, non_blocking=True)
+    for pos, x_u8 in batches(data.images, rows, cfg.train.batch_size, device, training=True, resident=resident):
+        start, end = int(pos[0]), int(pos[-1]) + 1
+        y = labels[start:end]
         x = to_float_images(x_u8)
-        aug = augmented[order[pos]]
-        if aug.any():
-            mask = torch.from_numpy(aug).to(device)
-            x[mask] = augment(x[mask], gen)
+        a, b = np.searchsorted(aug_pos, (start, end))
+        if b > a:
+            sel = aug_dev[a:b] - start
+            x[sel] = augment(x[sel], gen)
         with autocast(device):
             logits = model(x)
             loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += loss.detach() * len(rows)
-        seen += len(rows)
+        total_loss += loss.detach() * len(pos)
+        seen += len(pos)
         cm += torch.bincount(y * n_classes + logits.detach().argmax(1), minlength=n_classes * n_classes)
     mean_loss = total_loss.item() / max(seen, 1)
     if not math.isfinite(mean_loss):
@@ -151,22 +177,22 @@ def train_one_epoch(model: nn.Module, data: PreparedData, plan: tuple[np.ndarray
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: PreparedData, split: int, cfg: TrialConfig, loss_fn,
-             device) -> tuple[dict[str, float], np.ndarray]:
-    """Loss, accuracy and macro F1 on one split, plus its confusion matrix."""
+             device, resident: torch.Tensor | None = None) -> tuple[dict[str, float], np.ndarray]:
+    """Loss, accuracy and macro F1 on one split, plus its confusion matrix (one device sync)."""
     model.eval()
     idx = data.indices(split)
     n_classes = len(data.classes)
-    labels_all = torch.from_numpy(data.labels)
-    cm = torch.zeros(n_classes * n_classes, dtype=torch.int64)
-    total_loss = 0.0
-    for pos, x_u8 in batches(data.images, idx, cfg.train.eval_batch_size, device):
-        y = labels_all[idx[pos]].to(device)
+    labels = torch.from_numpy(data.labels[idx]).to(device)
+    cm = torch.zeros(n_classes * n_classes, dtype=torch.int64, device=device)
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    for pos, x_u8 in batches(data.images, idx, cfg.train.eval_batch_size, device, resident=resident):
+        y = labels[int(pos[0]):int(pos[-1]) + 1]
         with autocast(device):
             logits = model(to_float_images(x_u8)).float()
-        total_loss += loss_fn(logits, y).item() * len(pos)
-        cm += torch.bincount((y * n_classes + logits.argmax(1)).cpu(), minlength=n_classes * n_classes)
-    cm_np = cm.view(n_classes, n_classes).numpy()
-    return {"loss": total_loss / max(len(idx), 1), **metrics.summary(cm_np)}, cm_np
+        total_loss += loss_fn(logits, y) * len(pos)
+        cm += torch.bincount(y * n_classes + logits.argmax(1), minlength=n_classes * n_classes)
+    cm_np = cm.view(n_classes, n_classes).cpu().numpy()
+    return {"loss": total_loss.item() / max(len(idx), 1), **metrics.summary(cm_np)}, cm_np
 
 
 # --- checkpoints --------------------------------------------------------------------------
@@ -211,6 +237,7 @@ def run_training(cfg: TrialConfig, data: PreparedData, model: FerClassifier, che
         model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if cfg.model.compile else model
     optimizer = build_optimizer(cfg, model)
+    resident = resident_images(data.images, device)
     train_idx = data.indices(TRAIN)
     plan = (balance_plan(train_idx, data.labels, cfg.data.balance_max_factor, cfg.train.seed)
             if cfg.data.balance else (train_idx, np.zeros(len(train_idx), bool)))
@@ -229,12 +256,12 @@ def run_training(cfg: TrialConfig, data: PreparedData, model: FerClassifier, che
     for epoch in range(start, cfg.train.epochs + 1):
         t0 = time.perf_counter()
         set_lr(optimizer, lr)
-        train = train_one_epoch(step_model, data, plan, optimizer, loss_fn, cfg, epoch, device)
+        train = train_one_epoch(step_model, data, plan, optimizer, loss_fn, cfg, epoch, device, resident)
         if not math.isfinite(train["train_loss"]):
             result.status = "diverged"
             result.train_seconds += time.perf_counter() - t0
             break
-        val, _ = evaluate(step_model, data, VAL, cfg, eval_loss, device)
+        val, _ = evaluate(step_model, data, VAL, cfg, eval_loss, device, resident)
         row = {"epoch": epoch, **train, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                "val_macro_f1": val["macro_f1"], "lr": lr, "epoch_seconds": time.perf_counter() - t0}
         result.history.append(row)
@@ -253,12 +280,13 @@ def run_training(cfg: TrialConfig, data: PreparedData, model: FerClassifier, che
                          "lr": lr, "history": result.history})
 
     if result.status == "finished":
-        result.test = test_metrics(step_model, data, cfg, eval_loss, device)
+        result.test = test_metrics(step_model, data, cfg, eval_loss, device, resident)
     return result
 
 
-def test_metrics(model, data: PreparedData, cfg: TrialConfig, loss_fn, device) -> dict:
+def test_metrics(model, data: PreparedData, cfg: TrialConfig, loss_fn, device,
+                 resident: torch.Tensor | None = None) -> dict:
     """Test accuracy, macro F1, per-class precision / recall / F1 and the confusion matrix."""
-    summary, cm = evaluate(model, data, TEST, cfg, loss_fn, device)
+    summary, cm = evaluate(model, data, TEST, cfg, loss_fn, device, resident)
     return {"loss": summary["loss"], "accuracy": summary["accuracy"], "macro_f1": summary["macro_f1"],
             "per_class": metrics.per_class(cm), "confusion": cm}

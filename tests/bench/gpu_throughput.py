@@ -1,16 +1,26 @@
 """Training throughput through the project's own training step, on synthetic tensors (no download).
 
-    python tests/bench/gpu_throughput.py            # on a CUDA machine: ViT-B/16 and ResNet-50, 224 px, batch 256
-    python tests/bench/gpu_throughput.py --smoke    # a tiny CPU run that only checks the script works
+    python tests/bench/gpu_throughput.py                  # on a CUDA machine: ViT-B/16 and ResNet-50, 224 px, batch 256
+    python tests/bench/gpu_throughput.py --json out.json  # also write the figures as JSON
+    python tests/bench/gpu_throughput.py --smoke          # tiny sizes on whatever device there is: checks the script
 
-Prints images/s and model FLOP utilisation (achieved training FLOP/s over the card's bf16 peak).
+First a short real trial (run_training: 2 epochs, then resumed from its checkpoint) checks the whole
+GPU path. Then, for each model, train_one_epoch and evaluate run exactly as in a trial (bf16 autocast,
+SDPA attention, channels-last ResNet, fused Adam, 20% of the rows augmented on the device, the
+uint8 set resident on the GPU) with and without torch.compile, and once with batches gathered on
+the host instead, to show what resident data buys. Prints training images/s, model FLOP utilisation
+(achieved training FLOP/s over the card's bf16 dense peak), evaluation images/s and peak memory,
+then what the study's sweep (sweeps/paper.yaml) would take at these rates.
 Anchors: timm trains vit_base_patch16_224 at ~391 img/s and ResNet-50 at ~1,218 img/s on an RTX 3090
 (AMP); an H100's bf16 peak (~989 TFLOP/s) bounds ViT-B/16 training at ~9,400 img/s.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,43 +28,109 @@ from torch import nn
 
 from trainers.config import from_dict
 from trainers.data.dataset import DataReport, PreparedData
+from trainers.data.split import TEST, TRAIN, VAL
 from trainers.models import build_model
-from trainers.train import train_one_epoch
+from trainers.train import (Checkpoint, build_optimizer, evaluate, resident_images, run_training,
+                            train_one_epoch)
 
-# Forward GFLOPs per image at 224 px (multiply-adds x 2); training ~ 3x forward.
+# Forward GFLOP per image at 224 px (multiply-adds x 2); a training step is ~3x the forward pass.
 FORWARD_GFLOP = {"vit": 2 * 17.56, "resnet50": 2 * 4.09}
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
+STUDY_IMAGES = 55_000      # images per epoch in the study
+GOALS = {"vit": 3000.0, "resnet50": 4000.0}
+REPO = Path(__file__).resolve().parents[2]
 
 
 def fake_data(n: int, size: int, classes: int = 6) -> PreparedData:
-    """Random uint8 images, all in the training split: the cached-tensor input the trainer reads."""
+    """Random uint8 images, 80% training / 10% validation / 10% test: the cached input a trial reads."""
     rng = np.random.default_rng(0)
+    splits = np.select([np.arange(n) < n * 0.8, np.arange(n) < n * 0.9], [TRAIN, VAL], TEST).astype(np.int8)
     return PreparedData(images=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-                        labels=rng.integers(0, classes, n), splits=np.zeros(n, np.int8),
+                        labels=rng.integers(0, classes, n), splits=splits,
                         classes=tuple(f"c{i}" for i in range(classes)), paths=[""] * n, subjects=[None] * n,
                         attrs=[{}] * n, digest="bench", root="", report=DataReport())
 
 
-def measure(model_name: str, size: int, batch: int, steps: int, compile_model: bool, device: torch.device) -> float:
-    """Images per second of train_one_epoch after one warm-up epoch (compilation happens there)."""
-    model_cfg = {"name": model_name, "image_size": size, "compile": compile_model}
-    cfg = from_dict({"model": model_cfg, "train": {"batch_size": batch, "device": device.type}})
-    data = fake_data(batch * steps, size)
-    model = build_model(cfg.model, 6).to(device)
-    if device.type == "cuda" and model_name == "resnet50":
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(name: str, size: int, batch: int, steps: int, compile_model: bool, resident: bool,
+            device: torch.device) -> dict:
+    """Training and evaluation images/s after a warm-up epoch (compilation happens there)."""
+    cfg = from_dict({"model": {"name": name, "image_size": size, "compile": compile_model},
+                     "train": {"batch_size": batch, "eval_batch_size": batch * 2, "device": device.type}})
+    data = fake_data(int(batch * steps / 0.8) + 1, size)
+    train_idx = data.indices(TRAIN)
+    plan = (train_idx, np.random.default_rng(1).random(len(train_idx)) < 0.2)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model = build_model(cfg.model, len(data.classes)).to(device)
+    if device.type == "cuda" and name == "resnet50":
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if compile_model else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    plan = (np.arange(len(data.labels)), np.zeros(len(data.labels), bool))
-    loss_fn = nn.CrossEntropyLoss()
-    train_one_epoch(step_model, data, plan, optimizer, loss_fn, cfg, 0, device)      # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    optimizer = build_optimizer(cfg, model)
+    on_device = resident_images(data.images, device) if resident else None
+    loss_fn, eval_loss = nn.CrossEntropyLoss(), nn.CrossEntropyLoss()
+
     start = time.perf_counter()
-    train_one_epoch(step_model, data, plan, optimizer, loss_fn, cfg, 1, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return len(data.labels) / (time.perf_counter() - start)
+    train_one_epoch(step_model, data, plan, optimizer, loss_fn, cfg, 0, device, on_device)   # warm-up
+    evaluate(step_model, data, VAL, cfg, eval_loss, device, on_device)
+    sync(device)
+    warmup = time.perf_counter() - start
+    start = time.perf_counter()
+    train_one_epoch(step_model, data, plan, optimizer, loss_fn, cfg, 1, device, on_device)
+    sync(device)
+    train_ips = len(train_idx) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    evaluate(step_model, data, VAL, cfg, eval_loss, device, on_device)
+    sync(device)
+    eval_ips = len(data.indices(VAL)) / (time.perf_counter() - start)
+    peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    return {"model": name, "compile": compile_model, "resident": on_device is not None,
+            "train_img_s": train_ips, "eval_img_s": eval_ips, "warmup_s": warmup, "peak_gib": peak_gb,
+            "train_tflops": train_ips * 3 * FORWARD_GFLOP[name] * (size / 224) ** 2 / 1e3}
+
+
+def trial_check(device: torch.device, size: int) -> dict:
+    """A real trial on this device: 2 epochs, then the same trial resumed from its checkpoint to 3."""
+    data = fake_data(640, size)
+    raw = {"model": {"name": "vit", "image_size": size,
+                     "vit": {"patch_size": 8, "hidden_size": 96, "num_hidden_layers": 2,
+                             "num_attention_heads": 4, "intermediate_size": 192}},
+           "optim": {"name": "adam", "lr": 1e-3}, "train": {"epochs": 2, "batch_size": 64, "device": device.type}}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Checkpoint(Path(tmp))
+        start = time.perf_counter()
+        first = run_training(from_dict(raw), data, build_model(from_dict(raw).model, 6), checkpoint)
+        raw["train"]["epochs"] = 3
+        resumed = run_training(from_dict(raw), data, build_model(from_dict(raw).model, 6), checkpoint)
+        seconds = time.perf_counter() - start
+    epochs = [row["epoch"] for row in resumed.history]
+    assert first.status == resumed.status == "finished", (first.status, resumed.status)
+    assert epochs == [1, 2, 3], epochs
+    return {"status": resumed.status, "epochs": epochs, "seconds": seconds,
+            "test_macro_f1": resumed.test["macro_f1"]}
+
+
+def study_epochs() -> dict[str, int]:
+    """Epochs per model family in the study's sweep (sweeps/paper.yaml), from its own plan."""
+    import yaml
+
+    from orchestrator.plan import expand
+    from orchestrator.spec import spec_from_dict
+
+    raw = yaml.safe_load((REPO / "sweeps" / "paper.yaml").read_text())
+    with tempfile.TemporaryDirectory() as root:
+        for section in ("data", "production"):
+            if isinstance(raw.get(section), dict) and "root" in raw[section]:
+                raw[section]["root"] = root
+        epochs: dict[str, int] = {}
+        for trial in expand(spec_from_dict(raw, "paper.yaml")):
+            epochs[trial.config.model.name] = epochs.get(trial.config.model.name, 0) + trial.config.train.epochs
+    return epochs
 
 
 def peak_tflops() -> float | None:
@@ -65,21 +141,54 @@ def peak_tflops() -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on whatever device there is")
-    parser.add_argument("--steps", type=int, default=20, help="batches per measured epoch")
+    parser.add_argument("--steps", type=int, default=30, help="batches per measured epoch")
+    parser.add_argument("--json", type=Path, help="also write every figure to this file")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
     size, batch, steps = (32, 8, 2) if args.smoke else (224, 256, args.steps)
     peak = peak_tflops()
-    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; {size} px, batch {batch}")
-    for name, compile_model in (("vit", False), ("vit", True), ("resnet50", False), ("resnet50", True)):
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device: {card}; torch {torch.__version__}; {size} px, batch {batch}, {steps} batches per epoch",
+          flush=True)
+    results: dict = {"device": card, "torch": torch.__version__, "size": size, "batch": batch, "runs": []}
+
+    results["trial"] = trial_check(device, 32 if args.smoke else 64)
+    print(f"trial check: {results['trial']}", flush=True)
+
+    variants = [("vit", False, True), ("vit", True, True), ("vit", False, False),
+                ("resnet50", False, True), ("resnet50", True, True), ("resnet50", False, False)]
+    for name, compile_model, resident in variants:
         if args.smoke and compile_model:
             continue
-        ips = measure(name, size, batch, steps, compile_model, device)
-        flops = ips * 3 * FORWARD_GFLOP[name] * 1e9 * (size / 224) ** 2
-        mfu = f"{flops / (peak * 1e12):.1%}" if peak else "n/a"
-        print(f"{name:9s} compile={compile_model!s:5s} {ips:9.1f} img/s   {flops / 1e12:7.1f} TFLOP/s   MFU {mfu}")
+        try:
+            r = measure(name, size, batch, steps, compile_model, resident, device)
+        except Exception as err:    # one variant failing (a compiler error, memory) must not hide the rest
+            print(f"{name:9s} compile={compile_model!s:5s} failed: {type(err).__name__}: {err}", flush=True)
+            results["runs"].append({"model": name, "compile": compile_model, "error": repr(err)[:2000]})
+            continue
+        finally:
+            torch._dynamo.reset()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        r["mfu"] = r["train_tflops"] / peak if peak else None
+        results["runs"].append(r)
+        mfu = f"{r['mfu']:.1%}" if peak else "n/a"
+        print(f"{name:9s} compile={compile_model!s:5s} data={'gpu ' if r['resident'] else 'host'} "
+              f"train {r['train_img_s']:8.1f} img/s  {r['train_tflops']:6.1f} TFLOP/s  MFU {mfu:>6s}  "
+              f"eval {r['eval_img_s']:8.1f} img/s  peak {r['peak_gib']:5.1f} GiB  warm-up {r['warmup_s']:5.1f} s",
+              flush=True)
+
+    best = {name: max((r["train_img_s"] for r in results["runs"] if r.get("model") == name and "error" not in r),
+                      default=float("nan")) for name in GOALS}
+    for name, goal in GOALS.items():
+        print(f"best {name}: {best[name]:.0f} img/s (goal on one H100 >= {goal:.0f})")
+    epochs = study_epochs()
+    seconds = sum(n * STUDY_IMAGES / best[name] for name, n in epochs.items())
+    results["study"] = {"epochs": epochs, "train_minutes": seconds / 60}
+    print(f"study sweep ({epochs}, {STUDY_IMAGES} images per epoch): ~{seconds / 60:.1f} min of training "
+          "at these rates (goal < 20)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
