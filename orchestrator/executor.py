@@ -165,8 +165,19 @@ class Executor:
         self.stopping = threading.Event()
         self.ledger_lock = threading.Lock()
         self.host = os.environ.get("FER_WORKER_NAME") or socket.gethostname()    # shown by `status`
+        self.ready: dict[str, TrainerProcess] = {}     # trainer processes started ahead, by slot
 
     # --- the loop of one slot ------------------------------------------------------------------
+
+    def start_trainers(self) -> None:
+        """Start each slot's trainer process now, so its imports overlap the sweep's data preparation."""
+        self.ready = {slot.name: TrainerProcess(slot) for slot in self.slots}
+
+    def close_trainers(self) -> None:
+        """Close trainer processes started ahead that no slot took (the sweep ended before it ran)."""
+        for process in self.ready.values():
+            process.close()
+        self.ready = {}
 
     def run(self) -> None:
         """Start one thread per slot and wait for them (the caller shows progress meanwhile)."""
@@ -187,7 +198,7 @@ class Executor:
         self.stopping.set()
 
     def _slot_loop(self, slot: Slot) -> None:
-        process: TrainerProcess | None = None
+        process: TrainerProcess | None = self.ready.pop(slot.name, None)
         try:
             while not self.stopping.is_set():
                 try:

@@ -14,7 +14,7 @@ from mlflow.entities import RunTag
 
 from orchestrator.executor import Executor, Slot, make_slots
 from orchestrator.ledger import Claim, Ledger, default_storage
-from orchestrator.plan import PlannedTrial, expand, resolve_trial
+from orchestrator.plan import PlannedTrial, count_images, expand, resolve_trial, trial_flop
 from orchestrator.runs import open_parent_run
 from orchestrator.spec import SweepSpec
 from trainers.config import config_hash, from_dict, trial_name
@@ -169,12 +169,18 @@ def start(spec: SweepSpec, storage: str | None, tracking: str | None, enqueue: b
         client.update_run(parent, status="RUNNING")
     client.log_text(parent, Path(spec.path).read_text(encoding="utf-8"), "spec.yaml")
     client.log_text(parent, plan_csv(trials), "plan.csv")
-    added = ledger.enqueue(trials)
+    added = ledger.enqueue(longest_first(trials))
     if fresh:
         ledger.set_parent_run(parent)    # after the queue is full: a worker waiting for it sees every trial
     done = len(trials) - added
     print(f"sweep '{spec.name}': {len(trials)} planned trials, {added} to run, {done} already done or queued")
     return ledger, SweepContext(spec, uri, parent, {t.hash: t for t in trials})
+
+
+def longest_first(trials: list[PlannedTrial]) -> list[PlannedTrial]:
+    """The queue's order: costliest trials first, so the sweep does not end on one long trial alone."""
+    images = {t.config.data: count_images(t.config.data) or 1 for t in trials}
+    return sorted(trials, key=lambda t: trial_flop(t.config, images[t.config.data]), reverse=True)
 
 
 def wait_for_start(ledger: Ledger, sweep: str) -> str:
@@ -199,11 +205,6 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, tracking: str | None 
     """Run (or resume, or join) the sweep on this host's slots until no trial is left."""
     started = time.perf_counter()
     ledger, ctx = start(spec, storage, tracking, enqueue)
-    try:
-        prepare_datasets(list(ctx.plan.values()))
-    except BaseException:       # bad data or Ctrl-C before any trial: close the parent, keep the queue
-        MlflowClient(ctx.tracking_uri).set_terminated(ctx.parent_run_id, "KILLED")
-        raise
     if gpus is None and jobs is None:
         gpus, jobs = (list(spec.execution.gpus) if spec.execution.gpus else None), None
         if not gpus:
@@ -212,6 +213,13 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, tracking: str | None 
     slots = make_slots(gpus, jobs)
     search = TpeTrials(spec, ledger) if spec.search.method == "tpe" else None
     executor = Executor(ledger, slots, WORK_DIR / spec.name, ctx.trial_config, search, ctx.tracking_uri)
+    executor.start_trainers()
+    try:
+        prepare_datasets(list(ctx.plan.values()))
+    except BaseException:       # bad data or Ctrl-C before any trial: close the parent, keep the queue
+        executor.close_trainers()
+        MlflowClient(ctx.tracking_uri).set_terminated(ctx.parent_run_id, "KILLED")
+        raise
     interrupted = follow(executor, ledger)
     counts = dict(ledger.counts())
     if enqueue:     # the process that started the sweep closes its parent run; workers only join

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainers.config import TrialConfig, config_hash
-from trainers.data.dataset import prepare_data
+from trainers.data.dataset import PreparedData, prepare_data
 from trainers.models import build_model
 from trainers.tracking import TrialRun, test_summary
 from trainers.train import Checkpoint, StopTrial, run_training
@@ -52,9 +52,26 @@ def resumable_run_id(cfg: TrialConfig, directory: Path) -> str | None:
     return saved["run_id"]
 
 
-def run_trial(cfg: TrialConfig, log_file: Path | None = None, stop_file: Path | None = None) -> TrialOutcome:
-    """Prepare data and model (failing before any run is created), then train and log one run."""
+_last_data: dict = {}     # {(data config, image size): PreparedData}, the last one a process prepared
+
+
+def load_data(cfg: TrialConfig, reuse: bool) -> PreparedData:
+    """prepare_data, or with reuse the dataset this process prepared for the previous trial on the same
+    data: a sweep's trials all train on the data as it was prepared when the sweep started."""
+    key = (cfg.data, cfg.model.image_size)
+    if reuse and key in _last_data:
+        return _last_data[key]
+    _last_data.clear()
     data = prepare_data(cfg.data, cfg.model.image_size)
+    if reuse:
+        _last_data[key] = data
+    return data
+
+
+def run_trial(cfg: TrialConfig, log_file: Path | None = None, stop_file: Path | None = None,
+              reuse_data: bool = False) -> TrialOutcome:
+    """Prepare data and model (failing before any run is created), then train and log one run."""
+    data = load_data(cfg, reuse_data)
     model = build_model(cfg.model, len(data.classes))
     directory = trial_dir(cfg)
     run = TrialRun.open(cfg, resumable_run_id(cfg, directory))

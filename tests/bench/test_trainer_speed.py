@@ -3,14 +3,18 @@
   trainer overhead  = train_one_epoch time / a bare PyTorch loop over the same model and cached tensors
   data wait share   = time spent producing batches / time of the whole epoch
   cache speed-up    = first preparation of a dataset / the second (which decodes nothing)
-  MLflow share      = time in a trial's MLflow calls (mlflow_seconds) / its training time
+  MLflow share      = time in a trial's MLflow calls (mlflow_seconds: params, per-epoch metrics, test
+                      metrics, figures, tables) / its training time, for the demo sweep's default trial
 """
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from orchestrator.plan import expand
+from orchestrator.spec import load_spec
 from tests.conftest import tiny_trial
 from trainers.config import from_dict
 from trainers.data.dataset import prepare_data
@@ -25,6 +29,17 @@ def bench_config(tmp_path):
                      model={"vit": {"patch_size": 8, "hidden_size": 96, "num_hidden_layers": 4,
                                     "num_attention_heads": 4, "intermediate_size": 192}},
                      train={"epochs": 2, "batch_size": 32, "num_threads": 0})
+    return from_dict(raw)
+
+
+def demo_trial(tmp_path, seed: int):
+    """The demo sweep's ViT / Adam / 1e-3 / 3-epoch trial, as the sweep would run it, stored under tmp_path."""
+    spec = load_spec(Path(__file__).resolve().parents[2] / "sweeps" / "demo.yaml")
+    raw = next(t.raw for t in expand(spec) if t.name == "vit-adam-lr0.001-ep3-s0")
+    raw = {**raw, "data": {**raw["data"], "cache_dir": str(tmp_path / "cache")},
+           "train": {**raw["train"], "checkpoint_dir": str(tmp_path / "checkpoints"), "num_threads": 0,
+                     "seed": seed},
+           "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "bench"}}
     return from_dict(raw)
 
 
@@ -74,14 +89,16 @@ def test_trainer_overhead_data_wait_cache_and_logging(tmp_path):
         pass
     fetch = time.perf_counter() - t0
 
-    outcome = run_trial(cfg)
+    run_trial(demo_trial(tmp_path, seed=0))    # a process's first trial also pays for MLflow's set-up
+    demo = demo_trial(tmp_path, seed=1)
+    outcome = run_trial(demo)
     from mlflow import MlflowClient
-    logged = MlflowClient(cfg.tracking.uri).get_run(outcome.run_id).data.metrics
+    logged = MlflowClient(demo.tracking.uri).get_run(outcome.run_id).data.metrics
 
     print(f"\ntrainer overhead   {min(ours) / bare:.3f}x   (epoch {min(ours):.2f}s vs bare loop {bare:.2f}s)   goal <= 1.10")
     print(f"data wait share    {fetch / min(ours):.1%}   (batch production {fetch:.2f}s per epoch)   goal <= 5%")
     print(f"cache speed-up     {first / second:.0f}x   (first {first:.2f}s, second {second:.3f}s)   goal >= 50x")
-    print(f"MLflow share       {logged['mlflow_seconds'] / outcome.train_seconds:.1%} of training time "
-          f"({logged['mlflow_seconds']:.2f}s vs {outcome.train_seconds:.1f}s)   goal <= 2%")
+    print(f"MLflow share       {logged['mlflow_seconds'] / outcome.train_seconds:.1%} of a demo trial's training "
+          f"time ({logged['mlflow_seconds']:.2f}s vs {outcome.train_seconds:.1f}s)   goal <= 2%")
     print(f"model export       {logged['model_log_seconds']:.1f}s per trial (torch.export + upload; fixed cost, "
           "not per epoch)")
