@@ -174,9 +174,11 @@ class Executor:
         self.ready = {slot.name: TrainerProcess(slot) for slot in self.slots}
 
     def close_trainers(self) -> None:
-        """Close trainer processes started ahead that no slot took (the sweep ended before it ran)."""
+        """Stop trainer processes started ahead that no slot took: they hold nothing yet, so no waiting
+        for their imports to finish (the sweep ended before it ran, e.g. on bad data)."""
         for process in self.ready.values():
-            process.close()
+            process.kill()
+            process.proc.wait()
         self.ready = {}
 
     def run(self) -> None:

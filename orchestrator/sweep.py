@@ -136,10 +136,22 @@ def prepare_datasets(trials: list[PlannedTrial]) -> None:
         if key not in seen:
             seen.add(key)
             data = prepare_data(t.config.data, t.config.model.image_size)
-            r = data.report
-            print(f"data: {r.usable} images ({', '.join(f'{k} {sum(v.values())}' for k, v in r.per_split.items())})"
-                  f" at {t.config.model.image_size} px; skipped {sum(r.skipped.values())}, "
-                  f"dropped {sum(r.dropped.values())}")
+            print(data_line(data.report, t.config.model.image_size))
+
+
+def data_line(report, image_size: int) -> str:
+    """'data: 76 images (train 54, ...) at 32 px; skipped 6 (empty 1, ...); dropped 3 not in data.classes (...)'."""
+    splits = ", ".join(f"{k} {sum(v.values())}" for k, v in report.per_split.items())
+    line = f"data: {report.usable} images ({splits}) at {image_size} px; skipped {sum(report.skipped.values())}"
+    line += _by_reason(report.skipped)
+    if report.dropped:      # a folder (or a dataset's label) that names none of the classes
+        line += f"; dropped {sum(report.dropped.values())} not in data.classes{_by_reason(report.dropped)}"
+    return line
+
+
+def _by_reason(counts: dict[str, int]) -> str:
+    """' (empty 1, unreadable 2)': each reason (or label) and its count; '' when there is none."""
+    return f" ({', '.join(f'{k} {v}' for k, v in counts.items())})" if counts else ""
 
 
 def start(spec: SweepSpec, storage: str | None, tracking: str | None, enqueue: bool) -> tuple[Ledger, SweepContext]:

@@ -100,7 +100,13 @@ def _checked_root(root: Path) -> Path:
 
 def _class_folders(root: Path) -> list[Path]:
     """Visible sub-folders of root (symlinked class folders count: a user may link their data in)."""
-    return [entry for entry in root.iterdir() if not entry.name.startswith(".") and entry.is_dir()]
+    return [entry for entry in root.iterdir()
+            if not entry.name.startswith(".") and entry.is_dir() and not _links_up(entry, root)]
+
+
+def _links_up(entry: Path, root: Path) -> bool:
+    """Whether entry is a link to root or above it: walking it would list every class again under its name."""
+    return entry.is_symlink() and root.resolve().is_relative_to(entry.resolve())
 
 
 def _walk_images(folder: Path) -> tuple[list[Path], int]:
