@@ -4,8 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SWEEP  ?= sweeps/demo.yaml
-HOST   ?= 127.0.0.1
-PORT   ?= 5000
+# `make ui` binds loopback; only the command line (make ui HOST=...) changes it, not an exported HOST
+# (some shells and CI images export HOST as the machine's name, which would open the UI to the network).
+HOST   := 127.0.0.1
+PORT   := 5000
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: setup sweep plan test bench ui promote production report up down clean

@@ -10,8 +10,10 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.plan import PlannedTrial, estimate_cost, expand, grid_points
+from orchestrator.preflight import check_prepare_folders, check_sweep_folders
 from orchestrator.spec import SweepSpec, load_spec
 from trainers.config import ConfigError, DataConfig
+from trainers.side_files import keep_side_files_local
 
 
 def plan(args: argparse.Namespace) -> int:
@@ -30,9 +32,10 @@ def plan(args: argparse.Namespace) -> int:
 
 def sweep(args: argparse.Namespace) -> int:
     """Run a sweep end to end (or resume it): every planned trial once, then the report."""
+    spec = load_spec(args.spec)
+    check_sweep_folders(spec, args.storage, args.tracking_uri)    # before the ledger or any run exists
     from orchestrator.sweep import run_sweep
 
-    spec = load_spec(args.spec)
     try:
         outcome = run_sweep(spec, args.storage, args.tracking_uri, _gpu_list(args.gpus), args.jobs)
     except KeyboardInterrupt:    # while preparing data: no trial had started
@@ -48,9 +51,10 @@ def sweep(args: argparse.Namespace) -> int:
 
 def worker(args: argparse.Namespace) -> int:
     """Join a started sweep: claim and train waiting trials on this host's slots until none is left."""
+    spec = load_spec(args.spec)
+    check_sweep_folders(spec, args.storage, args.tracking_uri)
     from orchestrator.sweep import run_sweep
 
-    spec = load_spec(args.spec)
     try:
         outcome = run_sweep(spec, args.storage, args.tracking_uri, _gpu_list(args.gpus), args.jobs, enqueue=False)
     except KeyboardInterrupt:    # while waiting for the sweep to start: nothing was claimed
@@ -151,8 +155,10 @@ def prepare(args: argparse.Namespace) -> int:
     from trainers.data.dataset import prepare_data
 
     spec = load_spec(args.spec)
+    datasets = datasets_to_prepare(spec, expand(spec))
+    check_prepare_folders([cfg for _, cfg, _ in datasets])
     console = _console()
-    for title, cfg, size in datasets_to_prepare(spec, expand(spec)):
+    for title, cfg, size in datasets:
         data = prepare_data(cfg, size)
         console.print(f"{title}: {cfg.source} at {size} px, align {cfg.align}")
         console.print(data_table(data))
@@ -162,7 +168,8 @@ def prepare(args: argparse.Namespace) -> int:
 
 
 # Errors about the user's input or set-up: one line, exit 2, no traceback.
-USER_ERRORS = ("DataError", "ModelUnavailableError", "SweepError", "RegistryError", "ProductionError", "ReportError")
+USER_ERRORS = ("DataError", "ModelUnavailableError", "SweepError", "RegistryError", "ProductionError", "ReportError",
+               "OutputFolderError")
 
 VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
     "plan": plan, "sweep": sweep, "worker": worker, "status": status,
@@ -350,4 +357,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    keep_side_files_local()
     sys.exit(main())

@@ -33,6 +33,8 @@ SWEEP_NAME = re.compile(r"[a-z0-9_-]+")
 GROUP_NAME = re.compile(r"[A-Za-z0-9_-]+")
 # MLflow aliases: letters, digits, _ and -; "latest" and "v<digits>" are reserved.
 ALIAS_NAME = re.compile(r"(?!latest$)(?!v\d+$)[A-Za-z0-9_-]+")
+# MLflow registered model names: no / or :, not "." and not starting with ".." (MLflow reads those as paths).
+REGISTERED_NAME = re.compile(r"(?!\.$)(?!\.\.)[^/:]+")
 # YAML 1.1 (PyYAML) reads 1e-3 as a string; YAML 1.2 and every user read it as a number.
 EXPONENT_FLOAT = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
@@ -453,6 +455,9 @@ def _parse_promote(value: Any, models: dict, source: str) -> PromoteSpec:
     if spec.model not in choices:
         _fail(source, "promote.model",
               f"must be a model preset or architecture ({', '.join(choices)}); got '{spec.model}'")
+    if not REGISTERED_NAME.fullmatch(spec.name) or not spec.name.strip():
+        _fail(source, "promote.name", f"names the registered model: no / or :, not '.' or '..' (e.g. fer-vit); "
+                                         f"got '{spec.name}'")
     if not ALIAS_NAME.fullmatch(spec.alias):
         _fail(source, "promote.alias",
               f"must use letters, digits, _ and - and not be 'latest' or v<n>; got '{spec.alias}'")

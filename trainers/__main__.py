@@ -18,7 +18,9 @@ from pathlib import Path
 
 import yaml
 
-USER_ERRORS = ("ConfigError", "DataError", "ModelUnavailableError")
+from trainers.side_files import keep_side_files_local
+
+USER_ERRORS = ("ConfigError", "DataError", "ModelUnavailableError", "CheckpointError")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +57,10 @@ def execute(config: Path, overrides: list[str], log_file: Path | None = None,
         if type(err).__name__ in USER_ERRORS:
             return {"status": "error", "retriable": False, "error": _one_line(err)}
         traceback.print_exc()
+        if _out_of_memory(err):
+            return {"status": "error", "retriable": True,
+                    "error": f"out of memory ({_one_line(err)[:300]}); lower train.batch_size or model.image_size, "
+                             "or run fewer jobs per machine"}
         return {"status": "error", "retriable": True, "error": f"{type(err).__name__}: {_one_line(err)}"}
     return {"status": outcome.status, "run_id": outcome.run_id, "metrics": outcome.metrics,
             "train_seconds": outcome.train_seconds, "wall_seconds": time.perf_counter() - started,
@@ -148,9 +154,18 @@ def _release_memory() -> None:
             torch.cuda.empty_cache()
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """A failed allocation: CUDA out of memory, or the CPU allocator refused (a memory limit, no swap)."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    text = str(err)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
+
+
 def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
 if __name__ == "__main__":
+    keep_side_files_local()
     sys.exit(main())

@@ -193,6 +193,8 @@ class TrialRun:
         if result.history:
             summary["best_val_macro_f1"] = max(h["val_macro_f1"] for h in result.history)
             summary["final_val_macro_f1"] = result.history[-1]["val_macro_f1"]
+        if result.status == "diverged":      # the epochs before it stay logged; this says where it blew up
+            summary["diverged_epoch"] = float(len(result.history) + 1)
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             if result.history:

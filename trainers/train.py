@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +199,10 @@ def evaluate(model: nn.Module, data: PreparedData, split: int, cfg: TrialConfig,
 
 # --- checkpoints --------------------------------------------------------------------------
 
+class CheckpointError(RuntimeError):
+    """A trial's checkpoint holds more than tensors and numbers; it was refused, not loaded."""
+
+
 class Checkpoint:
     """The last finished epoch of one trial, written atomically; loaded with weights_only=True."""
 
@@ -206,7 +212,14 @@ class Checkpoint:
     def load(self) -> dict | None:
         if not self.path.exists():
             return None
-        return torch.load(self.path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:     # a pickled object: never ours, never run
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))
+            what = f" ({found[1]})" if found else ""
+            raise CheckpointError(f"checkpoint {self.path} holds a pickled object{what}, which a trial never "
+                                  "writes; it was refused, not loaded. Delete it to restart the trial from "
+                                  "epoch 1") from None
 
     def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

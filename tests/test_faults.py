@@ -1,0 +1,151 @@
+"""Faults a real sweep meets: the orchestrator killed at random moments, trials that run out of memory,
+a diverging trial, four trials writing to the local sqlite stores at once. Real processes, real stores."""
+from __future__ import annotations
+
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from orchestrator.plan import expand
+from orchestrator.runs import child_runs
+from orchestrator.spec import load_spec
+from tests.test_sweep import clean_env, orchestrate, store, write_spec
+
+KILL_SEEDS = (0, 1, 2)
+
+
+def study(folder, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{folder / 'mlruns' / 'optuna.db'}")
+
+
+def completed(folder, name: str) -> dict[str, str]:
+    """config hash -> run id of every trial the ledger holds as finished (empty before the ledger exists)."""
+    if not (folder / "mlruns" / "optuna.db").exists():
+        return {}
+    try:
+        trials = study(folder, name).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    except KeyError:            # killed before the study was created
+        return {}
+    return {t.user_attrs["config_hash"]: t.user_attrs["run_id"] for t in trials
+            if t.user_attrs.get("status") == "finished"}
+
+
+def assert_each_point_finished_once(folder, name: str, spec_path, epochs: int) -> None:
+    """Every planned trial has exactly one finished child run with every epoch and its test metrics;
+    nothing is left RUNNING in MLflow or in the ledger."""
+    client = store(folder)
+    plan = {t.hash for t in expand(load_spec(spec_path))}
+    children = child_runs(client, name)
+    by_hash: dict[str, list] = {}
+    for run in children:
+        by_hash.setdefault(run.data.tags["config_hash"], []).append(run)
+    finished = {h: [r for r in runs if r.data.tags.get("status") == "finished"] for h, runs in by_hash.items()}
+    assert set(finished) == plan and all(len(r) == 1 for r in finished.values()), \
+        {h: [(r.info.run_id, r.data.tags.get("status")) for r in runs] for h, runs in by_hash.items()}
+    for (run,) in finished.values():
+        assert run.info.status == "FINISHED"
+        steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "val_macro_f1")})
+        assert steps == list(range(1, epochs + 1)) and "test_macro_f1" in run.data.metrics
+    experiment = client.get_experiment_by_name(name)
+    assert not [r.info.run_id for r in client.search_runs([experiment.experiment_id])
+                if r.info.status == "RUNNING"]
+    assert not study(folder, name).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+
+
+@pytest.mark.parametrize("seed", KILL_SEEDS)
+def test_an_orchestrator_killed_at_random_moments_finishes_every_point_once(in_tmp, seed):
+    spec_path = write_spec(in_tmp, "chaos", {"lr": {"grid": {"optim.lr": [1e-3, 2e-3, 3e-3, 4e-3]}}},
+                           defaults={"model": "vit", "optim": {"name": "adam", "lr": 1e-3},
+                                     "train": {"epochs": 2, "batch_size": 16}})
+    rng = random.Random(seed)
+    kept: dict[str, str] = {}
+    for _ in range(2):       # two SIGKILLs at random moments: start-up, data, mid-trial, between trials, end
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(spec_path)], cwd=in_tmp,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env())
+        time.sleep(rng.uniform(0.5, 14.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        before = completed(in_tmp, "chaos")
+        assert before.items() >= kept.items()       # a finished trial is never undone or replaced
+        kept = before
+    done = orchestrate(in_tmp, "sweep", str(spec_path))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert_each_point_finished_once(in_tmp, "chaos", spec_path, epochs=2)
+    final = completed(in_tmp, "chaos")
+    assert final.items() >= kept.items()            # trials finished before a kill kept their runs
+
+
+def limited_memory(limit_bytes: int):
+    """Run the sweep (and so its trainer processes, which inherit it) under an address-space limit."""
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+    return apply
+
+
+def test_a_trial_out_of_memory_is_retried_then_failed_while_the_others_finish(in_tmp):
+    # 257 tokens x batch 16 x a 2,000,000-wide MLP needs ~33 GB for one activation: far over the
+    # limit below, so the allocation fails the way a too-large batch fails on a real machine.
+    greedy = {"name": "vit", "image_size": 128,
+              "vit": {"patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                      "intermediate_size": 2_000_000}}
+    spec_path = write_spec(in_tmp, "oom", {"models": {"grid": {"model": ["vit", "greedy"]}}},
+                           models={"vit": {"name": "vit", "image_size": 32,
+                                           "vit": {"patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
+                                                   "num_attention_heads": 2, "intermediate_size": 64}},
+                                   "greedy": greedy},
+                           defaults={"model": "vit", "optim": {"name": "adam", "lr": 1e-3},
+                                     "train": {"epochs": 1, "batch_size": 16}})
+    done = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(spec_path)], cwd=in_tmp,
+                          capture_output=True, text=True, timeout=400, env=clean_env(),
+                          preexec_fn=limited_memory(16 * 2**30))
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "finished 1" in done.stdout and "failed 1" in done.stdout
+    trials = study(in_tmp, "oom").get_trials(deepcopy=False)
+    failed = [t for t in trials if t.user_attrs.get("status") == "failed"]
+    assert len(failed) == 1 and failed[0].user_attrs["attempt"] == 1       # max_retries 1: tried twice
+    assert "out of memory" in failed[0].user_attrs["error"] and "train.batch_size" in failed[0].user_attrs["error"]
+    assert "retried" in done.stderr and "lower train.batch_size" in done.stderr      # the progress lines
+    runs = child_runs(store(in_tmp), "oom")
+    assert sorted(r.data.tags["status"] for r in runs) == ["failed", "finished"]
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def test_a_diverging_trial_finishes_as_diverged_with_its_partial_metrics(in_tmp):
+    spec_path = write_spec(in_tmp, "blowup", {"lr": {"grid": {"optim.lr": [1e-3, 1e12]}}},
+                           defaults={"model": "vit", "optim": {"name": "sgd", "lr": 1e-3},
+                                     "train": {"epochs": 2, "batch_size": 16}})
+    done = orchestrate(in_tmp, "sweep", str(spec_path))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "diverged" in done.stdout
+    trials = {t.user_attrs["name"]: t for t in study(in_tmp, "blowup").get_trials(deepcopy=False)}
+    blown = trials["vit-sgd-lr1e+12-ep2-s0"]
+    assert blown.user_attrs["status"] == "diverged" and blown.user_attrs["attempt"] == 0    # not retried
+    run = store(in_tmp).get_run(blown.user_attrs["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["status"] == "diverged"
+    metrics = run.data.metrics
+    assert metrics["diverged_epoch"] == 1 and metrics["epochs_completed"] == 0
+    assert metrics["data_usable"] > 0 and "train_seconds" in metrics       # what it had, kept
+    assert "test_macro_f1" not in metrics
+    assert trials["vit-sgd-lr0.001-ep2-s0"].user_attrs["status"] == "finished"
+
+
+def test_four_trials_at_once_share_the_local_sqlite_stores(in_tmp):
+    spec_path = write_spec(in_tmp, "four", {"lr": {"grid": {"optim.lr": [1e-3, 2e-3, 3e-3, 4e-3]}}},
+                           defaults={"model": "vit", "optim": {"name": "adam", "lr": 1e-3},
+                                     "train": {"epochs": 2, "batch_size": 16}})
+    done = orchestrate(in_tmp, "sweep", str(spec_path), "--jobs", "4")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    logs = "".join(p.read_text() for p in (in_tmp / "mlruns" / "sweeps" / "four").glob("*/log.txt"))
+    assert "database is locked" not in done.stdout + done.stderr + logs
+    assert_each_point_finished_once(in_tmp, "four", spec_path, epochs=2)
+    client = store(in_tmp)
+    for run in child_runs(client, "four"):     # every epoch's every metric, once
+        for key in ("train_loss", "val_loss", "val_macro_f1", "lr"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
