@@ -217,6 +217,19 @@ def test_bad_spec_is_rejected_with_one_line_naming_file_and_field(tmp_path, chan
     assert words in message, message
 
 
+@pytest.mark.parametrize("change, field, words", REJECTIONS, ids=[r[1] + ":" + r[2][:20] for r in REJECTIONS])
+def test_sweep_with_a_bad_spec_exits_2_in_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys,
+                                                                            change, field, words):
+    from orchestrator.__main__ import main
+
+    path = write(tmp_path, edit(read(DEMO), *change))
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: {field} ") and words in lines[0], lines
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]      # no mlruns/: no store, no MLflow run
+
+
 def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("name: demo\nexperiments:\n  baseline: {grid: {model: [vit, resnet50]}\n")
