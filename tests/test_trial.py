@@ -85,6 +85,22 @@ class StopAfter:
             raise RuntimeError("simulated crash")
 
 
+def test_a_checkpoint_holds_the_state_at_save_time_and_reports_a_failed_write(tmp_path):
+    import torch
+
+    weights = torch.zeros(1000)
+    ckpt = Checkpoint(tmp_path / "ckpt")
+    ckpt.save({"epoch": 1, "model": {"w": weights}, "history": [{"epoch": 1}]})
+    weights += 1                                  # training goes on while the file is written
+    assert ckpt.load()["model"]["w"].sum() == 0 and ckpt.load()["history"] == [{"epoch": 1}]
+
+    (tmp_path / "blocked").write_text("a file where the checkpoint folder should be")
+    broken = Checkpoint(tmp_path / "blocked")
+    broken.save({"epoch": 1})                     # returns at once; the write fails in the background
+    with pytest.raises(OSError):
+        broken.wait()
+
+
 def test_a_restarted_trial_resumes_without_repeating_finished_epochs(tmp_path):
     cfg = from_dict(tiny_trial(tmp_path, train={"epochs": 3}))
     data = prepare_data(cfg.data, cfg.model.image_size)

@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,12 +205,20 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpoint:
-    """The last finished epoch of one trial, written atomically; loaded with weights_only=True."""
+    """The last finished epoch of one trial, written atomically; loaded with weights_only=True.
+
+    save() copies the state to host memory at once and writes it from a background thread, so the
+    next epoch trains while the file is written (a ViT-B/16 checkpoint with Adam's moments is ~1 GB).
+    At most one write is in flight; wait() (and load) finish it and raise what it failed with.
+    """
 
     def __init__(self, directory: Path):
         self.path = directory / "last.pt"
+        self._writer: threading.Thread | None = None
+        self._failed: BaseException | None = None
 
     def load(self) -> dict | None:
+        self.wait()
         if not self.path.exists():
             return None
         try:
@@ -222,13 +231,42 @@ class Checkpoint:
                                   "epoch 1") from None
 
     def save(self, state: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        self.wait()
+        snapshot = _host_copy(state)     # training goes on changing the live tensors in place
+        self._writer = threading.Thread(target=self._write, args=(snapshot,), name="checkpoint")
+        self._writer.start()
+
+    def wait(self) -> None:
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise failed
+
+    def _write(self, state: dict) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)
+        except BaseException as err:      # raised in the training thread by the next wait()
+            self._failed = err
 
     def clear(self) -> None:
+        self.wait()
         self.path.unlink(missing_ok=True)
+
+
+def _host_copy(value):
+    """Tensors copied to CPU memory (a copy even when already there), containers rebuilt, the rest kept."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _host_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_copy(v) for v in value)
+    return value
 
 
 # --- the trial ----------------------------------------------------------------------------
@@ -266,34 +304,37 @@ def run_training(cfg: TrialConfig, data: PreparedData, model: FerClassifier, che
         lr, start, result.history = state["lr"], state["epoch"] + 1, state["history"]
     prev_f1 = result.history[-1]["val_macro_f1"] if result.history else None
 
-    for epoch in range(start, cfg.train.epochs + 1):
-        t0 = time.perf_counter()
-        set_lr(optimizer, lr)
-        train = train_one_epoch(step_model, data, plan, optimizer, loss_fn, cfg, epoch, device, resident)
-        if not math.isfinite(train["train_loss"]):
-            result.status = "diverged"
-            result.train_seconds += time.perf_counter() - t0
-            break
-        val, _ = evaluate(step_model, data, VAL, cfg, eval_loss, device, resident)
-        row = {"epoch": epoch, **train, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-               "val_macro_f1": val["macro_f1"], "lr": lr, "epoch_seconds": time.perf_counter() - t0}
-        result.history.append(row)
-        result.train_seconds += row["epoch_seconds"]
-        # Log before checkpointing: a crash in between repeats this epoch rather than losing its metrics.
-        if observer:
-            try:
-                observer.on_epoch(epoch, {k: v for k, v in row.items() if k != "epoch"})
-            except StopTrial:
-                result.status = "pruned"
+    try:     # a crash still leaves the last finished epoch's checkpoint fully written
+        for epoch in range(start, cfg.train.epochs + 1):
+            t0 = time.perf_counter()
+            set_lr(optimizer, lr)
+            train = train_one_epoch(step_model, data, plan, optimizer, loss_fn, cfg, epoch, device, resident)
+            if not math.isfinite(train["train_loss"]):
+                result.status = "diverged"
+                result.train_seconds += time.perf_counter() - t0
                 break
-        lr = reduce_lr_on_f1_drop(prev_f1, val["macro_f1"], lr, cfg.optim.lr_drop_threshold,
-                                  cfg.optim.lr_drop_factor)
-        prev_f1 = val["macro_f1"]
-        checkpoint.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "lr": lr, "history": result.history})
+            val, _ = evaluate(step_model, data, VAL, cfg, eval_loss, device, resident)
+            row = {"epoch": epoch, **train, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                   "val_macro_f1": val["macro_f1"], "lr": lr, "epoch_seconds": time.perf_counter() - t0}
+            result.history.append(row)
+            result.train_seconds += row["epoch_seconds"]
+            # Log before checkpointing: a crash in between repeats this epoch rather than losing its metrics.
+            if observer:
+                try:
+                    observer.on_epoch(epoch, {k: v for k, v in row.items() if k != "epoch"})
+                except StopTrial:
+                    result.status = "pruned"
+                    break
+            lr = reduce_lr_on_f1_drop(prev_f1, val["macro_f1"], lr, cfg.optim.lr_drop_threshold,
+                                      cfg.optim.lr_drop_factor)
+            prev_f1 = val["macro_f1"]
+            checkpoint.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "lr": lr, "history": result.history})
 
-    if result.status == "finished":
-        result.test = test_metrics(step_model, data, cfg, eval_loss, device, resident)
+        if result.status == "finished":     # the last checkpoint is written meanwhile
+            result.test = test_metrics(step_model, data, cfg, eval_loss, device, resident)
+    finally:
+        checkpoint.wait()
     return result
 
 

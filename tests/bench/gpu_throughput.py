@@ -2,15 +2,18 @@
 
     python tests/bench/gpu_throughput.py                  # on a CUDA machine: ViT-B/16 and ResNet-50, 224 px, batch 256
     python tests/bench/gpu_throughput.py --json out.json  # also write the figures as JSON
+    python tests/bench/gpu_throughput.py --only vit,vit-cudnn  # some variants (names: see `variants` in main)
     python tests/bench/gpu_throughput.py --smoke          # tiny sizes on whatever device there is: checks the script
 
 First a short real trial (run_training: 2 epochs, then resumed from its checkpoint) checks the whole
-GPU path. Then, for each model, train_one_epoch and evaluate run exactly as in a trial (bf16 autocast,
-SDPA attention, channels-last ResNet, fused Adam, 20% of the rows augmented on the device, the
-uint8 set resident on the GPU) with and without torch.compile, and once with batches gathered on
-the host instead, to show what resident data buys. Prints training images/s, model FLOP utilisation
-(achieved training FLOP/s over the card's bf16 dense peak), evaluation images/s and peak memory,
-then what the study's sweep (sweeps/paper.yaml) would take at these rates.
+GPU path, and a ViT-B/16 checkpoint shows how long an epoch waits for its background write. Then,
+for each model, train_one_epoch and evaluate run exactly as in a trial (bf16 autocast, SDPA
+attention, channels-last ResNet, fused Adam, 20% of the rows augmented on the device, the uint8 set
+resident on the GPU) with and without torch.compile, and once with batches gathered on the host, to
+show what resident data buys; ViT also with the cuDNN and memory-efficient attention kernels forced.
+Prints training images/s, model FLOP utilisation (achieved training FLOP/s over the card's bf16
+dense peak), evaluation images/s and peak memory, then what the study's sweep (sweeps/paper.yaml)
+would take at these rates.
 Anchors: timm trains vit_base_patch16_224 at ~391 img/s and ResNet-50 at ~1,218 img/s on an RTX 3090
 (AMP); an H100's bf16 peak (~989 TFLOP/s) bounds ViT-B/16 training at ~9,400 img/s.
 """
@@ -57,8 +60,16 @@ def sync(device: torch.device) -> None:
 
 
 def measure(name: str, size: int, batch: int, steps: int, compile_model: bool, resident: bool,
-            device: torch.device) -> dict:
-    """Training and evaluation images/s after a warm-up epoch (compilation happens there)."""
+            device: torch.device, attention: str | None = None) -> dict:
+    """Training and evaluation images/s after a warm-up epoch (compilation happens there).
+
+    attention: None lets PyTorch pick the SDPA kernel (what a trial does); "cudnn" or "efficient" force one.
+    """
+    if attention is not None:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}[attention]
+        with sdpa_kernel(backend):
+            return {**measure(name, size, batch, steps, compile_model, resident, device), "attention": attention}
     cfg = from_dict({"model": {"name": name, "image_size": size, "compile": compile_model},
                      "train": {"batch_size": batch, "eval_batch_size": batch * 2, "device": device.type}})
     data = fake_data(int(batch * steps / 0.8) + 1, size)
@@ -115,6 +126,28 @@ def trial_check(device: torch.device, size: int) -> dict:
             "test_macro_f1": resumed.test["macro_f1"]}
 
 
+def checkpoint_cost(device: torch.device, size: int) -> dict:
+    """Seconds a trial's epoch waits for its checkpoint (ViT-B/16 with Adam's moments): the hand-off to
+    the background writer, against writing the same state synchronously."""
+    cfg = from_dict({"model": {"name": "vit", "image_size": size}, "train": {"device": device.type}})
+    model = build_model(cfg.model, 6).to(device)
+    optimizer = build_optimizer(cfg, model)
+    model(torch.rand(2, 3, size, size, device=device)).sum().backward()
+    optimizer.step()
+    state = {"epoch": 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr": 1e-4, "history": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Checkpoint(Path(tmp))
+        checkpoint.save(state)
+        checkpoint.wait()                        # warm-up: folders, allocator
+        start = time.perf_counter()
+        checkpoint.save(state)
+        handoff = time.perf_counter() - start
+        checkpoint.wait()
+        full = time.perf_counter() - start
+        size_mb = checkpoint.path.stat().st_size / 2**20
+    return {"handoff_s": handoff, "write_s": full, "size_mb": size_mb}
+
+
 def study_epochs() -> dict[str, int]:
     """Epochs per model family in the study's sweep (sweeps/paper.yaml), from its own plan."""
     import yaml
@@ -143,6 +176,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on whatever device there is")
     parser.add_argument("--steps", type=int, default=30, help="batches per measured epoch")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    parser.add_argument("--only", help="comma-separated variants to run (default: all), e.g. vit,resnet50-compile")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size, batch, steps = (32, 8, 2) if args.smoke else (224, 256, args.steps)
@@ -155,26 +189,36 @@ def main() -> None:
     results["trial"] = trial_check(device, 32 if args.smoke else 64)
     print(f"trial check: {results['trial']}", flush=True)
 
-    variants = [("vit", False, True), ("vit", True, True), ("vit", False, False),
-                ("resnet50", False, True), ("resnet50", True, True), ("resnet50", False, False)]
-    for name, compile_model, resident in variants:
-        if args.smoke and compile_model:
+    results["checkpoint"] = checkpoint_cost(device, size)
+    c = results["checkpoint"]
+    print(f"checkpoint: ViT-B/16 + Adam {c['size_mb']:.0f} MB; an epoch waits {c['handoff_s']:.2f} s for it "
+          f"(written in the background; synchronously it took {c['write_s']:.2f} s)", flush=True)
+
+    variants = {"vit": ("vit", False, True, None), "vit-compile": ("vit", True, True, None),
+                "vit-host": ("vit", False, False, None), "vit-cudnn": ("vit", False, True, "cudnn"),
+                "vit-efficient": ("vit", False, True, "efficient"),
+                "resnet50": ("resnet50", False, True, None), "resnet50-compile": ("resnet50", True, True, None),
+                "resnet50-host": ("resnet50", False, False, None)}
+    chosen = args.only.split(",") if args.only else list(variants)
+    for label in chosen:
+        name, compile_model, resident, attention = variants[label]
+        if args.smoke and (compile_model or attention):
             continue
         try:
-            r = measure(name, size, batch, steps, compile_model, resident, device)
+            r = measure(name, size, batch, steps, compile_model, resident, device, attention)
         except Exception as err:    # one variant failing (a compiler error, memory) must not hide the rest
-            print(f"{name:9s} compile={compile_model!s:5s} failed: {type(err).__name__}: {err}", flush=True)
-            results["runs"].append({"model": name, "compile": compile_model, "error": repr(err)[:2000]})
+            print(f"{label:17s} failed: {type(err).__name__}: {err}", flush=True)
+            results["runs"].append({"model": name, "variant": label, "error": repr(err)[:2000]})
             continue
         finally:
             torch._dynamo.reset()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        r["variant"] = label
         r["mfu"] = r["train_tflops"] / peak if peak else None
         results["runs"].append(r)
         mfu = f"{r['mfu']:.1%}" if peak else "n/a"
-        print(f"{name:9s} compile={compile_model!s:5s} data={'gpu ' if r['resident'] else 'host'} "
-              f"train {r['train_img_s']:8.1f} img/s  {r['train_tflops']:6.1f} TFLOP/s  MFU {mfu:>6s}  "
+        print(f"{label:17s} train {r['train_img_s']:8.1f} img/s  {r['train_tflops']:6.1f} TFLOP/s  MFU {mfu:>6s}  "
               f"eval {r['eval_img_s']:8.1f} img/s  peak {r['peak_gib']:5.1f} GiB  warm-up {r['warmup_s']:5.1f} s",
               flush=True)
 
