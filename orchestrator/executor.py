@@ -350,8 +350,7 @@ class Executor:
 
 def marked_run(raw: dict) -> str | None:
     """The MLflow run the trainer noted for this trial under this sweep's parent, if any yet."""
-    from trainers.config import from_dict
-    from trainers.run import trial_dir
+    from trainers.config import from_dict, trial_dir
 
     saved = _read_json(trial_dir(from_dict(raw)) / "run.json")
     if not saved or saved.get("parent_run_id") != raw["tracking"].get("parent_run_id"):

@@ -23,8 +23,7 @@ from orchestrator.spec import SWEEP_NAME, load_spec
 from orchestrator.sweep import WORK_DIR
 from tests.conftest import TINY_VIT, tiny_trial
 from trainers.__main__ import execute
-from trainers.config import from_dict
-from trainers.run import trial_dir
+from trainers.config import from_dict, trial_dir
 from trainers.train import Checkpoint, CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,10 +11,10 @@ import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import tiny_trial
-from trainers.config import from_dict
+from trainers.config import from_dict, trial_dir
 from trainers.data.dataset import prepare_data
 from trainers.models import ModelUnavailableError, build_model
-from trainers.run import run_trial, trial_dir
+from trainers.run import run_trial
 from trainers.train import Checkpoint, run_training
 
 REPO = Path(__file__).resolve().parents[1]

@@ -340,6 +340,11 @@ def config_hash(cfg: TrialConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def trial_dir(cfg: TrialConfig) -> Path:
+    """Checkpoint folder of this exact config (hash), shared by every retry of it."""
+    return Path(cfg.train.checkpoint_dir) / config_hash(cfg)
+
+
 def _drop_inert_data_keys(data: dict) -> None:
     """Leave out data keys that cannot change this trial, so hashes from before they existed still match."""
     defaults = to_dict(DataConfig())

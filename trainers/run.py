@@ -6,7 +6,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainers.config import TrialConfig, config_hash
+from trainers.config import TrialConfig, trial_dir
 from trainers.data.dataset import PreparedData, prepare_data
 from trainers.models import build_model
 from trainers.tracking import TrialRun, test_summary
@@ -33,11 +33,6 @@ class EpochReporter:
         print(f"epoch {epoch}/{self.epochs} {shown} ({values['epoch_seconds']:.1f}s)", flush=True)
         if self.stop_file is not None and self.stop_file.exists():
             raise StopTrial(self.stop_file.read_text().strip() or "stop requested")
-
-
-def trial_dir(cfg: TrialConfig) -> Path:
-    """Checkpoint folder of this exact config (hash), shared by every retry of it."""
-    return Path(cfg.train.checkpoint_dir) / config_hash(cfg)
 
 
 def resumable_run_id(cfg: TrialConfig, directory: Path) -> str | None:

@@ -15,6 +15,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import numpy as np
@@ -26,8 +27,9 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from trainers.config import TrialConfig, config_hash, flat_params, to_dict, trial_name
 from trainers.data.dataset import PreparedData
 from trainers.data.split import SPLIT_NAMES
-from trainers.plots import confusion_png, curves_png
-from trainers.train import TrialResult
+
+if TYPE_CHECKING:       # the orchestrator imports this module for its helpers: no torch, no plotting here
+    from trainers.train import TrialResult
 
 STORE_DIR = Path("mlruns")
 MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FINISHED", "pruned": "FINISHED", "failed": "FAILED",
@@ -188,6 +190,8 @@ class TrialRun:
     @_timed
     def log_result(self, cfg: TrialConfig, data: PreparedData, result: TrialResult) -> None:
         """Test metrics, per-class table, confusion matrix (PNG + JSON) and curves."""
+        from trainers.plots import confusion_png, curves_png
+
         title = trial_name(cfg)
         summary = {"train_seconds": result.train_seconds, "epochs_completed": float(len(result.history))}
         if result.history:
