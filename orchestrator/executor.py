@@ -151,12 +151,24 @@ class TrainerProcess:
             self.proc.wait()
 
 
+def start_trainers(slots: list[Slot]) -> dict[str, TrainerProcess]:
+    """One trainer process per slot, started ahead so its imports overlap the sweep's own start-up."""
+    return {slot.name: TrainerProcess(slot) for slot in slots}
+
+
+def stop_trainers(ready: dict[str, TrainerProcess]) -> None:
+    """Kill trainer processes started ahead: they hold nothing yet, so no waiting for their imports."""
+    for process in ready.values():
+        process.kill()
+        process.proc.wait()
+
+
 class Executor:
     """Claims and runs trials on all slots until the ledger has nothing left to run."""
 
     def __init__(self, ledger: Ledger, slots: list[Slot], workdir: Path,
                  trial_config: Callable[[Claim, Slot], dict], search: NewTrials | None = None,
-                 tracking_uri: str | None = None):
+                 tracking_uri: str | None = None, ready: dict[str, TrainerProcess] | None = None):
         self.ledger, self.slots, self.workdir = ledger, slots, workdir
         self.trial_config = trial_config     # the plain trial config (tracking included) for a claim
         self.search = search                 # TPE: samples new trials and prunes on epochs
@@ -165,20 +177,13 @@ class Executor:
         self.stopping = threading.Event()
         self.ledger_lock = threading.Lock()
         self.host = os.environ.get("FER_WORKER_NAME") or socket.gethostname()    # shown by `status`
-        self.ready: dict[str, TrainerProcess] = {}     # trainer processes started ahead, by slot
+        self.ready = dict(ready or {})       # trainer processes started ahead (start_trainers), by slot
 
     # --- the loop of one slot ------------------------------------------------------------------
 
-    def start_trainers(self) -> None:
-        """Start each slot's trainer process now, so its imports overlap the sweep's data preparation."""
-        self.ready = {slot.name: TrainerProcess(slot) for slot in self.slots}
-
     def close_trainers(self) -> None:
-        """Stop trainer processes started ahead that no slot took: they hold nothing yet, so no waiting
-        for their imports to finish (the sweep ended before it ran, e.g. on bad data)."""
-        for process in self.ready.values():
-            process.kill()
-            process.proc.wait()
+        """Stop the trainer processes started ahead that no slot took (the sweep ended before it ran)."""
+        stop_trainers(self.ready)
         self.ready = {}
 
     def run(self) -> None:

@@ -12,7 +12,7 @@ import optuna
 from mlflow import MlflowClient
 from mlflow.entities import RunTag
 
-from orchestrator.executor import Executor, Slot, make_slots
+from orchestrator.executor import Executor, Slot, make_slots, start_trainers, stop_trainers
 from orchestrator.ledger import Claim, Ledger, default_storage
 from orchestrator.plan import PlannedTrial, count_images, expand, resolve_trial, trial_flop
 from orchestrator.runs import open_parent_run
@@ -216,16 +216,20 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, tracking: str | None 
               gpus: list[int] | None = None, jobs: int | None = None, enqueue: bool = True) -> SweepOutcome:
     """Run (or resume, or join) the sweep on this host's slots until no trial is left."""
     started = time.perf_counter()
-    ledger, ctx = start(spec, storage, tracking, enqueue)
     if gpus is None and jobs is None:
         gpus, jobs = (list(spec.execution.gpus) if spec.execution.gpus else None), None
         if not gpus:
             from orchestrator.executor import visible_gpus
             jobs = None if visible_gpus() else spec.execution.jobs
     slots = make_slots(gpus, jobs)
+    ready = start_trainers(slots)      # their imports overlap the ledger, the parent run and the data
+    try:
+        ledger, ctx = start(spec, storage, tracking, enqueue)
+    except BaseException:
+        stop_trainers(ready)
+        raise
     search = TpeTrials(spec, ledger) if spec.search.method == "tpe" else None
-    executor = Executor(ledger, slots, WORK_DIR / spec.name, ctx.trial_config, search, ctx.tracking_uri)
-    executor.start_trainers()
+    executor = Executor(ledger, slots, WORK_DIR / spec.name, ctx.trial_config, search, ctx.tracking_uri, ready)
     try:
         prepare_datasets(list(ctx.plan.values()))
     except BaseException:       # bad data or Ctrl-C before any trial: close the parent, keep the queue
