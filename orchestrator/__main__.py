@@ -66,9 +66,13 @@ def worker(args: argparse.Namespace) -> int:
 
 def status(args: argparse.Namespace) -> int:
     """Show a sweep's trials: waiting, running, finished, failed, diverged, and who runs what."""
-    from orchestrator.sweep import open_ledger
+    from orchestrator.ledger import STORE_DIR
+    from orchestrator.sweep import SweepError, open_ledger
 
     spec = load_spec(args.spec)
+    if args.storage is None and not (STORE_DIR / "optuna.db").exists():     # reading creates nothing
+        raise SweepError(f"no sweep has run from this folder ({STORE_DIR.resolve()} has no optuna.db); start "
+                         f"'{spec.name}' with `python -m orchestrator sweep {args.spec}`, or pass --storage")
     ledger = open_ledger(spec, args.storage)
     latest = ledger.latest_by_hash()
     counts = ledger.counts()

@@ -439,3 +439,12 @@ def test_a_trial_resuming_from_a_tampered_checkpoint_fails_with_one_line_and_no_
     runs = MlflowClient(raw["tracking"]["uri"]).search_runs(
         [MlflowClient(raw["tracking"]["uri"]).get_experiment_by_name("tests").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_status_of_a_sweep_never_started_here_says_so_and_creates_nothing(in_tmp, capsys):
+    path = write(in_tmp, spec_dict())
+    assert orchestrator_main(["status", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no sweep has run from this folder"), lines
+    assert "orchestrator sweep" in lines[0]
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["spec.yaml"]
