@@ -34,7 +34,7 @@ bench: $(STAMP)
 	$(PY) -m pytest -q -s tests/bench
 
 ui: $(STAMP)
-	$(PY) -m mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host $(HOST) --port $(PORT)
+	MLFLOW_DISABLE_TELEMETRY=$${MLFLOW_DISABLE_TELEMETRY:-true} $(PY) -m mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host $(HOST) --port $(PORT)
 
 promote: $(STAMP)
 	$(PY) -m orchestrator promote $(SWEEP)

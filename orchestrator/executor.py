@@ -116,6 +116,7 @@ class TrainerProcess:
                                      stdout=subprocess.PIPE, text=True, env=env, start_new_session=True,
                                      preexec_fn=_die_with_parent)
         self.answers: queue.Queue = queue.Queue()
+        self.jobs = 0                # jobs sent; a process that never had one holds nothing to finish
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -124,6 +125,7 @@ class TrainerProcess:
         self.answers.put(None)       # end of output: the process exited
 
     def submit(self, job: dict) -> None:
+        self.jobs += 1
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
 
@@ -161,6 +163,7 @@ def stop_trainers(ready: dict[str, TrainerProcess]) -> None:
     for process in ready.values():
         process.kill()
         process.proc.wait()
+        process.proc.stdin.close()
 
 
 class Executor:
@@ -230,8 +233,10 @@ class Executor:
                     with self.ledger_lock:
                         self.ledger.fail(claim, f"{slot.name}: {type(err).__name__}: {err}", retriable=True)
         finally:
-            if process is not None:
+            if process is not None and process.jobs:
                 process.close()
+            elif process is not None:     # never used (nothing left to claim): no waiting for its imports
+                stop_trainers({slot.name: process})
 
     def _claim(self, slot: Slot) -> Claim | None:
         with self.ledger_lock:

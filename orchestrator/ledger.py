@@ -57,6 +57,8 @@ class Ledger:
         engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
         self.url = url
         self.max_retries = max_retries
+        if url.startswith("sqlite:///"):    # --storage sqlite:///new/folder/optuna.db: sqlite makes no folders
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         for attempt in range(5):
             try:
                 with warnings.catch_warnings():     # heartbeats are "experimental" in Optuna

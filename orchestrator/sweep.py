@@ -191,7 +191,9 @@ def start(spec: SweepSpec, storage: str | None, tracking: str | None, enqueue: b
 
 def longest_first(trials: list[PlannedTrial]) -> list[PlannedTrial]:
     """The queue's order: costliest trials first, so the sweep does not end on one long trial alone."""
-    images = {t.config.data: count_images(t.config.data) or 1 for t in trials}
+    datas = {t.config.data for t in trials}
+    # With one dataset its size cancels out: only count images (a walk of the folder) to weigh several.
+    images = {d: (count_images(d) or 1) if len(datas) > 1 else 1 for d in datas}
     return sorted(trials, key=lambda t: trial_flop(t.config, images[t.config.data]), reverse=True)
 
 

@@ -16,9 +16,9 @@ from optuna.trial import TrialState
 from orchestrator.plan import expand
 from orchestrator.runs import child_runs
 from orchestrator.spec import load_spec
-from tests.test_sweep import clean_env, orchestrate, store, write_spec
+from tests.test_sweep import clean_env, orchestrate, store, trainer_processes, write_spec
 
-KILL_SEEDS = (0, 1, 2)
+KILL_SEEDS = (2, 4, 5)     # between them: kills at start-up, mid-epoch and just after a trial finished
 
 
 def study(folder, name: str) -> optuna.Study:
@@ -59,25 +59,46 @@ def assert_each_point_finished_once(folder, name: str, spec_path, epochs: int) -
     assert not study(folder, name).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
 
 
+def epoch_lines(folder) -> int:
+    return sum(p.read_text().count("epoch ") for p in (folder / "mlruns" / "sweeps").glob("*/*/log.txt"))
+
+
+def wait_for(moment: str, folder, rng: random.Random) -> None:
+    """Sleep until a moment of the sweep just started: its start-up, its next epoch, its next finished trial."""
+    if moment == "start-up":
+        time.sleep(rng.uniform(0.3, 3.0))
+        return
+    count = epoch_lines if moment == "epoch" else (lambda f: len(completed(f, "chaos")))
+    before, deadline = count(folder), time.monotonic() + 120
+    while count(folder) <= before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(rng.uniform(0.0, 1.0))
+
+
 @pytest.mark.parametrize("seed", KILL_SEEDS)
 def test_an_orchestrator_killed_at_random_moments_finishes_every_point_once(in_tmp, seed):
-    spec_path = write_spec(in_tmp, "chaos", {"lr": {"grid": {"optim.lr": [1e-3, 2e-3, 3e-3, 4e-3]}}},
+    spec_path = write_spec(in_tmp, "chaos", {"lr": {"grid": {"optim.lr": [1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3]}}},
                            defaults={"model": "vit", "optim": {"name": "adam", "lr": 1e-3},
-                                     "train": {"epochs": 2, "batch_size": 16}})
+                                     "train": {"epochs": 3, "batch_size": 16}})
     rng = random.Random(seed)
     kept: dict[str, str] = {}
-    for _ in range(2):       # two SIGKILLs at random moments: start-up, data, mid-trial, between trials, end
+    for _ in range(2):       # two SIGKILLs, each at a moment drawn from the seed
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(spec_path)], cwd=in_tmp,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env())
-        time.sleep(rng.uniform(0.5, 14.0))
+        wait_for(rng.choice(["start-up", "epoch", "finished"]), in_tmp, rng)
+        assert proc.poll() is None, "the sweep ended before its kill"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        deadline = time.monotonic() + 10      # its trainer processes die with it (PR_SET_PDEATHSIG)
+        while trainer_processes(in_tmp) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not trainer_processes(in_tmp)
         before = completed(in_tmp, "chaos")
         assert before.items() >= kept.items()       # a finished trial is never undone or replaced
         kept = before
     done = orchestrate(in_tmp, "sweep", str(spec_path))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert_each_point_finished_once(in_tmp, "chaos", spec_path, epochs=2)
+    assert_each_point_finished_once(in_tmp, "chaos", spec_path, epochs=3)
     final = completed(in_tmp, "chaos")
     assert final.items() >= kept.items()            # trials finished before a kill kept their runs
 
@@ -102,8 +123,11 @@ def test_a_trial_out_of_memory_is_retried_then_failed_while_the_others_finish(in
                                    "greedy": greedy},
                            defaults={"model": "vit", "optim": {"name": "adam", "lr": 1e-3},
                                      "train": {"epochs": 1, "batch_size": 16}})
-    done = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(spec_path)], cwd=in_tmp,
-                          capture_output=True, text=True, timeout=400, env=clean_env(),
+    # CPU slots only (CUDA cannot start under the limit), and few malloc arenas and threads, so the
+    # normal trial stays far below it on a machine with many cores too.
+    env = {**clean_env(), "CUDA_VISIBLE_DEVICES": "", "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(spec_path), "--jobs", "2"],
+                          cwd=in_tmp, capture_output=True, text=True, timeout=400, env=env,
                           preexec_fn=limited_memory(16 * 2**30))
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-3000:]
     assert "finished 1" in done.stdout and "failed 1" in done.stdout

@@ -92,9 +92,13 @@ def run_verb(args) -> int:
 
 
 def serve_verb() -> int:
-    """Run jobs from stdin until it closes; each job's output goes to its own log file."""
+    """Run jobs from stdin until it closes, each job's output in its own log file; then end the process
+    at once (os._exit), unless MLflow logs asynchronously. Returns 130 when interrupted."""
     answers = os.fdopen(os.dup(1), "w", buffering=1)
-    _import_trial_modules()      # while the sweep still prepares its data, not on the first trial's clock
+    try:
+        _import_trial_modules()  # while the sweep still starts up, not on the first trial's clock
+    except Exception:            # a broken install: the first job meets the same error, in its own log
+        pass
     for line in sys.stdin:
         if not line.strip():
             continue
@@ -113,6 +117,8 @@ def serve_verb() -> int:
         _release_memory()
     # Every run is closed and every result written: skip the interpreter's ~1.5 s teardown of torch,
     # MLflow and transformers, which the sweep would otherwise wait for at its end.
+    if os.environ.get("MLFLOW_ENABLE_ASYNC_LOGGING", "").lower() in ("1", "true"):
+        return 0     # MLflow's queues may still hold the last metrics: the normal exit flushes them
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

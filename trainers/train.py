@@ -10,6 +10,7 @@ import pickle
 import re
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -96,7 +97,9 @@ def resident_images(images: np.ndarray, device: torch.device) -> torch.Tensor | 
     """
     if device.type != "cuda" or images.nbytes > torch.cuda.mem_get_info(device)[0] // 4:
         return None
-    return torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    with warnings.catch_warnings():     # a read-only memory-mapped cache: only copied from, never written
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(np.ascontiguousarray(images)).to(device)
 
 
 def batches(images: np.ndarray, order: np.ndarray, batch_size: int, device: torch.device,
@@ -169,7 +172,8 @@ def train_one_epoch(model: nn.Module, data: PreparedData, plan: tuple[np.ndarray
         optimizer.step()
         total_loss += loss.detach() * len(pos)
         seen += len(pos)
-        cm += torch.bincount(y * n_classes + logits.detach().argmax(1), minlength=n_classes * n_classes)
+        cells = y * n_classes + logits.detach().argmax(1)
+        cm.index_add_(0, cells, torch.ones_like(cells))     # bincount would read its max back: a sync
     mean_loss = total_loss.item() / max(seen, 1)
     if not math.isfinite(mean_loss):
         return {"train_loss": float("nan")}     # diverged: the caller ends the trial
@@ -193,7 +197,8 @@ def evaluate(model: nn.Module, data: PreparedData, split: int, cfg: TrialConfig,
         with autocast(device):
             logits = model(to_float_images(x_u8)).float()
         total_loss += loss_fn(logits, y) * len(pos)
-        cm += torch.bincount(y * n_classes + logits.argmax(1), minlength=n_classes * n_classes)
+        cells = y * n_classes + logits.argmax(1)
+        cm.index_add_(0, cells, torch.ones_like(cells))
     cm_np = cm.view(n_classes, n_classes).cpu().numpy()
     return {"loss": total_loss.item() / max(len(idx), 1), **metrics.summary(cm_np)}, cm_np
 
@@ -236,26 +241,22 @@ class Checkpoint:
         self._writer = threading.Thread(target=self._write, args=(snapshot,), name="checkpoint")
         self._writer.start()
 
-    def wait(self) -> None:
+    def wait(self, raise_failure: bool = True) -> None:
         if self._writer is not None:
             self._writer.join()
             self._writer = None
-        if self._failed is not None:
-            failed, self._failed = self._failed, None
+        failed, self._failed = self._failed, None
+        if failed is not None and raise_failure:
             raise failed
 
     def _write(self, state: dict) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")   # two processes on one trial never share it
             torch.save(state, tmp)
             os.replace(tmp, self.path)
         except BaseException as err:      # raised in the training thread by the next wait()
             self._failed = err
-
-    def clear(self) -> None:
-        self.wait()
-        self.path.unlink(missing_ok=True)
 
 
 def _host_copy(value):
@@ -300,7 +301,11 @@ def run_training(cfg: TrialConfig, data: PreparedData, model: FerClassifier, che
     state = checkpoint.load()
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        fused = [group.get("fused") for group in optimizer.param_groups]
+        optimizer.load_state_dict(state["optimizer"])   # takes the saved groups whole, "fused" included
+        for group, flag in zip(optimizer.param_groups, fused):
+            if "fused" in group:
+                group["fused"] = flag                   # the kernels this device has, not the saver's
         lr, start, result.history = state["lr"], state["epoch"] + 1, state["history"]
     prev_f1 = result.history[-1]["val_macro_f1"] if result.history else None
 
@@ -333,8 +338,10 @@ def run_training(cfg: TrialConfig, data: PreparedData, model: FerClassifier, che
 
         if result.status == "finished":     # the last checkpoint is written meanwhile
             result.test = test_metrics(step_model, data, cfg, eval_loss, device, resident)
-    finally:
-        checkpoint.wait()
+    except BaseException:
+        checkpoint.wait(raise_failure=False)     # the trial's own error is the one to report
+        raise
+    checkpoint.wait()
     return result
 
 
