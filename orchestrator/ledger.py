@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import random
 import sys
 import time
 import warnings
@@ -59,18 +60,21 @@ class Ledger:
         self.max_retries = max_retries
         if url.startswith("sqlite:///"):    # --storage sqlite:///new/folder/optuna.db: sqlite makes no folders
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        for attempt in range(5):
+        for attempt in range(10):
             try:
                 with warnings.catch_warnings():     # heartbeats are "experimental" in Optuna
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     self.storage = RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
                                               grace_period=GRACE_SECONDS)
                 break
-            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-                # Workers starting together on a fresh database race to create Optuna's tables.
-                if attempt == 4:
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
+                    sqlalchemy.exc.OperationalError) as err:
+                # Processes opening a fresh database together (workers, a sweep and its `status`)
+                # race to create Optuna's tables; the loser sees them "already exist" and retries.
+                racing = not isinstance(err, sqlalchemy.exc.OperationalError) or "already exists" in str(err)
+                if attempt == 9 or not racing:
                     raise
-                time.sleep(1 + attempt)
+                time.sleep(0.1 * (attempt + 1) + random.uniform(0, 0.2))
         self.study = optuna.create_study(study_name=sweep, storage=self.storage, direction="maximize",
                                          load_if_exists=True, sampler=sampler, pruner=pruner)
         self._lock_file = None

@@ -8,11 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import optuna
 import pytest
+import sqlalchemy.exc
 from optuna.trial import TrialState
 
+from orchestrator.ledger import Ledger
 from orchestrator.plan import expand
 from orchestrator.runs import child_runs
 from orchestrator.spec import load_spec
@@ -63,12 +66,21 @@ def epoch_lines(folder) -> int:
     return sum(p.read_text().count("epoch ") for p in (folder / "mlruns" / "sweeps").glob("*/*/log.txt"))
 
 
+def finished_so_far(folder) -> int:
+    """How many trials the running sweep has finished; 0 while it is still creating its ledger (this
+    read and the sweep then race to create Optuna's tables, and the sweep must survive that)."""
+    try:
+        return len(completed(folder, "chaos"))
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
+        return 0
+
+
 def wait_for(moment: str, folder, rng: random.Random) -> None:
     """Sleep until a moment of the sweep just started: its start-up, its next epoch, its next finished trial."""
     if moment == "start-up":
         time.sleep(rng.uniform(0.3, 3.0))
         return
-    count = epoch_lines if moment == "epoch" else (lambda f: len(completed(f, "chaos")))
+    count = epoch_lines if moment == "epoch" else finished_so_far
     before, deadline = count(folder), time.monotonic() + 120
     while count(folder) <= before and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -173,3 +185,15 @@ def test_four_trials_at_once_share_the_local_sqlite_stores(in_tmp):
     for run in child_runs(client, "four"):     # every epoch's every metric, once
         for key in ("train_loss", "val_loss", "val_macro_f1", "lr"):
             assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+
+
+def test_ledgers_opened_together_on_a_fresh_sqlite_file_all_open(tmp_path):
+    # A sweep starting while `status` (or a second sweep, refused later by the host lock) opens the
+    # same new optuna.db: all of them race to create Optuna's tables; the losers must retry, not crash.
+    def open_ledger(url: str) -> int:
+        return len(Ledger(url, "race", 0).study.get_trials(deepcopy=False))
+
+    for round_ in range(8):
+        url = f"sqlite:///{tmp_path / f'round{round_}' / 'optuna.db'}"
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(open_ledger, [url] * 4)) == [0, 0, 0, 0]
