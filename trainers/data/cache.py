@@ -26,6 +26,14 @@ def short_hash(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def relative_posix(path: Path, base: Path) -> str | None:
+    """path below base, as a posix string; None when it is not below it. Both absolute and normalised
+    (as os.walk and abspath give them): a string comparison, for listings of many thousand files."""
+    prefix = str(base).rstrip("/") + "/"
+    text = str(path)
+    return text[len(prefix):] if text.startswith(prefix) else None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file and rename, so readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +74,7 @@ class DigestIndex:
 
     def digest(self, path: Path) -> str | None:
         """The file's content hash, or None when it cannot be read."""
-        key = path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) else str(path)
+        key = relative_posix(path, self.root) or str(path)
         try:
             st = path.stat()
         except OSError:

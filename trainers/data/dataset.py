@@ -17,7 +17,8 @@ from PIL import Image
 from trainers.config import DataConfig
 from trainers.data.align import Aligner, build_aligner
 from trainers.data.audit import AuditResult, audit_splits, near_duplicate_pairs, perceptual_hashes
-from trainers.data.cache import AlignedStore, DigestIndex, atomic_write_bytes, save_array, short_hash
+from trainers.data.cache import (AlignedStore, DigestIndex, atomic_write_bytes, relative_posix, save_array,
+                                 short_hash)
 from trainers.data.images import ImageSkipped, decode_image
 from trainers.data.importers import IMPORTERS
 from trainers.data.sources import Listing, Sample, list_imagefolder
@@ -353,7 +354,4 @@ def _report(cfg: DataConfig, listing: Listing, samples: list[Sample], labels: np
 
 def _rel(path: Path, root: Path, cache_dir: Path) -> str:
     """The image's name relative to the dataset (or, for fer2013's written PNGs, to the cache)."""
-    for base in (root, cache_dir.absolute()):
-        if path.is_relative_to(base):
-            return path.relative_to(base).as_posix()
-    return str(path)
+    return relative_posix(path, root) or relative_posix(path, cache_dir.absolute()) or str(path)

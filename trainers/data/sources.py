@@ -5,7 +5,7 @@ import csv
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 CLASS_ALIASES: dict[str, str] = {
     "angry": "anger", "anger": "anger",
@@ -148,7 +148,7 @@ def _attach_metadata(root: Path, samples: list[Sample]) -> list[Sample]:
         return samples
     attached = []
     for sample in samples:
-        row = rows.get(sample.path)
+        row = rows.get(str(sample.path))
         if row is None:
             attached.append(sample)
             continue
@@ -158,7 +158,7 @@ def _attach_metadata(root: Path, samples: list[Sample]) -> list[Sample]:
     return attached
 
 
-def _read_metadata(root: Path) -> dict[Path, dict[str, str]]:
+def _read_metadata(root: Path) -> dict[str, dict[str, str]]:
     """Rows of root/metadata.csv keyed by absolute image path; {} when there is no such file."""
     csv_path = root / METADATA_FILE
     if not csv_path.is_file():
@@ -175,6 +175,5 @@ def _read_metadata(root: Path) -> dict[Path, dict[str, str]]:
         rows = {}
         for raw in reader:
             row = {(key or "").strip(): (value or "").strip() for key, value in raw.items() if key is not None}
-            relative = PurePosixPath(row.pop("path"))
-            rows[root.joinpath(*relative.parts)] = row
+            rows[os.path.normpath(os.path.join(root, row.pop("path")))] = row
     return rows
