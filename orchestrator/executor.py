@@ -6,7 +6,6 @@ runs, and records the outcome. A process that dies is replaced; its trial is ret
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import queue
@@ -26,9 +25,9 @@ import yaml
 from mlflow import MlflowClient
 
 from orchestrator.ledger import HEARTBEAT_SECONDS, Claim, Ledger
+from trainers.processes import die_with_parent
 
 EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+) .*val_macro_f1 ([0-9.naninf]+)", re.M)
-PR_SET_PDEATHSIG = 1     # linux/prctl.h
 STOP_GRACE_SECONDS = 60  # after Ctrl-C, a trial has this long to close its run before it is killed
 
 
@@ -100,13 +99,6 @@ class Progress:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _die_with_parent() -> None:
-    """In the child: be killed if the orchestrator dies (even by SIGKILL), so no trial runs unowned."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 class TrainerProcess:
     """A `python -m trainers serve` child in its own session (Ctrl-C reaches it only through us)."""
 
@@ -114,7 +106,7 @@ class TrainerProcess:
         env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "trainers", "serve"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=die_with_parent)
         self.answers: queue.Queue = queue.Queue()
         self.jobs = 0                # jobs sent; a process that never had one holds nothing to finish
         threading.Thread(target=self._read, daemon=True).start()

@@ -141,12 +141,13 @@ def test_unreadable_weights_fail_their_trial_at_once_while_the_others_finish(in_
 
 
 def trainer_processes(folder: Path) -> list[int]:
-    """PIDs of `python -m trainers serve` children working in this folder."""
+    """PIDs of `python -m trainers serve` children working in this folder, and of their figure helpers."""
     pids = []
     for entry in Path("/proc").iterdir():
         try:
             cmd = (entry / "cmdline").read_bytes().split(b"\0")
-            if b"trainers" in cmd and b"serve" in cmd and (entry / "cwd").resolve() == folder.resolve():
+            ours = (b"trainers" in cmd and b"serve" in cmd) or b"trainers.figure_helper" in cmd
+            if ours and (entry / "cwd").resolve() == folder.resolve():
                 pids.append(int(entry.name))
         except (OSError, ValueError):
             continue

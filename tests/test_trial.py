@@ -1,5 +1,7 @@
 """A trial end to end into a real (temporary sqlite) MLflow store, read back through MLflow."""
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from trainers.config import from_dict, trial_dir
 from trainers.data.dataset import prepare_data
 from trainers.models import ModelUnavailableError, build_model
 from trainers.run import run_trial
+from trainers.tracking import TrialRun, start_figure_helper
 from trainers.train import Checkpoint, run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +63,22 @@ def test_two_epochs_log_params_metrics_and_artifacts(tmp_path, model):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert run.inputs.dataset_inputs and run.data.tags["data_digest"] == run.inputs.dataset_inputs[0].dataset.digest
     assert not trial_dir(cfg).exists()         # a finished trial leaves no checkpoint behind
+
+
+def test_figures_reach_the_run_when_the_figure_helper_dies_with_the_job(tmp_path):
+    cfg = from_dict(tiny_trial(tmp_path, train={"epochs": 1}))
+    data = prepare_data(cfg.data, cfg.model.image_size)
+    result = run_training(cfg, data, build_model(cfg.model, 6), Checkpoint(tmp_path / "ckpt"))
+    run = TrialRun.open(cfg)
+    helper = start_figure_helper()
+    os.kill(helper.proc.pid, signal.SIGSTOP)     # it takes the job but never answers...
+    run.log_result(cfg, data, result)
+    helper.proc.kill()                           # ...and dies: the trainer draws the figures itself
+    run.wait_figures()
+    run.finish(result.status)
+    client = MlflowClient(cfg.tracking.uri)
+    assert {"curves.png", "confusion_matrix.png"} <= {a.path for a in client.list_artifacts(run.run_id)}
+    assert start_figure_helper() is not helper and start_figure_helper().alive()    # a new one for the next trial
 
 
 def test_logged_model_predicts_from_the_store(tmp_path):

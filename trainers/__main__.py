@@ -125,11 +125,13 @@ def serve_verb() -> int:
 
 
 def _import_trial_modules() -> None:
-    """Import what every trial needs (torch, MLflow, the plots, both model families) up front."""
+    """Import what every trial needs (torch, MLflow, both model families) up front; start the figure helper."""
     import torchvision.models  # noqa: F401
     from transformers import ViTForImageClassification  # noqa: F401
 
     import trainers.run  # noqa: F401
+    from trainers.tracking import start_figure_helper
+    start_figure_helper()    # its stdout is this process's answer pipe until it moves it to stderr
 
 
 @contextlib.contextmanager

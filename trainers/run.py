@@ -9,7 +9,7 @@ from pathlib import Path
 from trainers.config import TrialConfig, trial_dir
 from trainers.data.dataset import PreparedData, prepare_data
 from trainers.models import build_model
-from trainers.tracking import TrialRun, test_summary
+from trainers.tracking import TrialRun, start_figure_helper, test_summary
 from trainers.train import Checkpoint, StopTrial, run_training
 
 
@@ -66,6 +66,7 @@ def load_data(cfg: TrialConfig, reuse: bool) -> PreparedData:
 def run_trial(cfg: TrialConfig, log_file: Path | None = None, stop_file: Path | None = None,
               reuse_data: bool = False) -> TrialOutcome:
     """Prepare data and model (failing before any run is created), then train and log one run."""
+    start_figure_helper()    # it imports matplotlib while this trial trains
     data = load_data(cfg, reuse_data)
     model = build_model(cfg.model, len(data.classes))
     directory = trial_dir(cfg)
@@ -77,9 +78,10 @@ def run_trial(cfg: TrialConfig, log_file: Path | None = None, stop_file: Path | 
         run.log_setup(cfg, data)
         reporter = EpochReporter(run, cfg.train.epochs, stop_file)
         result = run_training(cfg, data, model, Checkpoint(directory), observer=reporter)
-        run.log_result(cfg, data, result)
+        run.log_result(cfg, data, result, log_file)
         if result.status == "finished" and cfg.tracking.log_model:
             run.log_model(model, cfg.model.image_size, len(data.classes))
+        run.wait_figures()
         if log_file is not None and log_file.exists():
             run.log_file(log_file)
     except KeyboardInterrupt:

@@ -11,7 +11,9 @@ import functools
 import io
 import json
 import os
-import tempfile
+import select
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +29,8 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from trainers.config import TrialConfig, config_hash, flat_params, to_dict, trial_name
 from trainers.data.dataset import PreparedData
 from trainers.data.split import SPLIT_NAMES
+from trainers.figure_helper import log_figures
+from trainers.processes import die_with_parent
 
 if TYPE_CHECKING:       # the orchestrator imports this module for its helpers: no torch, no plotting here
     from trainers.train import TrialResult
@@ -121,6 +125,50 @@ def _timed(method):
     return wrapper
 
 
+# --- figures: drawn and logged by a helper process while the trial exports its model --------------
+
+FIGURE_TIMEOUT_SECONDS = 300     # two PNGs take well under a second; a helper this late is hung
+
+class FigureHelper:
+    """A `python -m trainers.figure_helper` child: started once per trainer process, importing matplotlib
+    while the first trial trains, then given each trial's figures. One job in flight at a time."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-m", "trainers.figure_helper"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def submit(self, job: dict) -> None:
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+
+    def result(self, timeout: float = FIGURE_TIMEOUT_SECONDS) -> None:
+        """Wait for the job's answer; RuntimeError with the helper's message if drawing failed,
+        OSError if the helper died or hung (it is then killed)."""
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            self.proc.kill()
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            raise OSError(f"the figure helper exited ({self.proc.wait()})")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+
+
+_helper: FigureHelper | None = None
+
+
+def start_figure_helper() -> FigureHelper:
+    """This process's figure helper, started (again) if there is none alive."""
+    global _helper
+    if _helper is None or not _helper.alive():
+        _helper = FigureHelper()
+    return _helper
+
+
 class TrialRun:
     """One trial's MLflow run: create or resume, then log through explicit run ids."""
 
@@ -128,6 +176,7 @@ class TrialRun:
         self.client, self.run_id, self.resumed = client, run_id, resumed
         self.seconds = 0.0           # spent in MLflow calls, the model's export and upload excluded
         self.model_seconds = 0.0     # torch.export of the model and its upload
+        self._figures: tuple[FigureHelper, dict] | None = None     # drawing in the helper, and its job
 
     @classmethod
     def open(cls, cfg: TrialConfig, resume_run_id: str | None = None) -> TrialRun:
@@ -188,10 +237,11 @@ class TrialRun:
         self.client.log_batch(self.run_id, metrics=_metrics(values, step=epoch))
 
     @_timed
-    def log_result(self, cfg: TrialConfig, data: PreparedData, result: TrialResult) -> None:
-        """Test metrics, per-class table, confusion matrix (PNG + JSON) and curves."""
-        from trainers.plots import confusion_png, curves_png
-
+    def log_result(self, cfg: TrialConfig, data: PreparedData, result: TrialResult,
+                   log_file: Path | None = None) -> None:
+        """Test metrics, per-class table and confusion matrix (JSON), logged now; the curves and the confusion
+        matrix as PNGs are drawn by the helper process (its messages going to log_file) while the model
+        is exported; see wait_figures."""
         title = trial_name(cfg)
         summary = {"train_seconds": result.train_seconds, "epochs_completed": float(len(result.history))}
         if result.history:
@@ -199,19 +249,35 @@ class TrialRun:
             summary["final_val_macro_f1"] = result.history[-1]["val_macro_f1"]
         if result.status == "diverged":      # the epochs before it stay logged; this says where it blew up
             summary["diverged_epoch"] = float(len(result.history) + 1)
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            if result.history:
-                self.client.log_artifact(self.run_id, str(curves_png(result.history, tmp / "curves.png", title)))
-            if result.test is not None:
-                summary.update(test_summary(result.test, data.classes))
-                self.client.log_text(self.run_id, per_class_csv(result.test, data.classes), "per_class.csv")
-                cm = result.test["confusion"]
-                confusion = {"classes": list(data.classes), "counts": cm.tolist()}
-                self.client.log_text(self.run_id, json.dumps(confusion), "confusion_matrix.json")
-                self.client.log_artifact(
-                    self.run_id, str(confusion_png(cm, data.classes, tmp / "confusion_matrix.png", title)))
+        cm = None
+        if result.test is not None:
+            summary.update(test_summary(result.test, data.classes))
+            self.client.log_text(self.run_id, per_class_csv(result.test, data.classes), "per_class.csv")
+            cm = result.test["confusion"]
+            confusion = {"classes": list(data.classes), "counts": cm.tolist()}
+            self.client.log_text(self.run_id, json.dumps(confusion), "confusion_matrix.json")
         self.client.log_batch(self.run_id, metrics=_metrics(summary, step=len(result.history)))
+        if result.history or cm is not None:
+            job = {"uri": self.client.tracking_uri, "run_id": self.run_id, "cwd": os.getcwd(), "title": title,
+                   "history": result.history, "classes": list(data.classes),
+                   "confusion": None if cm is None else cm.tolist()}
+            try:
+                helper = start_figure_helper()
+                helper.submit({**job, "log": str(log_file) if log_file else None})
+                self._figures = helper, job
+            except OSError:              # no helper could start: draw them here
+                log_figures(**job)
+
+    @_timed
+    def wait_figures(self) -> None:
+        """Wait for the figures (a run is closed only with its artifacts); if the helper died, draw them here."""
+        if self._figures is None:
+            return
+        (helper, job), self._figures = self._figures, None
+        try:
+            helper.result()
+        except OSError:
+            log_figures(**job)
 
     def log_model(self, model, image_size: int, n_classes: int) -> str:
         """Log the trained model (mlflow.pytorch) with its tensor signature; returns its model id."""
@@ -250,6 +316,10 @@ class TrialRun:
 
     def finish(self, status: str) -> None:
         """Tag the trial status, record what logging cost, and close the run."""
+        if self._figures is not None:      # a trial failing after its result: its figures still come first
+            with contextlib.suppress(Exception):
+                self._figures[0].result()
+            self._figures = None
         self.client.log_batch(self.run_id, metrics=_metrics({"mlflow_seconds": self.seconds,
                                                               "model_log_seconds": self.model_seconds}))
         self.client.set_tag(self.run_id, "status", status)
