@@ -25,7 +25,7 @@ import yaml
 from mlflow import MlflowClient
 
 from orchestrator.ledger import HEARTBEAT_SECONDS, Claim, Ledger
-from trainers.processes import die_with_parent
+from trainers.processes import child_env
 
 EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+) .*val_macro_f1 ([0-9.naninf]+)", re.M)
 STOP_GRACE_SECONDS = 60  # after Ctrl-C, a trial has this long to close its run before it is killed
@@ -103,10 +103,9 @@ class TrainerProcess:
     """A `python -m trainers serve` child in its own session (Ctrl-C reaches it only through us)."""
 
     def __init__(self, slot: Slot):
-        env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1"}
+        env = child_env({**os.environ, **slot.env, "PYTHONUNBUFFERED": "1"})
         self.proc = subprocess.Popen([sys.executable, "-m", "trainers", "serve"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env, start_new_session=True,
-                                     preexec_fn=die_with_parent)
+                                     stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
         self.answers: queue.Queue = queue.Queue()
         self.jobs = 0                # jobs sent; a process that never had one holds nothing to finish
         threading.Thread(target=self._read, daemon=True).start()

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -79,6 +80,28 @@ def test_figures_reach_the_run_when_the_figure_helper_dies_with_the_job(tmp_path
     client = MlflowClient(cfg.tracking.uri)
     assert {"curves.png", "confusion_matrix.png"} <= {a.path for a in client.list_artifacts(run.run_id)}
     assert start_figure_helper() is not helper and start_figure_helper().alive()    # a new one for the next trial
+
+
+def test_the_figure_helper_dies_with_its_trainer():
+    trainer = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                                "from trainers.tracking import start_figure_helper\n"
+                                "print(start_figure_helper().proc.pid, flush=True)\n"
+                                "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    helper = int(trainer.stdout.readline())
+    os.kill(trainer.pid, signal.SIGKILL)          # no clean-up code runs in the trainer
+    trainer.wait()
+    deadline = time.monotonic() + 10
+    while running(helper) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running(helper)
+
+
+def running(pid: int) -> bool:
+    """Whether the process exists and has not exited (a zombie waiting to be reaped has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def test_logged_model_predicts_from_the_store(tmp_path):

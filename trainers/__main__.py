@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from trainers.processes import die_with_parent
 from trainers.side_files import keep_side_files_local
 
 USER_ERRORS = ("ConfigError", "DataError", "ModelUnavailableError", "CheckpointError")
@@ -94,6 +95,7 @@ def run_verb(args) -> int:
 def serve_verb() -> int:
     """Run jobs from stdin until it closes, each job's output in its own log file; then end the process
     at once (os._exit), unless MLflow logs asynchronously. Returns 130 when interrupted."""
+    die_with_parent()        # a sweep's trainer ends with the sweep, even one killed by SIGKILL
     answers = os.fdopen(os.dup(1), "w", buffering=1)
     try:
         _import_trial_modules()  # while the sweep still starts up, not on the first trial's clock
@@ -125,13 +127,11 @@ def serve_verb() -> int:
 
 
 def _import_trial_modules() -> None:
-    """Import what every trial needs (torch, MLflow, both model families) up front; start the figure helper."""
+    """Import what every trial needs (torch, MLflow, both model families) up front."""
     import torchvision.models  # noqa: F401
     from transformers import ViTForImageClassification  # noqa: F401
 
     import trainers.run  # noqa: F401
-    from trainers.tracking import start_figure_helper
-    start_figure_helper()    # its stdout is this process's answer pipe until it moves it to stderr
 
 
 @contextlib.contextmanager

@@ -2,14 +2,27 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import sys
 
 PR_SET_PDEATHSIG = 1     # linux/prctl.h
+PARENT_ENV = "FER_PARENT_PID"
+
+
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child that calls die_with_parent: names this process as its parent."""
+    return {**(os.environ if env is None else env), PARENT_ENV: str(os.getpid())}
 
 
 def die_with_parent() -> None:
-    """In the child (a Popen preexec_fn): be killed when the parent dies, even by SIGKILL, so no
-    trial or helper runs unowned. Linux only; elsewhere the child ends when its stdin closes."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    """First thing in a child started with child_env(): be killed when the parent dies, even by
+    SIGKILL, so no trial or helper runs unowned; exit now if it already died. Called by the child
+    itself, not as a preexec_fn, which is unsafe in a parent with threads. Linux only; elsewhere a
+    child ends when its stdin closes."""
+    parent = int(os.environ.pop(PARENT_ENV, 0))
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:      # it died before the line above
+        os._exit(1)

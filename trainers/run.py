@@ -1,6 +1,7 @@
 """One trial end to end: data, model, training, MLflow; resumable from its checkpoint."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -66,7 +67,8 @@ def load_data(cfg: TrialConfig, reuse: bool) -> PreparedData:
 def run_trial(cfg: TrialConfig, log_file: Path | None = None, stop_file: Path | None = None,
               reuse_data: bool = False) -> TrialOutcome:
     """Prepare data and model (failing before any run is created), then train and log one run."""
-    start_figure_helper()    # it imports matplotlib while this trial trains
+    with contextlib.suppress(OSError):      # without one, the figures are drawn here
+        start_figure_helper()                # it imports matplotlib while this trial trains
     data = load_data(cfg, reuse_data)
     model = build_model(cfg.model, len(data.classes))
     directory = trial_dir(cfg)

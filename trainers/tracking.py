@@ -30,7 +30,7 @@ from trainers.config import TrialConfig, config_hash, flat_params, to_dict, tria
 from trainers.data.dataset import PreparedData
 from trainers.data.split import SPLIT_NAMES
 from trainers.figure_helper import log_figures
-from trainers.processes import die_with_parent
+from trainers.processes import child_env
 
 if TYPE_CHECKING:       # the orchestrator imports this module for its helpers: no torch, no plotting here
     from trainers.train import TrialResult
@@ -134,26 +134,37 @@ class FigureHelper:
     while the first trial trains, then given each trial's figures. One job in flight at a time."""
 
     def __init__(self):
+        # Its output outside jobs (font-cache notices) has no trial to go to; each job's goes to its log.
         self.proc = subprocess.Popen([sys.executable, "-m", "trainers.figure_helper"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     env=child_env())
+        self.jobs = 0
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
     def submit(self, job: dict) -> None:
-        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.jobs += 1
+        self.proc.stdin.write(json.dumps({**job, "id": self.jobs}) + "\n")
         self.proc.stdin.flush()
 
     def result(self, timeout: float = FIGURE_TIMEOUT_SECONDS) -> None:
-        """Wait for the job's answer; RuntimeError with the helper's message if drawing failed,
-        OSError if the helper died or hung (it is then killed)."""
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            self.proc.kill()
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            raise OSError(f"the figure helper exited ({self.proc.wait()})")
-        answer = json.loads(line)
+        """Wait for the last job's answer (skipping any left by an earlier, abandoned wait). RuntimeError
+        with the helper's message if drawing failed; OSError if the helper died or hung (it is then killed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            line = self.proc.stdout.readline() if ready else ""
+            try:
+                answer = json.loads(line) if line else None
+            except ValueError:
+                answer = None
+            if answer is None:
+                self.proc.kill()
+                raise OSError(f"the figure helper {'exited' if ready else 'did not answer'} "
+                              f"(status {self.proc.wait()})")
+            if answer.get("id") == self.jobs:
+                break
         if "error" in answer:
             raise RuntimeError(answer["error"])
 
@@ -318,7 +329,7 @@ class TrialRun:
         """Tag the trial status, record what logging cost, and close the run."""
         if self._figures is not None:      # a trial failing after its result: its figures still come first
             with contextlib.suppress(Exception):
-                self._figures[0].result()
+                self._figures[0].result(timeout=10)
             self._figures = None
         self.client.log_batch(self.run_id, metrics=_metrics({"mlflow_seconds": self.seconds,
                                                               "model_log_seconds": self.model_seconds}))
