@@ -7,7 +7,6 @@ answers {"done": <result path>} on stdout. It saves the ~6 s of imports a fresh 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from trainers.processes import die_with_parent
+from trainers.processes import die_with_parent, output_to
 from trainers.side_files import keep_side_files_local
 
 USER_ERRORS = ("ConfigError", "DataError", "ModelUnavailableError", "CheckpointError")
@@ -107,7 +106,7 @@ def serve_verb() -> int:
         job = json.loads(line)
         log = Path(job["log"])
         try:
-            with _output_to(log):
+            with output_to(log):
                 result = execute(Path(job["config"]), [], log, Path(job["stop"]) if job.get("stop") else None,
                                  reuse_data=True)
         except KeyboardInterrupt:    # the sweep is stopping: the run is closed as KILLED, its checkpoint kept
@@ -132,26 +131,6 @@ def _import_trial_modules() -> None:
     from transformers import ViTForImageClassification  # noqa: F401
 
     import trainers.run  # noqa: F401
-
-
-@contextlib.contextmanager
-def _output_to(log: Path):
-    """Send this process's stdout and stderr (file descriptors 1 and 2) to a log file, then restore."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(log, "a", buffering=1) as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
 
 
 def _release_memory() -> None:

@@ -48,7 +48,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     answers = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
-    from trainers.processes import die_with_parent
+    from trainers.processes import die_with_parent, output_to
 
     die_with_parent()
     try:
@@ -60,7 +60,7 @@ def main() -> None:
     for line in sys.stdin:
         job = json.loads(line)
         number, log = job.pop("id"), job.pop("log", None)
-        with output_to(log):
+        with output_to(log) if log else contextlib.nullcontext():
             try:
                 if broken:
                     raise RuntimeError(broken)
@@ -70,28 +70,6 @@ def main() -> None:
                 traceback.print_exc()
                 answer = {"id": number, "error": str(err) if broken else f"figures: {type(err).__name__}: {err}"}
         answers.write(json.dumps(answer) + "\n")
-
-
-@contextlib.contextmanager
-def output_to(log: str | None):
-    """A job's messages go to its trial's log (appended beside the trainer's own lines)."""
-    if log is None:
-        yield
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(log, "a", buffering=1) as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            for fd, copy in zip((1, 2), saved):
-                os.dup2(copy, fd)
-                os.close(copy)
 
 
 if __name__ == "__main__":

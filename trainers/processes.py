@@ -1,10 +1,12 @@
-"""Child processes that never outlive the process that started them."""
+"""Child processes that never outlive the process that started them, and their output."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import sys
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1     # linux/prctl.h
 PARENT_ENV = "FER_PARENT_PID"
@@ -26,3 +28,22 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:      # it died before the line above
         os._exit(1)
+
+
+@contextlib.contextmanager
+def output_to(log: Path | str):
+    """Send this process's stdout and stderr (file descriptors 1 and 2) to a log file, appending, then restore."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "a", buffering=1) as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
