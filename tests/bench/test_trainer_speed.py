@@ -2,7 +2,7 @@
 
   trainer overhead  = train_one_epoch time / a bare PyTorch loop over the same model and cached tensors
   data wait share   = time spent producing batches / time of the whole epoch
-  cache speed-up    = first preparation of a dataset / the second (which decodes nothing)
+  cache speed-up    = first preparation of a dataset / a later one (which decodes nothing; best of three)
   MLflow share      = time in a trial's MLflow calls (mlflow_seconds: params, per-epoch metrics, test
                       metrics, figures, tables) / its training time, for the demo sweep's default trial
 """
@@ -63,10 +63,13 @@ def test_trainer_overhead_data_wait_cache_and_logging(tmp_path):
     t0 = time.perf_counter()
     data = prepare_data(cfg.data, cfg.model.image_size)
     first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    again = prepare_data(cfg.data, cfg.model.image_size)
-    second = time.perf_counter() - t0
-    assert again.report.decoded == 0
+    seconds = []
+    for _ in range(3):       # the best of three: one ~0.1 s reading is at the mercy of a busy machine
+        t0 = time.perf_counter()
+        again = prepare_data(cfg.data, cfg.model.image_size)
+        seconds.append(time.perf_counter() - t0)
+        assert again.report.decoded == 0
+    second = min(seconds)
 
     device = select_device("cpu")
     train_idx = data.indices(TRAIN)
@@ -97,7 +100,7 @@ def test_trainer_overhead_data_wait_cache_and_logging(tmp_path):
 
     print(f"\ntrainer overhead   {min(ours) / bare:.3f}x   (epoch {min(ours):.2f}s vs bare loop {bare:.2f}s)   goal <= 1.10")
     print(f"data wait share    {fetch / min(ours):.1%}   (batch production {fetch:.2f}s per epoch)   goal <= 5%")
-    print(f"cache speed-up     {first / second:.0f}x   (first {first:.2f}s, second {second:.3f}s)   goal >= 50x")
+    print(f"cache speed-up     {first / second:.0f}x   (first {first:.2f}s, cached {second:.3f}s)   goal >= 50x")
     print(f"MLflow share       {logged['mlflow_seconds'] / outcome.train_seconds:.1%} of a demo trial's training "
           f"time ({logged['mlflow_seconds']:.2f}s vs {outcome.train_seconds:.1f}s)   goal <= 2%")
     print(f"model export       {logged['model_log_seconds']:.1f}s per trial (torch.export + upload; fixed cost, "
