@@ -17,6 +17,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
+
 @functools.lru_cache(maxsize=8)
 def _client(uri: str, cwd: str):
     from mlflow import MlflowClient

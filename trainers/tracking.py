@@ -129,6 +129,7 @@ def _timed(method):
 
 FIGURE_TIMEOUT_SECONDS = 300     # two PNGs take well under a second; a helper this late is hung
 
+
 class FigureHelper:
     """A `python -m trainers.figure_helper` child: started once per trainer process, importing matplotlib
     while the first trial trains, then given each trial's figures. One job in flight at a time."""
