@@ -66,7 +66,7 @@ def worker(args: argparse.Namespace) -> int:
 
 def status(args: argparse.Namespace) -> int:
     """Show a sweep's trials: waiting, running, finished, failed, diverged, and who runs what."""
-    from orchestrator.ledger import STORE_DIR
+    from trainers.side_files import STORE_DIR
     from orchestrator.sweep import SweepError, open_ledger
 
     spec = load_spec(args.spec)

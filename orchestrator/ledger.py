@@ -28,8 +28,8 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from orchestrator.plan import PlannedTrial
+from trainers.side_files import STORE_DIR
 
-STORE_DIR = Path("mlruns")
 # A RUNNING trial without a heartbeat for a minute belongs to a dead worker. Tests shorten both.
 HEARTBEAT_SECONDS = int(os.environ.get("FER_HEARTBEAT_SECONDS", 10))
 GRACE_SECONDS = int(os.environ.get("FER_GRACE_SECONDS", 60))

@@ -35,6 +35,7 @@ from orchestrator.plan import experiment_points
 from orchestrator.runs import child_runs, find_parent_run, groups_of
 from orchestrator.spec import Experiment, SweepSpec, canonical_axis
 from trainers.plots import confusion_png, curves_png  # first: it selects the Agg backend
+from trainers.side_files import STORE_DIR
 from trainers.tracking import no_download_bars
 
 import matplotlib.pyplot as plt  # noqa: E402
@@ -42,7 +43,7 @@ import seaborn as sns  # noqa: E402
 
 __all__ = ["ReportError", "write_report"]
 
-REPORTS_DIR = Path("mlruns/reports")
+REPORTS_DIR = STORE_DIR / "reports"
 CURVE_METRICS = ("train_loss", "train_accuracy", "train_macro_f1", "val_loss", "val_accuracy", "val_macro_f1")
 TEST_METRICS = ("test_accuracy", "test_macro_f1")
 PER_CLASS = ("recall", "precision", "f1")   # the study's per-class "accuracy" is recall

@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+STORE_DIR = Path("mlruns")     # the local stores and every side file, relative to where a command runs
+
 # Library caches that would otherwise go to ~/.cache (matplotlib's font list) or $TMPDIR (torch creates
 # torchinductor_<user>/ on import, and fills it when model.compile is on; here it also outlives a reboot).
-SIDE_CACHES = {"MPLCONFIGDIR": Path("mlruns/cache/matplotlib"),
-               "TORCHINDUCTOR_CACHE_DIR": Path("mlruns/cache/torchinductor")}
+SIDE_CACHES = {"MPLCONFIGDIR": STORE_DIR / "cache" / "matplotlib",
+               "TORCHINDUCTOR_CACHE_DIR": STORE_DIR / "cache" / "torchinductor"}
 
 
 def keep_side_files_local() -> None:

@@ -31,11 +31,11 @@ from trainers.data.dataset import PreparedData
 from trainers.data.split import SPLIT_NAMES
 from trainers.figure_helper import log_figures
 from trainers.processes import child_env
+from trainers.side_files import STORE_DIR
 
 if TYPE_CHECKING:       # the orchestrator imports this module for its helpers: no torch, no plotting here
     from trainers.train import TrialResult
 
-STORE_DIR = Path("mlruns")
 MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FINISHED", "pruned": "FINISHED", "failed": "FAILED",
                  "killed": "KILLED"}
 
