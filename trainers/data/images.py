@@ -24,9 +24,10 @@ MAX_PIXELS = 250_000_000
 
 # Pillow's own bomb guard warns above MAX_IMAGE_PIXELS (~89 MP by default) and
 # raises above twice that (~179 MP), which would refuse a 200 MP scan we can
-# shrink. While any decode_image call runs, the global is raised to MAX_PIXELS
-# (so Pillow only speaks up for images we refuse anyway); the last call to
-# finish restores the user's value. Calls overlap freely: the lock only guards
+# shrink, and would print a raw warning for a header we refuse anyway. Our own
+# check reads the same header and refuses anything over MAX_PIXELS before any
+# pixel is decoded, so while any decode_image call runs Pillow's guard is off
+# (the global is None); the last call to finish restores the user's value. Calls overlap freely: the lock only guards
 # the count, so threaded decoding stays parallel.
 _PIL_LIMIT_LOCK = threading.Lock()
 _pil_limit_users = 0
@@ -105,12 +106,12 @@ def _check_regular_nonempty(path: Path) -> None:
 
 @contextmanager
 def _pil_bomb_limit() -> Iterator[None]:
-    """Hold Pillow's pixel limit at MAX_PIXELS for the duration, restoring it when the last user leaves."""
+    """Turn Pillow's pixel limit off for the duration (ours applies), restoring it when the last user leaves."""
     global _pil_limit_users, _pil_limit_saved
     with _PIL_LIMIT_LOCK:
         if _pil_limit_users == 0:
             _pil_limit_saved = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
         _pil_limit_users += 1
     try:
         yield
