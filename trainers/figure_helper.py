@@ -20,6 +20,7 @@ from pathlib import Path
 
 @functools.lru_cache(maxsize=8)
 def _client(uri: str, cwd: str):
+    """One client per store; cwd is part of the key because a relative URI means a different store there."""
     from mlflow import MlflowClient
 
     return MlflowClient(uri)

@@ -27,8 +27,9 @@ MAX_PIXELS = 250_000_000
 # shrink, and would print a raw warning for a header we refuse anyway. Our own
 # check reads the same header and refuses anything over MAX_PIXELS before any
 # pixel is decoded, so while any decode_image call runs Pillow's guard is off
-# (the global is None); the last call to finish restores the user's value. Calls overlap freely: the lock only guards
-# the count, so threaded decoding stays parallel.
+# (the global is None); the last call to finish restores the user's value.
+# Calls overlap freely: the lock only guards the count, so threaded decoding
+# stays parallel.
 _PIL_LIMIT_LOCK = threading.Lock()
 _pil_limit_users = 0
 _pil_limit_saved: int | None = None
@@ -64,7 +65,7 @@ def decode_image(path: Path, max_side: int = 1024) -> np.ndarray:
     path = Path(path)
     _check_regular_nonempty(path)
     try:
-        with _pil_bomb_limit(), _load_within_limit(path, max_side) as im:
+        with _pil_bomb_guard_off(), _load_within_limit(path, max_side) as im:
             ImageOps.exif_transpose(im, in_place=True)
             return _to_rgb(_shrink(_expand_palette(im), max_side))
     except ImageSkipped:
@@ -105,7 +106,7 @@ def _check_regular_nonempty(path: Path) -> None:
 
 
 @contextmanager
-def _pil_bomb_limit() -> Iterator[None]:
+def _pil_bomb_guard_off() -> Iterator[None]:
     """Turn Pillow's pixel limit off for the duration (ours applies), restoring it when the last user leaves."""
     global _pil_limit_users, _pil_limit_saved
     with _PIL_LIMIT_LOCK:
