@@ -9,11 +9,11 @@ from typing import Callable
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.plan import PlannedTrial, estimate_cost, expand, grid_points
-from orchestrator.preflight import check_prepare_folders, check_sweep_folders
-from orchestrator.spec import SweepSpec, load_spec
+from orchestrator.sweep.plan import PlannedTrial, estimate_cost, expand, grid_points
+from orchestrator.sweep.preflight import check_prepare_folders, check_sweep_folders
+from orchestrator.sweep.spec import SweepSpec, load_spec
 from trainers.config import ConfigError, DataConfig
-from trainers.side_files import keep_side_files_local
+from trainers.process.side_files import keep_side_files_local
 
 
 def plan(args: argparse.Namespace) -> int:
@@ -34,7 +34,7 @@ def sweep(args: argparse.Namespace) -> int:
     """Run a sweep end to end (or resume it): every planned trial once, then the report."""
     spec = load_spec(args.spec)
     check_sweep_folders(spec, args.storage, args.tracking_uri)    # before the ledger or any run exists
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep.runner import run_sweep
 
     try:
         outcome = run_sweep(spec, args.storage, args.tracking_uri, _gpu_list(args.gpus), args.jobs)
@@ -53,7 +53,7 @@ def worker(args: argparse.Namespace) -> int:
     """Join a started sweep: claim and train waiting trials on this host's slots until none is left."""
     spec = load_spec(args.spec)
     check_sweep_folders(spec, args.storage, args.tracking_uri)
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep.runner import run_sweep
 
     try:
         outcome = run_sweep(spec, args.storage, args.tracking_uri, _gpu_list(args.gpus), args.jobs, enqueue=False)
@@ -66,8 +66,8 @@ def worker(args: argparse.Namespace) -> int:
 
 def status(args: argparse.Namespace) -> int:
     """Show a sweep's trials: waiting, running, finished, failed, diverged, and who runs what."""
-    from trainers.side_files import STORE_DIR
-    from orchestrator.sweep import SweepError, open_ledger
+    from trainers.process.side_files import STORE_DIR
+    from orchestrator.sweep.runner import SweepError, open_ledger
 
     spec = load_spec(args.spec)
     if args.storage is None and not (STORE_DIR / "optuna.db").exists():     # reading creates nothing
@@ -111,7 +111,7 @@ def _write_report(spec: SweepSpec, tracking: str | None, out: str | None = None)
     """Write the sweep's report from MLflow and say where it is."""
     from mlflow import MlflowClient
 
-    from orchestrator.report import write_report
+    from orchestrator.results.report import write_report
     from trainers.tracking import tracking_uri
 
     path = write_report(spec, MlflowClient(tracking_uri(tracking)), out)
@@ -122,7 +122,7 @@ def promote(args: argparse.Namespace) -> int:
     """Register the sweep's best model and alias it champion if it beats the incumbent."""
     from mlflow import MlflowClient
 
-    from orchestrator.registry import promote as promote_best
+    from orchestrator.results.registry import promote as promote_best
     from trainers.tracking import tracking_uri
 
     spec = load_spec(args.spec)
@@ -135,7 +135,7 @@ def production(args: argparse.Namespace) -> int:
     """Evaluate the champion on the production data: metrics, slices, drift."""
     from mlflow import MlflowClient
 
-    from orchestrator.production import degradation_table, drift_line, evaluate_production, slice_table
+    from orchestrator.results.production import degradation_table, drift_line, evaluate_production, slice_table
     from trainers.tracking import tracking_uri
 
     spec = load_spec(args.spec)

@@ -16,7 +16,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from orchestrator.runs import child_runs, find_parent_run
+from orchestrator.results.runs import child_runs, find_parent_run
 from tests.conftest import TINY_VIT
 from tests.test_sweep import orchestrate, store
 

@@ -15,10 +15,10 @@ import pytest
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
-from orchestrator.ledger import Ledger
-from orchestrator.plan import expand
-from orchestrator.runs import child_runs
-from orchestrator.spec import load_spec
+from orchestrator.sweep.ledger import Ledger
+from orchestrator.sweep.plan import expand
+from orchestrator.results.runs import child_runs
+from orchestrator.sweep.spec import load_spec
 from tests.test_sweep import clean_env, orchestrate, store, trainer_processes, write_spec
 
 KILL_SEEDS = (2, 4, 5)     # between them: kills at start-up, mid-epoch and just after a trial finished

@@ -12,10 +12,10 @@ import yaml
 from mlflow import MlflowClient
 
 from orchestrator.__main__ import main
-from orchestrator.production import ProductionError, drift_verdict, evaluate_production, load_version, move_exported
-from orchestrator.registry import PREVIOUS_ALIAS, RegistryError, promote
-from orchestrator.runs import child_runs, open_parent_run
-from orchestrator.spec import spec_from_dict
+from orchestrator.results.production import ProductionError, drift_verdict, evaluate_production, load_version, move_exported
+from orchestrator.results.registry import PREVIOUS_ALIAS, RegistryError, promote
+from orchestrator.results.runs import child_runs, open_parent_run
+from orchestrator.sweep.spec import spec_from_dict
 from tests.conftest import tiny_trial
 from trainers.config import DEFAULT_CLASSES, from_dict
 from trainers.run import run_trial

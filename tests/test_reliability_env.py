@@ -18,9 +18,9 @@ import yaml
 from mlflow import MlflowClient
 
 from orchestrator.__main__ import main as orchestrator_main
-from orchestrator.plan import expand
-from orchestrator.spec import SWEEP_NAME, load_spec
-from orchestrator.sweep import WORK_DIR
+from orchestrator.sweep.plan import expand
+from orchestrator.sweep.spec import SWEEP_NAME, load_spec
+from orchestrator.sweep.runner import WORK_DIR
 from tests.conftest import TINY_VIT, tiny_trial
 from trainers.__main__ import execute
 from trainers.config import from_dict, trial_dir

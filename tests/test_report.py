@@ -13,10 +13,10 @@ from mlflow import MlflowClient
 from scipy import stats
 
 from orchestrator.__main__ import main
-from orchestrator.plan import expand
-from orchestrator.report import study, write_report
-from orchestrator.runs import open_parent_run
-from orchestrator.spec import parse_yaml, spec_from_dict
+from orchestrator.sweep.plan import expand
+from orchestrator.results.report import study, write_report
+from orchestrator.results.runs import open_parent_run
+from orchestrator.sweep.spec import parse_yaml, spec_from_dict
 from tests.conftest import TINY_VIT, tiny_trial
 from trainers.config import flat_params, from_dict
 from trainers.run import run_trial

@@ -28,9 +28,9 @@ from mlflow.entities import ViewType
 from optuna.trial import TrialState
 
 from orchestrator.__main__ import main
-from orchestrator.ledger import Ledger
-from orchestrator.plan import expand
-from orchestrator.spec import load_spec
+from orchestrator.sweep.ledger import Ledger
+from orchestrator.sweep.plan import expand
+from orchestrator.sweep.spec import load_spec
 from tests.conftest import TINY_VIT
 
 REPO = Path(__file__).resolve().parents[1]

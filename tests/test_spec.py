@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.plan import estimate_cost, expand, grid_points, resolve_trial, trial_name
-from orchestrator.spec import SpecError, parse_yaml, load_spec, spec_from_dict
+from orchestrator.sweep.plan import estimate_cost, expand, grid_points, resolve_trial, trial_name
+from orchestrator.sweep.spec import SpecError, parse_yaml, load_spec, spec_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "sweeps" / "demo.yaml"

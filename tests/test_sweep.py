@@ -15,11 +15,11 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from orchestrator.ledger import Ledger
-from orchestrator.plan import expand
-from orchestrator.runs import child_runs, find_parent_run
-from orchestrator.spec import load_spec
-from orchestrator.sweep import TpeTrials
+from orchestrator.sweep.ledger import Ledger
+from orchestrator.sweep.plan import expand
+from orchestrator.results.runs import child_runs, find_parent_run
+from orchestrator.sweep.spec import load_spec
+from orchestrator.sweep.runner import TpeTrials
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VIT = {"name": "vit", "image_size": 32,
@@ -146,7 +146,7 @@ def trainer_processes(folder: Path) -> list[int]:
     for entry in Path("/proc").iterdir():
         try:
             cmd = (entry / "cmdline").read_bytes().split(b"\0")
-            ours = (b"trainers" in cmd and b"serve" in cmd) or b"trainers.figure_helper" in cmd
+            ours = (b"trainers" in cmd and b"serve" in cmd) or b"trainers.process.figure_helper" in cmd
             if ours and (entry / "cwd").resolve() == folder.resolve():
                 pids.append(int(entry.name))
         except (OSError, ValueError):

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from trainers.process.side_files import STORE_DIR
+
 # The study's six expressions, in its table order.
 DEFAULT_CLASSES = ("anger", "disgust", "fear", "happiness", "sadness", "surprise")
 SOURCES = ("synthetic", "imagefolder", "fer2013", "rafdb", "affectnet")
@@ -53,7 +55,7 @@ class DataConfig:
     use_dataset_split: bool = False   # fer2013 / rafdb / affectnet: keep the dataset's own split
     duplicate_distance: int = 16      # near-duplicate: 256-bit perceptual hashes differ in <= 16 bits
     dedupe: bool = False              # remove val/test images that near-duplicate an earlier split's
-    cache_dir: str = "mlruns/cache"
+    cache_dir: str = str(STORE_DIR / "cache")
     balance: bool = True          # augment the training split per class towards the largest class
     balance_max_factor: float = 3.0   # a class grows to at most 3x its own size, so some imbalance stays
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -99,7 +101,7 @@ class TrainConfig:
     eval_batch_size: int = 512
     seed: int = 0
     device: str = "auto"
-    checkpoint_dir: str = "mlruns/checkpoints"
+    checkpoint_dir: str = str(STORE_DIR / "checkpoints")
     num_threads: int = 0          # CPU threads for torch; 0 leaves torch's default
 
 

@@ -29,9 +29,9 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from trainers.config import TrialConfig, config_hash, flat_params, to_dict, trial_name
 from trainers.data.dataset import PreparedData
 from trainers.data.split import SPLIT_NAMES
-from trainers.figure_helper import log_figures
-from trainers.processes import child_env
-from trainers.side_files import STORE_DIR
+from trainers.process.figure_helper import log_figures
+from trainers.process.children import child_env
+from trainers.process.side_files import STORE_DIR
 
 if TYPE_CHECKING:       # the orchestrator imports this module for its helpers: no torch, no plotting here
     from trainers.train import TrialResult
@@ -131,12 +131,12 @@ FIGURE_TIMEOUT_SECONDS = 300     # two PNGs take well under a second; a helper t
 
 
 class FigureHelper:
-    """A `python -m trainers.figure_helper` child: started once per trainer process, importing matplotlib
+    """A `python -m trainers.process.figure_helper` child: started once per trainer process, importing matplotlib
     while the first trial trains, then given each trial's figures. One job in flight at a time."""
 
     def __init__(self):
         # Its output outside jobs (font-cache notices) has no trial to go to; each job's goes to its log.
-        self.proc = subprocess.Popen([sys.executable, "-m", "trainers.figure_helper"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "trainers.process.figure_helper"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                      env=child_env())
         self.jobs = 0

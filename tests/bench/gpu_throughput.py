@@ -152,8 +152,8 @@ def study_epochs() -> dict[str, int]:
     """Epochs per model family in the study's sweep (sweeps/paper.yaml), from its own plan."""
     import yaml
 
-    from orchestrator.plan import expand
-    from orchestrator.spec import spec_from_dict
+    from orchestrator.sweep.plan import expand
+    from orchestrator.sweep.spec import spec_from_dict
 
     raw = yaml.safe_load((REPO / "sweeps" / "paper.yaml").read_text())
     with tempfile.TemporaryDirectory() as root:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from orchestrator.plan import expand
-from orchestrator.spec import load_spec
+from orchestrator.sweep.plan import expand
+from orchestrator.sweep.spec import load_spec
 from tests.conftest import tiny_trial
 from trainers.config import from_dict
 from trainers.data.dataset import prepare_data

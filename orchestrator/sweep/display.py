@@ -9,8 +9,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator.executor import Executor
-from orchestrator.ledger import Ledger
+from orchestrator.sweep.executor import Executor
+from orchestrator.sweep.ledger import Ledger
 
 COLOURS = {"finished": "green", "diverged": "yellow", "pruned": "cyan", "failed": "red", "retried": "magenta",
            "released": "blue"}

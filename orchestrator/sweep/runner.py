@@ -12,15 +12,16 @@ import optuna
 from mlflow import MlflowClient
 from mlflow.entities import RunTag
 
-from orchestrator.executor import Executor, Slot, make_slots, start_trainers, stop_trainers
-from orchestrator.ledger import Claim, Ledger, default_storage
-from orchestrator.plan import PlannedTrial, count_images, expand, resolve_trial, trial_flop
-from orchestrator.runs import open_parent_run
-from orchestrator.spec import SweepSpec
+from orchestrator.sweep.executor import Executor, Slot, make_slots, start_trainers, stop_trainers
+from orchestrator.sweep.ledger import Claim, Ledger, default_storage
+from orchestrator.sweep.plan import PlannedTrial, count_images, expand, resolve_trial, trial_flop
+from orchestrator.results.runs import open_parent_run
+from orchestrator.sweep.spec import SweepSpec
 from trainers.config import config_hash, from_dict, trial_name
+from trainers.process.side_files import STORE_DIR
 from trainers.tracking import tracking_uri
 
-WORK_DIR = Path("mlruns/sweeps")
+WORK_DIR = STORE_DIR / "sweeps"
 START_POLL_SECONDS = 2.0    # how often a worker started before its sweep looks for it
 
 
@@ -221,7 +222,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, tracking: str | None 
     if gpus is None and jobs is None:
         gpus, jobs = (list(spec.execution.gpus) if spec.execution.gpus else None), None
         if not gpus:
-            from orchestrator.executor import visible_gpus
+            from orchestrator.sweep.executor import visible_gpus
             jobs = None if visible_gpus() else spec.execution.jobs
     slots = make_slots(gpus, jobs)
     ready = start_trainers(slots)      # their imports overlap the ledger, the parent run and the data
@@ -248,7 +249,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, tracking: str | None 
 
 def follow(executor: Executor, ledger: Ledger) -> bool:
     """Run the executor and show live progress; Ctrl-C stops claiming and stops trials cleanly."""
-    from orchestrator.display import LiveProgress
+    from orchestrator.sweep.display import LiveProgress
 
     display = LiveProgress(executor, ledger)
     executor.run()

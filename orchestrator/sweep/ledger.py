@@ -27,8 +27,8 @@ import sqlalchemy.exc
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from orchestrator.plan import PlannedTrial
-from trainers.side_files import STORE_DIR
+from orchestrator.sweep.plan import PlannedTrial
+from trainers.process.side_files import STORE_DIR
 
 # A RUNNING trial without a heartbeat for a minute belongs to a dead worker. Tests shorten both.
 HEARTBEAT_SECONDS = int(os.environ.get("FER_HEARTBEAT_SECONDS", 10))

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import yaml
 
 from trainers.config import MODEL_NAMES, ConfigError, DataConfig, TrialConfig, from_dict
-from orchestrator.plan import experiment_points, resolve_trial, trial_point
+from orchestrator.sweep.plan import experiment_points, resolve_trial, trial_point
 
 TOP_KEYS = ("name", "description", "data", "production", "models", "defaults", "experiments",
             "seeds", "search", "promote", "execution")

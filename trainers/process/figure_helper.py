@@ -50,7 +50,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     answers = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
-    from trainers.processes import die_with_parent, output_to
+    from trainers.process.children import die_with_parent, output_to
 
     die_with_parent()
     try:

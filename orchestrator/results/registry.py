@@ -23,8 +23,8 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from orchestrator.runs import child_runs
-from orchestrator.spec import PromoteSpec, SweepSpec
+from orchestrator.results.runs import child_runs
+from orchestrator.sweep.spec import PromoteSpec, SweepSpec
 from trainers.tracking import global_tracking_uri
 
 PREVIOUS_ALIAS = "previous"

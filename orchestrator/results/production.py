@@ -34,8 +34,8 @@ from mlflow.entities import Metric, Param, Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from orchestrator.registry import RegistryError, champion_version
-from orchestrator.spec import SweepSpec
+from orchestrator.results.registry import RegistryError, champion_version
+from orchestrator.sweep.spec import SweepSpec
 from trainers import metrics as cls_metrics
 from trainers.config import ConfigError, DataConfig, from_dict, to_dict
 from trainers.data.dataset import DataError, PreparedData, metric_key, prepare_data

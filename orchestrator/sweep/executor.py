@@ -24,8 +24,8 @@ from typing import Callable, Protocol
 import yaml
 from mlflow import MlflowClient
 
-from orchestrator.ledger import HEARTBEAT_SECONDS, Claim, Ledger
-from trainers.processes import child_env
+from orchestrator.sweep.ledger import HEARTBEAT_SECONDS, Claim, Ledger
+from trainers.process.children import child_env
 
 EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+) .*val_macro_f1 ([0-9.naninf]+)", re.M)
 STOP_GRACE_SECONDS = 60  # after Ctrl-C, a trial has this long to close its run before it is killed

@@ -12,16 +12,15 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainers.config import (DataConfig, ModelConfig, TrialConfig, ViTArchConfig, config_hash, from_dict, merge,
                              trial_name)
+from trainers.data.sources import IMAGE_SUFFIXES
 
 if TYPE_CHECKING:   # spec.py imports this module at run time, to validate every point it plans
-    from orchestrator.spec import Experiment, SweepSpec
+    from orchestrator.sweep.spec import Experiment, SweepSpec
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 # Forward multiply-adds of ResNet-50 at 224x224 (torchvision's published 4.09 GMACs); they scale with pixels.
 RESNET50_MACS_224 = 4.09e9
 # Rough sustained throughputs: fp32 on a few CPU cores; bf16 on one A100/H100-class GPU, well below peak.
@@ -149,7 +148,7 @@ def count_images(data: DataConfig) -> int | None:
         return data.synthetic.n_images
     if data.source != "imagefolder" or not data.root:
         return None
-    return sum(1 for _, _, files in os.walk(data.root) for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+    return sum(1 for _, _, files in os.walk(data.root) for f in files if f.lower().endswith(IMAGE_SUFFIXES))
 
 
 def trial_flop(cfg: TrialConfig, images: int) -> float:

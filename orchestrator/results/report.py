@@ -31,11 +31,11 @@ from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 from scipy import stats
 
-from orchestrator.plan import experiment_points
-from orchestrator.runs import child_runs, find_parent_run, groups_of
-from orchestrator.spec import Experiment, SweepSpec, canonical_axis
+from orchestrator.sweep.plan import experiment_points
+from orchestrator.results.runs import child_runs, find_parent_run, groups_of
+from orchestrator.sweep.spec import Experiment, SweepSpec, canonical_axis
 from trainers.plots import confusion_png, curves_png  # first: it selects the Agg backend
-from trainers.side_files import STORE_DIR
+from trainers.process.side_files import STORE_DIR
 from trainers.tracking import no_download_bars
 
 import matplotlib.pyplot as plt  # noqa: E402

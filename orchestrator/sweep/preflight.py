@@ -10,10 +10,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.plan import expand, resolve_trial
-from orchestrator.spec import SweepSpec
+from orchestrator.sweep.plan import expand, resolve_trial
+from orchestrator.sweep.spec import SweepSpec
 from trainers.config import DataConfig, TrialConfig, from_dict
-from trainers.side_files import STORE_DIR
+from trainers.process.side_files import STORE_DIR
 
 # A tiny sweep writes a few MB (stores, cache, checkpoints); 200 MB leaves room for a real one to start.
 # FER_MIN_FREE_MB changes it (a test sets it above the free space to stand in for a full disk).
