@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from trainers.process.side_files import STORE_DIR
+from trainers.errors import UserError
 
 # The study's six expressions, in its table order.
 DEFAULT_CLASSES = ("anger", "disgust", "fear", "happiness", "sadness", "surprise")
@@ -29,7 +30,7 @@ OPTIMIZERS = ("sgd", "rmsprop", "adam")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is missing, unknown or impossible; the message names the field."""
 
 

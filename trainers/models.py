@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from trainers.config import ModelConfig
+from trainers.errors import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 VIT_MEAN, VIT_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)   # google/vit-* processors
 
 
-class ModelUnavailableError(RuntimeError):
+class ModelUnavailableError(UserError, RuntimeError):
     """Pretrained weights cannot be loaded (offline, missing file); the message says how to supply them."""
 
 

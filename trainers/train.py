@@ -26,6 +26,7 @@ from trainers.data.balance import balance_plan, class_weights
 from trainers.data.dataset import PreparedData
 from trainers.data.split import TEST, TRAIN, VAL
 from trainers.models import FerClassifier
+from trainers.errors import UserError
 
 
 class StopTrial(Exception):
@@ -205,7 +206,7 @@ def evaluate(model: nn.Module, data: PreparedData, split: int, cfg: TrialConfig,
 
 # --- checkpoints --------------------------------------------------------------------------
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A trial's checkpoint holds more than tensors and numbers; it was refused, not loaded."""
 
 

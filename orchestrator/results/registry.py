@@ -26,6 +26,7 @@ from mlflow.exceptions import MlflowException
 from orchestrator.results.runs import child_runs
 from orchestrator.sweep.spec import PromoteSpec, SweepSpec
 from trainers.tracking import global_tracking_uri
+from trainers.errors import UserError
 
 PREVIOUS_ALIAS = "previous"
 # The spec's metric name -> the trial-run metric that scores the logged model (see the module docstring).
@@ -33,7 +34,7 @@ RUN_METRICS = {"val_macro_f1": "final_val_macro_f1", "val_accuracy": "val_accura
                "test_macro_f1": "test_macro_f1", "test_accuracy": "test_accuracy"}
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError, ValueError):
     """Promotion or production evaluation cannot go on; the one-line message says what to do."""
 
 

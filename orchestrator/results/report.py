@@ -37,6 +37,7 @@ from orchestrator.sweep.spec import Experiment, SweepSpec, canonical_axis
 from trainers.plots import confusion_png, curves_png  # first: it selects the Agg backend
 from trainers.process.side_files import STORE_DIR
 from trainers.tracking import no_download_bars
+from trainers.errors import UserError
 
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
@@ -77,7 +78,7 @@ ONE_SEED_WARNING = ("**One seed per trial.** Differences below the run-to-run no
                     "from a single seed; list several under `seeds:` to get intervals.")
 
 
-class ReportError(RuntimeError):
+class ReportError(UserError, RuntimeError):
     """The report cannot be written (e.g. the sweep has no runs); the message says what to do."""
 
 

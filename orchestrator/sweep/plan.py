@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 import os
 from collections import Counter
@@ -98,6 +99,26 @@ def grid_points(spec: SweepSpec) -> int:
     """How many (grid point, seed) pairs the spec lists before deduplication."""
     per_seed = sum(math.prod(len(values) for values in exp.grid.values()) for exp in spec.experiments)
     return per_seed * len(spec.seeds)
+
+
+def datasets_to_prepare(spec: SweepSpec, trials: list[PlannedTrial]) -> list[tuple[str, DataConfig, int]]:
+    """Each distinct (data, input size) the trials train on, then the production data at those sizes."""
+    from trainers.config import from_dict, to_dict
+
+    seen, out = set(), []
+    for t in trials:
+        key = (json.dumps(to_dict(t.config.data), sort_keys=True), t.config.model.image_size)
+        if key not in seen:
+            seen.add(key)
+            out.append(("data", t.config.data, t.config.model.image_size))
+    if spec.production is not None:
+        classes = out[0][1].classes if out else None
+        raw = spec.production if "classes" in spec.production or classes is None else \
+            {**spec.production, "classes": list(classes)}    # production is evaluated on the model's classes
+        production_cfg = from_dict({"data": raw}, spec.path).data
+        for size in sorted({size for _, _, size in out}):
+            out.append(("production", production_cfg, size))
+    return out
 
 
 # --- cost ---------------------------------------------------------------------------

@@ -14,13 +14,14 @@ from orchestrator.sweep.plan import expand, resolve_trial
 from orchestrator.sweep.spec import SweepSpec
 from trainers.config import DataConfig, TrialConfig, from_dict
 from trainers.process.side_files import STORE_DIR
+from trainers.errors import UserError
 
 # A tiny sweep writes a few MB (stores, cache, checkpoints); 200 MB leaves room for a real one to start.
 # FER_MIN_FREE_MB changes it (a test sets it above the free space to stand in for a full disk).
 MIN_FREE_MB = 200
 
 
-class OutputFolderError(RuntimeError):
+class OutputFolderError(UserError, RuntimeError):
     """A folder the command must write is missing rights or space; the message names it and what to do."""
 
 

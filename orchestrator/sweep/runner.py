@@ -20,12 +20,13 @@ from orchestrator.sweep.spec import SweepSpec
 from trainers.config import config_hash, from_dict, trial_name
 from trainers.process.side_files import STORE_DIR
 from trainers.tracking import tracking_uri
+from trainers.errors import UserError
 
 WORK_DIR = STORE_DIR / "sweeps"
 START_POLL_SECONDS = 2.0    # how often a worker started before its sweep looks for it
 
 
-class SweepError(RuntimeError):
+class SweepError(UserError, RuntimeError):
     """The sweep cannot start; the message says what to do."""
 
 

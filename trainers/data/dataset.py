@@ -25,13 +25,14 @@ from trainers.data.sources import Listing, Sample, list_imagefolder
 from trainers.data.split import SPLIT_NAMES, TRAIN, VAL, assign_splits, stratified_split
 from trainers.data.synthetic import write_synthetic
 from trainers.progress import progress
+from trainers.errors import UserError
 
 # Images decoded and aligned per step; MTCNN batches equal-sized ones within it.
 # At most 64 x 896 x 896 x 3 bytes (~150 MB) of decoded pixels are held at once.
 ALIGN_CHUNK = 64
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The dataset cannot be used as configured; the message says what to do."""
 
 

@@ -15,10 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from trainers.errors import UserError
 from trainers.process.children import die_with_parent, output_to
-
-USER_ERRORS = ("ConfigError", "DataError", "ModelUnavailableError", "CheckpointError")
-
 
 def execute(config: Path, overrides: list[str], log_file: Path | None = None,
             stop_file: Path | None = None, reuse_data: bool = False) -> dict:
@@ -36,7 +34,7 @@ def execute(config: Path, overrides: list[str], log_file: Path | None = None,
     try:
         outcome = run_trial(cfg, log_file, stop_file, reuse_data)
     except Exception as err:
-        if type(err).__name__ in USER_ERRORS:
+        if isinstance(err, UserError):
             return {"status": "error", "retriable": False, "error": _one_line(err)}
         traceback.print_exc()
         if _out_of_memory(err):

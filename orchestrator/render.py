@@ -1,0 +1,119 @@
+"""What the verbs print: the plan's tables and cost, the prepared data, a sweep's outcome."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.sweep.plan import PlannedTrial, grid_points
+from orchestrator.sweep.spec import SweepSpec
+from trainers.config import DataConfig
+
+
+def console() -> Console:
+    console = Console()
+    # Piped output would be cut to 80 columns; a file or log has room for the whole table.
+    return console if console.is_terminal else Console(width=200)
+
+
+def trial_table(spec: SweepSpec, trials: list[PlannedTrial]) -> Table:
+    """One row per unique trial."""
+    table = Table(title=f"{spec.name}: {len(trials)} trials")
+    for column in ("#", "hash", "name", "groups", "model", "epochs", "optimizer", "lr", "seed"):
+        table.add_column(column, justify="right" if column in ("#", "epochs", "lr", "seed") else "left")
+    for i, trial in enumerate(trials, 1):
+        c = trial.config
+        table.add_row(str(i), trial.hash, trial.name, ", ".join(trial.groups), c.model.name,
+                      str(c.train.epochs), c.optim.name, f"{c.optim.lr:g}", str(c.train.seed))
+    return table
+
+
+def count_line(spec: SweepSpec, trials: list[PlannedTrial]) -> str:
+    """'18 grid points → 15 unique trials', with the seed multiplier when there are several seeds."""
+    points = grid_points(spec)
+    seeds = len(spec.seeds)
+    shown = f"{points} grid points" if seeds == 1 else f"{points} grid points ({points // seeds} × {seeds} seeds)"
+    return f"{shown} → {len(trials)} unique trials"
+
+
+def tpe_line(spec: SweepSpec) -> str:
+    """The TPE search the ledger will sample at run time."""
+    def describe(entry) -> str:
+        if isinstance(entry, dict):
+            return f"{entry['low']:g}..{entry['high']:g}{' (log)' if entry['log'] else ''}"
+        return "{" + ", ".join(map(str, entry)) + "}"
+    space = "; ".join(f"{path} in {describe(entry)}" for path, entry in spec.search.space.items())
+    return f"TPE: {spec.search.n_trials} trials over space {space}"
+
+
+def cost_lines(cost: dict) -> list[str]:
+    """The estimate in two lines, then its assumptions."""
+    trials = cost["trials"] + cost["tpe_trials"]
+    lines = [f"estimated cost: {trials} trials, {cost['epochs']} epochs"]
+    if cost["flop"] is not None:
+        lines[0] += f", {cost['image_epochs']:,} image-epochs, {cost['flop'] / 1e15:.3g} PFLOP"
+        lines.append(f"  about {_duration(cost['gpu_hours'])} on one GPU or {_duration(cost['cpu_hours'])} on a CPU")
+    return lines + [f"  [dim]assuming {note}[/dim]" for note in cost["assumptions"]]
+
+
+def _duration(hours: float) -> str:
+    if hours < 1:
+        return f"{max(1, round(hours * 60))} min"
+    return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
+
+
+def data_table(data) -> Table:
+    """Images per class per split."""
+    table = Table()
+    splits = list(data.report.per_split)
+    for column in ("class", *splits, "total"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for c in data.classes:
+        counts = [data.report.per_split[s].get(c, 0) for s in splits]
+        table.add_row(c, *map(str, counts), str(sum(counts)))
+    totals = [sum(data.report.per_split[s].values()) for s in splits]
+    table.add_row("all", *map(str, totals), str(sum(totals)))
+    return table
+
+
+def data_lines(cfg: DataConfig, data) -> list[str]:
+    """Skipped files by reason, dropped labels, alignment failures, near-duplicates across splits."""
+    r = data.report
+
+    def counts(d: dict) -> str:
+        return ", ".join(f"{k} {v}" for k, v in d.items()) or "none"
+
+    lines = [f"  skipped: {counts(r.skipped)}", f"  dropped (label not in classes): {counts(r.dropped)}"]
+    if cfg.align != "none":
+        lines.append(f"  alignment: no face found in {r.align_failures} of {r.usable} images "
+                     f"({100 * r.align_failures / max(r.usable, 1):.1f}%), centre-cropped instead")
+    duplicates = (f"  near-duplicates across splits (perceptual hash within {cfg.duplicate_distance} bits): "
+                  f"{counts(r.duplicates)}")
+    if cfg.dedupe:
+        duplicates += f"; {r.duplicates_removed} removed from val/test"
+    elif r.duplicates:
+        duplicates += " (set data.dedupe: true to remove the val/test copies)"
+    lines.append(duplicates)
+    lines.append(f"  cache: {r.decoded} images decoded now, {r.usable} usable")
+    return lines
+
+
+def print_outcome(spec: SweepSpec, outcome) -> None:
+    """The sweep's closing line: trial counts, wall and training time, the parent run."""
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(outcome.counts.items()))
+    print(f"sweep '{spec.name}': {counts}; wall {outcome.wall_seconds:.0f}s, trials' training "
+          f"{outcome.train_seconds:.0f}s (summed over slots); parent run {outcome.parent_run_id}")
+    if outcome.interrupted:
+        print("interrupted: run the same command again to resume; finished trials are kept")
+
+
+def status_table(latest: dict) -> Table:
+    """One row per grid point: its latest Optuna trial, state, attempt, where it runs and its MLflow run."""
+    table = Table(title="trials")
+    for column in ("optuna #", "name", "state", "attempt", "host/slot", "run id"):
+        table.add_column(column)
+    for t in sorted(latest.values(), key=lambda t: t.number):
+        state = t.state.name.lower() if t.state.name in ("WAITING", "RUNNING") else t.user_attrs.get("status", "")
+        # worker = host/slot: running it now, or where it ran (a waiting retry has none yet)
+        table.add_row(str(t.number), t.user_attrs.get("name", ""), state, str(t.user_attrs.get("attempt", 0)),
+                      t.user_attrs.get("worker", ""), t.user_attrs.get("run_id", ""))
+    return table

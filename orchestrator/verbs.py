@@ -1,0 +1,151 @@
+"""The verbs of `python -m orchestrator`: each reads a spec, does one job and returns an exit code."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from orchestrator.render import (console, cost_lines, count_line, data_lines, data_table, print_outcome, status_table,
+                                 tpe_line, trial_table)
+from orchestrator.sweep.plan import datasets_to_prepare, estimate_cost, expand
+from orchestrator.sweep.preflight import check_prepare_folders, check_sweep_folders
+from orchestrator.sweep.spec import SweepSpec, load_spec
+from trainers.config import ConfigError
+
+
+def plan(args: argparse.Namespace) -> int:
+    """Check a sweep spec, then print its trials, their count and the estimated cost; runs nothing."""
+    spec = load_spec(args.spec)
+    trials = expand(spec)
+    out = console()
+    out.print(trial_table(spec, trials))
+    out.print(count_line(spec, trials))
+    if spec.search.method == "tpe":
+        out.print(tpe_line(spec))
+    for line in cost_lines(estimate_cost(spec, trials)):
+        out.print(line)
+    return 0
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """Run a sweep end to end (or resume it): every planned trial once, then the report."""
+    spec = load_spec(args.spec)
+    check_sweep_folders(spec, args.storage, args.tracking_uri)    # before the ledger or any run exists
+    from orchestrator.sweep.runner import run_sweep
+
+    try:
+        outcome = run_sweep(spec, args.storage, args.tracking_uri, _gpu_list(args.gpus), args.jobs)
+    except KeyboardInterrupt:    # while preparing data: no trial had started
+        print("\nstopped before any trial started; run the same command again to resume", file=sys.stderr)
+        return 130
+    print_outcome(spec, outcome)
+    if outcome.interrupted:
+        return 130
+    _write_report(spec, args.tracking_uri)
+    unfinished = outcome.counts.get("waiting", 0) + outcome.counts.get("running", 0)
+    return 1 if outcome.counts.get("failed") or unfinished else 0
+
+
+def worker(args: argparse.Namespace) -> int:
+    """Join a started sweep: claim and train waiting trials on this host's slots until none is left."""
+    spec = load_spec(args.spec)
+    check_sweep_folders(spec, args.storage, args.tracking_uri)
+    from orchestrator.sweep.runner import run_sweep
+
+    try:
+        outcome = run_sweep(spec, args.storage, args.tracking_uri, _gpu_list(args.gpus), args.jobs, enqueue=False)
+    except KeyboardInterrupt:    # while waiting for the sweep to start: nothing was claimed
+        print("\nstopped before the sweep started", file=sys.stderr)
+        return 130
+    print_outcome(spec, outcome)
+    return 130 if outcome.interrupted else 0
+
+
+def status(args: argparse.Namespace) -> int:
+    """Show a sweep's trials: waiting, running, finished, failed, diverged, and who runs what."""
+    from trainers.process.side_files import STORE_DIR
+    from orchestrator.sweep.runner import SweepError, open_ledger
+
+    spec = load_spec(args.spec)
+    if args.storage is None and not (STORE_DIR / "optuna.db").exists():     # reading creates nothing
+        raise SweepError(f"no sweep has run from this folder ({STORE_DIR.resolve()} has no optuna.db); start "
+                         f"'{spec.name}' with `python -m orchestrator sweep {args.spec}`, or pass --storage")
+    ledger = open_ledger(spec, args.storage)
+    latest = ledger.latest_by_hash()
+    counts = ledger.counts()
+    print(f"sweep '{spec.name}' ({ledger.safe_url}): " + ", ".join(
+        f"{k} {counts.get(k, 0)}" for k in ("waiting", "running", "finished", "diverged", "pruned", "failed")))
+    console().print(status_table(latest))
+    return 0
+
+
+def _gpu_list(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--gpus: expected GPU indices like 0,1; got '{text}'") from None
+
+
+def _write_report(spec: SweepSpec, tracking: str | None, out: str | None = None) -> None:
+    """Write the sweep's report from MLflow and say where it is."""
+    from mlflow import MlflowClient
+
+    from orchestrator.results.report import write_report
+    from trainers.tracking import tracking_uri
+
+    path = write_report(spec, MlflowClient(tracking_uri(tracking)), out)
+    print(f"report: {path}\nbrowse the runs with `make ui` (MLflow UI on http://127.0.0.1:5000)")
+
+
+def promote(args: argparse.Namespace) -> int:
+    """Register the sweep's best model and alias it champion if it beats the incumbent."""
+    from mlflow import MlflowClient
+
+    from orchestrator.results.registry import promote as promote_best
+    from trainers.tracking import tracking_uri
+
+    spec = load_spec(args.spec)
+    result = promote_best(spec, MlflowClient(tracking_uri(args.tracking_uri)))
+    print(result.message)
+    return 0
+
+
+def production(args: argparse.Namespace) -> int:
+    """Evaluate the champion on the production data: metrics, slices, drift."""
+    from mlflow import MlflowClient
+
+    from orchestrator.results.production import degradation_table, drift_line, evaluate_production, slice_table
+    from trainers.tracking import tracking_uri
+
+    spec = load_spec(args.spec)
+    result = evaluate_production(spec, MlflowClient(tracking_uri(args.tracking_uri)))
+    out = console()
+    out.print(degradation_table(result))
+    out.print(slice_table(result))
+    out.print(drift_line(result))
+    out.print(f"logged run {result.run_id} in experiment '{spec.name}-production'")
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    """Write the study's tables and figures for a sweep from MLflow."""
+    _write_report(load_spec(args.spec), args.tracking_uri, args.out)
+    return 0
+
+
+def prepare(args: argparse.Namespace) -> int:
+    """Align and cache a spec's data (and production data) ahead of a sweep, then summarise what was found."""
+    from trainers.data.dataset import prepare_data
+
+    spec = load_spec(args.spec)
+    datasets = datasets_to_prepare(spec, expand(spec))
+    check_prepare_folders([cfg for _, cfg, _ in datasets])
+    out = console()
+    for title, cfg, size in datasets:
+        data = prepare_data(cfg, size)
+        out.print(f"{title}: {cfg.source} at {size} px, align {cfg.align}")
+        out.print(data_table(data))
+        for line in data_lines(cfg, data):
+            console.print(line)
+    return 0

@@ -1,0 +1,10 @@
+"""The one base class for errors in what the user gave or set up (a spec, a config, data, a folder).
+
+Both command lines print such an error as one line and exit 2, without a traceback; a trainer
+reports it as a failure that a retry cannot fix. Anything else is a bug or a crash.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input or set-up; the message says what is wrong and what to do."""
