@@ -88,3 +88,26 @@ def test_metrics_equal_scikit_learn(seed):
 ])
 def test_lr_drops_by_20_percent_when_val_f1_falls_more_than_10_percent(prev, now, expected):
     assert reduce_lr_on_f1_drop(prev, now, 1e-3, 0.10, 0.8) == pytest.approx(expected)
+
+
+def test_flat_names_every_metric_as_logged_and_scores_absent_classes_zero():
+    # Class "c" is neither in the truth nor predicted; "b" is in the truth but never predicted.
+    cm = metrics.confusion_matrix(np.array([0, 0, 0, 1]), np.array([0, 0, 0, 0]), 3)
+    got = metrics.flat("test", cm, ("a", "b", "c"))
+    assert list(got) == ["test_accuracy", "test_macro_f1",
+                         "test_precision_a", "test_precision_b", "test_precision_c",
+                         "test_recall_a", "test_recall_b", "test_recall_c", "test_f1_a", "test_f1_b", "test_f1_c"]
+    assert all(type(v) is float for v in got.values())
+    assert got["test_accuracy"] == 0.75 and got["test_precision_a"] == 0.75 and got["test_recall_a"] == 1.0
+    # No support or no predictions scores 0 (scikit-learn's zero_division=0), never NaN.
+    assert got["test_precision_b"] == got["test_recall_b"] == got["test_f1_b"] == 0.0
+    assert got["test_precision_c"] == got["test_recall_c"] == got["test_f1_c"] == 0.0
+    # Macro F1 averages the classes present in truth or predictions: a (6/7) and b (0), not c.
+    assert got["test_macro_f1"] == pytest.approx((6 / 7 + 0) / 2)
+
+
+def test_flat_uses_the_class_names_as_given():
+    cm = metrics.confusion_matrix(np.array([0, 1]), np.array([0, 1]), 2)
+    assert set(metrics.flat("production", cm, ("very happy", "sad"))) == {
+        "production_accuracy", "production_macro_f1", *(f"production_{k}_{c}" for k in ("precision", "recall", "f1")
+                                                         for c in ("very happy", "sad"))}

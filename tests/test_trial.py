@@ -52,6 +52,10 @@ def test_two_epochs_log_params_metrics_and_artifacts(tmp_path, model):
     for name in CLASSES:
         for key in ("precision", "recall", "f1"):
             assert 0 <= m[f"test_{key}_{name}"] <= 1
+    assert {k for k in m if k.startswith("test_")} == {"test_loss", "test_accuracy", "test_macro_f1"} | {
+        f"test_{key}_{name}" for key in ("precision", "recall", "f1") for name in CLASSES}
+    assert outcome.metrics == {k: pytest.approx(m[k]) for k in ("val_macro_f1", "val_accuracy", "train_loss",
+                                                                "test_loss", "test_accuracy", "test_macro_f1")}
     assert m["data_n_train"] + m["data_n_val"] + m["data_n_test"] == 240
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"config.yaml", "curves.png", "confusion_matrix.png", "confusion_matrix.json",

@@ -1,5 +1,7 @@
-"""Classification metrics computed from a confusion matrix; pure numpy, no logging."""
+"""Classification metrics computed from a confusion matrix, and flattened to metric names; pure numpy, no logging."""
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -34,3 +36,15 @@ def summary(cm: np.ndarray) -> dict[str, float]:
     present = (cm.sum(axis=0) + cm.sum(axis=1)) > 0
     macro_f1 = float(pc["f1"][present].mean()) if present.any() else 0.0
     return {"accuracy": accuracy, "macro_f1": macro_f1}
+
+
+def flat(prefix: str, confusion: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
+    """<prefix>_accuracy, <prefix>_macro_f1 and <prefix>_{precision,recall,f1}_<class>, named as logged.
+
+    Class names are used as given (a caller that needs MLflow-safe keys passes them sanitised).
+    """
+    scores, pc = summary(confusion), per_class(confusion)
+    out = {f"{prefix}_accuracy": scores["accuracy"], f"{prefix}_macro_f1": scores["macro_f1"]}
+    for key in ("precision", "recall", "f1"):
+        out.update({f"{prefix}_{key}_{name}": float(value) for name, value in zip(classes, pc[key])})
+    return out

@@ -10,7 +10,7 @@ from pathlib import Path
 from trainers.config import TrialConfig, trial_dir
 from trainers.data.dataset import PreparedData, prepare_data
 from trainers.models import build_model
-from trainers.tracking import TrialRun, start_figure_helper, test_summary
+from trainers.tracking import TrialRun, start_figure_helper
 from trainers.train import Checkpoint, StopTrial, run_training
 
 
@@ -94,15 +94,15 @@ def run_trial(cfg: TrialConfig, log_file: Path | None = None, stop_file: Path | 
         raise
     run.finish(result.status)
     shutil.rmtree(directory, ignore_errors=True)
-    return TrialOutcome(run.run_id, result.status, _final_metrics(result, data.classes), result.train_seconds)
+    return TrialOutcome(run.run_id, result.status, _final_metrics(result), result.train_seconds)
 
 
-def _final_metrics(result, classes) -> dict[str, float]:
+def _final_metrics(result) -> dict[str, float]:
+    """The last epoch's validation scores and the test scores, for the trial's outcome."""
     out = {}
     if result.history:
         last = result.history[-1]
         out.update({k: last[k] for k in ("val_macro_f1", "val_accuracy", "train_loss")})
     if result.test is not None:
-        summary = test_summary(result.test, classes)
-        out.update({k: summary[k] for k in ("test_loss", "test_accuracy", "test_macro_f1")})
+        out.update({f"test_{k}": result.test[k] for k in ("loss", "accuracy", "macro_f1")})
     return out

@@ -29,6 +29,7 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from trainers.config import TrialConfig, config_hash, flat_params, to_dict, trial_name
 from trainers.data.dataset import PreparedData
 from trainers.data.split import SPLIT_NAMES
+from trainers.metrics import flat
 from trainers.process.figure_helper import log_figures
 from trainers.process.children import child_env
 from trainers.process.side_files import STORE_DIR
@@ -263,7 +264,7 @@ class TrialRun:
             summary["diverged_epoch"] = float(len(result.history) + 1)
         cm = None
         if result.test is not None:
-            summary.update(test_summary(result.test, data.classes))
+            summary.update({"test_loss": result.test["loss"], **flat("test", result.test["confusion"], data.classes)})
             self.client.log_text(self.run_id, per_class_csv(result.test, data.classes), "per_class.csv")
             cm = result.test["confusion"]
             confusion = {"classes": list(data.classes), "counts": cm.tolist()}
@@ -336,15 +337,6 @@ class TrialRun:
                                                               "model_log_seconds": self.model_seconds}))
         self.client.set_tag(self.run_id, "status", status)
         self.client.set_terminated(self.run_id, MLFLOW_STATUS[status])
-
-
-def test_summary(test: dict, classes: tuple[str, ...]) -> dict[str, float]:
-    """Flat test metrics: test_accuracy, test_macro_f1, test_{precision,recall,f1}_<class>."""
-    out = {"test_loss": test["loss"], "test_accuracy": test["accuracy"], "test_macro_f1": test["macro_f1"]}
-    for key in ("precision", "recall", "f1"):
-        for name, value in zip(classes, test["per_class"][key]):
-            out[f"test_{key}_{name}"] = float(value)
-    return out
 
 
 def per_class_csv(test: dict, classes: tuple[str, ...]) -> str:
