@@ -1,9 +1,11 @@
-"""What the verbs print: the plan's tables and cost, the prepared data, a sweep's outcome."""
+"""What the verbs print: the plan's tables and cost, the prepared data, a sweep's outcome, the production evaluation."""
 from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.results.production_tables import (DEGRADATION_HEADERS, ProductionResult, degradation_cells,
+                                                    percent)
 from orchestrator.sweep.plan import PlannedTrial, grid_points
 from orchestrator.sweep.spec import SweepSpec
 from trainers.config import DataConfig
@@ -117,3 +119,34 @@ def status_table(latest: dict) -> Table:
         table.add_row(str(t.number), t.user_attrs.get("name", ""), state, str(t.user_attrs.get("attempt", 0)),
                       t.user_attrs.get("worker", ""), t.user_attrs.get("run_id", ""))
     return table
+
+
+def degradation_table(result: ProductionResult) -> Table:
+    """Test vs production per class, then overall (the study's Tables 12-13)."""
+    table = Table(title=f"{result.model_name} v{result.version}: test vs production (Tables 12-13)")
+    for i, header in enumerate(DEGRADATION_HEADERS):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for row in result.degradation:
+        table.add_row(*degradation_cells(row), style="bold" if row["class"] == "overall" else None)
+    return table
+
+
+def slice_table(result: ProductionResult) -> Table:
+    """Production metrics per attribute value."""
+    table = Table(title="production slices")
+    for column in ("attribute", "value", "images", "accuracy (%)", "macro F1 (%)"):
+        table.add_column(column, justify="right" if column not in ("attribute", "value") else "left")
+    for row in result.slices:
+        table.add_row(row["attribute"], row["value"], str(row["count"]), percent(row["accuracy"]),
+                      percent(row["macro_f1"]))
+    return table
+
+
+def drift_line(result: ProductionResult) -> str:
+    """One line: the drift score, its control and the verdict."""
+    m = result.metrics
+    if "drift_auc" not in m:
+        return f"drift: {result.drift_verdict}"
+    return (f"drift: AUC {m['drift_auc']:.3f} ({result.drift_verdict}; held-out training data scores "
+            f"{m['drift_auc_control']:.3f}; logits alone {m['drift_auc_logits']:.3f}, "
+            f"pixels alone {m['drift_auc_pixels']:.3f})")

@@ -115,7 +115,8 @@ def production(args: argparse.Namespace) -> int:
     """Evaluate the champion on the production data: metrics, slices, drift."""
     from mlflow import MlflowClient
 
-    from orchestrator.results.production import degradation_table, drift_line, evaluate_production, slice_table
+    from orchestrator.render import degradation_table, drift_line, slice_table
+    from orchestrator.results.production import evaluate_production
     from trainers.tracking import tracking_uri
 
     spec = load_spec(args.spec)

@@ -12,7 +12,8 @@ import yaml
 from mlflow import MlflowClient
 
 from orchestrator.__main__ import main
-from orchestrator.results.production import ProductionError, drift_verdict, evaluate_production, load_version, move_exported
+from orchestrator.results.drift import drift_verdict
+from orchestrator.results.production import ProductionError, evaluate_production, load_version, move_exported
 from orchestrator.results.registry import PREVIOUS_ALIAS, RegistryError, promote
 from orchestrator.results.runs import child_runs, open_parent_run
 from orchestrator.sweep.spec import spec_from_dict
@@ -65,6 +66,12 @@ def make_spec(tmp: Path, sweep: str = "t", production: dict | str | None = "shif
     if production is not None:
         raw["production"] = production
     return spec_from_dict(raw, f"{sweep}.yaml")
+
+
+# The production run's params: its data section flattened as a trial's are, under "production.".
+PRODUCTION_PARAMS = ("align", "align_margin", "balance", "balance_max_factor", "cache_dir", "classes", "dedupe",
+                     "duplicate_distance", "root", "source", "split", "split_seed", "synthetic.draw_size",
+                     "synthetic.n_images", "synthetic.seed", "synthetic.variant", "use_dataset_split")
 
 
 def aliases(client, name):
@@ -136,11 +143,14 @@ def test_production_run_logs_metrics_slices_drift_and_the_degradation_table(swee
     assert run.data.tags["model_name"] == "fer-prod" and run.data.tags["model_version"] == "1"
     m = run.data.metrics
     expected = {"production_accuracy", "production_macro_f1", "production_align_failure_rate", "drift_auc",
-                "drift_auc_control"}
+                "drift_auc_control", "drift_auc_logits", "drift_auc_pixels"}
     expected |= {f"production_{k}_{c}" for k in ("precision", "recall", "f1") for c in DEFAULT_CLASSES}
     expected |= {f"slice_{attr}_{value}_{k}" for attr, values in (("group", "ab"), ("occluded", "01"))
                  for value in values for k in ("count", "accuracy", "macro_f1")}
-    assert expected <= set(m)
+    assert {k for k in m if not k.startswith("data_")} == expected        # exactly these names, as logged
+    assert set(run.data.params) == {"model.image_size"} | {f"production.{k}" for k in PRODUCTION_PARAMS}
+    assert run.data.params["production.classes"] == ",".join(DEFAULT_CLASSES)
+    assert run.data.params["production.synthetic.n_images"] == "480" and run.data.params["model.image_size"] == "32"
     assert m["slice_group_a_count"] + m["slice_group_b_count"] == 480
     assert m["slice_group_b_count"] > m["slice_group_a_count"]          # the production mix is mostly b
     assert m["production_align_failure_rate"] == 0                       # align: none reports no failures

@@ -315,7 +315,7 @@ def to_dict(cfg: Any) -> dict:
     return plain(cfg)
 
 
-def flat_params(cfg: TrialConfig) -> dict[str, str]:
+def flat_params(cfg: TrialConfig | DataConfig) -> dict[str, str]:
     """Flat ``section.key`` params for MLflow, the same names for every model."""
     out: dict[str, str] = {}
 
