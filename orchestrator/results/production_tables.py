@@ -22,6 +22,7 @@ SLICE_COLUMNS = ("attribute", "value", "count", "accuracy", "macro_f1")
 
 @dataclass
 class ProductionResult:
+    """What evaluate_production returns: the logged run, the model version and its scores on production data."""
     run_id: str                   # the production run in <sweep>-production
     model_name: str
     version: int
