@@ -99,7 +99,8 @@ def comparison(row: dict, stem: str, ref: float | None) -> tuple[list[str], dict
     degradation.csv row's test_<stem>, production_<stem> and <stem>_change."""
     values = {"test": row.get(f"test_{stem}"), "production": row.get(f"production_{stem}"),
               "change": row.get(f"{stem}_change")}
-    pct = {k: None if v is None else 100 * v for k, v in values.items()}
+    # degradation.csv keeps four decimals of a fraction: two of a percentage, and no float noise beyond.
+    pct = {k: None if v is None else round(100 * v, 2) for k, v in values.items()}
     cells = ["—" if pct["test"] is None else f"{pct['test']:.1f}",
              ("—" if pct["production"] is None else f"{pct['production']:.1f}")
              + ("" if ref is None else f" · study {100 * ref:.1f}"),
