@@ -17,6 +17,7 @@ from orchestrator.__main__ import main
 from orchestrator.results.production import DEGRADATION_COLUMNS
 from orchestrator.sweep.plan import expand
 from orchestrator.results.report import write_report
+from orchestrator.results.report.cells import Trial, group_cells
 from orchestrator.results.report.references import study
 from orchestrator.results.runs import open_parent_run
 from orchestrator.sweep.spec import parse_yaml, spec_from_dict
@@ -287,3 +288,31 @@ def test_study_values_are_read_from_paper_yaml_reference_blocks(tmp_path):
     assert study(refs["fine_lr"]["production_per_class"], "production_f1", {"class": "disgust"}, partial=True) == 0.847
     assert study(refs["fine_lr"]["production"], "production_macro_f1", {}, partial=True) == 0.946
     assert study(refs["epochs"], "test_accuracy", {"train.epochs": 7}) is None
+
+
+def test_runs_of_an_edited_spec_are_left_out_not_credited_to_its_grid_points(one_seed, tmp_path):
+    client = one_seed[0]
+    raw = sweep_spec("r", {"baseline": {"title": "ViT vs ResNet-50", "grid": {"model": ["vit", "resnet50"]}}}, [0])
+    raw["data"]["synthetic"]["n_images"] = 100     # the runs trained on 120 images: another config_hash
+    path = write_report(spec_from_dict(raw), client, tmp_path / "edited")
+    assert "2 run(s) tagged 'baseline' match no grid point of the spec" in path.read_text()
+    assert not (path.parent / "baseline_test.csv").exists()
+
+
+def test_cells_follow_config_hash_and_read_a_preset_from_the_model_it_resolves_to():
+    raw = sweep_spec("p", {"baseline": {"grid": {"model": ["small", "wide"], "optim.lr": [1.0e-3, 1.0e-2]}}}, [0, 1])
+    raw["models"] = {"small": TINY_VIT, "wide": {**TINY_VIT, "image_size": 48}}
+    raw["defaults"]["model"] = "small"
+    spec = spec_from_dict(raw)
+    plan = expand(spec)
+    runs = [Trial(f"run{i}", t.name, "finished", t.groups, t.hash, {}, {"test_accuracy": 0.1 * i})
+            for i, t in enumerate(plan)]
+    stranger = Trial("stranger", "x", "finished", ("baseline",), "0" * 12, {}, {})
+    cells, stray = group_cells(spec, plan, spec.experiments[0], [*runs, stranger])
+    assert stray == [stranger]
+    assert [c.point for c in cells] == [("small", 1e-3), ("small", 1e-2), ("wide", 1e-3), ("wide", 1e-2)]
+    for cell in cells:
+        model, lr = cell.point
+        size = 48 if model == "wide" else 32
+        planned = {t.name for t in plan if t.config.optim.lr == lr and t.config.model.image_size == size}
+        assert len(cell.trials) == 2 and {t.name for t in cell.trials} == planned
