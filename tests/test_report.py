@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import statistics
@@ -13,18 +14,23 @@ from mlflow import MlflowClient
 from scipy import stats
 
 from orchestrator.__main__ import main
+from orchestrator.results.production import DEGRADATION_COLUMNS
 from orchestrator.sweep.plan import expand
-from orchestrator.results.report import study, write_report
+from orchestrator.results.report import write_report
+from orchestrator.results.report.cells import Trial, group_cells
+from orchestrator.results.report.references import study
 from orchestrator.results.runs import open_parent_run
 from orchestrator.sweep.spec import parse_yaml, spec_from_dict
-from tests.conftest import TINY_VIT, tiny_trial
-from trainers.config import flat_params, from_dict
+from tests.conftest import TINY_VIT
+from trainers.config import TrackingConfig, TrialConfig, flat_params
 from trainers.run import run_trial
 from trainers.tracking import ensure_experiment
 
 PAPER = Path(__file__).resolve().parents[1] / "sweeps" / "paper.yaml"
 CLASSES = ("anger", "disgust", "fear", "happiness", "sadness", "surprise")
 PNG = b"\x89PNG\r\n\x1a\n"
+# degradation.csv holds fractions to four decimals: within 0.005 percentage points of the metric.
+ROUNDED = 0.0051
 # lr 1e8 makes both optimizers' loss non-finite in the first epoch: the study's Table 9 has failed cells too.
 DIVERGING_LR = 1.0e8
 
@@ -34,7 +40,7 @@ def sweep_spec(name: str, experiments: dict, seeds: list[int]) -> dict:
         "name": name,
         "data": {"source": "synthetic", "synthetic": {"n_images": 120, "draw_size": 32}},
         "models": {"vit": TINY_VIT, "resnet50": {"name": "resnet50", "image_size": 16}},
-        "defaults": {"model": "vit", "optim": {"name": "adam", "lr": 1.0e-3}, "train": {"epochs": 1}},
+        "defaults": {"model": "vit", "optim": {"name": "adam", "lr": 1.0e-3}, "train": {"epochs": 1, "batch_size": 32}},
         "experiments": experiments,
         "seeds": seeds,
     }
@@ -50,17 +56,24 @@ def run_sweep(tmp: Path, raw_spec: dict, skip_group: str | None = None) -> tuple
         if trial.groups == (skip_group,):
             if trial.config.train.epochs == 2:   # one crashed run with its params, as a real crash leaves it
                 run = client.create_run(ensure_experiment(client, spec.name), run_name=trial.name,
-                                        tags={**tags, "mlflow.parentRunId": parent, "status": "failed"})
+                                        tags={**tags, "mlflow.parentRunId": parent, "status": "failed",
+                                              "config_hash": trial.hash})
                 for key, value in flat_params(trial.config).items():
                     client.log_param(run.info.run_id, key, value)
                 client.set_terminated(run.info.run_id, "FAILED")
             continue
-        raw = tiny_trial(tmp, data=trial.raw["data"], model=trial.raw["model"], optim=trial.raw["optim"],
-                         train={**trial.raw["train"], "batch_size": 32})
-        raw["tracking"].update(experiment=spec.name, parent_run_id=parent, run_name=trial.name, tags=tags,
-                               log_model=False)
-        run_trial(from_dict(raw))
+        tracking = TrackingConfig(uri=client.tracking_uri, experiment=spec.name, run_name=trial.name,
+                                  parent_run_id=parent, tags=tags, log_model=False)
+        run_trial(in_folder(trial.config, tmp, tracking))
     return client, spec, parent
+
+
+def in_folder(cfg: TrialConfig, tmp: Path, tracking: TrackingConfig) -> TrialConfig:
+    """The planned trial as the sweep runs it: its own caches, two threads, tracked under the parent."""
+    return dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, cache_dir=str(tmp / "cache")),
+        train=dataclasses.replace(cfg.train, checkpoint_dir=str(tmp / "checkpoints"), num_threads=2),
+        tracking=tracking)
 
 
 def log_production_run(client: MlflowClient, sweep: str, source_run_id: str) -> dict:
@@ -76,8 +89,26 @@ def log_production_run(client: MlflowClient, sweep: str, source_run_id: str) -> 
         client.log_metric(run.info.run_id, key, value)
     client.log_text(run.info.run_id, json.dumps({"classes": list(CLASSES), "counts": [[1] * 6] * 6}),
                     "confusion_matrix.json")
+    client.log_text(run.info.run_id, degradation_csv(client.get_run(source_run_id).data.metrics, metrics),
+                    "degradation.csv")
     client.set_terminated(run.info.run_id)
     return metrics
+
+
+def degradation_csv(test: dict, production: dict) -> str:
+    """Test vs production per class, then overall, as the production verb writes degradation.csv."""
+    rows = [{"class": cls, "test_accuracy": test[f"test_recall_{cls}"],
+             "production_accuracy": production[f"production_recall_{cls}"],
+             "test_f1": test[f"test_f1_{cls}"], "production_f1": production[f"production_f1_{cls}"]}
+            for cls in CLASSES]
+    rows.append({"class": "overall", "test_accuracy": test["test_accuracy"],
+                 "production_accuracy": production["production_accuracy"], "test_f1": test["test_macro_f1"],
+                 "production_f1": production["production_macro_f1"]})
+    lines = [",".join(DEGRADATION_COLUMNS)]
+    for row in rows:
+        row.update({f"{k}_change": row[f"production_{k}"] - row[f"test_{k}"] for k in ("accuracy", "f1")})
+        lines.append(",".join(row[c] if c == "class" else f"{row[c]:.4f}" for c in DEGRADATION_COLUMNS))
+    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture(scope="module")
@@ -191,13 +222,15 @@ def test_production_tables_compare_test_and_production(one_seed):
     test = source.data.metrics
     rows = {r["metric"]: r for r in read_csv(path.parent / "production.csv")}
     for name in ("accuracy", "macro_f1"):
-        assert float(rows[name]["test"]) == pytest.approx(100 * test[f"test_{name}"])
+        assert float(rows[name]["test"]) == pytest.approx(100 * test[f"test_{name}"], abs=ROUNDED)
         assert float(rows[name]["production"]) == pytest.approx(100 * production[f"production_{name}"])
         assert float(rows[name]["change"]) == pytest.approx(100 * (production[f"production_{name}"]
-                                                                   - test[f"test_{name}"]))
+                                                                   - test[f"test_{name}"]), abs=ROUNDED)
+    assert [r["class"] for r in read_csv(path.parent / "production_per_class.csv")] == list(CLASSES)
     for row in read_csv(path.parent / "production_per_class.csv"):
         for kind in ("recall", "f1"):
-            assert float(row[f"test_{kind}"]) == pytest.approx(100 * test[f"test_{kind}_{row['class']}"])
+            assert float(row[f"test_{kind}"]) == pytest.approx(100 * test[f"test_{kind}_{row['class']}"],
+                                                               abs=ROUNDED)
             assert float(row[f"production_{kind}"]) == pytest.approx(
                 100 * production[f"production_{kind}_{row['class']}"])
     (slice_row,) = read_csv(path.parent / "production_slices.csv")
@@ -255,3 +288,31 @@ def test_study_values_are_read_from_paper_yaml_reference_blocks(tmp_path):
     assert study(refs["fine_lr"]["production_per_class"], "production_f1", {"class": "disgust"}, partial=True) == 0.847
     assert study(refs["fine_lr"]["production"], "production_macro_f1", {}, partial=True) == 0.946
     assert study(refs["epochs"], "test_accuracy", {"train.epochs": 7}) is None
+
+
+def test_runs_of_an_edited_spec_are_left_out_not_credited_to_its_grid_points(one_seed, tmp_path):
+    client = one_seed[0]
+    raw = sweep_spec("r", {"baseline": {"title": "ViT vs ResNet-50", "grid": {"model": ["vit", "resnet50"]}}}, [0])
+    raw["data"]["synthetic"]["n_images"] = 100     # the runs trained on 120 images: another config_hash
+    path = write_report(spec_from_dict(raw), client, tmp_path / "edited")
+    assert "2 run(s) tagged 'baseline' match no grid point of the spec" in path.read_text()
+    assert not (path.parent / "baseline_test.csv").exists()
+
+
+def test_cells_follow_config_hash_and_read_a_preset_from_the_model_it_resolves_to():
+    raw = sweep_spec("p", {"baseline": {"grid": {"model": ["small", "wide"], "optim.lr": [1.0e-3, 1.0e-2]}}}, [0, 1])
+    raw["models"] = {"small": TINY_VIT, "wide": {**TINY_VIT, "image_size": 48}}
+    raw["defaults"]["model"] = "small"
+    spec = spec_from_dict(raw)
+    plan = expand(spec)
+    runs = [Trial(f"run{i}", t.name, "finished", t.groups, t.hash, {}, {"test_accuracy": 0.1 * i})
+            for i, t in enumerate(plan)]
+    stranger = Trial("stranger", "x", "finished", ("baseline",), "0" * 12, {}, {})
+    cells, stray = group_cells(spec, plan, spec.experiments[0], [*runs, stranger])
+    assert stray == [stranger]
+    assert [c.point for c in cells] == [("small", 1e-3), ("small", 1e-2), ("wide", 1e-3), ("wide", 1e-2)]
+    for cell in cells:
+        model, lr = cell.point
+        size = 48 if model == "wide" else 32
+        planned = {t.name for t in plan if t.config.optim.lr == lr and t.config.model.image_size == size}
+        assert len(cell.trials) == 2 and {t.name for t in cell.trials} == planned

@@ -1,4 +1,5 @@
-"""Figures of one trial: confusion matrix (seaborn) and training curves, written as PNG files."""
+"""Figures, written as PNG files: a trial's confusion matrix (seaborn) and training curves, and the
+report's heatmap of test macro F1 per optimizer x learning rate."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,6 +44,24 @@ def curves_png(history: list[dict[str, float]], path: Path, title: str) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def heatmap_png(matrix: np.ndarray, rows: list[str], cols: list[str], notes: dict, path: Path,
+                title: str) -> Path:
+    """Test macro F1 (%) per optimizer x learning rate, as the study's Figure 8; empty cells say why."""
+    fig, ax = plt.subplots(figsize=(2.2 * len(cols) + 2, 0.9 * len(rows) + 1.8))
+    sns.heatmap(matrix, annot=True, fmt=".1f", cmap="viridis", vmin=0, vmax=100, xticklabels=cols,
+                yticklabels=rows, cbar_kws={"label": "test macro F1 (%)"}, ax=ax)
+    for (i, j), note in notes.items():   # seaborn leaves NaN cells blank
+        ax.text(j + 0.5, i + 0.5, note, ha="center", va="center", color="0.3")
+    ax.tick_params(axis="y", rotation=0)
+    ax.set_xlabel("optimizer")
+    ax.set_ylabel("learning rate")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,0 +1,158 @@
+"""Which runs answer which grid point: the plan gives every point's trials (their config hashes),
+each child run carries its trial's `config_hash` tag, so a point's cell is the runs with its hashes.
+
+An axis value is read from the planned trial's TrialConfig (cfg.optim.lr), a `model` axis by the
+model its preset resolves to; a `train.seed` axis, like the spec's seeds, only adds replicates.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+from orchestrator.results.report.tables import Stat, summarize, value_text
+from orchestrator.sweep.plan import PlannedTrial, experiment_points, resolve_trial
+from orchestrator.sweep.spec import Experiment, SweepSpec
+from trainers.config import ModelConfig, TrialConfig, flat_params, from_dict
+
+# Params that say where or how a trial ran, not what it computed (config_hash leaves them out too);
+# runs that differ only in these and the seed are replicates of one configuration.
+NOT_RESULT_PARAMS = {"train.seed", "train.device", "train.checkpoint_dir", "train.num_threads", "data.cache_dir"}
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One child run, as the report needs it."""
+    run_id: str
+    name: str
+    status: str                   # finished | diverged | failed | pruned | running
+    groups: tuple[str, ...]
+    config_hash: str              # the planned trial it ran ("" for a run without the tag)
+    params: dict[str, str]
+    metrics: dict[str, float]
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+    @property
+    def classes(self) -> list[str]:
+        return [c for c in self.params.get("data.classes", "").split(",") if c]
+
+    def replicate_key(self) -> frozenset:
+        """What the run computed, seed aside: runs with equal keys are replicates of one configuration."""
+        return frozenset((k, v) for k, v in self.params.items() if k not in NOT_RESULT_PARAMS)
+
+
+def status_text(trials: list[Trial], counted: bool = False) -> str:
+    """Why there is no number: 'diverged' (one kind), '2 failed, 1 diverged' (or when counted), 'not run'."""
+    counts = Counter(t.status for t in trials if not t.finished)
+    if not counts:
+        return "not run"
+    if len(counts) == 1 and not counted:
+        return next(iter(counts))
+    return ", ".join(f"{n} {status}" for status, n in counts.most_common())
+
+
+@dataclass
+class Cell:
+    """One grid point of a group (or one configuration) and its runs, over seeds and retries."""
+    point: tuple
+    config: TrialConfig | None = None     # the point's planned trial (its first seed)
+    trials: list[Trial] = field(default_factory=list)
+
+    @property
+    def finished(self) -> list[Trial]:
+        return [t for t in self.trials if t.finished]
+
+    def stat(self, metric: str) -> Stat | None:
+        return summarize(t.metrics.get(metric) for t in self.finished)
+
+    def run_ids(self) -> str:
+        return ";".join(t.run_id for t in self.finished)
+
+    def n_text(self) -> str:
+        """'3', or '2, 1 diverged' when some of the point's runs did not finish."""
+        others = [t for t in self.trials if not t.finished]
+        return f"{len(self.finished)}" + (f", {status_text(others)}" if others else "")
+
+
+def axes_of(exp: Experiment) -> list[str]:
+    """The grid's axes; seeds are replicates, not an axis of any table."""
+    return [axis for axis in exp.grid if axis != "train.seed"]
+
+
+def label(exp: Experiment, point: tuple) -> str:
+    """A point's row label: its value on a one-axis grid, else 'axis=value, ...'."""
+    axes = axes_of(exp)
+    if len(axes) == 1:
+        return value_text(point[0])
+    return ", ".join(f"{a}={value_text(v)}" for a, v in zip(axes, point)) or "all"
+
+
+def preset_model(spec: SweepSpec, preset: str, fixed: dict | None = None) -> ModelConfig:
+    """The model a preset resolves to in the plan (with the spec's defaults and an experiment's `set`)."""
+    return from_dict(resolve_trial(spec, {**(fixed or {}), "model": preset}), spec.path).model
+
+
+def equal(config_value, grid_value) -> bool:
+    """A TrialConfig field against a grid value: numbers by value, lists as tuples."""
+    if isinstance(grid_value, (list, tuple)):
+        return tuple(config_value) == tuple(grid_value)
+    numbers = (int, float)
+    if isinstance(grid_value, numbers) and isinstance(config_value, numbers) and not isinstance(grid_value, bool):
+        return math.isclose(config_value, grid_value, rel_tol=1e-9)
+    return config_value == grid_value
+
+
+def point_of(cfg: TrialConfig, exp: Experiment, presets: dict[str, ModelConfig]) -> tuple:
+    """The grid point a planned trial of the group stands for, read from its config."""
+    values = []
+    for axis in axes_of(exp):
+        choices = exp.grid[axis]
+        if axis == "model":
+            found = next((p for p in choices if presets[p] == cfg.model), None)
+        else:
+            value = functools.reduce(getattr, axis.split("."), cfg)
+            found = next((c for c in choices if equal(value, c)), None)
+        values.append(found)
+    return tuple(values)
+
+
+def group_cells(spec: SweepSpec, plan: list[PlannedTrial], exp: Experiment,
+                trials: list[Trial]) -> tuple[list[Cell], list[Trial]]:
+    """The group's grid points in spec order, each with its runs; and the group's runs that match none."""
+    axes = axes_of(exp)
+    cells: dict[tuple, Cell] = {}
+    for point in experiment_points(exp):
+        key = tuple(point[a] for a in axes)
+        cells.setdefault(key, Cell(key))
+    presets = {p: preset_model(spec, p, exp.set) for p in exp.grid.get("model", ())}
+    by_hash: dict[str, Cell] = {}
+    for planned in (t for t in plan if exp.name in t.groups):
+        cell = cells.get(point_of(planned.config, exp, presets))
+        if cell is not None:          # None: a preset the plan resolved differently (an edge of `set`)
+            cell.config = cell.config or planned.config
+            by_hash[planned.hash] = cell
+    stray = []
+    for trial in (t for t in trials if exp.name in t.groups):
+        (by_hash[trial.config_hash].trials if trial.config_hash in by_hash else stray).append(trial)
+    return list(cells.values()), stray
+
+
+def runs_of_model(spec: SweepSpec, model: str, trials: list[Trial]) -> list[Trial]:
+    """The runs of a preset (as the plan resolves it, when the spec defines it) or of an architecture."""
+    if model not in spec.models:
+        return [t for t in trials if t.params.get("model.name") == model]
+    cfg = from_dict(resolve_trial(spec, {"model": model}), spec.path)
+    logged = {k: v for k, v in flat_params(cfg).items() if k.startswith("model.")}
+    return [t for t in trials if all(t.params.get(k) == v for k, v in logged.items())]
+
+
+def configurations(trials: list[Trial]) -> list[Cell]:
+    """The runs grouped by what they computed (replicates over seeds together), first run first."""
+    found: dict[frozenset, Cell] = {}
+    for trial in trials:
+        found.setdefault(trial.replicate_key(), Cell(())).trials.append(trial)
+    return list(found.values())

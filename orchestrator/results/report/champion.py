@@ -1,0 +1,139 @@
+"""The report's last sections: the best model per class (Table 11) and the newest production run
+(Tables 12-13 read from its degradation.csv, as the production verb computed them; then slices and
+drift from its metrics, and its confusion matrix)."""
+from __future__ import annotations
+
+import re
+
+from orchestrator.results.report.cells import Trial, configurations, runs_of_model
+from orchestrator.results.report.groups import per_class_table
+from orchestrator.results.report.references import study, sweep_block
+from orchestrator.results.report.store import SweepRuns
+from orchestrator.results.report.tables import Report, Table, number
+from orchestrator.sweep.spec import SweepSpec
+from trainers.plots import confusion_png
+
+SLICE_METRIC = re.compile(r"slice_(?P<slice>.+)_(?P<kind>count|accuracy|macro_f1)$")
+# Table 12's rows: (our name, shown as, degradation.csv's column stem on its "overall" row).
+TABLE_12_ROWS = (("accuracy", "accuracy", "accuracy"), ("macro_f1", "macro F1", "f1"))
+# Table 13's metrics per class: (our name, degradation.csv's column stem; per class "accuracy" is recall).
+TABLE_13_METRICS = (("recall", "accuracy"), ("f1", "f1"))
+
+
+def best_model_section(report: Report, spec: SweepSpec, trials: list[Trial]) -> None:
+    """Table 11: per-class metrics of the best configuration of the promoted model by the promote metric."""
+    promote = spec.promote
+    metric = promote.metric
+    report.text(f"## Best {promote.model} by {metric} (Table 11)")
+    configs = configurations(runs_of_model(spec, promote.model, [t for t in trials if t.finished]))
+    scored = [(c.stat(metric).mean, i, c) for i, c in enumerate(configs) if c.stat(metric)]
+    if not scored:
+        report.text(f"Best {promote.model}: no finished {promote.model} trial with {metric}.")
+        return
+    score, _, best = max(scored)
+    p = best.finished[0].params
+    block = sweep_block(spec, "per_class", skip_model_grids=True)
+    on_test = " (chosen on the test set, as the study did)" if metric.startswith("test_") else ""
+    report.text(f"Chosen among {len(configs)} finished {promote.model} configuration(s) by mean {metric} "
+                f"({number(metric, 100 * score)}){on_test}: {p.get('model.name')}, {p.get('optim.name')}, "
+                f"lr {p.get('optim.lr')}, epochs {p.get('train.epochs')} "
+                f"(runs: {', '.join(t.name for t in best.finished)})."
+                + (" The study's values are those of its own best model, picked by test F1." if block else ""))
+    per_class_table(report, "best_per_class", best,
+                    lambda m, cls: study(block, f"test_{m}", {"class": cls}, partial=True))
+
+
+def production_section(report: Report, store: SweepRuns, spec: SweepSpec) -> None:
+    """Tables 12-13: test vs production for the champion, overall and per class, then slices and drift."""
+    report.text("## Production (Tables 12, 13)")
+    run = store.production_run()
+    if run is None:
+        report.text(f"Production: no production run in experiment '{spec.name}-production'; "
+                    "run `make production` to evaluate the champion.")
+        return
+    source = store.trial(run.tags.get("source_run_id"))
+    report.text(f"Model version {run.tags.get('model_version', '?')} (trial {source.name if source else '?'}), "
+                f"production run `{run.run_id}`.")
+    if run.degradation is None:
+        report.text("Production: the run logged no degradation.csv; run `make production` again.")
+    else:
+        degradation_tables(report, spec, run.degradation)
+    slices_and_drift(report, run.metrics)
+    confusion = store.confusion_counts([run.run_id])
+    if confusion is not None:
+        classes, counts = confusion
+        report.figure(confusion_png(counts, tuple(classes), report.out / "production_confusion.png",
+                                    "production"), "confusion matrix: production")
+
+
+def degradation_tables(report: Report, spec: SweepSpec, rows: list[dict]) -> None:
+    """Tables 12 (overall) and 13 (per class) from the production run's degradation.csv rows."""
+    overall_block, per_class_block = (sweep_block(spec, key) for key in ("production", "production_per_class"))
+    overall_row = next((r for r in rows if r["class"] == "overall"), {})
+    report.text("### Test vs production (Table 12)")
+    overall = Table("production", ["metric", "test", "production", "change (pp)"])
+    for name, shown, stem in TABLE_12_ROWS:
+        ref = study(overall_block, f"production_{name}", {}, partial=True)
+        cells, values = comparison(overall_row, stem, ref)
+        overall.rows.append([shown, *cells])
+        overall.records.append({"metric": name, **values})
+    report.table(overall)
+    report.text("### Test vs production per class (Table 13)")
+    per_class = Table("production_per_class", ["class", "test acc (recall)", "production acc (recall)",
+                                               "change (pp)", "test F1", "production F1", "change (pp)"])
+    for row in (r for r in rows if r["class"] != "overall"):
+        cls = row["class"]
+        shown, record = [cls], {"class": cls}
+        for metric, stem in TABLE_13_METRICS:
+            ref = study(per_class_block, f"production_{metric}", {"class": cls}, partial=True)
+            cells, values = comparison(row, stem, ref)
+            shown += cells
+            record.update({f"{k}_{metric}": v for k, v in values.items()})
+        per_class.rows.append(shown)
+        per_class.records.append(record)
+    report.table(per_class)
+
+
+def comparison(row: dict, stem: str, ref: float | None) -> tuple[list[str], dict]:
+    """Markdown cells 'test | production · study | change' and the CSV values (percent) of one
+    degradation.csv row's test_<stem>, production_<stem> and <stem>_change."""
+    values = {"test": row.get(f"test_{stem}"), "production": row.get(f"production_{stem}"),
+              "change": row.get(f"{stem}_change")}
+    # degradation.csv keeps four decimals of a fraction: two of a percentage, and no float noise beyond.
+    pct = {k: None if v is None else round(100 * v, 2) for k, v in values.items()}
+    cells = ["—" if pct["test"] is None else f"{pct['test']:.1f}",
+             ("—" if pct["production"] is None else f"{pct['production']:.1f}")
+             + ("" if ref is None else f" · study {100 * ref:.1f}"),
+             "—" if pct["change"] is None else f"{pct['change']:+.1f}"]
+    if ref is not None:
+        pct["study_production"] = 100 * ref
+    return cells, {k: "" if v is None else v for k, v in pct.items()}
+
+
+def slices_and_drift(report: Report, metrics: dict) -> None:
+    """Accuracy and macro F1 per attribute slice of the production data, and the drift score."""
+    slices: dict[str, dict] = {}
+    for key, value in metrics.items():
+        found = SLICE_METRIC.match(key)
+        if found:
+            slices.setdefault(found["slice"], {})[found["kind"]] = value
+    if slices:
+        table = Table("production_slices", ["slice", "images", "accuracy", "macro F1"])
+        for name, values in sorted(slices.items()):
+            acc, f1 = values.get("accuracy"), values.get("macro_f1")
+            count = values.get("count")
+            table.rows.append([name, "—" if count is None else f"{count:.0f}",
+                               "—" if acc is None else f"{100 * acc:.1f}", "—" if f1 is None else f"{100 * f1:.1f}"])
+            table.records.append({"slice": name, "count": count, "accuracy": None if acc is None else 100 * acc,
+                                  "macro_f1": None if f1 is None else 100 * f1})
+        report.text("### Production slices")
+        report.table(table)
+    if "drift_auc" in metrics:
+        control = metrics.get("drift_auc_control")
+        report.text(f"Drift: a classifier tells training from production images with AUC {metrics['drift_auc']:.3f}"
+                    + ("" if control is None else f" (the same classifier on held-out training data: {control:.3f})")
+                    + "; 0.5 is indistinguishable, 1.0 fully shifted.")
+    if "production_align_failure_rate" in metrics:
+        report.text(f"Face alignment fell back to a centre crop on "
+                    f"{100 * metrics['production_align_failure_rate']:.1f}% of production images "
+                    "(the study: about 5%, against 3% in training).")

@@ -1,0 +1,71 @@
+"""The whole report: its header, every group's section in spec order, the best model and the
+production run, written to report.md beside its CSVs and figures and logged to the parent run."""
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+from orchestrator.results.report.cells import Trial
+from orchestrator.results.report.champion import best_model_section, production_section
+from orchestrator.results.report.groups import experiment_section, other_groups_section
+from orchestrator.results.report.store import MlflowClient, SweepRuns, safe_uri
+from orchestrator.results.report.tables import Report
+from orchestrator.sweep.plan import expand
+from orchestrator.sweep.spec import SweepSpec
+from trainers.errors import UserError
+from trainers.process.side_files import STORE_DIR
+
+REPORTS_DIR = STORE_DIR / "reports"
+ONE_SEED_WARNING = ("**One seed per trial.** Differences below the run-to-run noise cannot be read "
+                    "from a single seed; list several under `seeds:` to get intervals.")
+
+
+class ReportError(UserError, RuntimeError):
+    """The report cannot be written (e.g. the sweep has no runs); the message says what to do."""
+
+
+def header(report: Report, spec: SweepSpec, uri: str, parent_run_id: str, trials: list[Trial]) -> None:
+    """Title, description, where the numbers come from, the trials' tally and how to read the cells."""
+    counts = Counter(t.status for t in trials)
+    tally = " · ".join(f"{n} {status}" for status, n in counts.most_common()) or "none"
+    report.text(f"# {spec.name}: report")
+    if spec.description.strip():
+        report.text(spec.description.strip())
+    report.text(f"From MLflow `{uri}`, experiment `{spec.name}`, parent run `{parent_run_id}`; written "
+                f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Trials: {tally}.")
+    report.text("Numbers are percentages with one decimal (losses: raw, three decimals); a study value is "
+                "shown beside ours as `· study 99.0`; per-class \"accuracy\" is recall, as in the study. "
+                "Each table's CSV holds the same numbers unrounded and the run ids behind them.")
+    if report.replicated:
+        report.text("Cells over several seeds show the mean ± the half-width of the 95% t-interval; "
+                    "n is the number of finished seeds.")
+    else:
+        report.text(f"> {ONE_SEED_WARNING}")
+
+
+def write_report(spec: SweepSpec, client: MlflowClient, out_dir: Path | str | None = None) -> Path:
+    """Write <out_dir>/report.md with its CSVs and figures from the sweep's MLflow runs; log them to the parent."""
+    out = Path(out_dir) if out_dir is not None else REPORTS_DIR / spec.name
+    with tempfile.TemporaryDirectory() as scratch:
+        store = SweepRuns(client, spec.name, Path(scratch))
+        parent_run_id = store.parent_run_id()
+        if parent_run_id is None:
+            raise ReportError(f"no runs for sweep '{spec.name}' in {safe_uri(client.tracking_uri)}; "
+                              "run `make sweep` first")
+        trials = store.trials(parent_run_id)
+        sizes = Counter(t.replicate_key() for t in trials if t.finished)
+        out.mkdir(parents=True, exist_ok=True)
+        report = Report(out, replicated=any(n > 1 for n in sizes.values()))
+        header(report, spec, store.uri, parent_run_id, trials)
+        plan = expand(spec)
+        for exp in spec.experiments:
+            experiment_section(report, store, spec, plan, exp, trials)
+        other_groups_section(report, spec, trials)
+        best_model_section(report, spec, trials)
+        production_section(report, store, spec)
+        path = out / "report.md"
+        path.write_text("\n\n".join(report.blocks) + "\n", encoding="utf-8")
+        store.log_report(parent_run_id, [path, *report.files])
+    return path

@@ -1,0 +1,128 @@
+"""Everything the report reads from MLflow (the only module of the report that imports mlflow):
+the sweep's parent and child runs, metric histories, confusion matrices, the newest production run
+with its degradation.csv, and logging the finished report back to the parent run."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities import Run, ViewType
+from mlflow.exceptions import MlflowException
+
+from orchestrator.results.report.cells import Trial
+from orchestrator.results.runs import child_runs, find_parent_run, groups_of
+from trainers.tracking import no_download_bars
+
+__all__ = ["MlflowClient", "ProductionRun", "SweepRuns", "safe_uri"]
+
+
+def safe_uri(uri: str) -> str:
+    """The tracking URI without a password."""
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", uri)
+
+
+def trial_of(run: Run) -> Trial:
+    """A child run as the report needs it."""
+    status = run.data.tags.get("status") or run.info.status.lower()
+    return Trial(run.info.run_id, run.info.run_name or run.info.run_id, status, tuple(groups_of(run)),
+                 run.data.tags.get("config_hash", ""), dict(run.data.params), dict(run.data.metrics))
+
+
+@dataclass(frozen=True)
+class ProductionRun:
+    """The newest run of <sweep>-production, as the production verb logged it."""
+    run_id: str
+    tags: dict[str, str]
+    metrics: dict[str, float]
+    degradation: list[dict] | None    # degradation.csv: per class, then "overall"; None if not logged
+
+
+class SweepRuns:
+    """One sweep's records in an MLflow store; artifacts are downloaded into ``scratch``."""
+
+    def __init__(self, client: MlflowClient, sweep: str, scratch: Path):
+        self.client, self.sweep, self.scratch = client, sweep, scratch
+
+    @property
+    def uri(self) -> str:
+        """Where the runs are, fit to print (no password)."""
+        return safe_uri(self.client.tracking_uri)
+
+    def parent_run_id(self) -> str | None:
+        parent = find_parent_run(self.client, self.sweep)
+        return None if parent is None else parent.info.run_id
+
+    def trials(self, parent_run_id: str) -> list[Trial]:
+        """The sweep's child runs, oldest first."""
+        return [trial_of(run) for run in child_runs(self.client, self.sweep, parent_run_id)]
+
+    def trial(self, run_id: str | None) -> Trial | None:
+        """One run by id; None when there is no id or the run is gone."""
+        if not run_id:
+            return None
+        try:
+            return trial_of(self.client.get_run(run_id))
+        except MlflowException:
+            return None
+
+    def metric_history(self, run_id: str, metric: str) -> dict[int, float]:
+        """step -> value; a resumed run may log a step twice, the last value wins."""
+        history = sorted(self.client.get_metric_history(run_id, metric), key=lambda m: (m.step, m.timestamp))
+        return {m.step: m.value for m in history}
+
+    def download(self, run_id: str, artifact: str) -> Path | None:
+        """A run's artifact as a local file; None when the run did not log it."""
+        folder = self.scratch / run_id
+        folder.mkdir(exist_ok=True)
+        try:
+            with no_download_bars():
+                return Path(self.client.download_artifacts(run_id, artifact, str(folder)))
+        except (MlflowException, OSError):
+            return None
+
+    def confusion_counts(self, run_ids: list[str]) -> tuple[list[str], np.ndarray] | None:
+        """The runs' confusion_matrix.json counts, summed over seeds; None when no run logged one."""
+        classes, total = None, None
+        for run_id in run_ids:
+            path = self.download(run_id, "confusion_matrix.json")
+            if path is None:
+                continue
+            body = json.loads(path.read_text())
+            counts = np.asarray(body["counts"], dtype=np.int64)
+            if total is None:
+                classes, total = list(body["classes"]), counts
+            elif list(body["classes"]) == classes and counts.shape == total.shape:
+                total = total + counts
+        return None if total is None else (classes, total)
+
+    def production_run(self) -> ProductionRun | None:
+        """The newest production evaluation of the sweep's champion, or None."""
+        experiment = self.client.get_experiment_by_name(f"{self.sweep}-production")
+        if experiment is None:
+            return None
+        runs = self.client.search_runs([experiment.experiment_id], filter_string="tags.role = 'production'",
+                                       run_view_type=ViewType.ACTIVE_ONLY,
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+        if not runs:
+            return None
+        run = runs[0]
+        path = self.download(run.info.run_id, "degradation.csv")
+        return ProductionRun(run.info.run_id, dict(run.data.tags), dict(run.data.metrics),
+                             None if path is None else read_degradation(path))
+
+    def log_report(self, parent_run_id: str, files: list[Path]) -> None:
+        """The report's files as artifacts of the parent run, under report/."""
+        for file in files:
+            self.client.log_artifact(parent_run_id, str(file), artifact_path="report")
+
+
+def read_degradation(path: Path) -> list[dict]:
+    """degradation.csv's rows: `class` as text, every other column a fraction (None where empty)."""
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: v if k == "class" else (float(v) if v else None) for k, v in row.items()} for row in rows]
