@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from scipy import stats
 
 from orchestrator.__main__ import main
-from orchestrator.results.production import DEGRADATION_COLUMNS
+from orchestrator.results.production_tables import DEGRADATION_COLUMNS
 from orchestrator.sweep.plan import expand
 from orchestrator.results.report import write_report
 from orchestrator.results.report.cells import Trial, group_cells
