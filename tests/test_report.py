@@ -13,12 +13,11 @@ from mlflow import MlflowClient
 from scipy import stats
 
 from orchestrator.__main__ import main
-from orchestrator.sweep.plan import expand
 from orchestrator.results.report import study, write_report
 from orchestrator.results.runs import open_parent_run
 from orchestrator.sweep.spec import parse_yaml, spec_from_dict
 from tests.conftest import TINY_VIT, tiny_trial
-from trainers.config import flat_params, from_dict
+from trainers.config import flat_params, from_dict, to_dict
 from trainers.run import run_trial
 from trainers.tracking import ensure_experiment
 
@@ -45,7 +44,7 @@ def run_sweep(tmp: Path, raw_spec: dict, skip_group: str | None = None) -> tuple
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     spec = spec_from_dict(raw_spec)
     parent = open_parent_run(client, spec.name)
-    for i, trial in enumerate(expand(spec)):
+    for i, trial in enumerate(spec.plan):
         tags = {"role": "trial", "sweep": spec.name, "groups": ",".join(trial.groups), "optuna_trial": str(i)}
         if trial.groups == (skip_group,):
             if trial.config.train.epochs == 2:   # one crashed run with its params, as a real crash leaves it
@@ -55,8 +54,10 @@ def run_sweep(tmp: Path, raw_spec: dict, skip_group: str | None = None) -> tuple
                     client.log_param(run.info.run_id, key, value)
                 client.set_terminated(run.info.run_id, "FAILED")
             continue
-        raw = tiny_trial(tmp, data=trial.raw["data"], model=trial.raw["model"], optim=trial.raw["optim"],
-                         train={**trial.raw["train"], "batch_size": 32})
+        planned = to_dict(trial.config)
+        raw = tiny_trial(tmp, data={**planned["data"], "cache_dir": str(tmp / "cache")}, model=planned["model"],
+                         optim=planned["optim"], train={**planned["train"], "batch_size": 32,
+                                                        "checkpoint_dir": str(tmp / "checkpoints"), "num_threads": 2})
         raw["tracking"].update(experiment=spec.name, parent_run_id=parent, run_name=trial.name, tags=tags,
                                log_model=False)
         run_trial(from_dict(raw))

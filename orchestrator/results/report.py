@@ -35,6 +35,7 @@ from orchestrator.sweep.plan import experiment_points
 from orchestrator.results.runs import child_runs, find_parent_run, groups_of
 from orchestrator.sweep.spec import Experiment, SweepSpec, canonical_axis
 from trainers.plots import confusion_png, curves_png  # first: it selects the Agg backend
+from trainers.config import ModelConfig, to_dict
 from trainers.process.side_files import STORE_DIR
 from trainers.tracking import no_download_bars
 from trainers.errors import UserError
@@ -216,6 +217,13 @@ def flatten(mapping: dict, prefix: str) -> dict[str, object]:
     return out
 
 
+def preset_fields(model: ModelConfig) -> dict[str, object]:
+    """The model.* params a preset pins: its architecture and every field it sets away from the default."""
+    defaults = flatten(to_dict(ModelConfig()), "model")
+    fields = flatten(to_dict(model), "model")
+    return {k: v for k, v in fields.items() if k == "model.name" or v != defaults[k]}
+
+
 def param_matches(value, text: str | None) -> bool:
     """Does a spec value equal a logged param (flat_params: str(value), lists joined by commas)?"""
     if text is None:
@@ -236,7 +244,7 @@ def axis_value(spec: SweepSpec, axis: str, choices, params: dict):
         return next((c for c in choices if param_matches(c, params.get(axis))), None)
     best, best_size = None, -1
     for preset in choices:
-        fields = flatten(spec.models.get(preset) or {"name": preset}, "model")
+        fields = preset_fields(spec.models[preset]) if preset in spec.models else {"model.name": preset}
         if all(param_matches(v, params.get(k)) for k, v in fields.items()) and len(fields) > best_size:
             best, best_size = preset, len(fields)
     return best
@@ -403,7 +411,7 @@ def confusion_counts(report: Report, run_ids: list[str]) -> tuple[list[str], np.
 def architecture(spec: SweepSpec, preset, cell: Cell) -> str:
     if cell.finished:
         return cell.finished[0].params.get("model.name", str(preset))
-    return str((spec.models.get(preset) or {}).get("name", preset))
+    return spec.models[preset].name if preset in spec.models else str(preset)
 
 
 def numbered(title: str, spec: SweepSpec, exp: Experiment, cell: Cell, part: str) -> str:
