@@ -115,6 +115,8 @@ def test_with_value_coerces_through_the_builder_and_merges_sections():
     assert str(err.value) == "spec: train.epochs must be an integer, got str 'three'"
     with pytest.raises(ConfigError, match="unknown key 'optim.learning_rate'"):
         with_value(base, "optim.learning_rate", 1.0, "spec")
+    with pytest.raises(ConfigError, match="optim.lr is a single value"):
+        with_value(base, "optim.lr.low", 1.0, "spec")
 
 
 def test_with_tracking_sets_the_run_and_threads_without_changing_the_hash():
