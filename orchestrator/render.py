@@ -6,7 +6,7 @@ from rich.table import Table
 
 from orchestrator.results.production_tables import (DEGRADATION_HEADERS, ProductionResult, degradation_cells,
                                                     percent)
-from orchestrator.sweep.plan import PlannedTrial, grid_points
+from orchestrator.sweep.plan import grid_points
 from orchestrator.sweep.spec import SweepSpec
 from trainers.config import DataConfig
 
@@ -17,24 +17,24 @@ def console() -> Console:
     return console if console.is_terminal else Console(width=200)
 
 
-def trial_table(spec: SweepSpec, trials: list[PlannedTrial]) -> Table:
-    """One row per unique trial."""
-    table = Table(title=f"{spec.name}: {len(trials)} trials")
+def trial_table(spec: SweepSpec) -> Table:
+    """One row per unique trial of the plan."""
+    table = Table(title=f"{spec.name}: {len(spec.plan)} trials")
     for column in ("#", "hash", "name", "groups", "model", "epochs", "optimizer", "lr", "seed"):
         table.add_column(column, justify="right" if column in ("#", "epochs", "lr", "seed") else "left")
-    for i, trial in enumerate(trials, 1):
+    for i, trial in enumerate(spec.plan, 1):
         c = trial.config
         table.add_row(str(i), trial.hash, trial.name, ", ".join(trial.groups), c.model.name,
                       str(c.train.epochs), c.optim.name, f"{c.optim.lr:g}", str(c.train.seed))
     return table
 
 
-def count_line(spec: SweepSpec, trials: list[PlannedTrial]) -> str:
+def count_line(spec: SweepSpec) -> str:
     """'18 grid points → 15 unique trials', with the seed multiplier when there are several seeds."""
     points = grid_points(spec)
     seeds = len(spec.seeds)
     shown = f"{points} grid points" if seeds == 1 else f"{points} grid points ({points // seeds} × {seeds} seeds)"
-    return f"{shown} → {len(trials)} unique trials"
+    return f"{shown} → {len(spec.plan)} unique trials"
 
 
 def tpe_line(spec: SweepSpec) -> str:

@@ -6,7 +6,7 @@ import sys
 
 from orchestrator.render import (console, cost_lines, count_line, data_lines, data_table, print_outcome, status_table,
                                  tpe_line, trial_table)
-from orchestrator.sweep.plan import datasets_to_prepare, estimate_cost, expand
+from orchestrator.sweep.plan import datasets_to_prepare, estimate_cost
 from orchestrator.sweep.preflight import check_prepare_folders, check_sweep_folders
 from orchestrator.sweep.spec import SweepSpec, load_spec
 from trainers.config import ConfigError
@@ -15,13 +15,12 @@ from trainers.config import ConfigError
 def plan(args: argparse.Namespace) -> int:
     """Check a sweep spec, then print its trials, their count and the estimated cost; runs nothing."""
     spec = load_spec(args.spec)
-    trials = expand(spec)
     out = console()
-    out.print(trial_table(spec, trials))
-    out.print(count_line(spec, trials))
+    out.print(trial_table(spec))
+    out.print(count_line(spec))
     if spec.search.method == "tpe":
         out.print(tpe_line(spec))
-    for line in cost_lines(estimate_cost(spec, trials)):
+    for line in cost_lines(estimate_cost(spec)):
         out.print(line)
     return 0
 
@@ -84,7 +83,7 @@ def _gpu_list(text: str | None) -> list[int] | None:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(f"--gpus: expected GPU indices like 0,1; got '{text}'") from None
+        raise ConfigError("--gpus", "", f"expected GPU indices like 0,1; got '{text}'") from None
 
 
 def _write_report(spec: SweepSpec, tracking: str | None, out: str | None = None) -> None:
@@ -140,7 +139,7 @@ def prepare(args: argparse.Namespace) -> int:
     from trainers.data.dataset import prepare_data
 
     spec = load_spec(args.spec)
-    datasets = datasets_to_prepare(spec, expand(spec))
+    datasets = datasets_to_prepare(spec)
     check_prepare_folders([cfg for _, cfg, _ in datasets])
     out = console()
     for title, cfg, size in datasets:

@@ -2,7 +2,8 @@ import dataclasses
 
 import pytest
 
-from trainers.config import ConfigError, config_hash, from_dict, from_yaml, trial_name, with_overrides
+from trainers.config import (ConfigError, TrackingConfig, config_hash, from_dict, from_yaml, trial_name, with_overrides,
+                             with_tracking, with_value)
 
 
 def reject(raw: dict) -> str:
@@ -86,3 +87,42 @@ def test_trial_name_is_readable():
     cfg = from_dict({"optim": {"lr": 3e-5}, "train": {"seed": 1}})
     assert trial_name(cfg) == "vit-adam-lr3e-05-ep3-s1"
     assert trial_name(from_dict({})) == "vit-adam-lr0.001-ep3-s0"
+
+
+def test_errors_carry_the_field_and_what_is_wrong_beside_the_message():
+    with pytest.raises(ConfigError) as err:
+        from_dict({"optim": {"lr": -1.0}}, "trial.yaml")
+    assert (err.value.source, err.value.field) == ("trial.yaml", "optim.lr")
+    assert str(err.value) == f"trial.yaml: optim.lr {err.value.why}"
+    with pytest.raises(ConfigError) as err:
+        from_dict({"data": {"classes": ["anger", "fear", 3]}})
+    assert err.value.field == "data.classes[2]" and err.value.why.startswith("must be a string")
+    with pytest.raises(ConfigError) as err:
+        from_dict({"train": {"epoch": 3}}, "trial.yaml")
+    assert err.value.field == "train.epoch"
+    assert err.value.why.startswith("is not a known field; did you mean epochs? allowed here: ")
+    assert str(err.value).startswith("trial.yaml: unknown key 'train.epoch' (allowed here: ")
+
+
+def test_with_value_coerces_through_the_builder_and_merges_sections():
+    base = from_dict({"model": {"vit": {"hidden_size": 96, "num_attention_heads": 4}}})
+    cfg = with_value(base, "model.vit", {"patch_size": 8}, "spec")
+    assert (cfg.model.vit.patch_size, cfg.model.vit.hidden_size) == (8, 96)
+    assert with_value(base, "optim.lr", "3e-5", "spec").optim.lr == 3e-5
+    assert with_value(base, "data.classes", ["a", "b"], "spec").data.classes == ("a", "b")
+    with pytest.raises(ConfigError) as err:
+        with_value(base, "train.epochs", "three", "spec")
+    assert str(err.value) == "spec: train.epochs must be an integer, got str 'three'"
+    with pytest.raises(ConfigError, match="unknown key 'optim.learning_rate'"):
+        with_value(base, "optim.learning_rate", 1.0, "spec")
+    with pytest.raises(ConfigError, match="optim.lr is a single value"):
+        with_value(base, "optim.lr.low", 1.0, "spec")
+
+
+def test_with_tracking_sets_the_run_and_threads_without_changing_the_hash():
+    cfg = from_dict({"optim": {"lr": 1e-4}})
+    tracking = TrackingConfig(experiment="demo", run_name="vit", tags={"role": "trial"})
+    run = with_tracking(cfg, tracking, num_threads=2)
+    assert (run.tracking, run.train.num_threads) == (tracking, 2)
+    assert config_hash(run) == config_hash(cfg)
+    assert with_tracking(cfg, tracking).train == cfg.train

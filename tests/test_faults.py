@@ -16,7 +16,6 @@ import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from orchestrator.sweep.ledger import Ledger
-from orchestrator.sweep.plan import expand
 from orchestrator.results.runs import child_runs
 from orchestrator.sweep.spec import load_spec
 from tests.test_sweep import clean_env, orchestrate, store, trainer_processes, write_spec
@@ -44,7 +43,7 @@ def assert_each_point_finished_once(folder, name: str, spec_path, epochs: int) -
     """Every planned trial has exactly one finished child run with every epoch and its test metrics;
     nothing is left RUNNING in MLflow or in the ledger."""
     client = store(folder)
-    plan = {t.hash for t in expand(load_spec(spec_path))}
+    plan = {t.hash for t in load_spec(spec_path).plan}
     children = child_runs(client, name)
     by_hash: dict[str, list] = {}
     for run in children:

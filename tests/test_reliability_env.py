@@ -18,7 +18,6 @@ import yaml
 from mlflow import MlflowClient
 
 from orchestrator.__main__ import main as orchestrator_main
-from orchestrator.sweep.plan import expand
 from orchestrator.sweep.spec import SWEEP_NAME, load_spec
 from orchestrator.sweep.runner import WORK_DIR
 from tests.conftest import TINY_VIT, tiny_trial
@@ -178,7 +177,7 @@ def test_checkpoint_and_work_folders_are_named_by_config_hash_under_their_roots(
         defaults={"model": "vit", "optim": {"name": "adam", "lr": 1e-3},
                   "train": {"epochs": 1, "batch_size": 32, "checkpoint_dir": str(chosen)}})))
     for spec, root in ((default, Path("mlruns/checkpoints")), (custom, chosen)):
-        for trial in expand(spec):
+        for trial in spec.plan:
             folder = trial_dir(trial.config)
             assert folder.parent == root and re.fullmatch(r"[0-9a-f]{12}", folder.name), folder
     assert WORK_DIR.parts[0] == "mlruns" and SWEEP_NAME.fullmatch(default.name)

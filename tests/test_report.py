@@ -15,7 +15,6 @@ from scipy import stats
 
 from orchestrator.__main__ import main
 from orchestrator.results.production_tables import DEGRADATION_COLUMNS
-from orchestrator.sweep.plan import expand
 from orchestrator.results.report import write_report
 from orchestrator.results.report.cells import Trial, group_cells
 from orchestrator.results.report.references import study
@@ -51,7 +50,7 @@ def run_sweep(tmp: Path, raw_spec: dict, skip_group: str | None = None) -> tuple
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     spec = spec_from_dict(raw_spec)
     parent = open_parent_run(client, spec.name)
-    for i, trial in enumerate(expand(spec)):
+    for i, trial in enumerate(spec.plan):
         tags = {"role": "trial", "sweep": spec.name, "groups": ",".join(trial.groups), "optuna_trial": str(i)}
         if trial.groups == (skip_group,):
             if trial.config.train.epochs == 2:   # one crashed run with its params, as a real crash leaves it
@@ -304,7 +303,7 @@ def test_cells_follow_config_hash_and_read_a_preset_from_the_model_it_resolves_t
     raw["models"] = {"small": TINY_VIT, "wide": {**TINY_VIT, "image_size": 48}}
     raw["defaults"]["model"] = "small"
     spec = spec_from_dict(raw)
-    plan = expand(spec)
+    plan = spec.plan
     runs = [Trial(f"run{i}", t.name, "finished", t.groups, t.hash, {}, {"test_accuracy": 0.1 * i})
             for i, t in enumerate(plan)]
     stranger = Trial("stranger", "x", "finished", ("baseline",), "0" * 12, {}, {})

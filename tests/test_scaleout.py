@@ -29,7 +29,6 @@ from optuna.trial import TrialState
 
 from orchestrator.__main__ import main
 from orchestrator.sweep.ledger import Ledger
-from orchestrator.sweep.plan import expand
 from orchestrator.sweep.spec import load_spec
 from tests.conftest import TINY_VIT
 
@@ -250,7 +249,7 @@ def test_two_workers_split_a_sweep_and_run_every_trial_once(tmp_path, storage, m
     finish(sweep, a, "sweep")
     finish(worker, b, "worker")
 
-    planned = {t.hash for t in expand(load_spec(spec_a))}
+    planned = {t.hash for t in load_spec(spec_a).plan}
     trials = study_trials(storage, "split")
     assert len(trials) == 3, [(t.number, t.state.name, t.user_attrs.get("status"), t.user_attrs.get("error"))
                               for t in trials]                        # no retry, no duplicate

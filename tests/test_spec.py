@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.sweep.plan import estimate_cost, expand, grid_points, resolve_trial, trial_name
+from trainers.config import ModelConfig, OptimConfig, TrainConfig
+
+from orchestrator.sweep.plan import datasets_to_prepare, estimate_cost, grid_points, resolve_trial, trial_name
 from orchestrator.sweep.spec import SpecError, parse_yaml, load_spec, spec_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,18 +45,18 @@ def shared_trial(trials):
 def test_demo_expands_to_18_grid_points_and_15_unique_trials():
     spec = load_spec(DEMO)
     assert grid_points(spec) == 18
-    assert len(expand(spec)) == 15
+    assert len(spec.plan) == 15
 
 
 def test_paper_expands_to_the_same_structure(tmp_path):
     spec = spec_from_dict(paper_at(tmp_path), "sweeps/paper.yaml")
-    trials = expand(spec)
+    trials = spec.plan
     assert (grid_points(spec), len(trials)) == (18, 15)
     assert shared_trial(trials).config.model.pretrained == "google/vit-base-patch16-224-in21k"
 
 
 def test_shared_trial_belongs_to_baseline_epochs_and_optimizer_lr():
-    trials = expand(load_spec(DEMO))
+    trials = load_spec(DEMO).plan
     assert shared_trial(trials).groups == SHARED
     adam_1e5 = next(t for t in trials if t.name == "vit-adam-lr1e-05-ep3-s0")
     assert adam_1e5.groups == ("optimizer_lr", "fine_lr")
@@ -64,7 +66,7 @@ def test_seeds_triple_the_trials(tmp_path):
     raw = read(DEMO)
     raw["seeds"] = [0, 1, 2]
     spec = load_spec(write(tmp_path, raw))
-    trials = expand(spec)
+    trials = spec.plan
     assert grid_points(spec) == 54
     assert len(trials) == 45
     assert sorted({t.config.train.seed for t in trials}) == [0, 1, 2]
@@ -72,13 +74,13 @@ def test_seeds_triple_the_trials(tmp_path):
 
 
 def test_expand_is_deterministic_and_hashes_are_stable_across_loads():
-    first, second = expand(load_spec(DEMO)), expand(load_spec(DEMO))
+    first, second = load_spec(DEMO).plan, load_spec(DEMO).plan
     assert [(t.hash, t.name, t.groups) for t in first] == [(t.hash, t.name, t.groups) for t in second]
     assert all(re.fullmatch(r"[0-9a-f]{12}", t.hash) for t in first)
 
 
 def test_trial_names_are_readable_and_unique():
-    trials = expand(load_spec(DEMO))
+    trials = load_spec(DEMO).plan
     names = [t.name for t in trials]
     assert len(set(names)) == len(names)
     assert all(re.fullmatch(r"(vit|resnet50)-(sgd|rmsprop|adam)-lr[0-9.e-]+-ep\d+-s\d+", n) for n in names)
@@ -89,18 +91,18 @@ def test_trial_names_are_readable_and_unique():
 def test_names_that_collide_get_a_hash_suffix(tmp_path):
     raw = read(DEMO)
     raw["experiments"] = {"splits": {"grid": {"data.split_seed": [0, 1]}}}
-    names = [t.name for t in expand(load_spec(write(tmp_path, raw)))]
+    names = [t.name for t in load_spec(write(tmp_path, raw)).plan]
     assert len(set(names)) == 2 and all(n.startswith("vit-adam-lr0.001-ep3-s0-") for n in names)
 
 
 def test_resolve_trial_expands_the_preset_and_applies_the_point_over_defaults():
     spec = load_spec(DEMO)
-    raw = resolve_trial(spec, {"train.seed": 1, "model": "resnet50", "optim.lr": 2e-5})
-    assert raw["model"] == {"name": "resnet50", "pretrained": None, "image_size": 32}
-    assert raw["optim"] == {"name": "adam", "lr": 2e-5}
-    assert raw["train"] == {"epochs": 3, "batch_size": 32, "seed": 1}
-    assert raw["data"]["synthetic"]["n_images"] == 4800
-    assert spec.defaults["optim"]["lr"] == 1e-3   # the spec is not modified
+    cfg = resolve_trial(spec, {"train.seed": 1, "model": "resnet50", "optim.lr": 2e-5})
+    assert cfg.model == ModelConfig(name="resnet50", pretrained=None, image_size=32)
+    assert cfg.optim == OptimConfig(name="adam", lr=2e-5)
+    assert cfg.train == TrainConfig(epochs=3, batch_size=32, seed=1)
+    assert cfg.data.synthetic.n_images == 4800
+    assert spec.defaults.optim.lr == 1e-3   # the spec is not modified
 
 
 def test_aliases_and_set_reach_the_trial(tmp_path):
@@ -108,19 +110,19 @@ def test_aliases_and_set_reach_the_trial(tmp_path):
     raw["experiments"] = {"short": {"grid": {"optimizer": ["sgd"], "lr": [1e-2]}, "set": {"epochs": 2}}}
     spec = load_spec(write(tmp_path, raw))
     assert spec.experiments[0].grid == {"optim.name": ("sgd",), "optim.lr": (0.01,)}
-    (trial,) = expand(spec)
+    (trial,) = spec.plan
     assert trial.name == "vit-sgd-lr0.01-ep2-s0"
 
 
 def test_exponent_floats_are_numbers_not_strings(tmp_path):
     path = tmp_path / "spec.yaml"
     path.write_text(DEMO.read_text().replace("lr: 1.0e-3", "lr: 1e-3"))
-    assert load_spec(path).defaults["optim"]["lr"] == 1e-3
+    assert load_spec(path).defaults.optim.lr == 1e-3
 
 
 def test_estimate_cost_counts_epochs_and_image_epochs():
     spec = load_spec(DEMO)
-    cost = estimate_cost(spec, expand(spec))
+    cost = estimate_cost(spec)
     assert cost["epochs"] == 47                     # 15 trials of 3 epochs, plus 2, 4 and 5 minus 3 three times
     assert cost["image_epochs"] == round(4800 * 0.7 * 47)
     assert 0 < cost["gpu_hours"] < cost["cpu_hours"] < 1
@@ -133,10 +135,68 @@ def test_tpe_search_keeps_grid_trials_and_validates_the_space(tmp_path):
                      "space": {"lr": {"low": 1e-5, "high": 1e-2, "log": True}, "optim.name": ["adam", "rmsprop"]}}
     del raw["experiments"]
     spec = load_spec(write(tmp_path, raw))
-    assert expand(spec) == []
+    assert spec.plan == ()
     assert spec.search.space == {"optim.lr": {"low": 1e-5, "high": 1e-2, "log": True},
                                  "optim.name": ("adam", "rmsprop")}
-    assert estimate_cost(spec, [])["epochs"] == 60
+    assert estimate_cost(spec)["epochs"] == 60
+
+
+# The plans' (name, hash) pairs as the untyped spec computed them (plain dicts deep-merged, then
+# built): resolving typed sections with dataclasses.replace must not move a trial, or a resumed
+# sweep would run everything again.
+DEMO_PLAN = [
+    ("vit-adam-lr0.001-ep3-s0", "1c376e4d989d"), ("resnet50-adam-lr0.001-ep3-s0", "ea0fd85e7e1e"),
+    ("vit-adam-lr0.001-ep2-s0", "088b60eba2bb"), ("vit-adam-lr0.001-ep4-s0", "eff1f1c0fbcd"),
+    ("vit-adam-lr0.001-ep5-s0", "3f8511ff5877"), ("vit-sgd-lr0.01-ep3-s0", "7f729e8173ef"),
+    ("vit-sgd-lr0.001-ep3-s0", "17f129893a25"), ("vit-sgd-lr1e-05-ep3-s0", "7aa39aa30901"),
+    ("vit-rmsprop-lr0.01-ep3-s0", "06044def3cbd"), ("vit-rmsprop-lr0.001-ep3-s0", "ba68840e4dc5"),
+    ("vit-rmsprop-lr1e-05-ep3-s0", "aff09d58eca2"), ("vit-adam-lr0.01-ep3-s0", "50769876528a"),
+    ("vit-adam-lr1e-05-ep3-s0", "58ae92bd88cc"), ("vit-adam-lr2e-05-ep3-s0", "85758e48c02c"),
+    ("vit-adam-lr3e-05-ep3-s0", "5003e65986ac"),
+]
+PAPER_PLAN = [   # data.root: .
+    ("vit-adam-lr0.001-ep3-s0", "e614bcd1d8bf"), ("resnet50-adam-lr0.001-ep3-s0", "0a1fade89c2e"),
+    ("vit-adam-lr0.001-ep2-s0", "8b24f9b0e28a"), ("vit-adam-lr0.001-ep4-s0", "5d71c14e8c3e"),
+    ("vit-adam-lr0.001-ep5-s0", "a01616135bfc"), ("vit-sgd-lr0.01-ep3-s0", "27bd31c8c010"),
+    ("vit-sgd-lr0.001-ep3-s0", "3202d2e5ffd3"), ("vit-sgd-lr1e-05-ep3-s0", "658b2c498419"),
+    ("vit-rmsprop-lr0.01-ep3-s0", "d7ac5e9bbda4"), ("vit-rmsprop-lr0.001-ep3-s0", "07ddf5b85cc1"),
+    ("vit-rmsprop-lr1e-05-ep3-s0", "31c568265fcd"), ("vit-adam-lr0.01-ep3-s0", "a1aa4b647034"),
+    ("vit-adam-lr1e-05-ep3-s0", "1670c84d109e"), ("vit-adam-lr2e-05-ep3-s0", "abfbccfe0858"),
+    ("vit-adam-lr3e-05-ep3-s0", "570c2b363a55"),
+]
+
+
+def test_plans_keep_the_hashes_the_dict_merged_configs_had():
+    assert [(t.name, t.hash) for t in load_spec(DEMO).plan] == DEMO_PLAN
+    paper = read(PAPER)
+    paper["data"]["root"] = "."     # the hash covers data.root: one that exists wherever the test runs
+    assert [(t.name, t.hash) for t in spec_from_dict(paper, "sweeps/paper.yaml").plan] == PAPER_PLAN
+
+
+def test_production_without_classes_is_prepared_with_the_models_classes(tmp_path):
+    raw = read(DEMO)
+    raw["data"]["classes"] = ["anger", "fear", "happiness"]
+    spec = load_spec(write(tmp_path, raw))
+    assert not spec.production_has_classes
+    production = [cfg for title, cfg, _ in datasets_to_prepare(spec) if title == "production"]
+    assert [cfg.classes for cfg in production] == [("anger", "fear", "happiness")]
+    assert production[0].synthetic.variant == "production"
+
+
+def test_a_mapping_on_an_axis_merges_into_the_preset_section(tmp_path):
+    raw = read(DEMO)
+    raw["experiments"] = {"patch": {"grid": {"model.vit": [{"patch_size": 4}]}}}
+    (trial,) = load_spec(write(tmp_path, raw)).plan
+    assert trial.config.model.vit.patch_size == 4
+    assert trial.config.model.vit.hidden_size == 96        # kept from the vit preset
+
+
+def test_spec_errors_carry_the_spec_field_and_what_to_do(tmp_path):
+    with pytest.raises(SpecError) as caught:
+        load_spec(write(tmp_path, edit(read(DEMO), "experiments/fine_lr/grid/optim.lr", [1e-5, -1e-5])))
+    assert caught.value.field == "experiments.fine_lr.grid.optim.lr"
+    assert caught.value.why.startswith("must be a positive number")
+    assert caught.value.source == str(tmp_path / "spec.yaml")
 
 
 # --- rejections ---------------------------------------------------------------------
@@ -214,6 +274,7 @@ def test_bad_spec_is_rejected_with_one_line_naming_file_and_field(tmp_path, chan
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith(f"{path}: {field} "), message
+    assert caught.value.field == field
     assert words in message, message
 
 

@@ -16,7 +16,6 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from orchestrator.sweep.ledger import Ledger
-from orchestrator.sweep.plan import expand
 from orchestrator.results.runs import child_runs, find_parent_run
 from orchestrator.sweep.spec import load_spec
 from orchestrator.sweep.runner import TpeTrials
@@ -64,7 +63,7 @@ def test_each_grid_point_runs_once_as_a_child_of_one_parent(in_tmp):
                                            "again": {"grid": {"optim.lr": [1e-3]}}})
     done = orchestrate(in_tmp, "sweep", str(spec_path), "--jobs", "2")
     assert done.returncode == 0, done.stderr[-3000:]
-    plan = expand(load_spec(spec_path))
+    plan = list(load_spec(spec_path).plan)
     runs = finished_children(in_tmp, "two")
     assert sorted(runs) == sorted(t.hash for t in plan)
     assert all(len(r) == 1 and r[0].info.status == "FINISHED" for r in runs.values())
@@ -162,7 +161,7 @@ def test_a_trainer_killed_mid_trial_is_retried_and_resumes_its_run(in_tmp):
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(spec_path), "--jobs", "1"],
                             cwd=in_tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=clean_env())
-    log = in_tmp / "mlruns" / "sweeps" / "oom" / expand(load_spec(spec_path))[0].hash / "log.txt"
+    log = in_tmp / "mlruns" / "sweeps" / "oom" / load_spec(spec_path).plan[0].hash / "log.txt"
     deadline = time.monotonic() + 300
     # Once epoch 2 is reported, epoch 1's checkpoint is surely on disk.
     while time.monotonic() < deadline and not (log.exists() and "epoch 2/3" in log.read_text()):

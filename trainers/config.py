@@ -1,11 +1,13 @@
 """One trial's configuration: a frozen dataclass tree built once from a dict or YAML file.
 
 Unknown keys and bad values raise ConfigError naming the field's dotted path
-(e.g. ``optim.lr``); nothing downstream mutates the tree.
+(e.g. ``optim.lr``); nothing downstream mutates the tree. The builder (``build``,
+``coerce``) also builds the typed sections of a sweep spec, so both reject the same way.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -31,7 +33,13 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 class ConfigError(UserError, ValueError):
-    """A configuration value is missing, unknown or impossible; the message names the field."""
+    """A configuration value is missing, unknown or impossible: ``field`` names it, ``why`` says what to do."""
+
+    def __init__(self, source: str, field: str, why: str, text: str | None = None):
+        # field: the dotted field (optim.lr, data.classes[2]); '' when the whole file is at fault.
+        # text: the message when it is not '<source>: <field> <why>'.
+        self.source, self.field, self.why = source, field, why
+        super().__init__(text or (f"{source}: {field} {why}" if field else f"{source}: {why}"))
 
 
 @dataclass(frozen=True)
@@ -129,7 +137,7 @@ class TrialConfig:
 
 def from_dict(raw: dict | None, source: str = "config") -> TrialConfig:
     """Build and validate a TrialConfig; ``source`` names the file in error messages."""
-    cfg = _build(TrialConfig, raw or {}, "", source)
+    cfg = build(TrialConfig, raw or {}, "", source)
     validate(cfg, source)
     return cfg
 
@@ -140,11 +148,11 @@ def from_yaml(path: str | Path) -> TrialConfig:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
+        raise ConfigError(str(path), "", "file not found") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({_yaml_where(err)})") from None
+        raise ConfigError(str(path), "", f"not valid YAML ({_yaml_where(err)})") from None
     if raw is not None and not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+        raise ConfigError(str(path), "", f"expected a mapping at the top level, got {type(raw).__name__}")
     return from_dict(raw, str(path))
 
 
@@ -154,61 +162,67 @@ def _yaml_where(err: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str):
+def build(cls: type, raw: Any, prefix: str, source: str):
+    """The dataclass ``cls`` from a plain mapping; fields are named ``<prefix><name>`` in errors."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {prefix or 'config'} must be a mapping, got {_kind(raw)}")
+        raise ConfigError(source, prefix.rstrip(".") or "config", f"must be a mapping, got {_kind(raw)}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(set(raw) - set(hints))
     if unknown:
-        key = f"{prefix}{unknown[0]}"
-        raise ConfigError(f"{source}: unknown key '{key}' (allowed here: {', '.join(sorted(names))})")
+        raise _unknown_key(cls, unknown[0], prefix, source)
     values = {}
     for name, value in raw.items():
-        values[name] = _coerce(hints[name], value, f"{prefix}{name}", source)
+        values[name] = coerce(hints[name], value, f"{prefix}{name}", source)
     return cls(**values)
 
 
-def _coerce(tp: Any, value: Any, path: str, source: str):
+def _unknown_key(cls: type, key: Any, prefix: str, source: str) -> ConfigError:
+    names = sorted(f.name for f in dataclasses.fields(cls))
+    close = difflib.get_close_matches(str(key), names, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    allowed = ", ".join(names)
+    return ConfigError(source, f"{prefix}{key}", f"is not a known field; {hint}allowed here: {allowed}",
+                       text=f"{source}: unknown key '{prefix}{key}' (allowed here: {allowed})")
+
+
+def coerce(tp: Any, value: Any, path: str, source: str):
+    """``value`` as type ``tp`` (a dataclass is built, a list becomes a tuple); errors name ``path``."""
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path + ".", source)
+        return build(tp, value, path + ".", source)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, path, source)
+        return coerce(inner[0], value, path, source)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {path} must be a list, got {_kind(value)}")
-        item = args[0]
-        return tuple(_coerce(item, v, f"{path}[{i}]", source) for i, v in enumerate(value))
+            raise ConfigError(source, path, f"must be a list, got {_kind(value)}")
+        return tuple(coerce(args[0], v, f"{path}[{i}]", source) for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {path} must be a mapping, got {_kind(value)}")
+            raise ConfigError(source, path, f"must be a mapping, got {_kind(value)}")
         return {str(k): str(v) for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {path} must be true or false, got {_kind(value)}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {path} must be an integer, got {_kind(value)}")
-        return value
+    return _scalar(tp, value, path, source)
+
+
+def _scalar(tp: Any, value: Any, path: str, source: str):
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(source, path, f"must be true or false, got {_kind(value)}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(source, path, f"must be an integer, got {_kind(value)}")
     if tp is float:
         # YAML 1.1 reads "1e-3" as a string; accept numeric strings for floats.
         if isinstance(value, str):
             try:
                 value = float(value)
             except ValueError:
-                raise ConfigError(f"{source}: {path} must be a number, got '{value}'") from None
+                raise ConfigError(source, path, f"must be a number, got '{value}'") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {path} must be a number, got {_kind(value)}")
+            raise ConfigError(source, path, f"must be a number, got {_kind(value)}")
         return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: {path} must be a string, got {_kind(value)}")
-        return value
+    if tp is str and not isinstance(value, str):
+        raise ConfigError(source, path, f"must be a string, got {_kind(value)}")
     return value
 
 
@@ -218,86 +232,133 @@ def _kind(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
+def with_value(cfg: Any, path: str, value: Any, source: str, prefix: str = ""):
+    """``cfg`` with the dotted field ``path`` set to ``value`` through the builder; a mapping merges into a section."""
+    head, _, rest = path.partition(".")
+    hints = typing.get_type_hints(type(cfg))
+    if head not in hints:
+        raise _unknown_key(type(cfg), head, prefix, source)
+    current, name = getattr(cfg, head), f"{prefix}{head}"
+    if rest and dataclasses.is_dataclass(current):
+        new = with_value(current, rest, value, source, name + ".")
+    elif rest:
+        raise ConfigError(source, f"{name}.{rest}", f"is not a field: {name} is a single value")
+    else:
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            value = merge(to_dict(current), value)     # as a deep merge of the plain dicts did
+        new = coerce(hints[head], value, name, source)
+    return dataclasses.replace(cfg, **{head: new})
+
+
+def with_tracking(cfg: TrialConfig, tracking: TrackingConfig, num_threads: int | None = None) -> TrialConfig:
+    """The trial as one run logs it: the sweep's tracking settings and, when given, the slot's CPU threads."""
+    train = cfg.train if num_threads is None else dataclasses.replace(cfg.train, num_threads=num_threads)
+    return dataclasses.replace(cfg, tracking=tracking, train=train)
+
+
 # --- validation -----------------------------------------------------------------------
 
 def validate(cfg: TrialConfig, source: str = "config") -> None:
-    """Reject impossible values; every message names the field."""
-    def fail(path: str, why: str):
-        raise ConfigError(f"{source}: {path} {why}")
+    """Reject impossible values; every error names the field."""
+    validate_data(cfg.data, source)
+    validate_model(cfg.model, source)
+    validate_optim(cfg.optim, source)
+    validate_train(cfg.train, source)
 
-    def one_of(path: str, value: str, allowed: tuple[str, ...]):
-        if value not in allowed:
-            fail(path, f"must be one of {', '.join(allowed)}; got '{value}'")
 
-    d, m, o, t = cfg.data, cfg.model, cfg.optim, cfg.train
-    one_of("data.source", d.source, SOURCES)
-    one_of("data.align", d.align, ALIGNERS)
+def _one_of(source: str, path: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(source, path, f"must be one of {', '.join(allowed)}; got '{value}'")
+
+
+def validate_data(d: DataConfig, source: str) -> None:
+    """The data section (fields named data.*), its split and its synthetic settings."""
+    _one_of(source, "data.source", d.source, SOURCES)
+    _one_of(source, "data.align", d.align, ALIGNERS)
     if d.source != "synthetic" and not d.root:
-        fail("data.root", f"is required for source '{d.source}' (the folder holding the dataset)")
+        raise ConfigError(source, "data.root",
+                          f"is required for source '{d.source}' (the folder holding the dataset)")
     if not 0 <= d.align_margin <= 1:
-        fail("data.align_margin", f"must be in [0, 1] (a fraction of the face box); got {d.align_margin:g}")
+        raise ConfigError(source, "data.align_margin",
+                          f"must be in [0, 1] (a fraction of the face box); got {d.align_margin:g}")
     if d.use_dataset_split and d.source not in SOURCES_WITH_SPLITS:
-        fail("data.use_dataset_split", f"needs a source with its own split ({', '.join(SOURCES_WITH_SPLITS)}); "
-                                       f"data.source is '{d.source}'")
+        raise ConfigError(source, "data.use_dataset_split", f"needs a source with its own split "
+                          f"({', '.join(SOURCES_WITH_SPLITS)}); data.source is '{d.source}'")
     if not 0 <= d.duplicate_distance <= 64:
-        fail("data.duplicate_distance", f"must be in [0, 64] bits of 256; got {d.duplicate_distance}")
+        raise ConfigError(source, "data.duplicate_distance",
+                          f"must be in [0, 64] bits of 256; got {d.duplicate_distance}")
     if len(d.classes) < 2:
-        fail("data.classes", "needs at least two classes")
+        raise ConfigError(source, "data.classes", "needs at least two classes")
     lowered = [c.lower() for c in d.classes]
     if len(set(lowered)) != len(lowered):
         dup = next(c for c in lowered if lowered.count(c) > 1)
-        fail("data.classes", f"lists '{dup}' more than once")
+        raise ConfigError(source, "data.classes", f"lists '{dup}' more than once")
     if d.balance_max_factor < 1:
-        fail("data.balance_max_factor", f"must be at least 1; got {d.balance_max_factor:g}")
-    if len(d.split) != 3:
-        fail("data.split", "must have three ratios: train, val, test")
-    if any(r < 0 for r in d.split):
-        fail("data.split", f"ratios must not be negative; got {list(d.split)}")
-    if d.split[0] <= 0 or d.split[1] <= 0:
-        fail("data.split", "needs a positive train and val ratio")
-    if not math.isclose(sum(d.split), 1.0, abs_tol=1e-6):
-        fail("data.split", f"ratios must sum to 1; got {sum(d.split):g}")
-    s = d.synthetic
-    one_of("data.synthetic.variant", s.variant, ("train", "production"))
+        raise ConfigError(source, "data.balance_max_factor", f"must be at least 1; got {d.balance_max_factor:g}")
+    _validate_split(d.split, source)
+    _validate_synthetic(d.synthetic, source)
+
+
+def _validate_split(split: tuple[float, ...], source: str) -> None:
+    if len(split) != 3:
+        raise ConfigError(source, "data.split", "must have three ratios: train, val, test")
+    if any(r < 0 for r in split):
+        raise ConfigError(source, "data.split", f"ratios must not be negative; got {list(split)}")
+    if split[0] <= 0 or split[1] <= 0:
+        raise ConfigError(source, "data.split", "needs a positive train and val ratio")
+    if not math.isclose(sum(split), 1.0, abs_tol=1e-6):
+        raise ConfigError(source, "data.split", f"ratios must sum to 1; got {sum(split):g}")
+
+
+def _validate_synthetic(s: SyntheticConfig, source: str) -> None:
+    _one_of(source, "data.synthetic.variant", s.variant, ("train", "production"))
     if s.n_images < 60:
-        fail("data.synthetic.n_images", f"must be at least 60 (10 per class); got {s.n_images}")
+        raise ConfigError(source, "data.synthetic.n_images", f"must be at least 60 (10 per class); got {s.n_images}")
     if s.draw_size < 32:
-        fail("data.synthetic.draw_size", f"must be at least 32; got {s.draw_size}")
+        raise ConfigError(source, "data.synthetic.draw_size", f"must be at least 32; got {s.draw_size}")
 
-    one_of("model.name", m.name, MODEL_NAMES)
+
+def validate_model(m: ModelConfig, source: str) -> None:
+    """The model section (fields named model.*); an explicit ViT shape must fit the image size."""
+    _one_of(source, "model.name", m.name, MODEL_NAMES)
     if m.image_size < 16:
-        fail("model.image_size", f"must be at least 16 pixels; got {m.image_size}")
-    if m.name == "vit" and m.pretrained is None:
-        a = m.vit
-        if a.patch_size <= 0 or m.image_size % a.patch_size:
-            fail("model.vit.patch_size", f"must divide model.image_size ({m.image_size}); got {a.patch_size}")
-        if a.hidden_size <= 0 or a.num_attention_heads <= 0 or a.hidden_size % a.num_attention_heads:
-            fail("model.vit.num_attention_heads",
-                 f"must divide model.vit.hidden_size ({a.hidden_size}); got {a.num_attention_heads}")
-        if a.num_hidden_layers <= 0 or a.intermediate_size <= 0:
-            fail("model.vit.num_hidden_layers", "and intermediate_size must be positive")
+        raise ConfigError(source, "model.image_size", f"must be at least 16 pixels; got {m.image_size}")
+    if m.name != "vit" or m.pretrained is not None:
+        return
+    a = m.vit
+    if a.patch_size <= 0 or m.image_size % a.patch_size:
+        raise ConfigError(source, "model.vit.patch_size",
+                          f"must divide model.image_size ({m.image_size}); got {a.patch_size}")
+    if a.hidden_size <= 0 or a.num_attention_heads <= 0 or a.hidden_size % a.num_attention_heads:
+        raise ConfigError(source, "model.vit.num_attention_heads",
+                          f"must divide model.vit.hidden_size ({a.hidden_size}); got {a.num_attention_heads}")
+    if a.num_hidden_layers <= 0 or a.intermediate_size <= 0:
+        raise ConfigError(source, "model.vit.num_hidden_layers", "and intermediate_size must be positive")
 
-    one_of("optim.name", o.name, OPTIMIZERS)
+
+def validate_optim(o: OptimConfig, source: str) -> None:
+    """The optimizer section (fields named optim.*)."""
+    _one_of(source, "optim.name", o.name, OPTIMIZERS)
     if not (o.lr > 0 and math.isfinite(o.lr)):
-        fail("optim.lr", f"must be a positive number; got {o.lr:g}")
+        raise ConfigError(source, "optim.lr", f"must be a positive number; got {o.lr:g}")
     if o.momentum < 0 or o.momentum >= 1:
-        fail("optim.momentum", f"must be in [0, 1); got {o.momentum:g}")
+        raise ConfigError(source, "optim.momentum", f"must be in [0, 1); got {o.momentum:g}")
     if o.weight_decay < 0:
-        fail("optim.weight_decay", f"must not be negative; got {o.weight_decay:g}")
+        raise ConfigError(source, "optim.weight_decay", f"must not be negative; got {o.weight_decay:g}")
     if not 0 <= o.lr_drop_threshold < 1:
-        fail("optim.lr_drop_threshold", f"must be in [0, 1); got {o.lr_drop_threshold:g}")
+        raise ConfigError(source, "optim.lr_drop_threshold", f"must be in [0, 1); got {o.lr_drop_threshold:g}")
     if not 0 < o.lr_drop_factor <= 1:
-        fail("optim.lr_drop_factor", f"must be in (0, 1]; got {o.lr_drop_factor:g}")
+        raise ConfigError(source, "optim.lr_drop_factor", f"must be in (0, 1]; got {o.lr_drop_factor:g}")
 
-    if t.epochs < 1:
-        fail("train.epochs", f"must be at least 1; got {t.epochs}")
-    if t.batch_size < 1:
-        fail("train.batch_size", f"must be at least 1; got {t.batch_size}")
-    if t.eval_batch_size < 1:
-        fail("train.eval_batch_size", f"must be at least 1; got {t.eval_batch_size}")
-    one_of("train.device", t.device, DEVICES)
+
+def validate_train(t: TrainConfig, source: str) -> None:
+    """The training section (fields named train.*)."""
+    for name in ("epochs", "batch_size", "eval_batch_size"):
+        if getattr(t, name) < 1:
+            raise ConfigError(source, f"train.{name}", f"must be at least 1; got {getattr(t, name)}")
+    _one_of(source, "train.device", t.device, DEVICES)
     if t.num_threads < 0:
-        fail("train.num_threads", f"must not be negative; got {t.num_threads}")
+        raise ConfigError(source, "train.num_threads", f"must not be negative; got {t.num_threads}")
 
 
 # --- derived values -------------------------------------------------------------------
@@ -382,7 +443,7 @@ def with_overrides(raw: dict, assignments: list[str], source: str = "--set") -> 
     for item in assignments:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"{source}: expected key=value, got '{item}'")
+            raise ConfigError(source, "", f"expected key=value, got '{item}'")
         nested: dict = {}
         node = nested
         parts = key.split(".")

@@ -11,6 +11,7 @@ degradation.{csv,md} and slices.csv (text from production_tables).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -30,7 +31,7 @@ from orchestrator.results.production_tables import (DEGRADATION_COLUMNS, SLICE_C
                                                     degradation_markdown, table_csv)
 from orchestrator.results.registry import RegistryError, champion_version
 from orchestrator.sweep.spec import SweepSpec
-from trainers.config import ConfigError, DataConfig, flat_params, from_dict
+from trainers.config import ConfigError, DataConfig, flat_params, from_dict, validate_data
 from trainers.data.dataset import DataError, PreparedData, prepare_data
 from trainers.plots import confusion_png
 from trainers.tracking import ensure_experiment, global_tracking_uri, no_download_bars
@@ -72,7 +73,7 @@ def production_config(spec: SweepSpec) -> DataConfig:
     if spec.production is None:
         raise ProductionError(f"{spec.path}: has no production section; add one naming the production "
                               "images (same keys as data, e.g. source: imagefolder, root: <folder>)")
-    cfg = from_dict({"data": spec.production}, spec.path).data   # load_spec validated it already
+    cfg = spec.production   # load_spec built and validated it
     if cfg.source != "synthetic" and not Path(cfg.root).expanduser().is_dir():
         raise ProductionError(f"{spec.path}: production.root folder '{cfg.root}' does not exist; "
                               "point it at the production images (one sub-folder per class)")
@@ -81,8 +82,10 @@ def production_config(spec: SweepSpec) -> DataConfig:
 
 def with_model_classes(spec: SweepSpec, cfg: DataConfig, classes: tuple[str, ...]) -> DataConfig:
     """The production classes are the model's unless the spec names them; then they must match."""
-    if "classes" not in spec.production:
-        return from_dict({"data": {**spec.production, "classes": list(classes)}}, spec.path).data
+    if not spec.production_has_classes:
+        cfg = dataclasses.replace(cfg, classes=tuple(classes))
+        validate_data(cfg, spec.path)
+        return cfg
     if tuple(cfg.classes) != classes:
         raise ProductionError(f"{spec.path}: production.classes ({', '.join(cfg.classes)}) differ from the "
                               f"champion's classes ({', '.join(classes)}); list the model's classes in its "

@@ -78,7 +78,7 @@ def _metric_label(metric: str) -> str:
 def promote_architecture(spec: SweepSpec) -> str:
     """The architecture (param model.name) that spec.promote.model names, directly or through a preset."""
     preset = spec.models.get(spec.promote.model)
-    return preset["name"] if preset else spec.promote.model
+    return preset.name if preset else spec.promote.model
 
 
 def best_run(spec: SweepSpec, client: MlflowClient, run_metric: str) -> Run:

@@ -28,6 +28,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from orchestrator.sweep.plan import PlannedTrial
+from trainers.config import to_dict
 from trainers.process.side_files import STORE_DIR
 
 # A RUNNING trial without a heartbeat for a minute belongs to a dead worker. Tests shorten both.
@@ -120,7 +121,7 @@ class Ledger:
             # what the sweep planned.
             self.study.enqueue_trial({}, user_attrs={"config_hash": trial.hash, "name": trial.name,
                                                      "groups": ",".join(trial.groups), "attempt": 0,
-                                                     "config": json.dumps(trial.raw)})
+                                                     "config": json.dumps(to_dict(trial.config))})
             added += 1
         return added
 

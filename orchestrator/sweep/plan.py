@@ -1,26 +1,22 @@
 """The plan: a sweep spec expanded into unique trials, and a rough estimate of what they cost.
 
-Every experiment's grid points, repeated per seed, resolve to plain trial
-dicts; trials with the same config hash run once and remember every group
+Every experiment's grid points, repeated per seed, resolve to typed trial
+configs; trials with the same config hash run once and remember every group
 they belong to (the study's ViT / Adam / 1e-3 / 3-epoch run is in three tables).
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import itertools
-import json
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Iterable, Iterator
 
-from trainers.config import (DataConfig, ModelConfig, TrialConfig, ViTArchConfig, config_hash, from_dict, merge,
-                             trial_name)
+from trainers.config import (DataConfig, ModelConfig, TrialConfig, ViTArchConfig, config_hash,
+                             trial_name, validate, with_value)
 from trainers.data.sources import IMAGE_SUFFIXES
-
-if TYPE_CHECKING:   # spec.py imports this module at run time, to validate every point it plans
-    from orchestrator.sweep.spec import Experiment, SweepSpec
+from orchestrator.sweep.spec_types import Experiment, PlannedTrial, SweepSpec
 
 # Forward multiply-adds of ResNet-50 at 224x224 (torchvision's published 4.09 GMACs); they scale with pixels.
 RESNET50_MACS_224 = 4.09e9
@@ -30,39 +26,29 @@ GPU_FLOPS = 100e12
 TRIAL_OVERHEAD_S = 20          # process start, imports, model build, MLflow logging
 
 
-@dataclass(frozen=True)
-class PlannedTrial:
-    hash: str                     # config_hash(config): the trial's identity across sweeps and workers
-    name: str                     # readable, unique within the plan
-    groups: tuple[str, ...]       # every experiment that lists this trial, in spec order
-    config: TrialConfig
-    raw: dict                     # the resolved plain dict that built config
-
-
 def experiment_points(exp: Experiment) -> list[dict]:
     """The grid's points as {axis: value} dicts, the first axis varying slowest."""
     axes = list(exp.grid)
     return [dict(zip(axes, values)) for values in itertools.product(*exp.grid.values())]
 
 
-def resolve_trial(spec: SweepSpec, point: dict) -> dict:
-    """defaults ⊕ point over spec.data and the chosen model preset: the plain dict for from_dict."""
-    # point maps dotted paths (aliases resolved) to values, applied in order; expand
+def resolve_trial(spec: SweepSpec, point: dict) -> TrialConfig:
+    """The validated trial at ``point``: the spec's typed sections with the point's dotted values applied."""
+    # point maps dotted paths (aliases resolved) to values, applied in order; the plan
     # passes the seed, then the experiment's set, then the grid values. "model" names a preset.
-    preset = point.get("model", spec.defaults.get("model"))
-    raw: dict = {"data": spec.data}
-    if preset is not None:
-        raw["model"] = spec.models[preset]
-    raw = merge(raw, {k: v for k, v in spec.defaults.items() if k != "model"})
+    preset = point.get("model", spec.defaults.model)
+    cfg = TrialConfig(data=spec.data, model=ModelConfig() if preset is None else spec.models[preset],
+                      optim=spec.defaults.optim, train=spec.defaults.train)
     for path, value in point.items():
         if path != "model":
-            raw = merge(raw, _nested(path, value))
-    return copy.deepcopy(raw)
+            cfg = with_value(cfg, path, value, spec.path)
+    validate(cfg, spec.path)
+    return cfg
 
 
-def _nested(path: str, value) -> dict:
-    head, _, rest = path.partition(".")
-    return {head: _nested(rest, value) if rest else value}
+def default_trial(spec: SweepSpec) -> TrialConfig:
+    """The trial of no grid point: the defaults with the first seed (TPE samples start from it)."""
+    return resolve_trial(spec, {"train.seed": spec.seeds[0]})
 
 
 def trial_point(exp: Experiment, point: dict, seed: int) -> dict:
@@ -70,22 +56,26 @@ def trial_point(exp: Experiment, point: dict, seed: int) -> dict:
     return {"train.seed": seed, **exp.set, **point}
 
 
-def expand(spec: SweepSpec) -> list[PlannedTrial]:
-    """All groups' grid points × seeds, deduplicated by config hash, in a stable order."""
+def grid(spec: SweepSpec) -> Iterator[tuple[Experiment, dict, int]]:
+    """Every (experiment, grid point, seed) in plan order."""
     # Seeds are the outer loop, so a whole first replicate comes before the next.
     # TPE trials are not here: the ledger samples them at run time.
-    found: dict[str, tuple[list[str], TrialConfig, dict]] = {}
     for seed in spec.seeds:
         for exp in spec.experiments:
             for point in experiment_points(exp):
-                raw = resolve_trial(spec, trial_point(exp, point, seed))
-                cfg = from_dict(raw, spec.path)
-                groups, _, _ = found.setdefault(config_hash(cfg), ([], cfg, raw))
-                if exp.name not in groups:
-                    groups.append(exp.name)
-    names = _unique_names({h: cfg for h, (_, cfg, _) in found.items()})
-    return [PlannedTrial(hash=h, name=names[h], groups=tuple(groups), config=cfg, raw=raw)
-            for h, (groups, cfg, raw) in found.items()]
+                yield exp, point, seed
+
+
+def unique_trials(listed: Iterable[tuple[str, TrialConfig]]) -> list[PlannedTrial]:
+    """(group, config) pairs deduplicated by config hash, in first-seen order, each with every group."""
+    found: dict[str, tuple[list[str], TrialConfig]] = {}
+    for group, cfg in listed:
+        groups, _ = found.setdefault(config_hash(cfg), ([], cfg))
+        if group not in groups:
+            groups.append(group)
+    names = _unique_names({h: cfg for h, (_, cfg) in found.items()})
+    return [PlannedTrial(hash=h, name=names[h], groups=tuple(groups), config=cfg)
+            for h, (groups, cfg) in found.items()]
 
 
 def _unique_names(configs: dict[str, TrialConfig]) -> dict[str, str]:
@@ -101,42 +91,37 @@ def grid_points(spec: SweepSpec) -> int:
     return per_seed * len(spec.seeds)
 
 
-def datasets_to_prepare(spec: SweepSpec, trials: list[PlannedTrial]) -> list[tuple[str, DataConfig, int]]:
-    """Each distinct (data, input size) the trials train on, then the production data at those sizes."""
-    from trainers.config import from_dict, to_dict
-
-    seen, out = set(), []
-    for t in trials:
-        key = (json.dumps(to_dict(t.config.data), sort_keys=True), t.config.model.image_size)
-        if key not in seen:
-            seen.add(key)
-            out.append(("data", t.config.data, t.config.model.image_size))
+def datasets_to_prepare(spec: SweepSpec) -> list[tuple[str, DataConfig, int]]:
+    """Each distinct (data, input size) the plan trains on, then the production data at those sizes."""
+    out = []
+    for t in spec.plan:
+        entry = ("data", t.config.data, t.config.model.image_size)
+        if entry not in out:
+            out.append(entry)
     if spec.production is not None:
-        classes = out[0][1].classes if out else None
-        raw = spec.production if "classes" in spec.production or classes is None else \
-            {**spec.production, "classes": list(classes)}    # production is evaluated on the model's classes
-        production_cfg = from_dict({"data": raw}, spec.path).data
+        production = spec.production
+        if out and not spec.production_has_classes:    # production is evaluated on the model's classes
+            production = dataclasses.replace(production, classes=out[0][1].classes)
         for size in sorted({size for _, _, size in out}):
-            out.append(("production", production_cfg, size))
+            out.append(("production", production, size))
     return out
 
 
 # --- cost ---------------------------------------------------------------------------
 
-def estimate_cost(spec: SweepSpec, trials: list[PlannedTrial]) -> dict:
-    """Total epochs, image-epochs and a rough serial CPU / GPU time, with the assumptions stated."""
-    configs = [t.config for t in trials]
+def estimate_cost(spec: SweepSpec) -> dict:
+    """Total epochs, image-epochs and a rough serial CPU / GPU time of the plan, with the assumptions stated."""
+    configs = [t.config for t in spec.plan]
     tpe_trials = spec.search.n_trials if spec.search.method == "tpe" else 0
     if tpe_trials:   # each sampled trial is costed like the defaults trial
-        base = from_dict(resolve_trial(spec, {"train.seed": spec.seeds[0]}), spec.path)
-        configs += [base] * tpe_trials
+        configs += [default_trial(spec)] * tpe_trials
     counts = {data: count_images(data) for data in {cfg.data for cfg in configs}}
     known = all(counts[cfg.data] is not None for cfg in configs)
     flop = sum(trial_flop(cfg, counts[cfg.data]) for cfg in configs) if known else None
     overhead_h = len(configs) * TRIAL_OVERHEAD_S / 3600
     image_epochs = sum(counts[c.data] * c.data.split[0] * c.train.epochs for c in configs) if known else None
     return {
-        "trials": len(trials),
+        "trials": len(spec.plan),
         "tpe_trials": tpe_trials,
         "epochs": sum(cfg.train.epochs for cfg in configs),
         "image_epochs": round(image_epochs) if known else None,

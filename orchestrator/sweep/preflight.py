@@ -10,9 +10,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.sweep.plan import expand, resolve_trial
+from orchestrator.sweep.plan import default_trial
 from orchestrator.sweep.spec import SweepSpec
-from trainers.config import DataConfig, TrialConfig, from_dict
+from trainers.config import DataConfig
 from trainers.process.side_files import STORE_DIR
 from trainers.errors import UserError
 
@@ -44,7 +44,7 @@ def check_sweep_folders(spec: SweepSpec, storage: str | None, tracking: str | No
             folders.append(OutputFolder(folder, f"the folder of {option} {url}",
                                         f"pass a {option} in a folder you can write",
                                         f"free some space, or pass a {option} on a disk with room"))
-    for cfg in _trial_configs(spec):
+    for cfg in (default_trial(spec), *(t.config for t in spec.plan)):    # a TPE sample starts from the defaults
         folders.append(_config_folder(cfg.data.cache_dir, "data.cache_dir"))
         folders.append(_config_folder(cfg.train.checkpoint_dir, "train.checkpoint_dir"))
     check_folders(folders)
@@ -120,8 +120,3 @@ def _local_folder(url: str | None) -> Path | None:
         return Path(url.removeprefix("file://").removeprefix("file:"))
     return None if "://" in url else Path(url)
 
-
-def _trial_configs(spec: SweepSpec) -> list[TrialConfig]:
-    """Every planned trial, and the defaults trial (a TPE sweep's samples start from it)."""
-    defaults = from_dict(resolve_trial(spec, {"train.seed": spec.seeds[0]}), spec.path)
-    return [defaults, *(t.config for t in expand(spec))]

@@ -14,10 +14,10 @@ from mlflow.entities import RunTag
 
 from orchestrator.sweep.executor import Executor, Slot, make_slots, start_trainers, stop_trainers
 from orchestrator.sweep.ledger import Claim, Ledger, default_storage
-from orchestrator.sweep.plan import PlannedTrial, count_images, expand, resolve_trial, trial_flop
+from orchestrator.sweep.plan import PlannedTrial, count_images, resolve_trial, trial_flop
 from orchestrator.results.runs import open_parent_run
 from orchestrator.sweep.spec import SweepSpec
-from trainers.config import config_hash, from_dict, trial_name
+from trainers.config import TrackingConfig, config_hash, from_dict, to_dict, trial_name, with_tracking
 from trainers.process.side_files import STORE_DIR
 from trainers.tracking import tracking_uri
 from trainers.errors import UserError
@@ -50,15 +50,14 @@ class SweepContext:
     def trial_config(self, claim: Claim, slot: Slot) -> dict:
         """The plain trial config for a claim, with the sweep's tracking fields and the slot's threads."""
         planned = self.plan.get(claim.config_hash)
-        raw = planned.raw if planned else json.loads(claim.attrs["config"])
+        cfg = planned.config if planned else from_dict(json.loads(claim.attrs["config"]), self.spec.path)
         name = planned.name if planned else claim.attrs["name"]
         groups = ",".join(planned.groups) if planned else claim.attrs.get("groups", "")
-        raw = {**raw, "train": {**raw.get("train", {}), "num_threads": slot.threads}}
-        raw["tracking"] = {"uri": self.tracking_uri, "experiment": self.spec.name, "run_name": name,
-                           "parent_run_id": self.parent_run_id,
-                           "tags": {"role": "trial", "sweep": self.spec.name, "groups": groups,
-                                    "optuna_trial": str(claim.number)}}
-        return raw
+        tracking = TrackingConfig(uri=self.tracking_uri, experiment=self.spec.name, run_name=name,
+                                  parent_run_id=self.parent_run_id,
+                                  tags={"role": "trial", "sweep": self.spec.name, "groups": groups,
+                                        "optuna_trial": str(claim.number)})
+        return to_dict(with_tracking(cfg, tracking, slot.threads))
 
 
 class TpeTrials:
@@ -87,10 +86,9 @@ class TpeTrials:
                                                       log=choice.get("log", False))
                 else:
                     point[path] = trial.suggest_categorical(path, list(choice))
-            raw = resolve_trial(self.spec, point)
-            cfg = from_dict(raw, self.spec.path)
+            cfg = resolve_trial(self.spec, point)
             attrs = {"config_hash": config_hash(cfg), "name": f"tpe{trial.number}-{trial_name(cfg)}",
-                     "groups": "tpe", "attempt": 0, "tpe": True, "config": json.dumps(raw)}
+                     "groups": "tpe", "attempt": 0, "tpe": True, "config": json.dumps(to_dict(cfg))}
             if attrs["config_hash"] in known:
                 trial.set_user_attr("tpe", True)
                 self.ledger.storage.set_trial_user_attr(trial._trial_id, "status", "duplicate")
@@ -134,7 +132,7 @@ def prepare_datasets(trials: list[PlannedTrial]) -> None:
 
     seen = set()
     for t in trials:
-        key = (json.dumps(t.raw.get("data", {}), sort_keys=True), t.config.model.image_size)
+        key = (t.config.data, t.config.model.image_size)
         if key not in seen:
             seen.add(key)
             data = prepare_data(t.config.data, t.config.model.image_size)
@@ -167,7 +165,7 @@ def start(spec: SweepSpec, storage: str | None, tracking: str | None, enqueue: b
         print(f"resuming: {recovered} trial(s) interrupted last time are queued again")
     uri = tracking_uri(tracking)
     client = MlflowClient(uri)
-    trials = expand(spec)
+    trials = list(spec.plan)
     parent = ledger.parent_run()
     if not enqueue:
         parent = parent or wait_for_start(ledger, spec.name)

@@ -1,31 +1,33 @@
-"""A sweep spec: YAML read into a frozen, fully validated SweepSpec.
+"""A sweep spec: YAML read into a frozen, fully validated SweepSpec holding its plan.
 
 A spec is shared data settings, named model presets, one trial's defaults and
-named experiments, each a grid of axes over those defaults. Everything is
-checked before anything runs, including every trial the grids produce; each
-error is one line: ``<file>: <dotted field> <what is wrong>; <what to do>``.
+named experiments, each a grid of axes over those defaults. Its trial sections are
+built by trainers.config's builder; everything is checked before anything runs,
+including every trial the grids produce, in the one pass that expands the plan.
+Each error is one line: ``<file>: <dotted field> <what is wrong>; <what to do>``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
 import re
 import typing
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
-from trainers.config import MODEL_NAMES, ConfigError, DataConfig, TrialConfig, from_dict
-from orchestrator.sweep.plan import experiment_points, resolve_trial, trial_point
+from trainers.config import (MODEL_NAMES, ConfigError, DataConfig, ModelConfig, TrialConfig, build, validate_data,
+                             validate_model, validate_optim, validate_train)
+from orchestrator.sweep.plan import grid, resolve_trial, trial_point, unique_trials
+from orchestrator.sweep.spec_types import (Defaults, ExecutionSpec, Experiment, PlannedTrial, PromoteSpec, SearchSpec,
+                                           SweepSpec)
 
 TOP_KEYS = ("name", "description", "data", "production", "models", "defaults", "experiments",
             "seeds", "search", "promote", "execution")
-DEFAULTS_KEYS = ("model", "optim", "train")
 EXPERIMENT_KEYS = ("title", "grid", "set", "reference")
-SEARCH_KEYS = ("method", "n_trials", "space")
 AXIS_ALIASES = {"optimizer": "optim.name", "lr": "optim.lr", "epochs": "train.epochs", "seed": "train.seed"}
 SEARCH_METHODS = ("grid", "tpe")
 PROMOTE_METRICS = ("val_macro_f1", "test_macro_f1", "val_accuracy", "test_accuracy")
@@ -40,54 +42,7 @@ EXPONENT_FLOAT = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 class SpecError(ConfigError):
-    """A sweep spec is invalid; the one-line message names the file and the dotted field."""
-
-
-@dataclass(frozen=True)
-class SearchSpec:
-    method: str = "grid"
-    n_trials: int = 0             # tpe only: how many trials the sampler proposes
-    space: dict = dataclasses.field(default_factory=dict)   # axis -> tuple of choices or {low, high, log}
-
-
-@dataclass(frozen=True)
-class PromoteSpec:
-    model: str = "vit"            # a model preset or architecture name; only those runs compete
-    metric: str = "val_macro_f1"
-    name: str = "fer-vit"         # registered model name
-    alias: str = "champion"
-
-
-@dataclass(frozen=True)
-class ExecutionSpec:
-    jobs: int = 1                 # parallel trials (CPU) or slots when no GPU list is given
-    gpus: tuple[int, ...] | None = None   # None: every visible GPU, else these indices
-    max_retries: int = 2
-
-
-@dataclass(frozen=True)
-class Experiment:
-    name: str
-    title: str
-    grid: dict[str, tuple]        # canonical dotted axis (aliases resolved) -> values, in spec order
-    set: dict                     # canonical dotted path -> one value, applied before the grid
-    reference: dict               # the study's reported numbers, free form
-
-
-@dataclass(frozen=True)
-class SweepSpec:
-    name: str
-    description: str
-    path: str
-    data: dict
-    production: dict | None
-    models: dict[str, dict]
-    defaults: dict                # {model: preset name, optim: {...}, train: {...}}
-    experiments: tuple[Experiment, ...]
-    seeds: tuple[int, ...]
-    search: SearchSpec
-    promote: PromoteSpec
-    execution: ExecutionSpec
+    """A sweep spec is invalid; ``field`` is the dotted spec field, the one-line message names the file too."""
 
 
 # --- reading YAML ---------------------------------------------------------------------
@@ -141,23 +96,23 @@ def _reject_duplicate_keys(node: yaml.Node, path: str, seen: set[int]) -> None:
 
 
 def load_spec(path: str | Path) -> SweepSpec:
-    """Read a sweep spec file and validate it completely."""
+    """Read a sweep spec file, validate it completely and expand its plan."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SpecError(f"{source}: file not found") from None
+        raise SpecError(source, "", "file not found") from None
     except UnicodeDecodeError:
-        raise SpecError(f"{source}: is not UTF-8 text") from None
+        raise SpecError(source, "", "is not UTF-8 text") from None
     except OSError as err:
-        raise SpecError(f"{source}: cannot be read ({err.strerror})") from None
+        raise SpecError(source, "", f"cannot be read ({err.strerror})") from None
     try:
         raw = parse_yaml(text)
     except DuplicateKeyError as err:
-        raise SpecError(f"{source}: {err.path} is given twice ({_at(err.mark)}); "
-                        "each key may appear once, rename or remove one") from None
+        raise SpecError(source, err.path, f"is given twice ({_at(err.mark)}); "
+                                          "each key may appear once, rename or remove one") from None
     except yaml.YAMLError as err:
-        raise SpecError(f"{source}: not valid YAML {_yaml_problem(err)}") from None
+        raise SpecError(source, "", f"not valid YAML {_yaml_problem(err)}") from None
     return spec_from_dict(raw, source)
 
 
@@ -174,7 +129,7 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 # --- validating -----------------------------------------------------------------------
 
 def spec_from_dict(raw: dict, source: str = "spec") -> SweepSpec:
-    """Validate a parsed spec; every error names ``source`` and the dotted field."""
+    """Validate a parsed spec and expand its plan; every error names ``source`` and the dotted field."""
     if not isinstance(raw, dict):
         _fail(source, "the top level", f"must be a mapping with name, data, experiments ...; got {_describe(raw)}")
     raw = copy.deepcopy(raw)
@@ -184,25 +139,37 @@ def spec_from_dict(raw: dict, source: str = "spec") -> SweepSpec:
     if not isinstance(description, str):
         _fail(source, "description", f"must be text, got {_describe(description)}")
     data = _parse_data(raw.get("data"), "data", source)
-    production = None if raw.get("production") is None else _parse_data(raw["production"], "production", source)
+    production = raw.get("production")
     models = _parse_models(raw.get("models"), source)
     search = _parse_search(raw.get("search"), models, source)
     experiments = _parse_experiments(raw.get("experiments"), models, source)
     if search.method == "grid" and not experiments:
         _fail(source, "experiments", "is required with search method grid: at least one named group with a grid")
     spec = SweepSpec(
-        name=name, description=description, path=source, data=data, production=production,
+        name=name, description=description, path=source, data=data,
+        production=None if production is None else _parse_data(production, "production", source),
+        production_has_classes=isinstance(production, dict) and "classes" in production,
         models=models, defaults=_parse_defaults(raw.get("defaults"), models, source),
         experiments=experiments, seeds=_parse_seeds(raw.get("seeds", [0]), source), search=search,
         promote=_parse_promote(raw.get("promote"), models, source),
         execution=_parse_execution(raw.get("execution"), source),
     )
-    _check_every_trial(spec, raw)
-    return spec
+    return dataclasses.replace(spec, plan=_plan(spec, raw))
 
 
 def _fail(source: str, field: str, why: str) -> typing.NoReturn:
-    raise SpecError(f"{source}: {field} {why}")
+    raise SpecError(source, field, why)
+
+
+@contextlib.contextmanager
+def _located(source: str, where: Callable[[str], str] | None = None) -> Iterator[None]:
+    """A trainers.config error inside becomes a SpecError naming the spec field (``where`` maps trial fields)."""
+    try:
+        yield
+    except SpecError:
+        raise
+    except ConfigError as err:
+        raise SpecError(source, where(err.field) if where else err.field, err.why) from None
 
 
 def _describe(value: Any) -> str:
@@ -244,21 +211,27 @@ def _parse_name(value: Any, source: str) -> str:
     return value
 
 
-def _parse_data(value: Any, section: str, source: str) -> dict:
-    data = _mapping(value, section, source, optional=True)
-    _build_trial({"data": data}, source, _locator([("data", section)], "data"))
+def _parse_data(value: Any, section: str, source: str) -> DataConfig:
+    where = _locator([("data", section)], section)
+    with _located(source, where):
+        data = build(DataConfig, {} if value is None else value, "data.", source)
+        validate_data(data, source)
+    _check_data_root(data, source, where)
     return data
 
 
-def _parse_models(value: Any, source: str) -> dict[str, dict]:
-    models = _mapping(value, "models", source, optional=True)
-    for preset, body in models.items():
+def _parse_models(value: Any, source: str) -> dict[str, ModelConfig]:
+    models = {}
+    for preset, body in _mapping(value, "models", source, optional=True).items():
         field = f"models.{preset}"
         body = _mapping(body, field, source)
         if "name" not in body:
             _fail(source, f"{field}.name", f"is required: the architecture, one of {', '.join(MODEL_NAMES)}")
-        _build_trial({"model": body}, source, _locator([("model", field)], field))
-    return {str(preset): body for preset, body in models.items()}
+        with _located(source, _locator([("model", field)], field)):
+            model = build(ModelConfig, body, "model.", source)
+            validate_model(model, source)
+        models[str(preset)] = model
+    return models
 
 
 def _check_preset(value: Any, models: dict, field: str, source: str) -> None:
@@ -267,20 +240,24 @@ def _check_preset(value: Any, models: dict, field: str, source: str) -> None:
         _fail(source, field, f"must name a model preset under models ({have}); got {_describe(value)}")
 
 
-def _parse_defaults(value: Any, models: dict, source: str) -> dict:
+def _parse_defaults(value: Any, models: dict, source: str) -> Defaults:
     defaults = _mapping(value, "defaults", source, optional=True)
     if "tracking" in defaults:
         _fail(source, "defaults.tracking", "is set by the orchestrator (experiment, parent run, tags); remove it")
     if "data" in defaults:
         _fail(source, "defaults.data", "is not allowed here; put shared data settings in the top-level data section")
-    _reject_unknown(defaults, DEFAULTS_KEYS, "defaults", source)
     if isinstance(defaults.get("train"), dict) and "seed" in defaults["train"]:
         _fail(source, "defaults.train.seed", "is set per trial from seeds; list them under seeds: [...]")
     if models and "model" not in defaults:
         _fail(source, "defaults.model", f"is required: the preset every trial starts from ({', '.join(models)})")
     if "model" in defaults:
         _check_preset(defaults["model"], models, "defaults.model", source)
-    return defaults
+    with _located(source):
+        parsed = build(Defaults, defaults, "defaults.", source)
+    with _located(source, _locator([("optim", "defaults.optim"), ("train", "defaults.train")], "defaults")):
+        validate_optim(parsed.optim, source)
+        validate_train(parsed.train, source)
+    return parsed
 
 
 def _parse_seeds(value: Any, source: str) -> tuple[int, ...]:
@@ -383,18 +360,18 @@ def _parse_set(mapping: dict, prefix: str, models: dict, source: str) -> dict:
 
 def _parse_search(value: Any, models: dict, source: str) -> SearchSpec:
     search = _mapping(value, "search", source, optional=True)
-    _reject_unknown(search, SEARCH_KEYS, "search", source)
-    method = search.get("method", "grid")
-    if method not in SEARCH_METHODS:
-        _fail(source, "search.method", f"must be one of {', '.join(SEARCH_METHODS)}; got {_describe(method)}")
-    if method == "grid":
+    with _located(source):
+        parsed = build(SearchSpec, search, "search.", source)
+    if parsed.method not in SEARCH_METHODS:
+        _fail(source, "search.method", f"must be one of {', '.join(SEARCH_METHODS)}; got {_describe(parsed.method)}")
+    if parsed.method == "grid":
         for key in ("n_trials", "space"):
             if key in search:
                 _fail(source, f"search.{key}", "is only used with method tpe")
-        return SearchSpec()
-    n_trials = search.get("n_trials")
-    if not _is_int(n_trials) or n_trials < 1:
-        _fail(source, "search.n_trials", f"must be a positive integer for method tpe; got {_describe(n_trials)}")
+        return parsed
+    if parsed.n_trials < 1:
+        _fail(source, "search.n_trials",
+              f"must be a positive integer for method tpe; got {_describe(search.get('n_trials'))}")
     space = _mapping(search.get("space"), "search.space", source)
     if not space:
         _fail(source, "search.space", "must name at least one axis to search, "
@@ -406,7 +383,7 @@ def _parse_search(value: Any, models: dict, source: str) -> SearchSpec:
         if path in axes:
             _fail(source, field, f"sets {path} again; give each field one axis")
         axes[path] = _parse_space_entry(entry, path, field, models, source)
-    return SearchSpec(method="tpe", n_trials=n_trials, space=axes)
+    return dataclasses.replace(parsed, space=axes)
 
 
 def _parse_space_entry(entry: Any, path: str, field: str, models: dict, source: str) -> tuple | dict:
@@ -442,13 +419,11 @@ def _number(value: Any, field: str, source: str) -> int | float:
 
 
 def _parse_promote(value: Any, models: dict, source: str) -> PromoteSpec:
-    promote = _mapping(value, "promote", source, optional=True)
-    allowed = tuple(f.name for f in dataclasses.fields(PromoteSpec))
-    _reject_unknown(promote, allowed, "promote", source)
-    for key, text in promote.items():
-        if not isinstance(text, str) or not text:
-            _fail(source, f"promote.{key}", f"must be non-empty text, got {_describe(text)}")
-    spec = PromoteSpec(**promote)
+    with _located(source):
+        spec = build(PromoteSpec, _mapping(value, "promote", source, optional=True), "promote.", source)
+    for key in ("model", "metric", "name", "alias"):
+        if not getattr(spec, key):
+            _fail(source, f"promote.{key}", f"must be non-empty text, got {_describe('')}")
     if spec.metric not in PROMOTE_METRICS:
         _fail(source, "promote.metric", f"must be one of {', '.join(PROMOTE_METRICS)}; got '{spec.metric}'")
     choices = dict.fromkeys([*models, *MODEL_NAMES])
@@ -465,48 +440,36 @@ def _parse_promote(value: Any, models: dict, source: str) -> PromoteSpec:
 
 
 def _parse_execution(value: Any, source: str) -> ExecutionSpec:
-    execution = _mapping(value, "execution", source, optional=True)
-    allowed = tuple(f.name for f in dataclasses.fields(ExecutionSpec))
-    _reject_unknown(execution, allowed, "execution", source)
-    jobs = execution.get("jobs", 1)
-    if not _is_int(jobs) or jobs < 1:
-        _fail(source, "execution.jobs", f"must be an integer >= 1; got {_describe(jobs)}")
-    retries = execution.get("max_retries", 2)
-    if not _is_int(retries) or retries < 0:
-        _fail(source, "execution.max_retries", f"must be an integer >= 0; got {_describe(retries)}")
-    return ExecutionSpec(jobs=jobs, gpus=_parse_gpus(execution.get("gpus"), source), max_retries=retries)
-
-
-def _parse_gpus(value: Any, source: str) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list) or not value or not all(_is_int(g) and g >= 0 for g in value):
-        _fail(source, "execution.gpus", f"must be null (every visible GPU) or a list of GPU indices like [0, 1]; "
-                                        f"got {_describe(value)}")
-    _reject_repeats(value, "execution.gpus", source)
-    return tuple(value)
+    with _located(source):
+        spec = build(ExecutionSpec, _mapping(value, "execution", source, optional=True), "execution.", source)
+    if spec.jobs < 1:
+        _fail(source, "execution.jobs", f"must be an integer >= 1; got {_describe(spec.jobs)}")
+    if spec.max_retries < 0:
+        _fail(source, "execution.max_retries", f"must be an integer >= 0; got {_describe(spec.max_retries)}")
+    if spec.gpus is not None:
+        if not spec.gpus or any(g < 0 for g in spec.gpus):
+            _fail(source, "execution.gpus", f"must be null (every visible GPU) or a list of GPU indices like [0, 1]; "
+                                            f"got {_describe(list(spec.gpus))}")
+        _reject_repeats(list(spec.gpus), "execution.gpus", source)
+    return spec
 
 
 # --- every trial the spec produces ----------------------------------------------------
 
-def _check_every_trial(spec: SweepSpec, raw: dict) -> None:
-    """Build the defaults trial, every grid point and every search choice; name the field that fails."""
-    seed = {"train.seed": spec.seeds[0]}
-    base = [("data", "data"), ("optim", "defaults.optim"), ("train", "defaults.train")]
-    if "model" in spec.defaults:
-        base.append(("model", f"models.{spec.defaults['model']}"))
-    _build_trial(resolve_trial(spec, seed), spec.path, _locator(base, "defaults"))
-    for exp in spec.experiments:
-        written = raw["experiments"][exp.name]
-        for point in experiment_points(exp):
-            where = _experiment_locator(exp, written, point)
-            _build_trial(resolve_trial(spec, trial_point(exp, point, spec.seeds[0])), spec.path, where)
+def _plan(spec: SweepSpec, raw: dict) -> tuple[PlannedTrial, ...]:
+    """Build every grid point's trial (naming the spec entry that fails) into the plan's unique trials."""
+    listed = []
+    for exp, point, seed in grid(spec):
+        where = _experiment_locator(exp, raw["experiments"][exp.name], point)
+        listed.append((exp.name, _build_trial(spec, trial_point(exp, point, seed), where)))
     if spec.search.method == "tpe":
-        _check_search_space(spec, raw["search"]["space"], seed)
+        _check_search_space(spec, raw["search"]["space"])
+    return tuple(unique_trials(listed))
 
 
-def _check_search_space(spec: SweepSpec, written: dict, seed: dict) -> None:
+def _check_search_space(spec: SweepSpec, written: dict) -> None:
     """Every choice and both ends of every range must make a valid trial over the defaults."""
+    seed = {"train.seed": spec.seeds[0]}
     for key in written:
         path = canonical_axis(key)
         entry = spec.search.space[path]
@@ -516,7 +479,7 @@ def _check_search_space(spec: SweepSpec, written: dict, seed: dict) -> None:
             values = [("", choice) for choice in entry]
         for suffix, value in values:
             field = f"search.space.{key}{suffix}"
-            _build_trial(resolve_trial(spec, {**seed, path: value}), spec.path, _locator([(path, field)], field))
+            _build_trial(spec, {**seed, path: value}, _locator([(path, field)], field))
 
 
 def _experiment_locator(exp: Experiment, written: dict, point: dict) -> Callable[[str], str]:
@@ -540,25 +503,12 @@ def _locator(entries: list[tuple[str, str]], context: str) -> Callable[[str], st
     return locate
 
 
-def _build_trial(raw: dict, source: str, where: Callable[[str], str]) -> TrialConfig:
-    """from_dict plus the data-root check; a failure names the spec field that caused it."""
-    try:
-        cfg = from_dict(raw, source)
-    except ConfigError as err:
-        field, why = _split_config_error(err, source)
-        raise SpecError(f"{source}: {where(field)} {why}") from None
-    _check_data_root(cfg.data, source, where)
+def _build_trial(spec: SweepSpec, point: dict, where: Callable[[str], str]) -> TrialConfig:
+    """resolve_trial plus the data-root check; a failure names the spec field that caused it."""
+    with _located(spec.path, where):
+        cfg = resolve_trial(spec, point)
+    _check_data_root(cfg.data, spec.path, where)
     return cfg
-
-
-def _split_config_error(err: ConfigError, source: str) -> tuple[str, str]:
-    """A trainers.config message as (field, what is wrong)."""
-    text = str(err).removeprefix(f"{source}: ")
-    unknown = re.fullmatch(r"unknown key '([^']+)' \(allowed here: (.*)\)", text)
-    if unknown:
-        return unknown[1], f"is not a known field; allowed here: {unknown[2]}"
-    field, _, why = text.partition(" ")
-    return field.rstrip("."), why
 
 
 def _check_data_root(data: DataConfig, source: str, where: Callable[[str], str]) -> None:

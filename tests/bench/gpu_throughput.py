@@ -152,7 +152,6 @@ def study_epochs() -> dict[str, int]:
     """Epochs per model family in the study's sweep (sweeps/paper.yaml), from its own plan."""
     import yaml
 
-    from orchestrator.sweep.plan import expand
     from orchestrator.sweep.spec import spec_from_dict
 
     raw = yaml.safe_load((REPO / "sweeps" / "paper.yaml").read_text())
@@ -161,7 +160,7 @@ def study_epochs() -> dict[str, int]:
             if isinstance(raw.get(section), dict) and "root" in raw[section]:
                 raw[section]["root"] = root
         epochs: dict[str, int] = {}
-        for trial in expand(spec_from_dict(raw, "paper.yaml")):
+        for trial in spec_from_dict(raw, "paper.yaml").plan:
             epochs[trial.config.model.name] = epochs.get(trial.config.model.name, 0) + trial.config.train.epochs
     return epochs
 

@@ -13,10 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from orchestrator.sweep.plan import expand
 from orchestrator.sweep.spec import load_spec
 from tests.conftest import tiny_trial
-from trainers.config import from_dict
+from trainers.config import from_dict, to_dict
 from trainers.data.dataset import prepare_data
 from trainers.data.split import TRAIN
 from trainers.models import build_model
@@ -35,7 +34,7 @@ def bench_config(tmp_path):
 def demo_trial(tmp_path, seed: int):
     """The demo sweep's ViT / Adam / 1e-3 / 3-epoch trial, as the sweep would run it, stored under tmp_path."""
     spec = load_spec(Path(__file__).resolve().parents[2] / "sweeps" / "demo.yaml")
-    raw = next(t.raw for t in expand(spec) if t.name == "vit-adam-lr0.001-ep3-s0")
+    raw = to_dict(next(t.config for t in spec.plan if t.name == "vit-adam-lr0.001-ep3-s0"))
     raw = {**raw, "data": {**raw["data"], "cache_dir": str(tmp_path / "cache")},
            "train": {**raw["train"], "checkpoint_dir": str(tmp_path / "checkpoints"), "num_threads": 0,
                      "seed": seed},

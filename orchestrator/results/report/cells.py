@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from orchestrator.results.report.tables import Stat, summarize, value_text
 from orchestrator.sweep.plan import PlannedTrial, experiment_points, resolve_trial
 from orchestrator.sweep.spec import Experiment, SweepSpec
-from trainers.config import ModelConfig, TrialConfig, flat_params, from_dict
+from trainers.config import ModelConfig, TrialConfig, flat_params
 
 # Params that say where or how a trial ran, not what it computed (config_hash leaves them out too);
 # runs that differ only in these and the seed are replicates of one configuration.
@@ -93,7 +93,7 @@ def label(exp: Experiment, point: tuple) -> str:
 
 def preset_model(spec: SweepSpec, preset: str, fixed: dict | None = None) -> ModelConfig:
     """The model a preset resolves to in the plan (with the spec's defaults and an experiment's `set`)."""
-    return from_dict(resolve_trial(spec, {**(fixed or {}), "model": preset}), spec.path).model
+    return resolve_trial(spec, {**(fixed or {}), "model": preset}).model
 
 
 def equal(config_value, grid_value) -> bool:
@@ -145,7 +145,7 @@ def runs_of_model(spec: SweepSpec, model: str, trials: list[Trial]) -> list[Tria
     """The runs of a preset (as the plan resolves it, when the spec defines it) or of an architecture."""
     if model not in spec.models:
         return [t for t in trials if t.params.get("model.name") == model]
-    cfg = from_dict(resolve_trial(spec, {"model": model}), spec.path)
+    cfg = resolve_trial(spec, {"model": model})
     logged = {k: v for k, v in flat_params(cfg).items() if k.startswith("model.")}
     return [t for t in trials if all(t.params.get(k) == v for k, v in logged.items())]
 

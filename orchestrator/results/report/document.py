@@ -12,7 +12,6 @@ from orchestrator.results.report.champion import best_model_section, production_
 from orchestrator.results.report.groups import experiment_section, other_groups_section
 from orchestrator.results.report.store import MlflowClient, SweepRuns, safe_uri
 from orchestrator.results.report.tables import Report
-from orchestrator.sweep.plan import expand
 from orchestrator.sweep.spec import SweepSpec
 from trainers.errors import UserError
 from trainers.process.side_files import STORE_DIR
@@ -59,7 +58,7 @@ def write_report(spec: SweepSpec, client: MlflowClient, out_dir: Path | str | No
         out.mkdir(parents=True, exist_ok=True)
         report = Report(out, replicated=any(n > 1 for n in sizes.values()))
         header(report, spec, store.uri, parent_run_id, trials)
-        plan = expand(spec)
+        plan = spec.plan
         for exp in spec.experiments:
             experiment_section(report, store, spec, plan, exp, trials)
         other_groups_section(report, spec, trials)

@@ -1,0 +1,76 @@
+"""The typed sweep spec: frozen dataclasses that spec.py builds from YAML and plan.py expands.
+
+Trial sections (data, models, defaults' optim and train) are the trial config's own
+dataclasses, built by trainers.config's builder; only what a spec adds is defined here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from trainers.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, TrialConfig
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What every trial starts from; a section given in part keeps the dataclass defaults for the rest."""
+    model: str | None = None      # a preset under models; None: the trial config's default model
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    method: str = "grid"
+    n_trials: int = 0             # tpe only: how many trials the sampler proposes
+    space: dict = dataclasses.field(default_factory=dict)   # axis -> tuple of choices or {low, high, log}
+
+
+@dataclass(frozen=True)
+class PromoteSpec:
+    model: str = "vit"            # a model preset or architecture name; only those runs compete
+    metric: str = "val_macro_f1"
+    name: str = "fer-vit"         # registered model name
+    alias: str = "champion"
+
+
+@dataclass(frozen=True)
+class ExecutionSpec:
+    jobs: int = 1                 # parallel trials (CPU) or slots when no GPU list is given
+    gpus: tuple[int, ...] | None = None   # None: every visible GPU, else these indices
+    max_retries: int = 2
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    title: str
+    grid: dict[str, tuple]        # canonical dotted axis (aliases resolved) -> values, in spec order
+    set: dict                     # canonical dotted path -> one value, applied before the grid
+    reference: dict               # the study's reported numbers, free form
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    hash: str                     # config_hash(config): the trial's identity across sweeps and workers
+    name: str                     # readable, unique within the plan
+    groups: tuple[str, ...]       # every experiment that lists this trial, in spec order
+    config: TrialConfig
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    description: str
+    path: str
+    data: DataConfig
+    production: DataConfig | None
+    production_has_classes: bool  # production.classes given; else production takes the model's classes
+    models: dict[str, ModelConfig]
+    defaults: Defaults
+    experiments: tuple[Experiment, ...]
+    seeds: tuple[int, ...]
+    search: SearchSpec
+    promote: PromoteSpec
+    execution: ExecutionSpec
+    plan: tuple[PlannedTrial, ...] = ()   # the grid's unique trials, expanded once when the spec is loaded
