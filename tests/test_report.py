@@ -15,12 +15,11 @@ from scipy import stats
 from orchestrator.__main__ import main
 from orchestrator.sweep.plan import expand
 from orchestrator.results.report import study, write_report
-from orchestrator.results.runs import open_parent_run
 from orchestrator.sweep.spec import parse_yaml, spec_from_dict
 from tests.conftest import TINY_VIT, tiny_trial
 from trainers.config import flat_params, from_dict
 from trainers.run import run_trial
-from trainers.tracking import ensure_experiment
+from trainers.tracking import ensure_experiment, open_parent_run
 
 PAPER = Path(__file__).resolve().parents[1] / "sweeps" / "paper.yaml"
 CLASSES = ("anger", "disgust", "fear", "happiness", "sadness", "surprise")

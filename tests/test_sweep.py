@@ -17,9 +17,10 @@ from optuna.trial import TrialState
 
 from orchestrator.sweep.ledger import Ledger
 from orchestrator.sweep.plan import expand
-from orchestrator.results.runs import child_runs, find_parent_run
+from orchestrator.results.runs import child_runs
 from orchestrator.sweep.spec import load_spec
 from orchestrator.sweep.runner import TpeTrials
+from trainers.tracking import find_parent_run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VIT = {"name": "vit", "image_size": 32,
@@ -201,14 +202,28 @@ def test_tpe_samples_its_budget_and_the_median_rule_prunes_a_lagging_trial(in_tm
     assert tpe.report(claims[3], 1, 0.1) is True
 
 
-def test_a_stop_file_prunes_a_running_trial(tmp_path):
+class PruneAtOnce:
+    """A supervisor (what `trainers serve` is to a trial) that asks the trial to stop from its first epoch."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, message) -> None:
+        self.sent.append(message)
+
+    def stop_requested(self) -> str | None:
+        return "pruned by the median rule"
+
+
+def test_a_stop_request_prunes_a_running_trial(tmp_path):
     from tests.conftest import tiny_trial
     from trainers.config import from_dict
+    from trainers.process.protocol import Epoch, Started
     from trainers.run import run_trial
 
-    stop = tmp_path / "stop"
-    stop.write_text("pruned by the median rule")
-    outcome = run_trial(from_dict(tiny_trial(tmp_path, train={"epochs": 3})), stop_file=stop)
+    supervisor = PruneAtOnce()
+    outcome = run_trial(from_dict(tiny_trial(tmp_path, train={"epochs": 3})), supervisor=supervisor)
     assert outcome.status == "pruned"
+    assert [type(m) for m in supervisor.sent] == [Started, Epoch] and supervisor.sent[1].epoch == 1
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(outcome.run_id)
     assert run.data.tags["status"] == "pruned" and "test_macro_f1" not in run.data.metrics

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import io
 import json
 import time
@@ -10,17 +12,15 @@ from pathlib import Path
 
 import optuna
 from mlflow import MlflowClient
-from mlflow.entities import RunTag
 
-from orchestrator.sweep.executor import Executor, Slot, make_slots, start_trainers, stop_trainers
+from orchestrator.sweep.executor import Executor, SweepHooks, Slot, make_slots, start_trainers, stop_trainers
 from orchestrator.sweep.ledger import Claim, Ledger, default_storage
 from orchestrator.sweep.plan import PlannedTrial, count_images, expand, resolve_trial, trial_flop
-from orchestrator.results.runs import open_parent_run
 from orchestrator.sweep.spec import SweepSpec
-from trainers.config import config_hash, from_dict, trial_name
-from trainers.process.side_files import STORE_DIR
-from trainers.tracking import tracking_uri
+from trainers.config import TrialConfig, config_hash, from_dict, trial_name
 from trainers.errors import UserError
+from trainers.process.side_files import STORE_DIR
+from trainers.tracking import close_dead_run, finish_parent, open_parent_run, tracking_uri
 
 WORK_DIR = STORE_DIR / "sweeps"
 START_POLL_SECONDS = 2.0    # how often a worker started before its sweep looks for it
@@ -47,18 +47,25 @@ class SweepContext:
     parent_run_id: str
     plan: dict[str, PlannedTrial]
 
-    def trial_config(self, claim: Claim, slot: Slot) -> dict:
-        """The plain trial config for a claim, with the sweep's tracking fields and the slot's threads."""
+    def trial_config(self, claim: Claim, slot: Slot) -> TrialConfig:
+        """A claim's config (planned, or as TPE stored it in the ledger), with the sweep's tracking fields
+        and the slot's threads."""
         planned = self.plan.get(claim.config_hash)
-        raw = planned.raw if planned else json.loads(claim.attrs["config"])
-        name = planned.name if planned else claim.attrs["name"]
-        groups = ",".join(planned.groups) if planned else claim.attrs.get("groups", "")
-        raw = {**raw, "train": {**raw.get("train", {}), "num_threads": slot.threads}}
-        raw["tracking"] = {"uri": self.tracking_uri, "experiment": self.spec.name, "run_name": name,
-                           "parent_run_id": self.parent_run_id,
-                           "tags": {"role": "trial", "sweep": self.spec.name, "groups": groups,
-                                    "optuna_trial": str(claim.number)}}
-        return raw
+        if planned:
+            cfg, name, groups = planned.config, planned.name, ",".join(planned.groups)
+        else:
+            cfg = from_dict(json.loads(claim.attrs["config"]), self.spec.path)
+            name, groups = claim.attrs["name"], claim.attrs.get("groups", "")
+        tracking = dataclasses.replace(
+            cfg.tracking, uri=self.tracking_uri, experiment=self.spec.name, run_name=name,
+            parent_run_id=self.parent_run_id,
+            tags={"role": "trial", "sweep": self.spec.name, "groups": groups, "optuna_trial": str(claim.number)})
+        train = dataclasses.replace(cfg.train, num_threads=slot.threads)
+        return dataclasses.replace(cfg, tracking=tracking, train=train)
+
+    def hooks(self, search: TpeTrials | None) -> SweepHooks:
+        """What the executor needs from this sweep: configs, the run closer for dead trainers, TPE."""
+        return SweepHooks(self.trial_config, functools.partial(close_dead_run, self.tracking_uri), search)
 
 
 class TpeTrials:
@@ -233,7 +240,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, tracking: str | None 
         stop_trainers(ready)
         raise
     search = TpeTrials(spec, ledger) if spec.search.method == "tpe" else None
-    executor = Executor(ledger, slots, WORK_DIR / spec.name, ctx.trial_config, search, ctx.tracking_uri, ready)
+    executor = Executor(ledger, slots, WORK_DIR / spec.name, ctx.hooks(search), ready)
     try:
         prepare_datasets(list(ctx.plan.values()))
     except BaseException:       # bad data or Ctrl-C before any trial: close the parent, keep the queue
@@ -264,11 +271,3 @@ def follow(executor: Executor, ledger: Ledger) -> bool:
         display.until(executor.alive)
     display.close()
     return interrupted
-
-
-def finish_parent(client: MlflowClient, parent: str, counts: dict[str, int], interrupted: bool) -> None:
-    """Tag the parent with the trial counts (one batched call) and close it."""
-    tags = [RunTag(f"trials_{key}", str(value)) for key, value in counts.items()]
-    client.log_batch(parent, tags=tags)
-    unfinished = counts.get("waiting", 0) + counts.get("running", 0)
-    client.set_terminated(parent, "KILLED" if interrupted or unfinished else "FINISHED")
