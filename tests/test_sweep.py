@@ -227,3 +227,49 @@ def test_a_stop_request_prunes_a_running_trial(tmp_path):
     assert [type(m) for m in supervisor.sent] == [Started, Epoch] and supervisor.sent[1].epoch == 1
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(outcome.run_id)
     assert run.data.tags["status"] == "pruned" and "test_macro_f1" not in run.data.metrics
+
+
+class PruneEveryEpoch:
+    """A search (TPE's place in the executor) whose median rule prunes every trial at its first epoch."""
+
+    def __init__(self):
+        self.reported: list[int] = []
+
+    def new_claim(self):
+        return None
+
+    def has_more(self) -> bool:
+        return False
+
+    def report(self, claim, epoch: int, value: float) -> bool:
+        self.reported.append(epoch)
+        return True
+
+
+def test_the_executor_stops_a_trial_its_search_prunes_and_records_it_pruned(in_tmp):
+    import functools
+
+    from orchestrator.sweep.executor import Executor, SweepHooks, make_slots
+    from orchestrator.sweep.runner import SweepContext
+    from trainers.tracking import close_dead_run, open_parent_run
+
+    spec_path = write_spec(in_tmp, "prune", {"lr": {"grid": {"optim.lr": [1e-3]}}},
+                           defaults={"model": "vit", "optim": {"name": "adam", "lr": 1e-3},
+                                     "train": {"epochs": 5, "batch_size": 16}})
+    spec, plan = load_spec(spec_path), expand(load_spec(spec_path))
+    uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
+    ledger = Ledger(f"sqlite:///{in_tmp / 'optuna.db'}", "prune", 0)
+    ledger.enqueue(plan)
+    ctx = SweepContext(spec, uri, open_parent_run(MlflowClient(uri), "prune"), {t.hash: t for t in plan})
+    search = PruneEveryEpoch()
+    executor = Executor(ledger, make_slots(None, 1), in_tmp / "work",
+                        SweepHooks(ctx.trial_config, functools.partial(close_dead_run, uri), search))
+    executor.run()
+    deadline = time.monotonic() + 300
+    while executor.alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert [e.status for e in executor.progress.events] == ["pruned"], executor.progress.events
+    (trial,) = ledger.latest_by_hash().values()
+    assert trial.user_attrs["status"] == "pruned" and 1 <= len(search.reported) < 5
+    run = MlflowClient(uri).get_run(trial.user_attrs["run_id"])     # the id the trainer sent in `started`
+    assert run.data.tags["status"] == "pruned" and run.info.status == "FINISHED"

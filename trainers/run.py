@@ -52,7 +52,9 @@ class EpochReporter:
 
 
 def resumable_run_id(cfg: TrialConfig, directory: Path) -> str | None:
-    """The MLflow run a crashed attempt left, if it belongs to the same parent (same sweep)."""
+    """The MLflow run a crashed attempt left, if it belongs to the same parent (same sweep).
+
+    run.json is this trainer's own record beside its checkpoint; the sweep learns the id from `started`."""
     marker = directory / "run.json"
     if not marker.exists():
         return None

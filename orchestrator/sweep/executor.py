@@ -176,7 +176,7 @@ class Executor:
     def __init__(self, ledger: Ledger, slots: list[Slot], workdir: Path, hooks: SweepHooks,
                  ready: dict[str, TrainerProcess] | None = None):
         self.ledger, self.slots, self.workdir = ledger, slots, workdir
-        self.hooks, self.search = hooks, hooks.search
+        self.hooks = hooks
         self.progress = Progress(slots={s.name: SlotState() for s in slots})
         self.stopping = threading.Event()
         self.ledger_lock = threading.Lock()
@@ -239,8 +239,8 @@ class Executor:
         with self.ledger_lock:
             reaped = self.ledger.reap_stale()
             claim = self.ledger.claim()
-            if claim is None and self.search is not None:
-                claim = self.search.new_claim()
+            if claim is None and self.hooks.search is not None:
+                claim = self.hooks.search.new_claim()
             if claim is not None:
                 self.ledger.storage.set_trial_user_attr(claim.trial_id, "worker", f"{self.host}/{slot.name}")
         for trial in reaped:     # a dead worker's runs: KILLED (a retry on its host reopens the run)
@@ -252,7 +252,7 @@ class Executor:
         """Nothing waiting and nothing running anywhere (another worker's crash could queue a retry)."""
         with self.ledger_lock:
             counts = self.ledger.counts()
-            more = self.search is not None and self.search.has_more()
+            more = self.hooks.search is not None and self.hooks.search.has_more()
         return counts["waiting"] == 0 and counts["running"] == 0 and not more
 
     def _run_claim(self, slot: Slot, claim: Claim, process: TrainerProcess) -> None:
@@ -304,10 +304,10 @@ class Executor:
                 self.ledger.set_run_id(claim.trial_id, message.run_id)
         elif isinstance(message, Epoch):
             state.epoch = message.epoch
-            if self.search is None:
+            if self.hooks.search is None:
                 return
             with self.ledger_lock:
-                prune = self.search.report(claim, message.epoch, message.metrics["val_macro_f1"])
+                prune = self.hooks.search.report(claim, message.epoch, message.metrics["val_macro_f1"])
             if prune:
                 process.send(Stop("pruned by the median rule"))
 
