@@ -15,7 +15,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 import yaml
 
@@ -64,12 +64,13 @@ def _failure(err: Exception) -> Done:
 
 class Pipe:
     """The trainer's end of the protocol: a thread reads stdin (runs are queued, a stop is noted for the
-    running trial); answers go to `answers`, a copy of the original stdout."""
+    running trial); answers go to `answers`, a copy of the original stdout, one whole line at a time."""
 
     def __init__(self, requests: TextIO, answers: TextIO):
         self.answers = answers
-        self.runs: queue.Queue[Run | ProtocolError | None] = queue.Queue()
+        self.runs: queue.Queue[Run | None] = queue.Queue()
         self.stop_reason: str | None = None
+        self.lock = threading.Lock()         # the reader thread may answer while a trial sends epochs
         threading.Thread(target=self._read, args=(requests,), daemon=True).start()
 
     def _read(self, requests: TextIO) -> None:
@@ -79,8 +80,7 @@ class Pipe:
             try:
                 message = decode(line)
             except ProtocolError as err:
-                self.runs.put(err)
-                return
+                self._give_up(err)
             if isinstance(message, Stop):
                 self.stop_reason = message.reason
             elif isinstance(message, Run):
@@ -88,9 +88,20 @@ class Pipe:
                 self.runs.put(message)
         self.runs.put(None)                  # stdin closed: the sweep is done with this process
 
+    def _give_up(self, err: ProtocolError) -> NoReturn:
+        """The other end speaks another version: answer the run in hand (or the next) with an error that
+        is not retried, and end this process now (a running trial's run is closed by the sweep)."""
+        with self.lock:
+            self.answers.write(encode(Done("error", error=f"trainer: {err}", retriable=False)))
+            self.answers.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
+
     def send(self, message: Message) -> None:
-        self.answers.write(encode(message))
-        self.answers.flush()
+        with self.lock:
+            self.answers.write(encode(message))
+            self.answers.flush()
 
     def stop_requested(self) -> str | None:
         return self.stop_reason
@@ -106,9 +117,6 @@ def serve_verb() -> int:
     except Exception:            # a broken install: the first trial meets the same error, in its own log
         pass
     while (request := pipe.runs.get()) is not None:
-        if isinstance(request, ProtocolError):   # the other end speaks another version: say so and end
-            pipe.send(Done("error", error=f"trainer: {request}", retriable=False))
-            return 2
         try:
             pipe.send(_serve_run(request, pipe))
         except KeyboardInterrupt:    # the sweep is stopping: the run is closed as KILLED, its checkpoint kept
