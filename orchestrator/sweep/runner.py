@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 from mlflow import MlflowClient
 
-from orchestrator.sweep.executor import Executor, SweepHooks, Slot, make_slots, start_trainers, stop_trainers
+from orchestrator.sweep.executor import Executor, Slot, SweepHooks, make_slots, start_trainers, stop_trainers
 from orchestrator.sweep.ledger import Claim, Ledger, default_storage
 from orchestrator.sweep.plan import PlannedTrial, count_images, expand, resolve_trial, trial_flop
 from orchestrator.sweep.spec import SweepSpec
