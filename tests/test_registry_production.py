@@ -15,11 +15,12 @@ from orchestrator.__main__ import main
 from orchestrator.results.drift import drift_verdict
 from orchestrator.results.production import ProductionError, evaluate_production, load_version, move_exported
 from orchestrator.results.registry import PREVIOUS_ALIAS, RegistryError, promote
-from orchestrator.results.runs import child_runs, open_parent_run
+from orchestrator.results.runs import child_runs
 from orchestrator.sweep.spec import spec_from_dict
 from tests.conftest import tiny_trial
 from trainers.config import DEFAULT_CLASSES, from_dict
 from trainers.run import run_trial
+from trainers.tracking import open_parent_run
 
 # 960 images and 20 epochs (~0.3 s each on one core) give the tiny ViT a test macro F1 of ~0.78 and
 # ~0.62 on the shifted production set: a drop well outside the noise of a 96-image test split.

@@ -21,7 +21,7 @@ from orchestrator.__main__ import main as orchestrator_main
 from orchestrator.sweep.spec import SWEEP_NAME, load_spec
 from orchestrator.sweep.runner import WORK_DIR
 from tests.conftest import TINY_VIT, tiny_trial
-from trainers.__main__ import execute
+from trainers.process.serve import execute, read_trial
 from trainers.config import from_dict, trial_dir
 from trainers.train import Checkpoint, CheckpointError
 
@@ -418,9 +418,9 @@ def test_a_trial_resuming_from_a_tampered_checkpoint_fails_with_one_line_and_no_
     config.write_text(yaml.safe_dump(raw))
     marker = tmp_path / "marker"
     path = tamper(trial_dir(from_dict(raw)), marker)
-    result = execute(config, [])
-    assert result["status"] == "error" and result["retriable"] is False, result
-    assert str(path) in result["error"] and "refused" in result["error"], result
+    result = execute(read_trial(config, []))
+    assert result.status == "error" and result.retriable is False, result
+    assert str(path) in result.error and "refused" in result.error, result
     assert not marker.exists()
     runs = MlflowClient(raw["tracking"]["uri"]).search_runs(
         [MlflowClient(raw["tracking"]["uri"]).get_experiment_by_name("tests").experiment_id])

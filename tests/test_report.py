@@ -18,12 +18,11 @@ from orchestrator.results.production_tables import DEGRADATION_COLUMNS
 from orchestrator.results.report import write_report
 from orchestrator.results.report.cells import Trial, group_cells
 from orchestrator.results.report.references import study
-from orchestrator.results.runs import open_parent_run
 from orchestrator.sweep.spec import parse_yaml, spec_from_dict
 from tests.conftest import TINY_VIT
 from trainers.config import TrackingConfig, TrialConfig, flat_params
 from trainers.run import run_trial
-from trainers.tracking import ensure_experiment
+from trainers.tracking import ensure_experiment, open_parent_run
 
 PAPER = Path(__file__).resolve().parents[1] / "sweeps" / "paper.yaml"
 CLASSES = ("anger", "disgust", "fear", "happiness", "sadness", "surprise")

@@ -16,9 +16,10 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from orchestrator.sweep.ledger import Ledger
-from orchestrator.results.runs import child_runs, find_parent_run
+from orchestrator.results.runs import child_runs
 from orchestrator.sweep.spec import load_spec
 from orchestrator.sweep.runner import TpeTrials
+from trainers.tracking import find_parent_run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VIT = {"name": "vit", "image_size": 32,
@@ -200,14 +201,75 @@ def test_tpe_samples_its_budget_and_the_median_rule_prunes_a_lagging_trial(in_tm
     assert tpe.report(claims[3], 1, 0.1) is True
 
 
-def test_a_stop_file_prunes_a_running_trial(tmp_path):
+class PruneAtOnce:
+    """A supervisor (what `trainers serve` is to a trial) that asks the trial to stop from its first epoch."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, message) -> None:
+        self.sent.append(message)
+
+    def stop_requested(self) -> str | None:
+        return "pruned by the median rule"
+
+
+def test_a_stop_request_prunes_a_running_trial(tmp_path):
     from tests.conftest import tiny_trial
     from trainers.config import from_dict
+    from trainers.process.protocol import Epoch, Started
     from trainers.run import run_trial
 
-    stop = tmp_path / "stop"
-    stop.write_text("pruned by the median rule")
-    outcome = run_trial(from_dict(tiny_trial(tmp_path, train={"epochs": 3})), stop_file=stop)
+    supervisor = PruneAtOnce()
+    outcome = run_trial(from_dict(tiny_trial(tmp_path, train={"epochs": 3})), supervisor=supervisor)
     assert outcome.status == "pruned"
+    assert [type(m) for m in supervisor.sent] == [Started, Epoch] and supervisor.sent[1].epoch == 1
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(outcome.run_id)
     assert run.data.tags["status"] == "pruned" and "test_macro_f1" not in run.data.metrics
+
+
+class PruneEveryEpoch:
+    """A search (TPE's place in the executor) whose median rule prunes every trial at its first epoch."""
+
+    def __init__(self):
+        self.reported: list[int] = []
+
+    def new_claim(self):
+        return None
+
+    def has_more(self) -> bool:
+        return False
+
+    def report(self, claim, epoch: int, value: float) -> bool:
+        self.reported.append(epoch)
+        return True
+
+
+def test_the_executor_stops_a_trial_its_search_prunes_and_records_it_pruned(in_tmp):
+    import functools
+
+    from orchestrator.sweep.executor import Executor, SweepHooks, make_slots
+    from orchestrator.sweep.runner import SweepContext
+    from trainers.tracking import close_dead_run, open_parent_run
+
+    spec_path = write_spec(in_tmp, "prune", {"lr": {"grid": {"optim.lr": [1e-3]}}},
+                           defaults={"model": "vit", "optim": {"name": "adam", "lr": 1e-3},
+                                     "train": {"epochs": 5, "batch_size": 16}})
+    spec = load_spec(spec_path)
+    plan = spec.plan
+    uri = f"sqlite:///{in_tmp / 'mlflow.db'}"
+    ledger = Ledger(f"sqlite:///{in_tmp / 'optuna.db'}", "prune", 0)
+    ledger.enqueue(plan)
+    ctx = SweepContext(spec, uri, open_parent_run(MlflowClient(uri), "prune"), {t.hash: t for t in plan})
+    search = PruneEveryEpoch()
+    executor = Executor(ledger, make_slots(None, 1), in_tmp / "work",
+                        SweepHooks(ctx.trial_config, functools.partial(close_dead_run, uri), search))
+    executor.run()
+    deadline = time.monotonic() + 300
+    while executor.alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert [e.status for e in executor.progress.events] == ["pruned"], executor.progress.events
+    (trial,) = ledger.latest_by_hash().values()
+    assert trial.user_attrs["status"] == "pruned" and 1 <= len(search.reported) < 5
+    run = MlflowClient(uri).get_run(trial.user_attrs["run_id"])     # the id the trainer sent in `started`
+    assert run.data.tags["status"] == "pruned" and run.info.status == "FINISHED"

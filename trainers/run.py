@@ -6,10 +6,12 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from trainers.config import TrialConfig, trial_dir
 from trainers.data.dataset import PreparedData, prepare_data
 from trainers.models import build_model
+from trainers.process.protocol import Epoch, Message, Started
 from trainers.tracking import TrialRun, start_figure_helper
 from trainers.train import Checkpoint, StopTrial, run_training
 
@@ -22,22 +24,37 @@ class TrialOutcome:
     train_seconds: float
 
 
-class EpochReporter:
-    """Logs each epoch to MLflow, prints one line (the sweep reads it), and honours a stop file."""
+class Supervisor(Protocol):
+    """Whoever runs this trial for a sweep (trainers.process.serve.Pipe): told when the run opens and as
+    each epoch ends, and may ask the trial to stop."""
 
-    def __init__(self, run: TrialRun, epochs: int, stop_file: Path | None):
-        self.run, self.epochs, self.stop_file = run, epochs, stop_file
+    def send(self, message: Message) -> None: ...
+    def stop_requested(self) -> str | None: ...
+
+
+class EpochReporter:
+    """Logs each epoch to MLflow, prints one line for the log's reader, tells the supervisor, and stops
+    the trial when the supervisor asks."""
+
+    def __init__(self, run: TrialRun, epochs: int, supervisor: Supervisor | None):
+        self.run, self.epochs, self.supervisor = run, epochs, supervisor
 
     def on_epoch(self, epoch: int, values: dict[str, float]) -> None:
         self.run.on_epoch(epoch, values)
         shown = " ".join(f"{k} {values[k]:.4f}" for k in ("train_loss", "val_loss", "val_macro_f1", "lr"))
         print(f"epoch {epoch}/{self.epochs} {shown} ({values['epoch_seconds']:.1f}s)", flush=True)
-        if self.stop_file is not None and self.stop_file.exists():
-            raise StopTrial(self.stop_file.read_text().strip() or "stop requested")
+        if self.supervisor is None:
+            return
+        self.supervisor.send(Epoch(epoch, self.epochs, values))
+        reason = self.supervisor.stop_requested()
+        if reason:
+            raise StopTrial(reason)
 
 
 def resumable_run_id(cfg: TrialConfig, directory: Path) -> str | None:
-    """The MLflow run a crashed attempt left, if it belongs to the same parent (same sweep)."""
+    """The MLflow run a crashed attempt left, if it belongs to the same parent (same sweep).
+
+    run.json is this trainer's own record beside its checkpoint; the sweep learns the id from `started`."""
     marker = directory / "run.json"
     if not marker.exists():
         return None
@@ -64,7 +81,7 @@ def load_data(cfg: TrialConfig, reuse: bool) -> PreparedData:
     return data
 
 
-def run_trial(cfg: TrialConfig, log_file: Path | None = None, stop_file: Path | None = None,
+def run_trial(cfg: TrialConfig, log_file: Path | None = None, supervisor: Supervisor | None = None,
               reuse_data: bool = False) -> TrialOutcome:
     """Prepare data and model (failing before any run is created), then train and log one run."""
     with contextlib.suppress(OSError):      # without one, the figures are drawn here
@@ -77,8 +94,10 @@ def run_trial(cfg: TrialConfig, log_file: Path | None = None, stop_file: Path | 
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "run.json").write_text(json.dumps({"run_id": run.run_id,
                                                         "parent_run_id": cfg.tracking.parent_run_id}))
+        if supervisor is not None:
+            supervisor.send(Started(run.run_id))
         run.log_setup(cfg, data)
-        reporter = EpochReporter(run, cfg.train.epochs, stop_file)
+        reporter = EpochReporter(run, cfg.train.epochs, supervisor)
         result = run_training(cfg, data, model, Checkpoint(directory), observer=reporter)
         run.log_result(cfg, data, result, log_file)
         if result.status == "finished" and cfg.tracking.log_model:

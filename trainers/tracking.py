@@ -1,4 +1,5 @@
-"""The one module that talks to MLflow for a trial: runs, params, metrics, artifacts, the model.
+"""The one module that owns a run's life in MLflow: a trial's run (open or resume, log params, metrics,
+artifacts and the model, finish), a dead trial's run closed by its sweep, and the sweep's parent run.
 
 Runs are addressed by id through an explicit MlflowClient; nothing relies on the global
 active run, so parallel trials in one process cannot cross-log.
@@ -8,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import dataclasses
 import io
 import json
 import os
@@ -24,14 +26,15 @@ import numpy as np
 import yaml
 from mlflow import MlflowClient
 from mlflow.tracking._tracking_service import utils as mlflow_utils
-from mlflow.entities import DatasetInput, InputTag, Metric, Param
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, Run, RunTag, ViewType
 
 from trainers.config import TrialConfig, config_hash, flat_params, to_dict, trial_name
 from trainers.data.dataset import PreparedData
 from trainers.data.split import SPLIT_NAMES
 from trainers.metrics import flat
-from trainers.process.figure_helper import log_figures
 from trainers.process.children import child_env
+from trainers.process.figure_helper import log_figures
+from trainers.process.protocol import FigureJob, FiguresDone, ProtocolError, decode, encode
 from trainers.process.side_files import STORE_DIR
 
 if TYPE_CHECKING:       # the orchestrator imports this module for its helpers: no torch, no plotting here
@@ -145,30 +148,35 @@ class FigureHelper:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def submit(self, job: dict) -> None:
+    def submit(self, job: FigureJob) -> None:
         self.jobs += 1
-        self.proc.stdin.write(json.dumps({**job, "id": self.jobs}) + "\n")
+        self.proc.stdin.write(encode(dataclasses.replace(job, id=self.jobs)))
         self.proc.stdin.flush()
 
     def result(self, timeout: float = FIGURE_TIMEOUT_SECONDS) -> None:
         """Wait for the last job's answer (skipping any left by an earlier, abandoned wait). RuntimeError
-        with the helper's message if drawing failed; OSError if the helper died or hung (it is then killed)."""
+        with the helper's message if drawing failed; OSError if the helper died, hung or garbled its
+        answer (it is then killed)."""
         deadline = time.monotonic() + timeout
         while True:
             ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            line = self.proc.stdout.readline() if ready else ""
-            try:
-                answer = json.loads(line) if line else None
-            except ValueError:
-                answer = None
+            answer = self._answer(self.proc.stdout.readline() if ready else "")
             if answer is None:
                 self.proc.kill()
-                raise OSError(f"the figure helper {'exited' if ready else 'did not answer'} "
+                raise OSError(f"the figure helper {'exited or garbled its answer' if ready else 'did not answer'} "
                               f"(status {self.proc.wait()})")
-            if answer.get("id") == self.jobs:
+            if answer.id == self.jobs:
                 break
-        if "error" in answer:
-            raise RuntimeError(answer["error"])
+        if answer.error:
+            raise RuntimeError(answer.error)
+
+    @staticmethod
+    def _answer(line: str) -> FiguresDone | None:
+        try:
+            answer = decode(line) if line else None
+        except ProtocolError:
+            return None
+        return answer if isinstance(answer, FiguresDone) else None
 
 
 _helper: FigureHelper | None = None
@@ -182,6 +190,90 @@ def start_figure_helper() -> FigureHelper:
     return _helper
 
 
+# --- a trial's run, and what its sweep does when a trainer dies ------------------------------------
+
+def close_dead_run(uri: str, run_id: str, status: str) -> None:
+    """Close a run its trainer left RUNNING when it died, as KILLED or FAILED with the status tag to
+    match; a run already closed is left alone, and a retry reopens it."""
+    client = MlflowClient(uri)
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status)
+            client.set_tag(run_id, "status", "failed" if status == "FAILED" else "killed")
+    except Exception as err:   # the store may be unreachable; the retry will reopen the run anyway
+        print(f"warning: could not close run {run_id}: {err}", file=sys.stderr)
+
+
+# --- the sweep's parent run ------------------------------------------------------------------------
+
+def find_parent_run(client: MlflowClient, sweep: str) -> Run | None:
+    """The sweep's parent run (the most recent one if several were ever made), or None."""
+    experiment = client.get_experiment_by_name(sweep)
+    if experiment is None:
+        return None
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.role = 'sweep' and tags.sweep = '{sweep}'",
+                              run_view_type=ViewType.ACTIVE_ONLY, order_by=["attributes.start_time DESC"],
+                              max_results=1)
+    return runs[0] if runs else None
+
+
+def open_parent_run(client: MlflowClient, sweep: str, description: str = "") -> str:
+    """Reuse the sweep's parent run (a resumed sweep keeps one parent), else create it."""
+    found = find_parent_run(client, sweep)
+    if found is not None:
+        if found.info.status != "RUNNING":
+            client.update_run(found.info.run_id, status="RUNNING")
+        return found.info.run_id
+    experiment_id = ensure_experiment(client, sweep)
+    tags = {"role": "sweep", "sweep": sweep}
+    if description:
+        tags["mlflow.note.content"] = description
+    return client.create_run(experiment_id, run_name=sweep, tags=tags).info.run_id
+
+
+class SweepParent:
+    """The sweep's parent run as the runner uses it: opened or rejoined, given the spec and plan, closed."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+
+    @classmethod
+    def rejoin(cls, uri: str, run_id: str | None) -> SweepParent | None:
+        """The run marked RUNNING again, or None when the store has no such run (none given, or reset)."""
+        if not run_id:
+            return None
+        client = MlflowClient(uri)
+        try:
+            client.get_run(run_id)
+        except Exception:   # MlflowException for a missing run, or a store that was reset
+            return None
+        client.update_run(run_id, status="RUNNING")
+        return cls(uri, run_id)
+
+    @classmethod
+    def open(cls, uri: str, sweep: str, description: str = "") -> SweepParent:
+        """Reuse the sweep's latest parent run in this store, else create it."""
+        return cls(uri, open_parent_run(MlflowClient(uri), sweep, description))
+
+    def log_texts(self, files: dict[str, str]) -> None:
+        """Text artifacts such as spec.yaml and plan.csv, by file name."""
+        client = MlflowClient(self.uri)
+        for name, text in files.items():
+            client.log_text(self.run_id, text, name)
+
+    def finish(self, counts: dict[str, int], interrupted: bool) -> None:
+        """Tag the parent with the trial counts (one batched call) and close it."""
+        client = MlflowClient(self.uri)
+        client.log_batch(self.run_id, tags=[RunTag(f"trials_{key}", str(value)) for key, value in counts.items()])
+        unfinished = counts.get("waiting", 0) + counts.get("running", 0)
+        client.set_terminated(self.run_id, "KILLED" if interrupted or unfinished else "FINISHED")
+
+    def kill(self) -> None:
+        """Close it as KILLED: the sweep stopped before its first trial (bad data, Ctrl-C)."""
+        MlflowClient(self.uri).set_terminated(self.run_id, "KILLED")
+
+
 class TrialRun:
     """One trial's MLflow run: create or resume, then log through explicit run ids."""
 
@@ -189,7 +281,7 @@ class TrialRun:
         self.client, self.run_id, self.resumed = client, run_id, resumed
         self.seconds = 0.0           # spent in MLflow calls, the model's export and upload excluded
         self.model_seconds = 0.0     # torch.export of the model and its upload
-        self._figures: tuple[FigureHelper, dict] | None = None     # drawing in the helper, and its job
+        self._figures: tuple[FigureHelper, FigureJob] | None = None     # drawing in the helper, and its job
 
     @classmethod
     def open(cls, cfg: TrialConfig, resume_run_id: str | None = None) -> TrialRun:
@@ -271,15 +363,15 @@ class TrialRun:
             self.client.log_text(self.run_id, json.dumps(confusion), "confusion_matrix.json")
         self.client.log_batch(self.run_id, metrics=_metrics(summary, step=len(result.history)))
         if result.history or cm is not None:
-            job = {"uri": self.client.tracking_uri, "run_id": self.run_id, "cwd": os.getcwd(), "title": title,
-                   "history": result.history, "classes": list(data.classes),
-                   "confusion": None if cm is None else cm.tolist()}
+            job = FigureJob(self.client.tracking_uri, self.run_id, os.getcwd(), title, result.history,
+                            list(data.classes), None if cm is None else cm.tolist(),
+                            str(log_file) if log_file else None)
             try:
                 helper = start_figure_helper()
-                helper.submit({**job, "log": str(log_file) if log_file else None})
+                helper.submit(job)
                 self._figures = helper, job
             except OSError:              # no helper could start: draw them here
-                log_figures(**job)
+                log_figures(job)
 
     @_timed
     def wait_figures(self) -> None:
@@ -290,7 +382,7 @@ class TrialRun:
         try:
             helper.result()
         except OSError:
-            log_figures(**job)
+            log_figures(job)
 
     def log_model(self, model, image_size: int, n_classes: int) -> str:
         """Log the trained model (mlflow.pytorch) with its tensor signature; returns its model id."""

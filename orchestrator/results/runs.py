@@ -1,4 +1,5 @@
-"""A sweep's MLflow runs: one experiment per sweep, one parent run, one child run per trial.
+"""Reading a sweep's MLflow runs: one experiment per sweep, one parent run, one child run per trial
+(trainers.tracking opens and closes them).
 
 Conventions every verb relies on:
   experiment  = the sweep's name
@@ -11,33 +12,7 @@ from __future__ import annotations
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 
-from trainers.tracking import ensure_experiment
-
-
-def find_parent_run(client: MlflowClient, sweep: str) -> Run | None:
-    """The sweep's parent run (the most recent one if several were ever made), or None."""
-    experiment = client.get_experiment_by_name(sweep)
-    if experiment is None:
-        return None
-    runs = client.search_runs([experiment.experiment_id],
-                              filter_string=f"tags.role = 'sweep' and tags.sweep = '{sweep}'",
-                              run_view_type=ViewType.ACTIVE_ONLY, order_by=["attributes.start_time DESC"],
-                              max_results=1)
-    return runs[0] if runs else None
-
-
-def open_parent_run(client: MlflowClient, sweep: str, description: str = "") -> str:
-    """Reuse the sweep's parent run (a resumed sweep keeps one parent), else create it."""
-    found = find_parent_run(client, sweep)
-    if found is not None:
-        if found.info.status != "RUNNING":
-            client.update_run(found.info.run_id, status="RUNNING")
-        return found.info.run_id
-    experiment_id = ensure_experiment(client, sweep)
-    tags = {"role": "sweep", "sweep": sweep}
-    if description:
-        tags["mlflow.note.content"] = description
-    return client.create_run(experiment_id, run_name=sweep, tags=tags).info.run_id
+from trainers.tracking import find_parent_run
 
 
 def child_runs(client: MlflowClient, sweep: str, parent_run_id: str | None = None,

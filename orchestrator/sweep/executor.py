@@ -1,15 +1,14 @@
 """Run a sweep's trials on every slot of this host: one long-lived trainer process per slot.
 
-Each slot (a GPU, or a CPU job) claims a trial from the ledger, hands it to its
-`python -m trainers serve` process pinned with CUDA_VISIBLE_DEVICES, sends heartbeats while it
-runs, and records the outcome. A process that dies is replaced; its trial is retried.
+Each slot (a GPU, or a CPU job) claims a trial from the ledger, sends it as a `run` message to its
+`python -m trainers serve` process pinned with CUDA_VISIBLE_DEVICES, sends heartbeats while it runs,
+follows its `started` and `epoch` messages (and sends `stop` when TPE prunes it), and records its
+`done`. A process that dies is replaced, its run closed by the sweep's run closer; its trial is retried.
 """
 from __future__ import annotations
 
-import json
 import os
 import queue
-import re
 import shutil
 import signal
 import socket
@@ -21,13 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-import yaml
-from mlflow import MlflowClient
-
 from orchestrator.sweep.ledger import HEARTBEAT_SECONDS, Claim, Ledger
+from trainers.config import TrialConfig, to_dict
 from trainers.process.children import child_env
+from trainers.process.protocol import Done, Epoch, Message, ProtocolError, Run, Started, Stop, decode, encode
 
-EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+) .*val_macro_f1 ([0-9.naninf]+)", re.M)
 STOP_GRACE_SECONDS = 60  # after Ctrl-C, a trial has this long to close its run before it is killed
 
 
@@ -78,7 +75,6 @@ class SlotState:
     epoch: int = 0
     epochs: int = 0
     started: float = 0.0
-    log_offset: int = 0           # where this attempt's lines start in the trial's log
     run_id: str = ""              # its MLflow run, once the trainer has opened it
 
 
@@ -106,19 +102,28 @@ class TrainerProcess:
         env = child_env({**os.environ, **slot.env, "PYTHONUNBUFFERED": "1"})
         self.proc = subprocess.Popen([sys.executable, "-m", "trainers", "serve"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
-        self.answers: queue.Queue = queue.Queue()
-        self.jobs = 0                # jobs sent; a process that never had one holds nothing to finish
+        self.answers: queue.Queue[Message | ProtocolError | None] = queue.Queue()
+        self.jobs = 0                # trials sent; a process that never had one holds nothing to finish
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
-            self.answers.put(line)
+            try:
+                self.answers.put(decode(line))
+            except ProtocolError as err:     # the trial fails with it; the process is not trusted again
+                self.answers.put(err)
+                return
         self.answers.put(None)       # end of output: the process exited
 
-    def submit(self, job: dict) -> None:
-        self.jobs += 1
-        self.proc.stdin.write(json.dumps(job) + "\n")
-        self.proc.stdin.flush()
+    def send(self, message: Run | Stop) -> None:
+        """Write one message; a process that already exited is noticed by its end of output instead."""
+        if isinstance(message, Run):
+            self.jobs += 1
+        try:
+            self.proc.stdin.write(encode(message))
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -157,16 +162,21 @@ def stop_trainers(ready: dict[str, TrainerProcess]) -> None:
         process.proc.stdin.close()
 
 
+@dataclass(frozen=True)
+class SweepHooks:
+    """What the executor asks of its sweep."""
+    trial_config: Callable[[Claim, Slot], TrialConfig]   # a claim's whole config, tracking and threads set
+    close_run: Callable[[str, str], None]                # (run id, KILLED or FAILED): a dead trainer's run
+    search: NewTrials | None = None                      # TPE: samples new trials and prunes on epochs
+
+
 class Executor:
     """Claims and runs trials on all slots until the ledger has nothing left to run."""
 
-    def __init__(self, ledger: Ledger, slots: list[Slot], workdir: Path,
-                 trial_config: Callable[[Claim, Slot], dict], search: NewTrials | None = None,
-                 tracking_uri: str | None = None, ready: dict[str, TrainerProcess] | None = None):
+    def __init__(self, ledger: Ledger, slots: list[Slot], workdir: Path, hooks: SweepHooks,
+                 ready: dict[str, TrainerProcess] | None = None):
         self.ledger, self.slots, self.workdir = ledger, slots, workdir
-        self.trial_config = trial_config     # the plain trial config (tracking included) for a claim
-        self.search = search                 # TPE: samples new trials and prunes on epochs
-        self.tracking_uri = tracking_uri     # where a dead worker's runs are closed
+        self.hooks = hooks
         self.progress = Progress(slots={s.name: SlotState() for s in slots})
         self.stopping = threading.Event()
         self.ledger_lock = threading.Lock()
@@ -189,10 +199,6 @@ class Executor:
 
     def alive(self) -> bool:
         return any(t.is_alive() for t in self.threads)
-
-    def wait(self, poll: float = 0.5) -> None:
-        while self.alive():
-            time.sleep(poll)
 
     def stop(self) -> None:
         """Stop claiming; running trials are interrupted and handed back to the queue."""
@@ -233,155 +239,103 @@ class Executor:
         with self.ledger_lock:
             reaped = self.ledger.reap_stale()
             claim = self.ledger.claim()
-            if claim is None and self.search is not None:
-                claim = self.search.new_claim()
+            if claim is None and self.hooks.search is not None:
+                claim = self.hooks.search.new_claim()
             if claim is not None:
                 self.ledger.storage.set_trial_user_attr(claim.trial_id, "worker", f"{self.host}/{slot.name}")
         for trial in reaped:     # a dead worker's runs: KILLED (a retry on its host reopens the run)
-            if trial.user_attrs.get("run_id") and self.tracking_uri:
-                close_run(self.tracking_uri, trial.user_attrs["run_id"], "KILLED")
+            if trial.user_attrs.get("run_id"):
+                self.hooks.close_run(trial.user_attrs["run_id"], "KILLED")
         return claim
 
     def _drained(self) -> bool:
         """Nothing waiting and nothing running anywhere (another worker's crash could queue a retry)."""
         with self.ledger_lock:
             counts = self.ledger.counts()
-            more = self.search is not None and self.search.has_more()
+            more = self.hooks.search is not None and self.hooks.search.has_more()
         return counts["waiting"] == 0 and counts["running"] == 0 and not more
 
     def _run_claim(self, slot: Slot, claim: Claim, process: TrainerProcess) -> None:
-        raw = self.trial_config(claim, slot)
-        name = raw["tracking"]["run_name"]
-        work = self.workdir / claim.config_hash
-        work.mkdir(parents=True, exist_ok=True)
-        paths = {k: work / f for k, f in (("config", "trial.yaml"), ("result", "result.json"),
-                                            ("log", "log.txt"), ("stop", "stop"))}
-        paths["result"].unlink(missing_ok=True)
-        paths["stop"].unlink(missing_ok=True)
-        paths["config"].write_text(yaml.safe_dump(raw, sort_keys=False))
-        with paths["log"].open("a") as log:
-            log.write(f"--- attempt {claim.attempt + 1} on {self.host}/{slot.name} at {time.ctime()}\n")
+        cfg = self.hooks.trial_config(claim, slot)
+        name = cfg.tracking.run_name
+        log = self.workdir / claim.config_hash / "log.txt"
+        log.parent.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         state = self.progress.slots[slot.name]
-        state.trial, state.epoch, state.epochs, state.started = name, 0, raw["train"].get("epochs", 0), started
-        state.log_offset = paths["log"].stat().st_size     # earlier attempts' epoch lines are not this one's
-        process.submit({k: str(v) for k, v in paths.items()})
-        answered = self._watch(claim, process, paths, state, raw)
+        state.trial, state.epoch, state.epochs, state.started = name, 0, cfg.train.epochs, started
+        process.send(Run(to_dict(cfg), str(log), claim.attempt, f"{self.host}/{slot.name}"))
+        done = self._watch(claim, process, state)
+        if done.status == "error" and state.run_id:     # a trainer that died left its run RUNNING
+            self.hooks.close_run(state.run_id, "KILLED" if self.stopping.is_set() else "FAILED")
         state.trial, state.run_id = "", ""
-        self._record(claim, name, raw, paths, answered, time.monotonic() - started)
+        self._record(claim, name, done, time.monotonic() - started)
 
-    def _watch(self, claim: Claim, process: TrainerProcess, paths: dict[str, Path], state: SlotState,
-               raw: dict) -> bool:
-        """Wait for the trial while sending heartbeats and reading its epochs; False if the process died."""
+    def _watch(self, claim: Claim, process: TrainerProcess, state: SlotState) -> Done:
+        """Follow the trainer's messages until its `done`, sending heartbeats; an error if it died."""
         last_beat, interrupted = 0.0, 0.0
         while True:
             try:
                 answer = process.answers.get(timeout=1.0)
             except queue.Empty:
                 answer = ""
-            if answer is None:
-                return False
+            if answer is None or isinstance(answer, ProtocolError):
+                return _lost(process, answer)
+            if isinstance(answer, Done):
+                return answer
             if answer:
-                return True
+                self._follow(claim, process, state, answer)
             now = time.monotonic()
             if now - last_beat >= HEARTBEAT_SECONDS:
                 with self.ledger_lock:
                     self.ledger.beat(claim.trial_id)
-                self._note_run(claim, state, raw)
                 last_beat = now
-            self._read_epochs(claim, paths, state)
             if self.stopping.is_set() and not interrupted:
                 process.interrupt()
                 interrupted = now
             elif interrupted and now - interrupted > STOP_GRACE_SECONDS:
                 process.kill()       # it ignored the interrupt; its checkpoint still allows a resume
 
-    def _note_run(self, claim: Claim, state: SlotState, raw: dict) -> None:
-        """Once the trainer has opened its MLflow run, record it on the trial (a reaper closes it)."""
-        if state.run_id:
-            return
-        state.run_id = marked_run(raw) or ""
-        if state.run_id:
+    def _follow(self, claim: Claim, process: TrainerProcess, state: SlotState, message: Message) -> None:
+        """A `started` is recorded on the trial (a reaper closes its run); an `epoch` moves the progress
+        and, with TPE, may prune the trial: the trainer is told to stop after this epoch."""
+        if isinstance(message, Started):
+            state.run_id = message.run_id
             with self.ledger_lock:
-                self.ledger.set_run_id(claim.trial_id, state.run_id)
+                self.ledger.set_run_id(claim.trial_id, message.run_id)
+        elif isinstance(message, Epoch):
+            state.epoch = message.epoch
+            if self.hooks.search is None:
+                return
+            with self.ledger_lock:
+                prune = self.hooks.search.report(claim, message.epoch, message.metrics["val_macro_f1"])
+            if prune:
+                process.send(Stop("pruned by the median rule"))
 
-    def _read_epochs(self, claim: Claim, paths: dict[str, Path], state: SlotState) -> None:
-        """Follow the trainer's `epoch k/n ... val_macro_f1 x` lines: progress, and pruning for TPE."""
-        try:
-            with paths["log"].open("rb") as f:
-                f.seek(max(state.log_offset, f.seek(0, os.SEEK_END) - 4096))
-                tail = f.read().decode(errors="replace")
-        except OSError:
-            return
-        for match in EPOCH_LINE.finditer(tail):
-            epoch, value = int(match.group(1)), float(match.group(3))
-            if epoch <= state.epoch:
-                continue
-            state.epoch = epoch
-            if self.search is not None:
-                with self.ledger_lock:
-                    prune = self.search.report(claim, epoch, value)
-                if prune:
-                    paths["stop"].write_text("pruned by the median rule")
-
-    def _record(self, claim: Claim, name: str, raw: dict, paths: dict[str, Path], answered: bool,
-                seconds: float) -> None:
-        """Tell the ledger how the trial ended; close an MLflow run a dead process left RUNNING."""
-        result = _read_json(paths["result"]) if answered else None
-        if result is None:
-            result = {"status": "error", "retriable": True,
-                      "error": "the trainer process died (killed, out of memory, or interrupted)"}
+    def _record(self, claim: Claim, name: str, done: Done, seconds: float) -> None:
+        """Tell the ledger how the trial ended, and the display."""
         with self.ledger_lock:
-            if result["status"] != "error":
-                value = result["metrics"].get("val_macro_f1", 0.0) if result["status"] == "finished" else 0.0
-                self.ledger.finish(claim, result["status"], value, result.get("run_id"))
-                event = TrialEvent(name, result["status"], seconds, _metrics_line(result["metrics"]))
-                self.progress.train_seconds += result.get("train_seconds", 0.0)
+            if done.status != "error":
+                value = done.metrics.get("val_macro_f1", 0.0) if done.status == "finished" else 0.0
+                self.ledger.finish(claim, done.status, value, done.run_id)
+                event = TrialEvent(name, done.status, seconds, _metrics_line(done.metrics))
+                self.progress.train_seconds += done.train_seconds
             elif self.stopping.is_set():
                 self.ledger.release(claim)
                 event = TrialEvent(name, "released", seconds, "interrupted; resumes on the next run")
             else:
-                retried = self.ledger.fail(claim, result["error"], result["retriable"])
-                event = TrialEvent(name, "retried" if retried else "failed", seconds, result["error"])
-        if result["status"] == "error":
-            close_orphan_run(raw, "KILLED" if self.stopping.is_set() else "FAILED")
+                retried = self.ledger.fail(claim, done.error, done.retriable)
+                event = TrialEvent(name, "retried" if retried else "failed", seconds, done.error)
         with self.progress.lock:
             self.progress.events.append(event)
 
 
-def marked_run(raw: dict) -> str | None:
-    """The MLflow run the trainer noted for this trial under this sweep's parent, if any yet."""
-    from trainers.config import from_dict, trial_dir
-
-    saved = _read_json(trial_dir(from_dict(raw)) / "run.json")
-    if not saved or saved.get("parent_run_id") != raw["tracking"].get("parent_run_id"):
-        return None     # none yet, or another sweep's leftover the trainer will clear
-    return saved["run_id"]
-
-
-def close_orphan_run(raw: dict, status: str) -> None:
-    """A trainer killed mid-trial leaves its MLflow run RUNNING: close it (a retry reopens it)."""
-    run_id = marked_run(raw)
-    if run_id:
-        close_run(raw["tracking"]["uri"], run_id, status)
-
-
-def close_run(uri: str, run_id: str, status: str) -> None:
-    """Terminate a run left RUNNING with KILLED or FAILED and tag why; a finished run is left alone."""
-    client = MlflowClient(uri)
-    try:
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, status)
-            client.set_tag(run_id, "status", "failed" if status == "FAILED" else "killed")
-    except Exception as err:   # the store may be unreachable; the retry will reopen the run anyway
-        print(f"warning: could not close run {run_id}: {err}", file=sys.stderr)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+def _lost(process: TrainerProcess, garbled: ProtocolError | None) -> Done:
+    """The `done` of a trainer that exited mid-trial, or answered with a line that is not a message."""
+    if garbled is None:
+        return Done("error", error="the trainer process died (killed, out of memory, or interrupted)",
+                    retriable=True)
+    process.kill()
+    return Done("error", error=f"trainer: {garbled}", retriable=False)
 
 
 def _metrics_line(metrics: dict) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import time
@@ -9,18 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-from mlflow import MlflowClient
-from mlflow.entities import RunTag
 
-from orchestrator.sweep.executor import Executor, Slot, make_slots, start_trainers, stop_trainers
+from orchestrator.sweep.executor import Executor, Slot, SweepHooks, make_slots, start_trainers, stop_trainers
 from orchestrator.sweep.ledger import Claim, Ledger, default_storage
 from orchestrator.sweep.plan import PlannedTrial, count_images, resolve_trial, trial_flop
-from orchestrator.results.runs import open_parent_run
 from orchestrator.sweep.spec import SweepSpec
-from trainers.config import TrackingConfig, config_hash, from_dict, to_dict, trial_name, with_tracking
-from trainers.process.side_files import STORE_DIR
-from trainers.tracking import tracking_uri
+from trainers.config import TrackingConfig, TrialConfig, config_hash, from_dict, to_dict, trial_name, with_tracking
 from trainers.errors import UserError
+from trainers.process.side_files import STORE_DIR
+from trainers.tracking import SweepParent, close_dead_run, tracking_uri
 
 WORK_DIR = STORE_DIR / "sweeps"
 START_POLL_SECONDS = 2.0    # how often a worker started before its sweep looks for it
@@ -47,8 +45,9 @@ class SweepContext:
     parent_run_id: str
     plan: dict[str, PlannedTrial]
 
-    def trial_config(self, claim: Claim, slot: Slot) -> dict:
-        """The plain trial config for a claim, with the sweep's tracking fields and the slot's threads."""
+    def trial_config(self, claim: Claim, slot: Slot) -> TrialConfig:
+        """A claim's config (planned, or as TPE stored it in the ledger), with the sweep's tracking fields
+        and the slot's threads."""
         planned = self.plan.get(claim.config_hash)
         cfg = planned.config if planned else from_dict(json.loads(claim.attrs["config"]), self.spec.path)
         name = planned.name if planned else claim.attrs["name"]
@@ -57,7 +56,11 @@ class SweepContext:
                                   parent_run_id=self.parent_run_id,
                                   tags={"role": "trial", "sweep": self.spec.name, "groups": groups,
                                         "optuna_trial": str(claim.number)})
-        return to_dict(with_tracking(cfg, tracking, slot.threads))
+        return with_tracking(cfg, tracking, slot.threads)
+
+    def hooks(self, search: TpeTrials | None) -> SweepHooks:
+        """What the executor needs from this sweep: configs, the run closer for dead trainers, TPE."""
+        return SweepHooks(self.trial_config, functools.partial(close_dead_run, self.tracking_uri), search)
 
 
 class TpeTrials:
@@ -164,29 +167,26 @@ def start(spec: SweepSpec, storage: str | None, tracking: str | None, enqueue: b
     if recovered:
         print(f"resuming: {recovered} trial(s) interrupted last time are queued again")
     uri = tracking_uri(tracking)
-    client = MlflowClient(uri)
     trials = list(spec.plan)
-    parent = ledger.parent_run()
+    known = ledger.parent_run()
     if not enqueue:
-        parent = parent or wait_for_start(ledger, spec.name)
-        if not _run_exists(client, parent):
-            raise SweepError(f"sweep '{spec.name}' logs to parent run {parent}, which {uri} does not have; "
+        known = known or wait_for_start(ledger, spec.name)
+        parent = SweepParent.rejoin(uri, known)
+        if parent is None:
+            raise SweepError(f"sweep '{spec.name}' logs to parent run {known}, which {uri} does not have; "
                              "pass the --tracking-uri the sweep was started with")
-        client.update_run(parent, status="RUNNING")
-        return ledger, SweepContext(spec, uri, parent, {t.hash: t for t in trials})
-    fresh = parent is None or not _run_exists(client, parent)
+        return ledger, SweepContext(spec, uri, parent.run_id, {t.hash: t for t in trials})
+    parent = SweepParent.rejoin(uri, known)
+    fresh = parent is None
     if fresh:
-        parent = open_parent_run(client, spec.name, spec.description)
-    else:
-        client.update_run(parent, status="RUNNING")
-    client.log_text(parent, Path(spec.path).read_text(encoding="utf-8"), "spec.yaml")
-    client.log_text(parent, plan_csv(trials), "plan.csv")
+        parent = SweepParent.open(uri, spec.name, spec.description)
+    parent.log_texts({"spec.yaml": Path(spec.path).read_text(encoding="utf-8"), "plan.csv": plan_csv(trials)})
     added = ledger.enqueue(longest_first(trials))
     if fresh:
-        ledger.set_parent_run(parent)    # after the queue is full: a worker waiting for it sees every trial
+        ledger.set_parent_run(parent.run_id)    # after the queue is full: a worker waiting for it sees every trial
     done = len(trials) - added
     print(f"sweep '{spec.name}': {len(trials)} planned trials, {added} to run, {done} already done or queued")
-    return ledger, SweepContext(spec, uri, parent, {t.hash: t for t in trials})
+    return ledger, SweepContext(spec, uri, parent.run_id, {t.hash: t for t in trials})
 
 
 def longest_first(trials: list[PlannedTrial]) -> list[PlannedTrial]:
@@ -206,14 +206,6 @@ def wait_for_start(ledger: Ledger, sweep: str) -> str:
     return parent
 
 
-def _run_exists(client: MlflowClient, run_id: str) -> bool:
-    try:
-        client.get_run(run_id)
-        return True
-    except Exception:   # MlflowException for a missing run, or a store that was reset
-        return False
-
-
 def run_sweep(spec: SweepSpec, storage: str | None = None, tracking: str | None = None,
               gpus: list[int] | None = None, jobs: int | None = None, enqueue: bool = True) -> SweepOutcome:
     """Run (or resume, or join) the sweep on this host's slots until no trial is left."""
@@ -231,17 +223,17 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, tracking: str | None 
         stop_trainers(ready)
         raise
     search = TpeTrials(spec, ledger) if spec.search.method == "tpe" else None
-    executor = Executor(ledger, slots, WORK_DIR / spec.name, ctx.trial_config, search, ctx.tracking_uri, ready)
+    executor = Executor(ledger, slots, WORK_DIR / spec.name, ctx.hooks(search), ready)
     try:
         prepare_datasets(list(ctx.plan.values()))
     except BaseException:       # bad data or Ctrl-C before any trial: close the parent, keep the queue
         executor.close_trainers()
-        MlflowClient(ctx.tracking_uri).set_terminated(ctx.parent_run_id, "KILLED")
+        SweepParent(ctx.tracking_uri, ctx.parent_run_id).kill()
         raise
     interrupted = follow(executor, ledger)
     counts = dict(ledger.counts())
     if enqueue:     # the process that started the sweep closes its parent run; workers only join
-        finish_parent(MlflowClient(ctx.tracking_uri), ctx.parent_run_id, counts, interrupted)
+        SweepParent(ctx.tracking_uri, ctx.parent_run_id).finish(counts, interrupted)
     return SweepOutcome(counts, ctx.parent_run_id, time.perf_counter() - started,
                         executor.progress.train_seconds, interrupted)
 
@@ -262,11 +254,3 @@ def follow(executor: Executor, ledger: Ledger) -> bool:
         display.until(executor.alive)
     display.close()
     return interrupted
-
-
-def finish_parent(client: MlflowClient, parent: str, counts: dict[str, int], interrupted: bool) -> None:
-    """Tag the parent with the trial counts (one batched call) and close it."""
-    tags = [RunTag(f"trials_{key}", str(value)) for key, value in counts.items()]
-    client.log_batch(parent, tags=tags)
-    unfinished = counts.get("waiting", 0) + counts.get("running", 0)
-    client.set_terminated(parent, "KILLED" if interrupted or unfinished else "FINISHED")

@@ -1,21 +1,23 @@
 """The figure helper: a process beside each trainer that draws a trial's curves and confusion matrix
 and logs them to its run, while the trainer exports the model.
 
-The trainer (trainers.tracking.FigureHelper) writes one JSON job per line on the helper's stdin; the
-helper answers each with one JSON line on stdout: {"id": n, "ok": true} or {"id": n, "error": "..."}.
-Each job's messages go to its trial's log. The helper ends when its stdin closes, or with its trainer.
+The trainer (trainers.tracking.FigureHelper) writes one `figures` job a line on the helper's stdin
+(trainers.process.protocol.FigureJob); the helper answers each with a `figures_done` line on stdout
+carrying the job's id and, if drawing failed, the error. Each job's messages go to its trial's log.
+The helper ends when its stdin closes, or with its trainer.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import signal
 import sys
 import tempfile
 import traceback
 from pathlib import Path
+
+from trainers.process.protocol import FigureJob, FiguresDone, ProtocolError, decode, encode
 
 
 @functools.lru_cache(maxsize=8)
@@ -26,22 +28,21 @@ def _client(uri: str, cwd: str):
     return MlflowClient(uri)
 
 
-def log_figures(uri: str, run_id: str, cwd: str, title: str, history: list[dict], classes: list[str],
-                confusion: list[list[int]] | None) -> None:
+def log_figures(job: FigureJob) -> None:
     """Draw training curves and the confusion matrix (counts and normalised) and log them as PNGs."""
     import numpy as np
 
     from trainers.plots import confusion_png, curves_png
 
-    os.chdir(cwd)            # a relative store or artifact path means the trainer's folder
-    client = _client(uri, cwd)
+    os.chdir(job.cwd)        # a relative store or artifact path means the trainer's folder
+    client = _client(job.uri, job.cwd)
     with tempfile.TemporaryDirectory() as tmp:
-        if history:
-            client.log_artifact(run_id, str(curves_png(history, Path(tmp) / "curves.png", title)))
-        if confusion is not None:
-            png = confusion_png(np.array(confusion, dtype=np.int64), tuple(classes),
-                                Path(tmp) / "confusion_matrix.png", title)
-            client.log_artifact(run_id, str(png))
+        if job.history:
+            client.log_artifact(job.run_id, str(curves_png(job.history, Path(tmp) / "curves.png", job.title)))
+        if job.confusion is not None:
+            png = confusion_png(np.array(job.confusion, dtype=np.int64), tuple(job.classes),
+                                Path(tmp) / "confusion_matrix.png", job.title)
+            client.log_artifact(job.run_id, str(png))
 
 
 def main() -> None:
@@ -60,18 +61,19 @@ def main() -> None:
         broken = f"figures: cannot import the plotting libraries: {type(err).__name__}: {err}"
 
     for line in sys.stdin:
-        job = json.loads(line)
-        number, log = job.pop("id"), job.pop("log", None)
-        with output_to(log) if log else contextlib.nullcontext():
+        job = decode(line)       # a garbled job ends the helper: the trainer then draws the figures itself
+        if not isinstance(job, FigureJob):
+            raise ProtocolError(f"the figure helper takes 'figures' jobs, not '{job.kind}'")
+        with output_to(job.log) if job.log else contextlib.nullcontext():
             try:
                 if broken:
                     raise RuntimeError(broken)
-                log_figures(**job)
-                answer = {"id": number, "ok": True}
+                log_figures(job)
+                answer = FiguresDone(job.id)
             except Exception as err:     # the trainer reports it as the trial's error
                 traceback.print_exc()
-                answer = {"id": number, "error": str(err) if broken else f"figures: {type(err).__name__}: {err}"}
-        answers.write(json.dumps(answer) + "\n")
+                answer = FiguresDone(job.id, str(err) if broken else f"figures: {type(err).__name__}: {err}")
+        answers.write(encode(answer))
 
 
 if __name__ == "__main__":

@@ -1,84 +1,149 @@
 """`python -m trainers serve`: one long-lived process per sweep slot.
 
-It reads one job per line on stdin, runs it with its output sent to the job's log, and answers on
-stdout. It saves the ~6 s of imports a fresh process costs. `execute` runs one trial for both verbs.
+It reads trainers.process.protocol messages on stdin (a thread keeps reading while a trial runs, so a
+`stop` reaches it between epochs), runs each `run` with its output sent to the trial's log, and answers
+`started`, `epoch` and `done` on its original stdout, which nothing else writes to. It saves the ~6 s
+of imports a fresh process costs. `execute` runs one trial for both verbs.
 """
 from __future__ import annotations
 
 import gc
-import json
 import os
+import queue
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 import yaml
 
 from trainers.errors import UserError
 from trainers.process.children import die_with_parent, output_to
+from trainers.process.protocol import Done, Message, ProtocolError, Run, Stop, decode, encode
 
-def execute(config: Path, overrides: list[str], log_file: Path | None = None,
-            stop_file: Path | None = None, reuse_data: bool = False) -> dict:
-    """Run one trial; returns its outcome as plain data (status error + retriable on failure)."""
-    from trainers.config import ConfigError, from_dict, with_overrides
+if TYPE_CHECKING:
+    from trainers.config import TrialConfig
+    from trainers.run import Supervisor
+
+
+def read_trial(config: Path, overrides: list[str]) -> TrialConfig:
+    """A trial config from a YAML file with `--set` overrides; OSError, yaml.YAMLError or ConfigError."""
+    from trainers.config import from_dict, with_overrides
+
+    raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    return from_dict(with_overrides(raw, overrides), str(config))
+
+
+def execute(cfg: TrialConfig, log_file: Path | None = None, supervisor: Supervisor | None = None,
+            reuse_data: bool = False) -> Done:
+    """Run one trial; returns how it ended (status error, retriable or not, when it raised)."""
+    from trainers.run import run_trial
 
     started = time.perf_counter()
     try:
-        raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-        cfg = from_dict(with_overrides(raw, overrides), str(config))
-    except (OSError, yaml.YAMLError, ConfigError) as err:
-        return {"status": "error", "retriable": False, "error": _one_line(err)}
-    from trainers.run import run_trial
-
-    try:
-        outcome = run_trial(cfg, log_file, stop_file, reuse_data)
+        outcome = run_trial(cfg, log_file, supervisor, reuse_data)
     except Exception as err:
-        if isinstance(err, UserError):
-            return {"status": "error", "retriable": False, "error": _one_line(err)}
-        traceback.print_exc()
-        if _out_of_memory(err):
-            return {"status": "error", "retriable": True,
-                    "error": f"out of memory ({_one_line(err)[:300]}); lower train.batch_size or model.image_size, "
-                             "or run fewer jobs per machine"}
-        return {"status": "error", "retriable": True, "error": f"{type(err).__name__}: {_one_line(err)}"}
-    return {"status": outcome.status, "run_id": outcome.run_id, "metrics": outcome.metrics,
-            "train_seconds": outcome.train_seconds, "wall_seconds": time.perf_counter() - started,
-            "tracking_uri": cfg.tracking.uri, "experiment": cfg.tracking.experiment}
+        return _failure(err)
+    return Done(outcome.status, outcome.run_id, outcome.metrics, outcome.train_seconds,
+                time.perf_counter() - started)
+
+
+def _failure(err: Exception) -> Done:
+    """The `done` of a trial that raised: a user error is not retried; a crash or out of memory is."""
+    if isinstance(err, UserError):
+        return Done("error", error=one_line(err), retriable=False)
+    traceback.print_exc()
+    if _out_of_memory(err):
+        return Done("error", retriable=True,
+                    error=f"out of memory ({one_line(err)[:300]}); lower train.batch_size or model.image_size, "
+                          "or run fewer jobs per machine")
+    return Done("error", error=f"{type(err).__name__}: {one_line(err)}", retriable=True)
+
+
+class Pipe:
+    """The trainer's end of the protocol: a thread reads stdin (runs are queued, a stop is noted for the
+    running trial); answers go to `answers`, a copy of the original stdout, one whole line at a time."""
+
+    def __init__(self, requests: TextIO, answers: TextIO):
+        self.answers = answers
+        self.runs: queue.Queue[Run | None] = queue.Queue()
+        self.stop_reason: str | None = None
+        self.lock = threading.Lock()         # the reader thread may answer while a trial sends epochs
+        threading.Thread(target=self._read, args=(requests,), daemon=True).start()
+
+    def _read(self, requests: TextIO) -> None:
+        for line in requests:
+            if not line.strip():
+                continue
+            try:
+                message = decode(line)
+            except ProtocolError as err:
+                self._give_up(err)
+            if isinstance(message, Stop):
+                self.stop_reason = message.reason
+            elif isinstance(message, Run):
+                self.stop_reason = None      # a stop read before this run was meant for the trial before
+                self.runs.put(message)
+        self.runs.put(None)                  # stdin closed: the sweep is done with this process
+
+    def _give_up(self, err: ProtocolError) -> NoReturn:
+        """The other end speaks another version: answer the run in hand (or the next) with an error that
+        is not retried, and end this process now (a running trial's run is closed by the sweep)."""
+        with self.lock:
+            self.answers.write(encode(Done("error", error=f"trainer: {err}", retriable=False)))
+            self.answers.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
+
+    def send(self, message: Message) -> None:
+        with self.lock:
+            self.answers.write(encode(message))
+            self.answers.flush()
+
+    def stop_requested(self) -> str | None:
+        return self.stop_reason
 
 
 def serve_verb() -> int:
-    """Run jobs from stdin until it closes, each job's output in its own log file; then end the process
-    at once (os._exit), unless MLflow logs asynchronously. Returns 130 when interrupted."""
+    """Run trials sent on stdin until it closes, each trial's output in its own log file; then end the
+    process at once (os._exit), unless MLflow logs asynchronously. Returns 130 when interrupted."""
     die_with_parent()        # a sweep's trainer ends with the sweep, even one killed by SIGKILL
-    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    pipe = Pipe(sys.stdin, os.fdopen(os.dup(1), "w", buffering=1))
     try:
         _import_trial_modules()  # while the sweep still starts up, not on the first trial's clock
-    except Exception:            # a broken install: the first job meets the same error, in its own log
+    except Exception:            # a broken install: the first trial meets the same error, in its own log
         pass
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        job = json.loads(line)
-        log = Path(job["log"])
+    while (request := pipe.runs.get()) is not None:
         try:
-            with output_to(log):
-                result = execute(Path(job["config"]), [], log, Path(job["stop"]) if job.get("stop") else None,
-                                 reuse_data=True)
+            pipe.send(_serve_run(request, pipe))
         except KeyboardInterrupt:    # the sweep is stopping: the run is closed as KILLED, its checkpoint kept
-            Path(job["result"]).write_text(json.dumps({"status": "error", "retriable": True,
-                                                       "error": "interrupted"}))
+            pipe.send(Done("error", error="interrupted", retriable=True))
             return 130
-        Path(job["result"]).write_text(json.dumps(result))
-        answers.write(json.dumps({"done": job["result"]}) + "\n")
         _release_memory()
-    # Every run is closed and every result written: skip the interpreter's ~1.5 s teardown of torch,
-    # MLflow and transformers, which the sweep would otherwise wait for at its end.
+    # Every run is closed and answered: skip the interpreter's ~1.5 s teardown of torch, MLflow and
+    # transformers, which the sweep would otherwise wait for at its end.
     if os.environ.get("MLFLOW_ENABLE_ASYNC_LOGGING", "").lower() in ("1", "true"):
         return 0     # MLflow's queues may still hold the last metrics: the normal exit flushes them
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _serve_run(request: Run, pipe: Pipe) -> Done:
+    """One `run` request, its output (the attempt's header first) appended to the trial's log."""
+    from trainers.config import ConfigError, from_dict
+
+    log = Path(request.log)
+    with output_to(log):
+        print(f"--- attempt {request.attempt + 1} on {request.worker} at {time.ctime()}", flush=True)
+        try:
+            cfg = from_dict(request.config, "the sweep's trial config")
+        except ConfigError as err:
+            return Done("error", error=one_line(err), retriable=False)
+        return execute(cfg, log, pipe, reuse_data=True)
 
 
 def _import_trial_modules() -> None:
@@ -105,5 +170,6 @@ def _out_of_memory(err: BaseException) -> bool:
     return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
-def _one_line(err: Exception) -> str:
+def one_line(err: Exception) -> str:
+    """The error's message on one line."""
     return " ".join(str(err).split())
