@@ -88,38 +88,32 @@ def _gpu_list(text: str | None) -> list[int] | None:
 
 def _write_report(spec: SweepSpec, tracking: str | None, out: str | None = None) -> None:
     """Write the sweep's report from MLflow and say where it is."""
-    from mlflow import MlflowClient
-
     from orchestrator.results.report import write_report
-    from trainers.tracking import tracking_uri
+    from trainers.tracking import store_client
 
-    path = write_report(spec, MlflowClient(tracking_uri(tracking)), out)
+    path = write_report(spec, store_client(tracking), out)
     print(f"report: {path}\nbrowse the runs with `make ui` (MLflow UI on http://127.0.0.1:5000)")
 
 
 def promote(args: argparse.Namespace) -> int:
     """Register the sweep's best model and alias it champion if it beats the incumbent."""
-    from mlflow import MlflowClient
-
     from orchestrator.results.registry import promote as promote_best
-    from trainers.tracking import tracking_uri
+    from trainers.tracking import store_client
 
     spec = load_spec(args.spec)
-    result = promote_best(spec, MlflowClient(tracking_uri(args.tracking_uri)))
+    result = promote_best(spec, store_client(args.tracking_uri))
     print(result.message)
     return 0
 
 
 def production(args: argparse.Namespace) -> int:
     """Evaluate the champion on the production data: metrics, slices, drift."""
-    from mlflow import MlflowClient
-
     from orchestrator.render import degradation_table, drift_line, slice_table
     from orchestrator.results.production import evaluate_production
-    from trainers.tracking import tracking_uri
+    from trainers.tracking import store_client
 
     spec = load_spec(args.spec)
-    result = evaluate_production(spec, MlflowClient(tracking_uri(args.tracking_uri)))
+    result = evaluate_production(spec, store_client(args.tracking_uri))
     out = console()
     out.print(degradation_table(result))
     out.print(slice_table(result))

@@ -54,6 +54,11 @@ def tracking_uri(uri: str | None = None) -> str:
     return f"sqlite:///{(STORE_DIR / 'mlflow.db').resolve()}"
 
 
+def store_client(uri: str | None = None) -> MlflowClient:
+    """A client on tracking_uri(uri): the verbs' way into the store, so they need not import mlflow."""
+    return MlflowClient(tracking_uri(uri))
+
+
 def artifact_location(uri: str, experiment: str) -> str | None:
     """Artifacts of the local sqlite store go under mlruns/artifacts/; a server chooses its own."""
     if not uri.startswith("sqlite:///"):
