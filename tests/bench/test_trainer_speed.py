@@ -21,7 +21,7 @@ from trainers.data.dataset import prepare_data
 from trainers.data.split import TRAIN
 from trainers.models import build_model
 from trainers.run import run_trial
-from trainers.train import batches, select_device, train_one_epoch
+from trainers.train import Loop, batches, select_device, train_one_epoch
 
 
 def bench_config(tmp_path):
@@ -82,10 +82,11 @@ def test_trainer_overhead_data_wait_cache_and_logging(tmp_path):
     bare = min(bare_epoch(model, data, order, cfg.train.batch_size, optimizer, loss_fn) for _ in range(2))
 
     plan = (train_idx, np.zeros(len(train_idx), bool))
+    loop = Loop(cfg, data, model, model, optimizer, device, plan, loss_fn=loss_fn, eval_loss=loss_fn)
     ours = []
     for epoch in (1, 2):
         t0 = time.perf_counter()
-        train_one_epoch(model, data, plan, optimizer, loss_fn, cfg, epoch, device)
+        train_one_epoch(loop, epoch)
         ours.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     for _ in batches(data.images, order, cfg.train.batch_size, device, training=True):
