@@ -39,6 +39,11 @@ class SweepOutcome:
     interrupted: bool
 
 
+def child_run_tags(sweep: str, groups: str, trial_number: int) -> dict[str, str]:
+    """The tags that mark a trial's MLflow run as a child of its sweep (groups: comma-separated names)."""
+    return {"role": "trial", "sweep": sweep, "groups": groups, "optuna_trial": str(trial_number)}
+
+
 @dataclass(frozen=True)
 class SweepContext:
     """What every trial of this sweep shares: where it logs and under which parent."""
@@ -56,8 +61,7 @@ class SweepContext:
         raw = {**raw, "train": {**raw.get("train", {}), "num_threads": slot.threads}}
         raw["tracking"] = {"uri": self.tracking_uri, "experiment": self.spec.name, "run_name": name,
                            "parent_run_id": self.parent_run_id,
-                           "tags": {"role": "trial", "sweep": self.spec.name, "groups": groups,
-                                    "optuna_trial": str(claim.number)}}
+                           "tags": child_run_tags(self.spec.name, groups, claim.number)}
         return raw
 
 
