@@ -141,5 +141,5 @@ def prepare(args: argparse.Namespace) -> int:
         out.print(f"{title}: {cfg.source} at {size} px, align {cfg.align}")
         out.print(data_table(data))
         for line in data_lines(cfg, data):
-            console.print(line)
+            out.print(line)
     return 0

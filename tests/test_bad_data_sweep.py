@@ -17,8 +17,6 @@ import yaml
 from PIL import Image
 
 from orchestrator.results.runs import child_runs, find_parent_run
-from tests.conftest import TINY_VIT
-from tests.test_sweep import orchestrate, store
 
 CLASSES = ("anger", "disgust", "fear", "happiness", "sadness", "surprise")
 # Folder names as public datasets spell them; each maps onto one of CLASSES.
@@ -87,10 +85,10 @@ def write_bad_dataset(root: Path) -> None:
     os.symlink(root, root / "loop")                                           # a folder of root -> root
 
 
-def write_imagefolder_spec(folder: Path, name: str, root: Path) -> Path:
+def write_imagefolder_spec(folder: Path, name: str, root: Path, tiny_vit: dict) -> Path:
     """One tiny-ViT trial, one epoch, on the image folder at root."""
     spec = {"name": name, "data": {"source": "imagefolder", "root": str(root), "classes": list(CLASSES)},
-            "models": {"vit": TINY_VIT},
+            "models": {"vit": tiny_vit},
             "defaults": {"model": "vit", "optim": {"name": "adam", "lr": 1e-3},
                          "train": {"epochs": 1, "batch_size": 32}},
             "experiments": {"once": {"grid": {"optim.lr": [1e-3]}}}, "execution": {"jobs": 1, "max_retries": 1}}
@@ -99,15 +97,15 @@ def write_imagefolder_spec(folder: Path, name: str, root: Path) -> Path:
     return path
 
 
-def data_report(folder: Path, run_id: str) -> dict:
-    """The trial's data_report.json, read back from the MLflow store."""
-    local = store(folder).download_artifacts(run_id, "data_report.json", str(folder / "downloaded"))
+def data_report(client, folder: Path, run_id: str) -> dict:
+    """The trial's data_report.json, read back from the MLflow store into folder."""
+    local = client.download_artifacts(run_id, "data_report.json", str(folder / "downloaded"))
     return json.loads(Path(local).read_text(encoding="utf-8"))
 
 
-def test_sweep_on_bad_images_finishes_and_counts_every_skip_by_reason(in_tmp):
+def test_sweep_on_bad_images_finishes_and_counts_every_skip_by_reason(in_tmp, orchestrate, store, tiny_vit):
     write_bad_dataset(in_tmp / "faces")
-    done = orchestrate(in_tmp, "sweep", str(write_imagefolder_spec(in_tmp, "baddata", in_tmp / "faces")),
+    done = orchestrate(in_tmp, "sweep", str(write_imagefolder_spec(in_tmp, "baddata", in_tmp / "faces", tiny_vit)),
                        timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "finished 1" in done.stdout
@@ -130,7 +128,7 @@ def test_sweep_on_bad_images_finishes_and_counts_every_skip_by_reason(in_tmp):
     assert metrics["data_listed"] == 82 and metrics["data_usable"] == 76      # 76 used + 6 skipped
     assert metrics["data_n_train"] + metrics["data_n_val"] + metrics["data_n_test"] == 76
 
-    report = data_report(in_tmp, run.info.run_id)
+    report = data_report(store(in_tmp), in_tmp, run.info.run_id)
     assert report["skipped"] == {"empty": 1, "not_an_image": 1, "too_large": 1, "truncated": 1, "unreadable": 2}
     assert report["dropped"] == {UNKNOWN: UNKNOWN_IMAGES, "neutral": 0}     # the root -> root link is not a class
     per_class = {c: sum(split[c] for split in report["per_split"].values()) for c in CLASSES}
@@ -139,14 +137,15 @@ def test_sweep_on_bad_images_finishes_and_counts_every_skip_by_reason(in_tmp):
     assert find_parent_run(store(in_tmp), "baddata").info.status == "FINISHED"
 
 
-def test_empty_class_folder_stops_the_sweep_before_any_trial_with_one_line_saying_what_to_do(in_tmp):
+def test_empty_class_folder_stops_the_sweep_before_any_trial_with_one_line_saying_what_to_do(in_tmp, orchestrate,
+                                                                                             store, tiny_vit):
     root = in_tmp / "faces"
     for k, folder in enumerate(FOLDERS):
         if folder != "surprise":
             for i in range(2):
                 write_good(root / folder / f"{i}.png", seed=100 * k + i)
     (root / "surprise").mkdir()
-    done = orchestrate(in_tmp, "sweep", str(write_imagefolder_spec(in_tmp, "emptyclass", root)), timeout=120)
+    done = orchestrate(in_tmp, "sweep", str(write_imagefolder_spec(in_tmp, "emptyclass", root, tiny_vit)), timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
         f"error: class 'surprise' has no usable image under '{root}'; "

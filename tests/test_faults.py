@@ -18,7 +18,6 @@ from optuna.trial import TrialState
 from orchestrator.sweep.ledger import Ledger
 from orchestrator.results.runs import child_runs
 from orchestrator.sweep.spec import load_spec
-from tests.test_sweep import clean_env, orchestrate, store, trainer_processes, write_spec
 
 KILL_SEEDS = (2, 4, 5)     # between them: kills at start-up, mid-epoch and just after a trial finished
 
@@ -39,10 +38,9 @@ def completed(folder, name: str) -> dict[str, str]:
             if t.user_attrs.get("status") == "finished"}
 
 
-def assert_each_point_finished_once(folder, name: str, spec_path, epochs: int) -> None:
-    """Every planned trial has exactly one finished child run with every epoch and its test metrics;
-    nothing is left RUNNING in MLflow or in the ledger."""
-    client = store(folder)
+def assert_each_point_finished_once(client, folder, name: str, spec_path, epochs: int) -> None:
+    """Every planned trial has exactly one finished child run (in client's store) with every epoch and its
+    test metrics; nothing is left RUNNING in MLflow or in the ledger."""
     plan = {t.hash for t in load_spec(spec_path).plan}
     children = child_runs(client, name)
     by_hash: dict[str, list] = {}
@@ -87,7 +85,8 @@ def wait_for(moment: str, folder, rng: random.Random) -> None:
 
 
 @pytest.mark.parametrize("seed", KILL_SEEDS)
-def test_an_orchestrator_killed_at_random_moments_finishes_every_point_once(in_tmp, seed):
+def test_an_orchestrator_killed_at_random_moments_finishes_every_point_once(in_tmp, seed, clean_env, orchestrate,
+                                                                            store, trainer_processes, write_spec):
     spec_path = write_spec(in_tmp, "chaos", {"lr": {"grid": {"optim.lr": [1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3]}}},
                            defaults={"model": "vit", "optim": {"name": "adam", "lr": 1e-3},
                                      "train": {"epochs": 3, "batch_size": 16}})
@@ -109,7 +108,7 @@ def test_an_orchestrator_killed_at_random_moments_finishes_every_point_once(in_t
         kept = before
     done = orchestrate(in_tmp, "sweep", str(spec_path))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert_each_point_finished_once(in_tmp, "chaos", spec_path, epochs=3)
+    assert_each_point_finished_once(store(in_tmp), in_tmp, "chaos", spec_path, epochs=3)
     final = completed(in_tmp, "chaos")
     assert final.items() >= kept.items()            # trials finished before a kill kept their runs
 
@@ -121,7 +120,8 @@ def limited_memory(limit_bytes: int):
     return apply
 
 
-def test_a_trial_out_of_memory_is_retried_then_failed_while_the_others_finish(in_tmp):
+def test_a_trial_out_of_memory_is_retried_then_failed_while_the_others_finish(in_tmp, clean_env, store,
+                                                                              write_spec):
     # 257 tokens x batch 16 x a 2,000,000-wide MLP needs ~33 GB for one activation: far over the
     # limit below, so the allocation fails the way a too-large batch fails on a real machine.
     greedy = {"name": "vit", "image_size": 128,
@@ -152,7 +152,7 @@ def test_a_trial_out_of_memory_is_retried_then_failed_while_the_others_finish(in
     assert all(r.info.status != "RUNNING" for r in runs)
 
 
-def test_a_diverging_trial_finishes_as_diverged_with_its_partial_metrics(in_tmp):
+def test_a_diverging_trial_finishes_as_diverged_with_its_partial_metrics(in_tmp, orchestrate, store, write_spec):
     spec_path = write_spec(in_tmp, "blowup", {"lr": {"grid": {"optim.lr": [1e-3, 1e12]}}},
                            defaults={"model": "vit", "optim": {"name": "sgd", "lr": 1e-3},
                                      "train": {"epochs": 2, "batch_size": 16}})
@@ -171,7 +171,7 @@ def test_a_diverging_trial_finishes_as_diverged_with_its_partial_metrics(in_tmp)
     assert trials["vit-sgd-lr0.001-ep2-s0"].user_attrs["status"] == "finished"
 
 
-def test_four_trials_at_once_share_the_local_sqlite_stores(in_tmp):
+def test_four_trials_at_once_share_the_local_sqlite_stores(in_tmp, orchestrate, store, write_spec):
     spec_path = write_spec(in_tmp, "four", {"lr": {"grid": {"optim.lr": [1e-3, 2e-3, 3e-3, 4e-3]}}},
                            defaults={"model": "vit", "optim": {"name": "adam", "lr": 1e-3},
                                      "train": {"epochs": 2, "batch_size": 16}})
@@ -179,7 +179,7 @@ def test_four_trials_at_once_share_the_local_sqlite_stores(in_tmp):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     logs = "".join(p.read_text() for p in (in_tmp / "mlruns" / "sweeps" / "four").glob("*/log.txt"))
     assert "database is locked" not in done.stdout + done.stderr + logs
-    assert_each_point_finished_once(in_tmp, "four", spec_path, epochs=2)
+    assert_each_point_finished_once(store(in_tmp), in_tmp, "four", spec_path, epochs=2)
     client = store(in_tmp)
     for run in child_runs(client, "four"):     # every epoch's every metric, once
         for key in ("train_loss", "val_loss", "val_macro_f1", "lr"):

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_trial
 from trainers.config import from_dict, to_dict
 from trainers.process.protocol import (VERSION, Done, Epoch, FigureJob, FiguresDone, ProtocolError, Run, Started,
                                        Stop, decode, encode)
@@ -39,8 +38,8 @@ def test_every_message_survives_a_round_trip_as_one_json_line(message):
     assert decode(line) == message
 
 
-def test_a_trial_config_crosses_the_pipe_whole():
-    cfg = from_dict(tiny_trial(Path("/tmp/x"), tracking={"run_name": "r", "tags": {"role": "trial"}}))
+def test_a_trial_config_crosses_the_pipe_whole(tmp_path, tiny_trial):
+    cfg = from_dict(tiny_trial(tmp_path, tracking={"run_name": "r", "tags": {"role": "trial"}}))
     assert from_dict(decode(encode(Run(to_dict(cfg), "log.txt"))).config) == cfg
 
 
@@ -86,7 +85,7 @@ def receive(trainer: subprocess.Popen, timeout: float = 180):
     return decode(trainer.stdout.readline())
 
 
-def test_a_trainer_reports_its_run_and_epochs_and_stops_when_told(tmp_path):
+def test_a_trainer_reports_its_run_and_epochs_and_stops_when_told(tmp_path, tiny_trial):
     cfg = from_dict(tiny_trial(tmp_path, train={"epochs": 5}))
     log = tmp_path / "log.txt"
     trainer = start_trainer(tmp_path)

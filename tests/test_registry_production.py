@@ -16,8 +16,8 @@ from orchestrator.results.drift import drift_verdict
 from orchestrator.results.production import ProductionError, evaluate_production, load_version, move_exported
 from orchestrator.results.registry import PREVIOUS_ALIAS, RegistryError, promote
 from orchestrator.results.runs import child_runs
+from orchestrator.sweep.runner import child_run_tags
 from orchestrator.sweep.spec import spec_from_dict
-from tests.conftest import tiny_trial
 from trainers.config import DEFAULT_CLASSES, from_dict
 from trainers.run import run_trial
 from trainers.tracking import open_parent_run
@@ -35,7 +35,7 @@ TRIALS = {
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(tmp_path_factory, tiny_trial):
     """The store, and the run ids by trial name, of a finished three-trial sweep 't'."""
     tmp = tmp_path_factory.mktemp("sweep")
     runs = {}
@@ -49,7 +49,7 @@ def sweep(tmp_path_factory):
         for i, (name, sections) in enumerate(TRIALS.items()):
             raw = tiny_trial(tmp, **sections)
             raw["tracking"].update(experiment="t", parent_run_id=parent, run_name=name,
-                                   tags={"role": "trial", "sweep": "t", "groups": "baseline", "optuna_trial": str(i)})
+                                   tags=child_run_tags("t", "baseline", i))
             runs[name] = run_trial(from_dict(raw)).run_id
     finally:
         os.chdir(cwd)

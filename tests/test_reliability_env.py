@@ -20,7 +20,6 @@ from mlflow import MlflowClient
 from orchestrator.__main__ import main as orchestrator_main
 from orchestrator.sweep.spec import SWEEP_NAME, load_spec
 from orchestrator.sweep.runner import WORK_DIR
-from tests.conftest import TINY_VIT, tiny_trial
 from trainers.process.serve import execute, read_trial
 from trainers.config import from_dict, trial_dir
 from trainers.train import Checkpoint, CheckpointError
@@ -29,10 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-def spec_dict(**extra) -> dict:
+def spec_dict(tiny_vit: dict, **extra) -> dict:
     """One tiny ViT trial on 120 synthetic 32 px faces, one epoch."""
     return {"name": "env", "data": {"source": "synthetic", "synthetic": {"n_images": 120, "draw_size": 32}},
-            "models": {"vit": TINY_VIT},
+            "models": {"vit": tiny_vit},
             "defaults": {"model": "vit", "optim": {"name": "adam", "lr": 1e-3},
                          "train": {"epochs": 1, "batch_size": 32}},
             "experiments": {"lr": {"grid": {"optim.lr": [1e-3]}}},
@@ -71,11 +70,11 @@ def one_error_line(done: subprocess.CompletedProcess) -> str:
 # --- 1. a read-only or full mlruns/ ---------------------------------------------------------
 
 @pytest.fixture
-def work(tmp_path) -> Path:
+def work(tmp_path, tiny_vit) -> Path:
     """tmp_path/work holding the tiny spec; HOME and TMPDIR beside it."""
     for name in ("work", "home", "tmp"):
         (tmp_path / name).mkdir()
-    write(tmp_path / "work", spec_dict())
+    write(tmp_path / "work", spec_dict(tiny_vit))
     return tmp_path / "work"
 
 
@@ -135,9 +134,9 @@ def test_a_read_only_mlruns_stops_the_sweep_with_one_line_before_anything_is_cre
 
 
 @pytest.mark.parametrize("verb", ["sweep", "prepare"])
-def test_a_full_disk_stops_the_verb_with_one_line_naming_the_folder_and_its_free_space(work, verb):
+def test_a_full_disk_stops_the_verb_with_one_line_naming_the_folder_and_its_free_space(work, verb, tiny_vit):
     cache = work.parent / "cache"
-    write(work, spec_dict(data={"source": "synthetic", "synthetic": {"n_images": 120, "draw_size": 32},
+    write(work, spec_dict(tiny_vit, data={"source": "synthetic", "synthetic": {"n_images": 120, "draw_size": 32},
                                 "cache_dir": str(cache)}))
     before = tree(work.parent)
     need = 10**9        # 1 PB: more than any test machine has free, so the disk reads as full
@@ -160,20 +159,20 @@ def test_a_full_disk_stops_the_verb_with_one_line_naming_the_folder_and_its_free
     ("experiments.a/b", {"experiments": {"a/b": {"grid": {"optim.lr": [1e-3]}}}}),
     ("promote.name", {"promote": {"name": "../../registry-escape"}}),
 ])
-def test_names_that_would_become_paths_outside_mlruns_are_rejected_by_the_spec(in_tmp, capsys, field, change):
-    path = write(in_tmp, spec_dict(**change))
+def test_names_that_would_become_paths_outside_mlruns_are_rejected_by_the_spec(in_tmp, capsys, field, change, tiny_vit):
+    path = write(in_tmp, spec_dict(tiny_vit, **change))
     assert orchestrator_main(["sweep", str(path)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}: {field} "), lines
     assert sorted(p.name for p in in_tmp.iterdir()) == ["spec.yaml"]
 
 
-def test_checkpoint_and_work_folders_are_named_by_config_hash_under_their_roots(in_tmp):
+def test_checkpoint_and_work_folders_are_named_by_config_hash_under_their_roots(in_tmp, tiny_vit):
     """Trial names never become paths: a trial's folders are <root>/<12-hex hash>; the roots are mlruns/
     unless the spec names a folder (train.checkpoint_dir, data.cache_dir: the user's explicit choice)."""
     chosen = in_tmp / "my-checkpoints"
-    default = load_spec(write(in_tmp, spec_dict()))
-    custom = load_spec(write(in_tmp, spec_dict(
+    default = load_spec(write(in_tmp, spec_dict(tiny_vit)))
+    custom = load_spec(write(in_tmp, spec_dict(tiny_vit,
         defaults={"model": "vit", "optim": {"name": "adam", "lr": 1e-3},
                   "train": {"epochs": 1, "batch_size": 32, "checkpoint_dir": str(chosen)}})))
     for spec, root in ((default, Path("mlruns/checkpoints")), (custom, chosen)):
@@ -184,12 +183,12 @@ def test_checkpoint_and_work_folders_are_named_by_config_hash_under_their_roots(
     assert from_dict({}).data.cache_dir.startswith("mlruns/")
 
 
-def test_a_sweep_writes_only_under_mlruns_and_the_cache_folder_it_names(tmp_path):
+def test_a_sweep_writes_only_under_mlruns_and_the_cache_folder_it_names(tmp_path, tiny_vit):
     work, home, tmp, cache = (tmp_path / name for name in ("work", "home", "tmp", "data-cache"))
     for folder in (work, home, tmp):
         folder.mkdir()
     # data.cache_dir outside work/ is the user's explicit choice: writing there is allowed.
-    write(work, spec_dict(data={"source": "synthetic", "synthetic": {"n_images": 120, "draw_size": 32},
+    write(work, spec_dict(tiny_vit, data={"source": "synthetic", "synthetic": {"n_images": 120, "draw_size": 32},
                                 "cache_dir": str(cache)}))
     before = tree(tmp_path)
     done = orchestrate(work, "sweep", "spec.yaml", env=bare_env(home, tmp))
@@ -412,7 +411,7 @@ def test_a_checkpoint_holding_a_pickled_payload_is_refused_without_running_it(tm
     assert not marker.exists()
 
 
-def test_a_trial_resuming_from_a_tampered_checkpoint_fails_with_one_line_and_no_retry(tmp_path):
+def test_a_trial_resuming_from_a_tampered_checkpoint_fails_with_one_line_and_no_retry(tmp_path, tiny_trial):
     raw = tiny_trial(tmp_path, data={"synthetic": {"n_images": 60, "draw_size": 32}}, train={"epochs": 1})
     config = tmp_path / "trial.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -427,8 +426,8 @@ def test_a_trial_resuming_from_a_tampered_checkpoint_fails_with_one_line_and_no_
     assert [r.info.status for r in runs] == ["FAILED"]
 
 
-def test_status_of_a_sweep_never_started_here_says_so_and_creates_nothing(in_tmp, capsys):
-    path = write(in_tmp, spec_dict())
+def test_status_of_a_sweep_never_started_here_says_so_and_creates_nothing(in_tmp, capsys, tiny_vit):
+    path = write(in_tmp, spec_dict(tiny_vit))
     assert orchestrator_main(["status", str(path)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no sweep has run from this folder"), lines

@@ -18,8 +18,8 @@ from orchestrator.results.production_tables import DEGRADATION_COLUMNS
 from orchestrator.results.report import write_report
 from orchestrator.results.report.cells import Trial, group_cells
 from orchestrator.results.report.references import study
+from orchestrator.sweep.runner import child_run_tags
 from orchestrator.sweep.spec import parse_yaml, spec_from_dict
-from tests.conftest import TINY_VIT
 from trainers.config import TrackingConfig, TrialConfig, flat_params
 from trainers.run import run_trial
 from trainers.tracking import ensure_experiment, open_parent_run
@@ -33,24 +33,24 @@ ROUNDED = 0.0051
 DIVERGING_LR = 1.0e8
 
 
-def sweep_spec(name: str, experiments: dict, seeds: list[int]) -> dict:
+def sweep_spec(name: str, experiments: dict, seeds: list[int], tiny_vit: dict) -> dict:
     return {
         "name": name,
         "data": {"source": "synthetic", "synthetic": {"n_images": 120, "draw_size": 32}},
-        "models": {"vit": TINY_VIT, "resnet50": {"name": "resnet50", "image_size": 16}},
+        "models": {"vit": tiny_vit, "resnet50": {"name": "resnet50", "image_size": 16}},
         "defaults": {"model": "vit", "optim": {"name": "adam", "lr": 1.0e-3}, "train": {"epochs": 1, "batch_size": 32}},
         "experiments": experiments,
         "seeds": seeds,
     }
 
 
-def run_sweep(tmp: Path, raw_spec: dict, skip_group: str | None = None) -> tuple:
+def run_sweep(tmp: Path, raw_spec: dict, tiny_trial, skip_group: str | None = None) -> tuple:
     """Every planned trial as a real child run of one parent; a group to skip gets one failed run instead."""
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     spec = spec_from_dict(raw_spec)
     parent = open_parent_run(client, spec.name)
     for i, trial in enumerate(spec.plan):
-        tags = {"role": "trial", "sweep": spec.name, "groups": ",".join(trial.groups), "optuna_trial": str(i)}
+        tags = child_run_tags(spec.name, ",".join(trial.groups), i)
         if trial.groups == (skip_group,):
             if trial.config.train.epochs == 2:   # one crashed run with its params, as a real crash leaves it
                 run = client.create_run(ensure_experiment(client, spec.name), run_name=trial.name,
@@ -110,7 +110,7 @@ def degradation_csv(test: dict, production: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def one_seed(tmp_path_factory):
+def one_seed(tmp_path_factory, tiny_trial, tiny_vit):
     tmp = tmp_path_factory.mktemp("one_seed")
     raw_spec = sweep_spec("r", {
         "baseline": {"title": "ViT vs ResNet-50", "grid": {"model": ["vit", "resnet50"]},
@@ -120,8 +120,8 @@ def one_seed(tmp_path_factory):
         "epochs": {"title": "Epochs ablation", "grid": {"train.epochs": [2, 3]}},
         "optimizer_lr": {"title": "Optimizer x learning rate",
                          "grid": {"optim.name": ["sgd", "adam"], "optim.lr": [1.0e-3, DIVERGING_LR]}},
-    }, seeds=[0])
-    client, spec, parent = run_sweep(tmp, raw_spec, skip_group="epochs")
+    }, [0], tiny_vit)
+    client, spec, parent = run_sweep(tmp, raw_spec, tiny_trial, skip_group="epochs")
     baseline_vit = next(r for r in client.search_runs([client.get_experiment_by_name("r").experiment_id])
                         if r.info.run_name == "vit-adam-lr0.001-ep1-s0")
     production = log_production_run(client, "r", baseline_vit.info.run_id)
@@ -130,10 +130,10 @@ def one_seed(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def three_seeds(tmp_path_factory):
+def three_seeds(tmp_path_factory, tiny_trial, tiny_vit):
     tmp = tmp_path_factory.mktemp("three_seeds")
-    raw_spec = sweep_spec("s", {"fine_lr": {"title": "Fine LR", "grid": {"optim.lr": [1.0e-3]}}}, seeds=[0, 1, 2])
-    client, spec, parent = run_sweep(tmp, raw_spec)
+    raw_spec = sweep_spec("s", {"fine_lr": {"title": "Fine LR", "grid": {"optim.lr": [1.0e-3]}}}, [0, 1, 2], tiny_vit)
+    client, spec, parent = run_sweep(tmp, raw_spec, tiny_trial)
     return client, spec, parent, write_report(spec, client, tmp / "report")
 
 
@@ -261,10 +261,10 @@ def test_report_is_logged_to_the_parent_run(one_seed):
     assert {p.name for p in path.parent.iterdir()} <= logged and "report.md" in logged
 
 
-def test_report_verb_writes_the_report_or_says_there_are_no_runs(one_seed, tmp_path, capsys):
+def test_report_verb_writes_the_report_or_says_there_are_no_runs(one_seed, tmp_path, capsys, tiny_vit):
     client, spec, _, _, _, _ = one_seed
     spec_file = tmp_path / "r.yaml"
-    spec_file.write_text(yaml.safe_dump({**sweep_spec("r", {"baseline": {"grid": {"model": ["vit"]}}}, [0])}))
+    spec_file.write_text(yaml.safe_dump({**sweep_spec("r", {"baseline": {"grid": {"model": ["vit"]}}}, [0], tiny_vit)}))
     assert main(["report", str(spec_file), "--tracking-uri", client.tracking_uri, "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
     assert str(tmp_path / "o" / "report.md") in out and "make ui" in out
@@ -288,18 +288,20 @@ def test_study_values_are_read_from_paper_yaml_reference_blocks(tmp_path):
     assert study(refs["epochs"], "test_accuracy", {"train.epochs": 7}) is None
 
 
-def test_runs_of_an_edited_spec_are_left_out_not_credited_to_its_grid_points(one_seed, tmp_path):
+def test_runs_of_an_edited_spec_are_left_out_not_credited_to_its_grid_points(one_seed, tmp_path, tiny_vit):
     client = one_seed[0]
-    raw = sweep_spec("r", {"baseline": {"title": "ViT vs ResNet-50", "grid": {"model": ["vit", "resnet50"]}}}, [0])
+    raw = sweep_spec("r", {"baseline": {"title": "ViT vs ResNet-50", "grid": {"model": ["vit", "resnet50"]}}}, [0],
+                     tiny_vit)
     raw["data"]["synthetic"]["n_images"] = 100     # the runs trained on 120 images: another config_hash
     path = write_report(spec_from_dict(raw), client, tmp_path / "edited")
     assert "2 run(s) tagged 'baseline' match no grid point of the spec" in path.read_text()
     assert not (path.parent / "baseline_test.csv").exists()
 
 
-def test_cells_follow_config_hash_and_read_a_preset_from_the_model_it_resolves_to():
-    raw = sweep_spec("p", {"baseline": {"grid": {"model": ["small", "wide"], "optim.lr": [1.0e-3, 1.0e-2]}}}, [0, 1])
-    raw["models"] = {"small": TINY_VIT, "wide": {**TINY_VIT, "image_size": 48}}
+def test_cells_follow_config_hash_and_read_a_preset_from_the_model_it_resolves_to(tiny_vit):
+    raw = sweep_spec("p", {"baseline": {"grid": {"model": ["small", "wide"], "optim.lr": [1.0e-3, 1.0e-2]}}}, [0, 1],
+                     tiny_vit)
+    raw["models"] = {"small": tiny_vit, "wide": {**tiny_vit, "image_size": 48}}
     raw["defaults"]["model"] = "small"
     spec = spec_from_dict(raw)
     plan = spec.plan

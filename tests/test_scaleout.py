@@ -30,7 +30,6 @@ from optuna.trial import TrialState
 from orchestrator.__main__ import main
 from orchestrator.sweep.ledger import Ledger
 from orchestrator.sweep.spec import load_spec
-from tests.conftest import TINY_VIT
 
 REPO = Path(__file__).resolve().parents[1]
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
@@ -155,10 +154,10 @@ def child_env(**extra: str) -> dict:
     return {**env, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **extra}
 
 
-def write_spec(host: Path, name: str, lrs: list[float], epochs: int) -> Path:
+def write_spec(host: Path, name: str, lrs: list[float], epochs: int, tiny_vit: dict) -> Path:
     """The same tiny spec on a host: tiny ViT at 32 px, 120 synthetic images, one trial per lr."""
     spec = {"name": name, "data": {"source": "synthetic", "synthetic": {"n_images": 120, "draw_size": 32}},
-            "models": {"vit": TINY_VIT},
+            "models": {"vit": tiny_vit},
             "defaults": {"model": "vit", "optim": {"name": "adam", "lr": lrs[0]},
                          "train": {"epochs": epochs, "batch_size": 16}},
             "experiments": {"lr": {"grid": {"optim.lr": lrs}}},
@@ -239,10 +238,10 @@ def test_ledgers_opened_at_once_on_a_fresh_database_claim_each_trial_once(storag
     assert ledgers[0].counts() == {"running": 24}
 
 
-def test_two_workers_split_a_sweep_and_run_every_trial_once(tmp_path, storage, mlflow_server, capsys):
+def test_two_workers_split_a_sweep_and_run_every_trial_once(tmp_path, storage, mlflow_server, capsys, tiny_vit):
     a, b = tmp_path / "host-a", tmp_path / "host-b"
-    spec_a = write_spec(a, "split", [1e-3, 2e-3, 3e-3], epochs=1)
-    spec_b = write_spec(b, "split", [1e-3, 2e-3, 3e-3], epochs=1)
+    spec_a = write_spec(a, "split", [1e-3, 2e-3, 3e-3], epochs=1, tiny_vit=tiny_vit)
+    spec_b = write_spec(b, "split", [1e-3, 2e-3, 3e-3], epochs=1, tiny_vit=tiny_vit)
     worker = start(b, "worker", spec_b, storage, mlflow_server)      # before the sweep exists: it waits
     wait_for_line(b / "worker.log", "waiting for sweep 'split' to be started", worker)
     sweep = start(a, "sweep", spec_a, storage, mlflow_server)
@@ -277,11 +276,12 @@ def test_two_workers_split_a_sweep_and_run_every_trial_once(tmp_path, storage, m
         assert " finished " in row and t.user_attrs["worker"] in row, shown
 
 
-def test_a_worker_killed_mid_trial_has_its_trial_finished_by_the_other(tmp_path, storage, mlflow_server, capsys):
+def test_a_worker_killed_mid_trial_has_its_trial_finished_by_the_other(tmp_path, storage, mlflow_server, capsys,
+                                                                       tiny_vit):
     a, b = tmp_path / "host-a", tmp_path / "host-b"
     # Eight short epochs: long enough to kill a trial in the middle of its training.
-    spec_a = write_spec(a, "kill", [1e-3, 2e-3, 3e-3], epochs=EPOCHS)
-    spec_b = write_spec(b, "kill", [1e-3, 2e-3, 3e-3], epochs=EPOCHS)
+    spec_a = write_spec(a, "kill", [1e-3, 2e-3, 3e-3], epochs=EPOCHS, tiny_vit=tiny_vit)
+    spec_b = write_spec(b, "kill", [1e-3, 2e-3, 3e-3], epochs=EPOCHS, tiny_vit=tiny_vit)
     sweep = start(a, "sweep", spec_a, storage, mlflow_server)
     worker = start(b, "worker", spec_b, storage, mlflow_server)
     killed = wait_for_training_on(b, "kill", storage, worker, sweep)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
@@ -21,51 +20,20 @@ from orchestrator.sweep.spec import load_spec
 from orchestrator.sweep.runner import TpeTrials
 from trainers.tracking import find_parent_run
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_VIT = {"name": "vit", "image_size": 32,
-            "vit": {"patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                    "intermediate_size": 64}}
-
-
-def write_spec(folder: Path, name: str, experiments: dict, **extra) -> Path:
-    spec = {"name": name, "data": {"source": "synthetic", "synthetic": {"n_images": 120, "draw_size": 32}},
-            "models": {"vit": TINY_VIT}, "defaults": {"model": "vit", "optim": {"name": "adam", "lr": 1e-3},
-                                                      "train": {"epochs": 1, "batch_size": 32}},
-            "experiments": experiments, "execution": {"jobs": 2, "max_retries": 1}, **extra}
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
-
-def clean_env() -> dict:
-    """The environment for a child sweep: this repo importable, no tracking URI left by other tests."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return {**env, "PYTHONPATH": str(REPO)}
-
-
-def orchestrate(folder: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=folder, capture_output=True,
-                          text=True, timeout=timeout, env=clean_env())
-
-
-def store(folder: Path) -> MlflowClient:
-    return MlflowClient(f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}")
-
-
-def finished_children(folder: Path, sweep: str) -> dict[str, list]:
+def finished_children(client: MlflowClient, sweep: str) -> dict[str, list]:
     by_hash: dict[str, list] = {}
-    for run in child_runs(store(folder), sweep):
+    for run in child_runs(client, sweep):
         by_hash.setdefault(run.data.tags["config_hash"], []).append(run)
     return by_hash
 
 
-def test_each_grid_point_runs_once_as_a_child_of_one_parent(in_tmp):
+def test_each_grid_point_runs_once_as_a_child_of_one_parent(in_tmp, orchestrate, store, write_spec):
     spec_path = write_spec(in_tmp, "two", {"lr": {"grid": {"optim.lr": [1e-3, 3e-3]}},
                                            "again": {"grid": {"optim.lr": [1e-3]}}})
     done = orchestrate(in_tmp, "sweep", str(spec_path), "--jobs", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     plan = list(load_spec(spec_path).plan)
-    runs = finished_children(in_tmp, "two")
+    runs = finished_children(store(in_tmp), "two")
     assert sorted(runs) == sorted(t.hash for t in plan)
     assert all(len(r) == 1 and r[0].info.status == "FINISHED" for r in runs.values())
     shared = next(t for t in plan if t.config.optim.lr == 1e-3)
@@ -80,13 +48,14 @@ def test_each_grid_point_runs_once_as_a_child_of_one_parent(in_tmp):
 
     again = orchestrate(in_tmp, "sweep", str(spec_path), "--jobs", "2")
     assert again.returncode == 0 and "0 to run" in again.stdout
-    assert all(len(r) == 1 for r in finished_children(in_tmp, "two").values())
+    assert all(len(r) == 1 for r in finished_children(store(in_tmp), "two").values())
 
     status = orchestrate(in_tmp, "status", str(spec_path))
     assert status.returncode == 0 and "finished 2" in status.stdout
 
 
-def test_a_killed_sweep_resumes_without_rerunning_finished_trials(in_tmp):
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(in_tmp, clean_env, orchestrate, store,
+                                                                  write_spec):
     spec_path = write_spec(in_tmp, "kill", {"lr": {"grid": {"optim.lr": [1e-3, 2e-3, 3e-3, 4e-3]}}},
                            defaults={"model": "vit", "optim": {"name": "adam", "lr": 1e-3},
                                      "train": {"epochs": 3, "batch_size": 16}})
@@ -113,7 +82,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(in_tmp):
     done = orchestrate(in_tmp, "sweep", str(spec_path), "--jobs", "1")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "interrupted last time are queued again" in done.stdout
-    runs = finished_children(in_tmp, "kill")
+    runs = finished_children(store(in_tmp), "kill")
     assert len(runs) == 4 and all(len(r) == 1 for r in runs.values())
     assert all(r[0].info.status == "FINISHED" and r[0].data.tags["status"] == "finished" for r in runs.values())
     kept = runs[first_done.user_attrs["config_hash"]][0]
@@ -125,10 +94,11 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(in_tmp):
     assert not [r for r in everything if r.info.status == "RUNNING"]
 
 
-def test_unreadable_weights_fail_their_trial_at_once_while_the_others_finish(in_tmp):
+def test_unreadable_weights_fail_their_trial_at_once_while_the_others_finish(in_tmp, orchestrate, tiny_vit,
+                                                                             write_spec):
     (in_tmp / "broken.pth").write_bytes(b"\x80\x02truncated download")
     spec_path = write_spec(in_tmp, "crash", {"models": {"grid": {"model": ["vit", "resnet"]}}},
-                           models={"vit": TINY_VIT, "resnet": {"name": "resnet50", "image_size": 32,
+                           models={"vit": tiny_vit, "resnet": {"name": "resnet50", "image_size": 32,
                                                                "pretrained": str(in_tmp / "broken.pth")}})
     done = orchestrate(in_tmp, "sweep", str(spec_path), "--jobs", "2")
     assert done.returncode == 1
@@ -140,22 +110,9 @@ def test_unreadable_weights_fail_their_trial_at_once_while_the_others_finish(in_
     assert "broken.pth' is not a readable state dict" in failed.user_attrs["error"]
 
 
-def trainer_processes(folder: Path) -> list[int]:
-    """PIDs of `python -m trainers serve` children working in this folder, and of their figure helpers."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")
-            ours = (b"trainers" in cmd and b"serve" in cmd) or b"trainers.process.figure_helper" in cmd
-            if ours and (entry / "cwd").resolve() == folder.resolve():
-                pids.append(int(entry.name))
-        except (OSError, ValueError):
-            continue
-    return pids
-
-
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds trainer processes through /proc")
-def test_a_trainer_killed_mid_trial_is_retried_and_resumes_its_run(in_tmp):
+def test_a_trainer_killed_mid_trial_is_retried_and_resumes_its_run(in_tmp, clean_env, store, trainer_processes,
+                                                                   write_spec):
     spec_path = write_spec(in_tmp, "oom", {"lr": {"grid": {"optim.lr": [1e-3]}}},
                            defaults={"model": "vit", "optim": {"name": "adam", "lr": 1e-3},
                                      "train": {"epochs": 3, "batch_size": 16}})
@@ -172,14 +129,14 @@ def test_a_trainer_killed_mid_trial_is_retried_and_resumes_its_run(in_tmp):
     out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]
     assert "retried" in out
-    (run,) = finished_children(in_tmp, "oom").values()
+    (run,) = finished_children(store(in_tmp), "oom").values()
     assert len(run) == 1 and run[0].data.tags["status"] == "finished"
     steps = [m.step for m in store(in_tmp).get_metric_history(run[0].info.run_id, "val_macro_f1")]
     assert sorted(set(steps)) == [1, 2, 3] and steps.count(1) == 1     # epoch 1 was not trained again
     assert log.read_text().count("--- attempt") == 2
 
 
-def test_tpe_samples_its_budget_and_the_median_rule_prunes_a_lagging_trial(in_tmp):
+def test_tpe_samples_its_budget_and_the_median_rule_prunes_a_lagging_trial(in_tmp, orchestrate, write_spec):
     spec_path = write_spec(in_tmp, "tpe", {"base": {"grid": {"optim.lr": [1e-3]}}},
                            search={"method": "tpe", "n_trials": 3,
                                    "space": {"optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}}})
@@ -214,8 +171,7 @@ class PruneAtOnce:
         return "pruned by the median rule"
 
 
-def test_a_stop_request_prunes_a_running_trial(tmp_path):
-    from tests.conftest import tiny_trial
+def test_a_stop_request_prunes_a_running_trial(tmp_path, tiny_trial):
     from trainers.config import from_dict
     from trainers.process.protocol import Epoch, Started
     from trainers.run import run_trial
@@ -245,7 +201,7 @@ class PruneEveryEpoch:
         return True
 
 
-def test_the_executor_stops_a_trial_its_search_prunes_and_records_it_pruned(in_tmp):
+def test_the_executor_stops_a_trial_its_search_prunes_and_records_it_pruned(in_tmp, write_spec):
     import functools
 
     from orchestrator.sweep.executor import Executor, SweepHooks, make_slots

@@ -13,7 +13,6 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import tiny_trial
 from trainers.config import from_dict, trial_dir
 from trainers.data.dataset import prepare_data
 from trainers.models import ModelUnavailableError, build_model
@@ -34,7 +33,7 @@ def read_run(cfg, run_id):
     {},                                                   # tiny ViT
     {"name": "resnet50", "image_size": 32},
 ])
-def test_two_epochs_log_params_metrics_and_artifacts(tmp_path, model):
+def test_two_epochs_log_params_metrics_and_artifacts(tmp_path, model, tiny_trial):
     cfg = from_dict(tiny_trial(tmp_path, model=model))
     outcome = run_trial(cfg)
     client, run = read_run(cfg, outcome.run_id)
@@ -70,7 +69,7 @@ def test_two_epochs_log_params_metrics_and_artifacts(tmp_path, model):
     assert not trial_dir(cfg).exists()         # a finished trial leaves no checkpoint behind
 
 
-def test_figures_reach_the_run_when_the_figure_helper_dies_with_the_job(tmp_path):
+def test_figures_reach_the_run_when_the_figure_helper_dies_with_the_job(tmp_path, tiny_trial):
     cfg = from_dict(tiny_trial(tmp_path, train={"epochs": 1}))
     data = prepare_data(cfg.data, cfg.model.image_size)
     result = run_training(cfg, data, build_model(cfg.model, 6), Checkpoint(tmp_path / "ckpt"))
@@ -108,7 +107,7 @@ def running(pid: int) -> bool:
         return False
 
 
-def test_logged_model_predicts_from_the_store(tmp_path):
+def test_logged_model_predicts_from_the_store(tmp_path, tiny_trial):
     cfg = from_dict(tiny_trial(tmp_path, train={"epochs": 1}))
     outcome = run_trial(cfg)
     mlflow.set_tracking_uri(cfg.tracking.uri)
@@ -147,7 +146,7 @@ def test_a_checkpoint_holds_the_state_at_save_time_and_reports_a_failed_write(tm
         broken.wait()
 
 
-def test_a_restarted_trial_resumes_without_repeating_finished_epochs(tmp_path):
+def test_a_restarted_trial_resumes_without_repeating_finished_epochs(tmp_path, tiny_trial):
     cfg = from_dict(tiny_trial(tmp_path, train={"epochs": 3}))
     data = prepare_data(cfg.data, cfg.model.image_size)
     ckpt = Checkpoint(tmp_path / "ckpt")
@@ -161,7 +160,7 @@ def test_a_restarted_trial_resumes_without_repeating_finished_epochs(tmp_path):
     assert [h["epoch"] for h in result.history] == [1, 2, 3] and result.test is not None
 
 
-def test_a_crashed_trial_is_resumed_in_the_same_mlflow_run(tmp_path, monkeypatch):
+def test_a_crashed_trial_is_resumed_in_the_same_mlflow_run(tmp_path, monkeypatch, tiny_trial):
     cfg = from_dict(tiny_trial(tmp_path, train={"epochs": 2}))
     import trainers.tracking as tracking
     real = tracking.TrialRun.log_result
@@ -181,7 +180,7 @@ def test_a_crashed_trial_is_resumed_in_the_same_mlflow_run(tmp_path, monkeypatch
     assert client.get_run(outcome.run_id).info.status == "FINISHED"
 
 
-def test_a_non_finite_loss_ends_the_trial_as_diverged(tmp_path):
+def test_a_non_finite_loss_ends_the_trial_as_diverged(tmp_path, tiny_trial):
     cfg = from_dict(tiny_trial(tmp_path, optim={"name": "sgd", "lr": 1e12}, train={"epochs": 2}))
     outcome = run_trial(cfg)
     client, run = read_run(cfg, outcome.run_id)
@@ -209,7 +208,7 @@ def test_resnet_loads_a_local_state_dict_safely(tmp_path):
     assert model.backbone.fc.out_features == 6
 
 
-def test_cli_runs_a_trial_and_prints_its_run_id(tmp_path):
+def test_cli_runs_a_trial_and_prints_its_run_id(tmp_path, tiny_trial):
     raw = tiny_trial(tmp_path, train={"epochs": 1})
     raw["tracking"]["uri"] = f"sqlite:///{tmp_path / 'cli.db'}"
     config = tmp_path / "trial.yaml"

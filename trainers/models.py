@@ -37,20 +37,6 @@ class FerClassifier(nn.Module):
             return self.backbone(pixel_values=x, interpolate_pos_encoding=self.interpolate_pos).logits
         return self.backbone(x)
 
-    @torch.no_grad()
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate features (ViT [CLS] token, ResNet pooled), for drift and retrieval."""
-        x = (x - self.mean) / self.std
-        if self.family == "vit":
-            out = self.backbone.vit(pixel_values=x, interpolate_pos_encoding=self.interpolate_pos)
-            return out.last_hidden_state[:, 0]
-        fc = self.backbone.fc
-        self.backbone.fc = nn.Identity()
-        try:
-            return self.backbone(x)
-        finally:
-            self.backbone.fc = fc
-
 
 def build_vit(cfg: ModelConfig, n_classes: int) -> FerClassifier:
     """transformers ViTForImageClassification: a hub id / local folder, or an explicit small shape."""

@@ -136,17 +136,31 @@ def autocast(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def train_one_epoch(model: nn.Module, data: PreparedData, plan: tuple[np.ndarray, np.ndarray],
-                    optimizer, loss_fn, cfg: TrialConfig, epoch: int, device,
-                    resident: torch.Tensor | None = None) -> dict[str, float]:
+@dataclass
+class Loop:
+    """What every epoch of one trial shares: built once by build_loop, read by train_one_epoch and evaluate."""
+    cfg: TrialConfig
+    data: PreparedData
+    model: nn.Module                          # the classifier whose weights a checkpoint holds
+    step_model: nn.Module                     # what batches run through: model, or torch.compile's wrapper
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    plan: tuple[np.ndarray, np.ndarray]       # training rows (balanced) and whether each one is augmented
+    loss_fn: nn.Module                        # class-weighted cross-entropy, for training
+    eval_loss: nn.Module                      # plain cross-entropy, for validation and test
+    resident: torch.Tensor | None = None      # the uint8 set on the GPU (resident_images), or None
+
+
+def train_one_epoch(loop: Loop, epoch: int) -> dict[str, float]:
     """One pass over the balanced training plan; returns loss, accuracy, macro F1.
 
     The step never waits for the device: rows, labels and augmentation positions travel once per
     epoch, random numbers are drawn on the device, and the sums are read once at the end.
     """
+    model, data, device, optimizer = loop.step_model, loop.data, loop.device, loop.optimizer
     model.train()
-    indices, augmented = plan
-    rng = np.random.default_rng([cfg.train.seed, epoch])
+    indices, augmented = loop.plan
+    rng = np.random.default_rng([loop.cfg.train.seed, epoch])
     order = rng.permutation(len(indices))
     gen = torch.Generator(device=device).manual_seed(int(rng.integers(2**31)))
     rows = indices[order]
@@ -157,7 +171,8 @@ def train_one_epoch(model: nn.Module, data: PreparedData, plan: tuple[np.ndarray
     cm = torch.zeros(n_classes * n_classes, dtype=torch.int64, device=device)
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
-    for pos, x_u8 in batches(data.images, rows, cfg.train.batch_size, device, training=True, resident=resident):
+    for pos, x_u8 in batches(data.images, rows, loop.cfg.train.batch_size, device, training=True,
+                             resident=loop.resident):
         start, end = int(pos[0]), int(pos[-1]) + 1
         y = labels[start:end]
         x = to_float_images(x_u8)
@@ -167,7 +182,7 @@ def train_one_epoch(model: nn.Module, data: PreparedData, plan: tuple[np.ndarray
             x[sel] = augment(x[sel], gen)
         with autocast(device):
             logits = model(x)
-            loss = loss_fn(logits.float(), y)
+            loss = loop.loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -184,20 +199,20 @@ def train_one_epoch(model: nn.Module, data: PreparedData, plan: tuple[np.ndarray
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: PreparedData, split: int, cfg: TrialConfig, loss_fn,
-             device, resident: torch.Tensor | None = None) -> tuple[dict[str, float], np.ndarray]:
+def evaluate(loop: Loop, split: int) -> tuple[dict[str, float], np.ndarray]:
     """Loss, accuracy and macro F1 on one split, plus its confusion matrix (one device sync)."""
+    model, data, device = loop.step_model, loop.data, loop.device
     model.eval()
     idx = data.indices(split)
     n_classes = len(data.classes)
     labels = torch.from_numpy(data.labels[idx]).to(device)
     cm = torch.zeros(n_classes * n_classes, dtype=torch.int64, device=device)
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    for pos, x_u8 in batches(data.images, idx, cfg.train.eval_batch_size, device, resident=resident):
+    for pos, x_u8 in batches(data.images, idx, loop.cfg.train.eval_batch_size, device, resident=loop.resident):
         y = labels[int(pos[0]):int(pos[-1]) + 1]
         with autocast(device):
             logits = model(to_float_images(x_u8)).float()
-        total_loss += loss_fn(logits, y) * len(pos)
+        total_loss += loop.eval_loss(logits, y) * len(pos)
         cells = y * n_classes + logits.argmax(1)
         cm.index_add_(0, cells, torch.ones_like(cells))
     cm_np = cm.view(n_classes, n_classes).cpu().numpy()
@@ -278,9 +293,8 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def run_training(cfg: TrialConfig, data: PreparedData, model: FerClassifier, checkpoint: Checkpoint,
-                 observer: EpochObserver | None = None) -> TrialResult:
-    """Train for cfg.train.epochs (resuming from the checkpoint), then test; the study's protocol."""
+def build_loop(cfg: TrialConfig, data: PreparedData, model: FerClassifier) -> Loop:
+    """Seed, place the model on its device, and build its optimizer, training plan and losses."""
     device = select_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     if cfg.train.num_threads:
@@ -295,35 +309,51 @@ def run_training(cfg: TrialConfig, data: PreparedData, model: FerClassifier, che
     plan = (balance_plan(train_idx, data.labels, cfg.data.balance_max_factor, cfg.train.seed)
             if cfg.data.balance else (train_idx, np.zeros(len(train_idx), bool)))
     weights = torch.from_numpy(class_weights(data.labels[plan[0]], len(data.classes))).to(device)
-    loss_fn = nn.CrossEntropyLoss(weight=weights)
-    eval_loss = nn.CrossEntropyLoss()
+    return Loop(cfg, data, model, step_model, optimizer, device, plan, loss_fn=nn.CrossEntropyLoss(weight=weights),
+                eval_loss=nn.CrossEntropyLoss(), resident=resident)
 
+
+def resume(loop: Loop, state: dict) -> tuple[float, int, list[dict[str, float]]]:
+    """Load a checkpoint's weights and optimizer state; returns its lr, the next epoch and the history."""
+    loop.model.load_state_dict(state["model"])
+    fused = [group.get("fused") for group in loop.optimizer.param_groups]
+    loop.optimizer.load_state_dict(state["optimizer"])   # takes the saved groups whole, "fused" included
+    for group, flag in zip(loop.optimizer.param_groups, fused):
+        if "fused" in group:
+            group["fused"] = flag                        # the kernels this device has, not the saver's
+    return state["lr"], state["epoch"] + 1, state["history"]
+
+
+def train_and_validate(loop: Loop, epoch: int, lr: float) -> dict[str, float]:
+    """One epoch at lr, then validation: the epoch's history row (only the NaN train loss if it diverged)."""
+    t0 = time.perf_counter()
+    set_lr(loop.optimizer, lr)
+    train = train_one_epoch(loop, epoch)
+    if not math.isfinite(train["train_loss"]):
+        return {**train, "epoch_seconds": time.perf_counter() - t0}
+    val, _ = evaluate(loop, VAL)
+    return {"epoch": epoch, **train, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+            "val_macro_f1": val["macro_f1"], "lr": lr, "epoch_seconds": time.perf_counter() - t0}
+
+
+def run_training(cfg: TrialConfig, data: PreparedData, model: FerClassifier, checkpoint: Checkpoint,
+                 observer: EpochObserver | None = None) -> TrialResult:
+    """Train for cfg.train.epochs (resuming from the checkpoint), then test; the study's protocol."""
+    loop = build_loop(cfg, data, model)
     result, lr, start = TrialResult(status="finished"), cfg.optim.lr, 1
     state = checkpoint.load()
     if state is not None:
-        model.load_state_dict(state["model"])
-        fused = [group.get("fused") for group in optimizer.param_groups]
-        optimizer.load_state_dict(state["optimizer"])   # takes the saved groups whole, "fused" included
-        for group, flag in zip(optimizer.param_groups, fused):
-            if "fused" in group:
-                group["fused"] = flag                   # the kernels this device has, not the saver's
-        lr, start, result.history = state["lr"], state["epoch"] + 1, state["history"]
+        lr, start, result.history = resume(loop, state)
     prev_f1 = result.history[-1]["val_macro_f1"] if result.history else None
 
     try:     # a crash still leaves the last finished epoch's checkpoint fully written
         for epoch in range(start, cfg.train.epochs + 1):
-            t0 = time.perf_counter()
-            set_lr(optimizer, lr)
-            train = train_one_epoch(step_model, data, plan, optimizer, loss_fn, cfg, epoch, device, resident)
-            if not math.isfinite(train["train_loss"]):
-                result.status = "diverged"
-                result.train_seconds += time.perf_counter() - t0
-                break
-            val, _ = evaluate(step_model, data, VAL, cfg, eval_loss, device, resident)
-            row = {"epoch": epoch, **train, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                   "val_macro_f1": val["macro_f1"], "lr": lr, "epoch_seconds": time.perf_counter() - t0}
-            result.history.append(row)
+            row = train_and_validate(loop, epoch, lr)
             result.train_seconds += row["epoch_seconds"]
+            if not math.isfinite(row["train_loss"]):
+                result.status = "diverged"
+                break
+            result.history.append(row)
             # Log before checkpointing: a crash in between repeats this epoch rather than losing its metrics.
             if observer:
                 try:
@@ -331,14 +361,14 @@ def run_training(cfg: TrialConfig, data: PreparedData, model: FerClassifier, che
                 except StopTrial:
                     result.status = "pruned"
                     break
-            lr = reduce_lr_on_f1_drop(prev_f1, val["macro_f1"], lr, cfg.optim.lr_drop_threshold,
+            lr = reduce_lr_on_f1_drop(prev_f1, row["val_macro_f1"], lr, cfg.optim.lr_drop_threshold,
                                       cfg.optim.lr_drop_factor)
-            prev_f1 = val["macro_f1"]
-            checkpoint.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            prev_f1 = row["val_macro_f1"]
+            checkpoint.save({"epoch": epoch, "model": model.state_dict(), "optimizer": loop.optimizer.state_dict(),
                              "lr": lr, "history": result.history})
 
         if result.status == "finished":     # the last checkpoint is written meanwhile
-            result.test = test_metrics(step_model, data, cfg, eval_loss, device, resident)
+            result.test = test_metrics(loop)
     except BaseException:
         checkpoint.wait(raise_failure=False)     # the trial's own error is the one to report
         raise
@@ -346,9 +376,8 @@ def run_training(cfg: TrialConfig, data: PreparedData, model: FerClassifier, che
     return result
 
 
-def test_metrics(model, data: PreparedData, cfg: TrialConfig, loss_fn, device,
-                 resident: torch.Tensor | None = None) -> dict:
+def test_metrics(loop: Loop) -> dict:
     """Test accuracy, macro F1, per-class precision / recall / F1 and the confusion matrix."""
-    summary, cm = evaluate(model, data, TEST, cfg, loss_fn, device, resident)
+    summary, cm = evaluate(loop, TEST)
     return {"loss": summary["loss"], "accuracy": summary["accuracy"], "macro_f1": summary["macro_f1"],
             "per_class": metrics.per_class(cm), "confusion": cm}

@@ -147,13 +147,6 @@ class Ledger:
                          dict(t.user_attrs))
         return None
 
-    def add_claimed(self, config_hash: str, attrs: dict) -> Claim:
-        """A new RUNNING trial (for TPE, whose points are sampled at claim time)."""
-        trial = self.study.ask()
-        for key, value in {**attrs, "config_hash": config_hash, "attempt": 0}.items():
-            trial.set_user_attr(key, value)
-        return Claim(trial._trial_id, trial.number, config_hash, 0, {**attrs, "config_hash": config_hash})
-
     def heartbeat(self, trial_id: int) -> None:
         self.storage.record_heartbeat(trial_id)
 
@@ -255,6 +248,3 @@ class Ledger:
             else:
                 out[t.user_attrs.get("status", t.state.name.lower())] += 1
         return out
-
-    def n_trials(self) -> int:
-        return len(self.latest_by_hash())

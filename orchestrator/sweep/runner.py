@@ -37,6 +37,11 @@ class SweepOutcome:
     interrupted: bool
 
 
+def child_run_tags(sweep: str, groups: str, trial_number: int) -> dict[str, str]:
+    """The tags that mark a trial's MLflow run as a child of its sweep (groups: comma-separated names)."""
+    return {"role": "trial", "sweep": sweep, "groups": groups, "optuna_trial": str(trial_number)}
+
+
 @dataclass(frozen=True)
 class SweepContext:
     """What every trial of this sweep shares: where it logs and under which parent."""
@@ -54,8 +59,7 @@ class SweepContext:
         groups = ",".join(planned.groups) if planned else claim.attrs.get("groups", "")
         tracking = TrackingConfig(uri=self.tracking_uri, experiment=self.spec.name, run_name=name,
                                   parent_run_id=self.parent_run_id,
-                                  tags={"role": "trial", "sweep": self.spec.name, "groups": groups,
-                                        "optuna_trial": str(claim.number)})
+                                  tags=child_run_tags(self.spec.name, groups, claim.number))
         return with_tracking(cfg, tracking, slot.threads)
 
     def hooks(self, search: TpeTrials | None) -> SweepHooks:

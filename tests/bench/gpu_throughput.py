@@ -33,7 +33,7 @@ from trainers.config import from_dict
 from trainers.data.dataset import DataReport, PreparedData
 from trainers.data.split import TEST, TRAIN, VAL
 from trainers.models import build_model
-from trainers.train import (Checkpoint, build_optimizer, evaluate, resident_images, run_training,
+from trainers.train import (Checkpoint, Loop, build_optimizer, evaluate, resident_images, run_training,
                             train_one_epoch)
 
 # Forward GFLOP per image at 224 px (multiply-adds x 2); a training step is ~3x the forward pass.
@@ -84,19 +84,20 @@ def measure(name: str, size: int, batch: int, steps: int, compile_model: bool, r
     step_model = torch.compile(model) if compile_model else model
     optimizer = build_optimizer(cfg, model)
     on_device = resident_images(data.images, device) if resident else None
-    loss_fn, eval_loss = nn.CrossEntropyLoss(), nn.CrossEntropyLoss()
+    loop = Loop(cfg, data, model, step_model, optimizer, device, plan, loss_fn=nn.CrossEntropyLoss(),
+                eval_loss=nn.CrossEntropyLoss(), resident=on_device)
 
     start = time.perf_counter()
-    train_one_epoch(step_model, data, plan, optimizer, loss_fn, cfg, 0, device, on_device)   # warm-up
-    evaluate(step_model, data, VAL, cfg, eval_loss, device, on_device)
+    train_one_epoch(loop, 0)   # warm-up
+    evaluate(loop, VAL)
     sync(device)
     warmup = time.perf_counter() - start
     start = time.perf_counter()
-    train_one_epoch(step_model, data, plan, optimizer, loss_fn, cfg, 1, device, on_device)
+    train_one_epoch(loop, 1)
     sync(device)
     train_ips = len(train_idx) / (time.perf_counter() - start)
     start = time.perf_counter()
-    evaluate(step_model, data, VAL, cfg, eval_loss, device, on_device)
+    evaluate(loop, VAL)
     sync(device)
     eval_ips = len(data.indices(VAL)) / (time.perf_counter() - start)
     peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0

@@ -14,16 +14,15 @@ import torch
 from torch import nn
 
 from orchestrator.sweep.spec import load_spec
-from tests.conftest import tiny_trial
 from trainers.config import from_dict, to_dict
 from trainers.data.dataset import prepare_data
 from trainers.data.split import TRAIN
 from trainers.models import build_model
 from trainers.run import run_trial
-from trainers.train import batches, select_device, train_one_epoch
+from trainers.train import Loop, batches, select_device, train_one_epoch
 
 
-def bench_config(tmp_path):
+def bench_config(tmp_path, tiny_trial):
     raw = tiny_trial(tmp_path, data={"synthetic": {"n_images": 2400, "draw_size": 64}, "balance": False},
                      model={"vit": {"patch_size": 8, "hidden_size": 96, "num_hidden_layers": 4,
                                     "num_attention_heads": 4, "intermediate_size": 192}},
@@ -57,8 +56,8 @@ def bare_epoch(model, data, order, batch_size, optimizer, loss_fn) -> float:
     return time.perf_counter() - start
 
 
-def test_trainer_overhead_data_wait_cache_and_logging(tmp_path):
-    cfg = bench_config(tmp_path)
+def test_trainer_overhead_data_wait_cache_and_logging(tmp_path, tiny_trial):
+    cfg = bench_config(tmp_path, tiny_trial)
     t0 = time.perf_counter()
     data = prepare_data(cfg.data, cfg.model.image_size)
     first = time.perf_counter() - t0
@@ -81,10 +80,11 @@ def test_trainer_overhead_data_wait_cache_and_logging(tmp_path):
     bare = min(bare_epoch(model, data, order, cfg.train.batch_size, optimizer, loss_fn) for _ in range(2))
 
     plan = (train_idx, np.zeros(len(train_idx), bool))
+    loop = Loop(cfg, data, model, model, optimizer, device, plan, loss_fn=loss_fn, eval_loss=loss_fn)
     ours = []
     for epoch in (1, 2):
         t0 = time.perf_counter()
-        train_one_epoch(model, data, plan, optimizer, loss_fn, cfg, epoch, device)
+        train_one_epoch(loop, epoch)
         ours.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     for _ in batches(data.images, order, cfg.train.batch_size, device, training=True):

@@ -35,10 +35,6 @@ class AuditResult:
     pairs: dict[str, int] = field(default_factory=dict)
     later_copies: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
-    @property
-    def found(self) -> int:
-        return sum(self.pairs.values())
-
 
 def perceptual_hashes(images: np.ndarray) -> np.ndarray:
     """256-bit pHash of each N x S x S x 3 uint8 image, packed as N x 32 uint8."""

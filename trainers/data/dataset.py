@@ -126,11 +126,11 @@ def prepare_data(cfg: DataConfig, image_size: int) -> PreparedData:
     samples, keys, skipped = _digest_samples(listing, index, aligner)
     index.save()
     set_key = short_hash(keys)
-    aligned = _load_aligned(store, aligner, set_key, samples, keys, image_size)
+    aligned = _load_aligned(AlignJob(store, aligner, samples, keys, image_size), set_key)
     skipped.update(aligned.reasons)
     samples = [s for s, k in zip(samples, aligned.keep) if k]
     pairs = _near_duplicates(store, set_key, aligned.images, cfg.duplicate_distance)
-    return _finish(cfg, root, listing, samples, aligned, pairs, skipped, store, set_key)
+    return _finish(cfg, Gathered(root, listing, samples, aligned, skipped, pairs, store, set_key))
 
 
 def _digest_samples(listing: Listing, index: DigestIndex, aligner: Aligner
@@ -150,6 +150,16 @@ def _digest_samples(listing: Listing, index: DigestIndex, aligner: Aligner
 
 
 @dataclass
+class AlignJob:
+    """The readable samples to align and the store their results go to: what every alignment step shares."""
+    store: AlignedStore
+    aligner: Aligner
+    samples: list[Sample]
+    keys: list[str]             # per sample: its cache key (_digest_samples)
+    image_size: int
+
+
+@dataclass
 class AlignedSet:
     """Aligned images of the kept samples, which samples were kept, and why others were not."""
     images: np.ndarray          # K x S x S x 3 uint8 (memory-mapped on a cache hit)
@@ -159,36 +169,34 @@ class AlignedSet:
     reasons: Counter            # skip reason -> images
 
 
-def _load_aligned(store: AlignedStore, aligner: Aligner, set_key: str, samples: list[Sample], keys: list[str],
-                  image_size: int) -> AlignedSet:
+def _load_aligned(job: AlignJob, set_key: str) -> AlignedSet:
     """Stacked images for usable samples; the whole set comes from one file when seen before."""
-    set_array, set_manifest = store.set_paths(set_key)
+    set_array, set_manifest = job.store.set_paths(set_key)
     if set_array.exists() and set_manifest.exists():
         manifest = json.loads(set_manifest.read_text())
         images = np.load(set_array, mmap_mode="r", allow_pickle=False)
         return AlignedSet(images, manifest["keep"], manifest.get("fallback", [False] * len(images)), 0,
                           Counter(manifest["reasons"]))
-    results: list = [None] * len(samples)
-    flags = [False] * len(samples)
+    results: list = [None] * len(job.samples)
+    flags = [False] * len(job.samples)
     decoded = 0
-    label = "aligning faces" if aligner.settings["align"] != "none" else "decoding images"
-    for i, result, fallback, fresh in progress(_align_samples(store, aligner, samples, keys, image_size),
-                                               len(samples), label):
+    label = "aligning faces" if job.aligner.settings["align"] != "none" else "decoding images"
+    for i, result, fallback, fresh in progress(_align_samples(job), len(job.samples), label):
         results[i], flags[i] = result, fallback
         decoded += fresh
     keep = [not isinstance(r, str) for r in results]
     arrays = [r for r in results if not isinstance(r, str)]
     fallback = [f for f, k in zip(flags, keep) if k]
     reasons = Counter(r for r in results if isinstance(r, str))
-    stacked = np.stack(arrays) if arrays else np.zeros((0, image_size, image_size, 3), np.uint8)
+    stacked = np.stack(arrays) if arrays else np.zeros((0, job.image_size, job.image_size, 3), np.uint8)
     save_array(set_array, stacked)
     atomic_write_bytes(set_manifest, json.dumps({"keep": keep, "reasons": reasons, "fallback": fallback}).encode())
     return AlignedSet(stacked, keep, fallback, decoded, reasons)
 
 
-def _align_samples(store: AlignedStore, aligner: Aligner, samples: list[Sample], keys: list[str],
-                   image_size: int) -> Iterator[tuple[int, np.ndarray | str, bool, bool]]:
+def _align_samples(job: AlignJob) -> Iterator[tuple[int, np.ndarray | str, bool, bool]]:
     """(index, aligned image or skip reason, fell back, aligned now) per sample, cached ones first found."""
+    store, keys = job.store, job.keys
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         pending: list[int] = []
         for i, hit in enumerate(pool.map(store.get, keys)):
@@ -197,25 +205,26 @@ def _align_samples(store: AlignedStore, aligner: Aligner, samples: list[Sample],
             else:
                 yield i, hit, not isinstance(hit, str) and store.fell_back(keys[i]), False
             if len(pending) == ALIGN_CHUNK:
-                yield from _align_chunk(pool, store, aligner, samples, keys, pending, image_size)
+                yield from _align_chunk(pool, job, pending)
                 pending = []
-        yield from _align_chunk(pool, store, aligner, samples, keys, pending, image_size)
+        yield from _align_chunk(pool, job, pending)
 
 
-def _align_chunk(pool: Executor, store: AlignedStore, aligner: Aligner, samples: list[Sample], keys: list[str],
-                 chunk: list[int], image_size: int) -> Iterator[tuple[int, np.ndarray | str, bool, bool]]:
+def _align_chunk(pool: Executor, job: AlignJob, chunk: list[int]
+                 ) -> Iterator[tuple[int, np.ndarray | str, bool, bool]]:
     """Decode a chunk in threads, align it in one call (batched detection), store each result."""
     if not chunk:
         return
-    decoded = list(pool.map(lambda i: _decode_region(samples[i], image_size, aligner.box_context), chunk))
+    decoded = list(pool.map(lambda i: _decode_region(job.samples[i], job.image_size, job.aligner.box_context),
+                            chunk))
     good = [(i, rgb) for i, rgb in zip(chunk, decoded) if not isinstance(rgb, str)]
     for i, reason in zip(chunk, decoded):
         if isinstance(reason, str):
-            store.put_skip(keys[i], reason)
+            job.store.put_skip(job.keys[i], reason)
             yield i, reason, False, True
-    faces = aligner.align([rgb for _, rgb in good])
+    faces = job.aligner.align([rgb for _, rgb in good])
     for (i, _), face in zip(good, faces):
-        store.put(keys[i], face.image, face.fallback)
+        job.store.put(job.keys[i], face.image, face.fallback)
         yield i, face.image, face.fallback, True
 
 
@@ -273,26 +282,58 @@ def _load_if_exists(path: Path) -> np.ndarray | None:
         return None
 
 
-def _finish(cfg: DataConfig, root: Path, listing: Listing, samples: list[Sample], aligned: AlignedSet,
-            pairs: np.ndarray, skipped: Counter, store: AlignedStore, set_key: str) -> PreparedData:
+@dataclass
+class Gathered:
+    """Every usable sample with its aligned image, before splitting, and what was left out on the way."""
+    root: Path
+    listing: Listing
+    samples: list[Sample]       # usable and aligned, in the stacked set's row order
+    aligned: AlignedSet
+    skipped: Counter            # reason -> files left out
+    pairs: np.ndarray           # near-duplicate row pairs of the stacked set
+    store: AlignedStore
+    set_key: str                # names the stacked set in the store
+
+
+@dataclass
+class Rows:
+    """The rows a prepared set keeps (all, or all but the val/test near-duplicates data.dedupe removed)."""
+    samples: list[Sample]
+    labels: np.ndarray
+    splits: np.ndarray
+    fallback: np.ndarray
+    images: np.ndarray
+    content_key: str            # names the stacked file in the store that holds these images
+
+
+def _finish(cfg: DataConfig, gathered: Gathered) -> PreparedData:
+    """Label, split and audit the gathered samples; drop removed duplicates; name the result by its digest."""
+    samples, root, store = gathered.samples, gathered.root, gathered.store
     labels = np.array([s.label for s in samples], dtype=np.int64)
     _check_classes(cfg, root, labels)
     splits = _assign(cfg, labels, samples)
-    audit = audit_splits(pairs, splits)
-    images, fallback, content_key = aligned.images, np.array(aligned.fallback, dtype=bool), set_key
+    audit = audit_splits(gathered.pairs, splits)
+    rows = Rows(samples, labels, splits, np.array(gathered.aligned.fallback, dtype=bool), gathered.aligned.images,
+                gathered.set_key)
     removed = audit.later_copies if cfg.dedupe else np.zeros(0, dtype=np.int64)
     if len(removed):
-        kept = np.setdiff1d(np.arange(len(samples)), removed)
-        images, content_key = _subset(store, set_key, images, kept)
-        samples, labels, splits, fallback = [samples[i] for i in kept], labels[kept], splits[kept], fallback[kept]
-    report = _report(cfg, listing, samples, labels, splits, skipped, aligned.decoded, fallback, audit, len(removed))
-    paths = [_rel(s.path, root, Path(cfg.cache_dir)) for s in samples]
-    digest = short_hash({"content": f"{store.root.name}/{content_key}", "paths": paths, "labels": labels.tolist(),
-                         "split": splits.tolist()})
-    return PreparedData(images=images, labels=labels, splits=splits, classes=tuple(cfg.classes),
-                        paths=paths, subjects=[s.subject for s in samples],
-                        attrs=[dict(s.attrs) for s in samples], digest=digest, root=str(root),
-                        report=report, fallback=fallback)
+        rows = _without(rows, removed, store)
+    report = _report(cfg, gathered, rows, audit, len(removed))
+    paths = [_rel(s.path, root, Path(cfg.cache_dir)) for s in rows.samples]
+    digest = short_hash({"content": f"{store.root.name}/{rows.content_key}", "paths": paths,
+                         "labels": rows.labels.tolist(), "split": rows.splits.tolist()})
+    return PreparedData(images=rows.images, labels=rows.labels, splits=rows.splits, classes=tuple(cfg.classes),
+                        paths=paths, subjects=[s.subject for s in rows.samples],
+                        attrs=[dict(s.attrs) for s in rows.samples], digest=digest, root=str(root),
+                        report=report, fallback=rows.fallback)
+
+
+def _without(rows: Rows, removed: np.ndarray, store: AlignedStore) -> Rows:
+    """rows less the removed ones; their images as their own cached file."""
+    kept = np.setdiff1d(np.arange(len(rows.samples)), removed)
+    images, content_key = _subset(store, rows.content_key, rows.images, kept)
+    return Rows([rows.samples[i] for i in kept], rows.labels[kept], rows.splits[kept], rows.fallback[kept], images,
+                content_key)
 
 
 def _check_classes(cfg: DataConfig, root: Path, labels: np.ndarray) -> None:
@@ -342,15 +383,16 @@ def _subset(store: AlignedStore, set_key: str, images: np.ndarray, kept: np.ndar
     return np.load(path, mmap_mode="r", allow_pickle=False), key
 
 
-def _report(cfg: DataConfig, listing: Listing, samples: list[Sample], labels: np.ndarray, splits: np.ndarray,
-            skipped: Counter, decoded: int, fallback: np.ndarray, audit: AuditResult, removed: int) -> DataReport:
+def _report(cfg: DataConfig, gathered: Gathered, rows: Rows, audit: AuditResult, removed: int) -> DataReport:
+    """The counts a user reads: listed, usable, skipped and dropped files, images per split and class."""
+    listing = gathered.listing
     return DataReport(
         listed=len(listing.samples) + sum(listing.skipped.values()),
-        usable=len(samples), decoded=decoded,
-        skipped=dict(sorted(skipped.items())), dropped=dict(sorted(listing.dropped.items())),
-        per_split={name: {c: int(((splits == s) & (labels == k)).sum()) for k, c in enumerate(cfg.classes)}
+        usable=len(rows.samples), decoded=gathered.aligned.decoded,
+        skipped=dict(sorted(gathered.skipped.items())), dropped=dict(sorted(listing.dropped.items())),
+        per_split={name: {c: int(((rows.splits == s) & (rows.labels == k)).sum()) for k, c in enumerate(cfg.classes)}
                    for s, name in enumerate(SPLIT_NAMES)},
-        align_failures=int(fallback.sum()), duplicates=audit.pairs, duplicates_removed=removed)
+        align_failures=int(rows.fallback.sum()), duplicates=audit.pairs, duplicates_removed=removed)
 
 
 def _rel(path: Path, root: Path, cache_dir: Path) -> str:
