@@ -325,13 +325,21 @@ def _parse_experiment(name: Any, body: Any, models: dict, source: str) -> Experi
     return Experiment(name=name, title=title, grid=grid, set=fixed, reference=reference)
 
 
-def _parse_grid(grid: dict, prefix: str, models: dict, source: str) -> dict[str, tuple]:
-    axes: dict[str, tuple] = {}
-    for key, values in grid.items():
+def _axes(mapping: dict, prefix: str, source: str, again: str) -> Iterator[tuple[str, str, Any]]:
+    """(field as written, canonical trial path, value) per entry; a path given twice (say lr and optim.lr) fails."""
+    seen: set[str] = set()
+    for key, value in mapping.items():
         field = f"{prefix}.{key}"
         path = _axis_path(key, field, source)
-        if path in axes:
-            _fail(source, field, f"sets {path} again; give each field one axis")
+        if path in seen:
+            _fail(source, field, f"sets {path} again; {again}")
+        seen.add(path)
+        yield field, path, value
+
+
+def _parse_grid(grid: dict, prefix: str, models: dict, source: str) -> dict[str, tuple]:
+    axes: dict[str, tuple] = {}
+    for field, path, values in _axes(grid, prefix, source, "give each field one axis"):
         if not isinstance(values, list) or not values:
             _fail(source, field, f"must be a non-empty list of values, got {_describe(values)}; "
                                  "write [x] for one value, or put it under set")
@@ -345,11 +353,7 @@ def _parse_grid(grid: dict, prefix: str, models: dict, source: str) -> dict[str,
 
 def _parse_set(mapping: dict, prefix: str, models: dict, source: str) -> dict:
     fixed: dict = {}
-    for key, value in mapping.items():
-        field = f"{prefix}.{key}"
-        path = _axis_path(key, field, source)
-        if path in fixed:
-            _fail(source, field, f"sets {path} again; give each field once")
+    for field, path, value in _axes(mapping, prefix, source, "give each field once"):
         if path == "model":
             _check_preset(value, models, field, source)
         fixed[path] = value
@@ -377,11 +381,7 @@ def _parse_search(value: Any, models: dict, source: str) -> SearchSpec:
         _fail(source, "search.space", "must name at least one axis to search, "
                                       "e.g. {optim.lr: {low: 1.0e-5, high: 1.0e-2, log: true}}")
     axes: dict = {}
-    for key, entry in space.items():
-        field = f"search.space.{key}"
-        path = _axis_path(key, field, source)
-        if path in axes:
-            _fail(source, field, f"sets {path} again; give each field one axis")
+    for field, path, entry in _axes(space, "search.space", source, "give each field one axis"):
         axes[path] = _parse_space_entry(entry, path, field, models, source)
     return dataclasses.replace(parsed, space=axes)
 
