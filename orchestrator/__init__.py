@@ -1,1 +1,2 @@
-"""Sweep level: a YAML spec, its plan of unique trials, the ledger and executor; registry, production, report, CLI."""
+"""The sweep level: the command line (__main__, verbs, render), running a sweep (sweep/: spec, plan, ledger,
+executor) and reading its results back from MLflow (results/: registry, production, report)."""
