@@ -7,7 +7,7 @@ from typing import Callable
 
 from orchestrator import verbs
 from trainers.errors import UserError
-from trainers.process.side_files import keep_side_files_local
+from trainers.process.side_files import STORE_DIR, keep_side_files_local
 
 VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
     "plan": verbs.plan, "sweep": verbs.sweep, "worker": verbs.worker, "status": verbs.status,
@@ -22,9 +22,9 @@ def _add_spec(parser: argparse.ArgumentParser) -> None:
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", nargs="?", default="sweeps/demo.yaml", help="the sweep spec (default: %(default)s)")
     parser.add_argument("--storage", help="Optuna storage URL shared by workers, e.g. postgresql://user@host/db "
-                                          "(default: sqlite under mlruns/)")
+                                          f"(default: sqlite under {STORE_DIR}/)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
-                                               "sqlite under mlruns/)")
+                                               f"sqlite under {STORE_DIR}/)")
     parser.add_argument("--gpus", help="GPU indices to use, e.g. 0,1 (default: every visible GPU)")
     parser.add_argument("--jobs", type=int, help="parallel CPU trials when no GPU is used (default: the spec's "
                                                  "execution.jobs)")
@@ -32,20 +32,21 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_status_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", nargs="?", default="sweeps/demo.yaml", help="the sweep spec (default: %(default)s)")
-    parser.add_argument("--storage", help="Optuna storage URL (default: sqlite under mlruns/)")
+    parser.add_argument("--storage", help=f"Optuna storage URL (default: sqlite under {STORE_DIR}/)")
 
 
 def _add_report_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", nargs="?", default="sweeps/demo.yaml", help="the sweep spec (default: %(default)s)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
-                                               "sqlite under mlruns/)")
-    parser.add_argument("--out", help="folder for report.md, its CSVs and figures (default: mlruns/reports/<sweep>)")
+                                               f"sqlite under {STORE_DIR}/)")
+    parser.add_argument("--out", help="folder for report.md, its CSVs and figures "
+                                      f"(default: {STORE_DIR}/reports/<sweep>)")
 
 
 def _add_registry_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", nargs="?", default="sweeps/demo.yaml", help="the sweep spec (default: %(default)s)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI, registry included (default: "
-                                               "$MLFLOW_TRACKING_URI, else sqlite under mlruns/)")
+                                               f"$MLFLOW_TRACKING_URI, else sqlite under {STORE_DIR}/)")
 
 
 # Each verb's arguments.

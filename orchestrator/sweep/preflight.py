@@ -36,7 +36,7 @@ class OutputFolder:
 def check_sweep_folders(spec: SweepSpec, storage: str | None, tracking: str | None) -> None:
     """sweep and worker: mlruns/ (stores, trial work files), the stores' folders, the data cache, checkpoints."""
     folders = [OutputFolder(STORE_DIR, "the local store and work folder",
-                            "make it writable (chmod -R u+w mlruns) or run from a folder you can write",
+                            f"make it writable (chmod -R u+w {STORE_DIR}) or run from a folder you can write",
                             "free some space, or run from a folder on a disk with room")]
     for url, option in ((storage, "--storage"), (_tracking(tracking), "--tracking-uri")):
         folder = _local_folder(url)
