@@ -6,7 +6,7 @@ import sys
 from typing import Callable
 
 from orchestrator import verbs
-from trainers.errors import UserError
+from trainers.errors import UserError, one_line
 from trainers.process.side_files import STORE_DIR, keep_side_files_local
 
 VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except UserError as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        print("error: " + one_line(err), file=sys.stderr)
         return 2
 
 

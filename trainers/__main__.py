@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from trainers.process.protocol import Done
-from trainers.process.serve import execute, one_line, read_trial, serve_verb
+from trainers.errors import one_line
+from trainers.process.serve import execute, read_trial, serve_verb
 from trainers.process.side_files import keep_side_files_local
 
 

@@ -165,7 +165,7 @@ def _yaml_where(err: yaml.YAMLError) -> str:
 def build(cls: type, raw: Any, prefix: str, source: str):
     """The dataclass ``cls`` from a plain mapping; fields are named ``<prefix><name>`` in errors."""
     if not isinstance(raw, dict):
-        raise ConfigError(source, prefix.rstrip(".") or "config", f"must be a mapping, got {_kind(raw)}")
+        raise ConfigError(source, prefix.rstrip(".") or "config", f"must be a mapping, got {describe(raw)}")
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(raw) - set(hints))
     if unknown:
@@ -197,20 +197,20 @@ def coerce(tp: Any, value: Any, path: str, source: str):
         return coerce(inner[0], value, path, source)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(source, path, f"must be a list, got {_kind(value)}")
+            raise ConfigError(source, path, f"must be a list, got {describe(value)}")
         return tuple(coerce(args[0], v, f"{path}[{i}]", source) for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(source, path, f"must be a mapping, got {_kind(value)}")
+            raise ConfigError(source, path, f"must be a mapping, got {describe(value)}")
         return {str(k): str(v) for k, v in value.items()}
     return _scalar(tp, value, path, source)
 
 
 def _scalar(tp: Any, value: Any, path: str, source: str):
     if tp is bool and not isinstance(value, bool):
-        raise ConfigError(source, path, f"must be true or false, got {_kind(value)}")
+        raise ConfigError(source, path, f"must be true or false, got {describe(value)}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(source, path, f"must be an integer, got {_kind(value)}")
+        raise ConfigError(source, path, f"must be an integer, got {describe(value)}")
     if tp is float:
         # YAML 1.1 reads "1e-3" as a string; accept numeric strings for floats.
         if isinstance(value, str):
@@ -219,14 +219,15 @@ def _scalar(tp: Any, value: Any, path: str, source: str):
             except ValueError:
                 raise ConfigError(source, path, f"must be a number, got '{value}'") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(source, path, f"must be a number, got {_kind(value)}")
+            raise ConfigError(source, path, f"must be a number, got {describe(value)}")
         return float(value)
     if tp is str and not isinstance(value, str):
-        raise ConfigError(source, path, f"must be a string, got {_kind(value)}")
+        raise ConfigError(source, path, f"must be a string, got {describe(value)}")
     return value
 
 
-def _kind(value: Any) -> str:
+def describe(value: Any) -> str:
+    """A value as error messages show it: int 5, str 'x', nothing (null)."""
     if value is None:
         return "nothing (null)"
     return f"{type(value).__name__} {value!r}"

@@ -8,3 +8,8 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input or set-up; the message says what is wrong and what to do."""
+
+
+def one_line(err: Exception) -> str:
+    """The error's message on one line, as both command lines print it."""
+    return " ".join(str(err).split())

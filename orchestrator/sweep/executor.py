@@ -22,6 +22,7 @@ from typing import Callable, Protocol
 
 from orchestrator.sweep.ledger import HEARTBEAT_SECONDS, Claim, Ledger
 from trainers.config import TrialConfig, to_dict
+from trainers.errors import UserError, one_line
 from trainers.process.children import child_env
 from trainers.process.protocol import Done, Epoch, Message, ProtocolError, Run, Started, Stop, decode, encode
 
@@ -133,8 +134,10 @@ class TrainerProcess:
             os.killpg(self.proc.pid, signal.SIGINT)
 
     def kill(self) -> None:
+        """SIGKILL its process group and reap it, so alive() is False at once and the slot starts a new one."""
         if self.alive():
             os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
     def close(self, timeout: float = 10) -> None:
         if self.proc.stdin and not self.proc.stdin.closed:
@@ -256,7 +259,12 @@ class Executor:
         return counts["waiting"] == 0 and counts["running"] == 0 and not more
 
     def _run_claim(self, slot: Slot, claim: Claim, process: TrainerProcess) -> None:
-        cfg = self.hooks.trial_config(claim, slot)
+        try:
+            cfg = self.hooks.trial_config(claim, slot)
+        except UserError as err:     # a stored TPE config that no longer builds: no retry can fix it
+            with self.ledger_lock:
+                self.ledger.fail(claim, one_line(err), retriable=False)
+            return
         name = cfg.tracking.run_name
         log = self.workdir / claim.config_hash / "log.txt"
         log.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import optuna
 
 from orchestrator.sweep.executor import Executor, Slot, SweepHooks, make_slots, start_trainers, stop_trainers
 from orchestrator.sweep.ledger import Claim, Ledger, default_storage
-from orchestrator.sweep.plan import PlannedTrial, count_images, resolve_trial, trial_flop
+from orchestrator.sweep.plan import PlannedTrial, count_images, datasets_to_prepare, resolve_trial, trial_flop
 from orchestrator.sweep.spec import SweepSpec
 from trainers.config import TrackingConfig, TrialConfig, config_hash, from_dict, to_dict, trial_name, with_tracking
 from trainers.errors import UserError
@@ -133,17 +133,13 @@ def plan_csv(trials: list[PlannedTrial]) -> str:
     return buf.getvalue()
 
 
-def prepare_datasets(trials: list[PlannedTrial]) -> None:
-    """Decode and cache each distinct dataset once, before trials start (they then read the cache)."""
+def prepare_datasets(spec: SweepSpec) -> None:
+    """Decode and cache each distinct training dataset once, before trials start (they then read the cache)."""
     from trainers.data.dataset import prepare_data
 
-    seen = set()
-    for t in trials:
-        key = (t.config.data, t.config.model.image_size)
-        if key not in seen:
-            seen.add(key)
-            data = prepare_data(t.config.data, t.config.model.image_size)
-            print(data_line(data.report, t.config.model.image_size))
+    for role, cfg, size in datasets_to_prepare(spec):
+        if role == "data":      # the production data waits for the production verb
+            print(data_line(prepare_data(cfg, size).report, size))
 
 
 def data_line(report, image_size: int) -> str:
@@ -229,7 +225,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, tracking: str | None 
     search = TpeTrials(spec, ledger) if spec.search.method == "tpe" else None
     executor = Executor(ledger, slots, WORK_DIR / spec.name, ctx.hooks(search), ready)
     try:
-        prepare_datasets(list(ctx.plan.values()))
+        prepare_datasets(spec)
     except BaseException:       # bad data or Ctrl-C before any trial: close the parent, keep the queue
         executor.close_trainers()
         SweepParent(ctx.tracking_uri, ctx.parent_run_id).kill()

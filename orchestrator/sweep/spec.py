@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from trainers.config import (MODEL_NAMES, ConfigError, DataConfig, ModelConfig, TrialConfig, build, validate_data,
-                             validate_model, validate_optim, validate_train)
+from trainers.config import (MODEL_NAMES, ConfigError, DataConfig, ModelConfig, TrialConfig, build, describe,
+                             validate_data, validate_model, validate_optim, validate_train)
 from orchestrator.sweep.plan import grid, resolve_trial, trial_point, unique_trials
 from orchestrator.sweep.spec_types import (Defaults, ExecutionSpec, Experiment, PlannedTrial, PromoteSpec, SearchSpec,
                                            SweepSpec)
@@ -131,13 +131,13 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 def spec_from_dict(raw: dict, source: str = "spec") -> SweepSpec:
     """Validate a parsed spec and expand its plan; every error names ``source`` and the dotted field."""
     if not isinstance(raw, dict):
-        _fail(source, "the top level", f"must be a mapping with name, data, experiments ...; got {_describe(raw)}")
+        _fail(source, "the top level", f"must be a mapping with name, data, experiments ...; got {describe(raw)}")
     raw = copy.deepcopy(raw)
     _reject_unknown(raw, TOP_KEYS, "", source, "top-level key")
     name = _parse_name(raw.get("name"), source)
     description = raw.get("description") or ""
     if not isinstance(description, str):
-        _fail(source, "description", f"must be text, got {_describe(description)}")
+        _fail(source, "description", f"must be text, got {describe(description)}")
     data = _parse_data(raw.get("data"), "data", source)
     production = raw.get("production")
     models = _parse_models(raw.get("models"), source)
@@ -172,10 +172,6 @@ def _located(source: str, where: Callable[[str], str] | None = None) -> Iterator
         raise SpecError(source, where(err.field) if where else err.field, err.why) from None
 
 
-def _describe(value: Any) -> str:
-    return "nothing (null)" if value is None else f"{type(value).__name__} {value!r}"
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -184,7 +180,7 @@ def _mapping(value: Any, field: str, source: str, optional: bool = False) -> dic
     if value is None and optional:
         return {}
     if not isinstance(value, dict):
-        _fail(source, field, f"must be a mapping, got {_describe(value)}")
+        _fail(source, field, f"must be a mapping, got {describe(value)}")
     return value
 
 
@@ -207,7 +203,7 @@ def _parse_name(value: Any, source: str) -> str:
     if value is None:
         _fail(source, "name", "is required: a short id ([a-z0-9_-]+) naming the MLflow experiment and Optuna study")
     if not isinstance(value, str) or not SWEEP_NAME.fullmatch(value):
-        _fail(source, "name", f"must use only a-z, 0-9, _ and -; got {_describe(value)}")
+        _fail(source, "name", f"must use only a-z, 0-9, _ and -; got {describe(value)}")
     return value
 
 
@@ -237,7 +233,7 @@ def _parse_models(value: Any, source: str) -> dict[str, ModelConfig]:
 def _check_preset(value: Any, models: dict, field: str, source: str) -> None:
     if not isinstance(value, str) or value not in models:
         have = ", ".join(models) or "none are defined"
-        _fail(source, field, f"must name a model preset under models ({have}); got {_describe(value)}")
+        _fail(source, field, f"must name a model preset under models ({have}); got {describe(value)}")
 
 
 def _parse_defaults(value: Any, models: dict, source: str) -> Defaults:
@@ -262,7 +258,7 @@ def _parse_defaults(value: Any, models: dict, source: str) -> Defaults:
 
 def _parse_seeds(value: Any, source: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not value or not all(_is_int(s) for s in value):
-        _fail(source, "seeds", f"must be a non-empty list of integers, e.g. [0, 1, 2]; got {_describe(value)}")
+        _fail(source, "seeds", f"must be a non-empty list of integers, e.g. [0, 1, 2]; got {describe(value)}")
     _reject_repeats(value, "seeds", source)
     return tuple(value)
 
@@ -316,7 +312,7 @@ def _parse_experiment(name: Any, body: Any, models: dict, source: str) -> Experi
     _reject_unknown(body, EXPERIMENT_KEYS, field, source)
     title = body.get("title", name)
     if not isinstance(title, str):
-        _fail(source, f"{field}.title", f"must be text, got {_describe(title)}")
+        _fail(source, f"{field}.title", f"must be text, got {describe(title)}")
     if not body.get("grid"):
         _fail(source, f"{field}.grid", "is missing or empty; give at least one axis, e.g. {train.epochs: [2, 3]}")
     grid = _parse_grid(_mapping(body["grid"], f"{field}.grid", source), f"{field}.grid", models, source)
@@ -341,7 +337,7 @@ def _parse_grid(grid: dict, prefix: str, models: dict, source: str) -> dict[str,
     axes: dict[str, tuple] = {}
     for field, path, values in _axes(grid, prefix, source, "give each field one axis"):
         if not isinstance(values, list) or not values:
-            _fail(source, field, f"must be a non-empty list of values, got {_describe(values)}; "
+            _fail(source, field, f"must be a non-empty list of values, got {describe(values)}; "
                                  "write [x] for one value, or put it under set")
         _reject_repeats(values, field, source)
         if path == "model":
@@ -362,12 +358,22 @@ def _parse_set(mapping: dict, prefix: str, models: dict, source: str) -> dict:
 
 # --- search, promote, execution -------------------------------------------------------
 
+def _check_values(section: dict, prefix: str, source: str, rules: dict[str, tuple[Callable, str]]) -> None:
+    """Values the builder would only call the wrong type, named with what they must be: {key: (ok, needs)}."""
+    for key, (ok, needs) in rules.items():
+        if key in section and not ok(section[key]):
+            _fail(source, f"{prefix}.{key}", f"must be {needs}; got {describe(section[key])}")
+
+
 def _parse_search(value: Any, models: dict, source: str) -> SearchSpec:
     search = _mapping(value, "search", source, optional=True)
+    _check_values(search, "search", source,
+                  {"method": (lambda m: m in SEARCH_METHODS, f"one of {', '.join(SEARCH_METHODS)}")})
+    if search.get("method", "grid") == "tpe":
+        _check_values(search, "search", source,
+                      {"n_trials": (lambda n: _is_int(n) and n >= 1, "a positive integer for method tpe")})
     with _located(source):
         parsed = build(SearchSpec, search, "search.", source)
-    if parsed.method not in SEARCH_METHODS:
-        _fail(source, "search.method", f"must be one of {', '.join(SEARCH_METHODS)}; got {_describe(parsed.method)}")
     if parsed.method == "grid":
         for key in ("n_trials", "space"):
             if key in search:
@@ -375,7 +381,7 @@ def _parse_search(value: Any, models: dict, source: str) -> SearchSpec:
         return parsed
     if parsed.n_trials < 1:
         _fail(source, "search.n_trials",
-              f"must be a positive integer for method tpe; got {_describe(search.get('n_trials'))}")
+              f"must be a positive integer for method tpe; got {describe(search.get('n_trials'))}")
     space = _mapping(search.get("space"), "search.space", source)
     if not space:
         _fail(source, "search.space", "must name at least one axis to search, "
@@ -394,12 +400,12 @@ def _parse_space_entry(entry: Any, path: str, field: str, models: dict, source: 
                 _check_preset(preset, models, field, source)
         return tuple(entry)
     if not isinstance(entry, dict) or path == "model":
-        _fail(source, field, f"must be a list of choices or a range {{low, high, log}}; got {_describe(entry)}")
+        _fail(source, field, f"must be a list of choices or a range {{low, high, log}}; got {describe(entry)}")
     _reject_unknown(entry, ("low", "high", "log"), field, source)
     low, high = (_number(entry.get(end), f"{field}.{end}", source) for end in ("low", "high"))
     log = entry.get("log", False)
     if not isinstance(log, bool):
-        _fail(source, f"{field}.log", f"must be true or false, got {_describe(log)}")
+        _fail(source, f"{field}.log", f"must be true or false, got {describe(log)}")
     if not low < high:
         _fail(source, field, f"needs low < high; got low {low:g}, high {high:g}")
     if log and low <= 0:
@@ -412,18 +418,18 @@ def _number(value: Any, field: str, source: str) -> int | float:
         try:
             return float(value)
         except ValueError:
-            _fail(source, field, f"must be a number, got {_describe(value)}")
+            _fail(source, field, f"must be a number, got {describe(value)}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(source, field, f"must be a number, got {_describe(value)}")
+        _fail(source, field, f"must be a number, got {describe(value)}")
     return value
 
 
 def _parse_promote(value: Any, models: dict, source: str) -> PromoteSpec:
+    promote = _mapping(value, "promote", source, optional=True)
+    text = (lambda v: isinstance(v, str) and bool(v), "non-empty text")
+    _check_values(promote, "promote", source, {key: text for key in ("model", "metric", "name", "alias")})
     with _located(source):
-        spec = build(PromoteSpec, _mapping(value, "promote", source, optional=True), "promote.", source)
-    for key in ("model", "metric", "name", "alias"):
-        if not getattr(spec, key):
-            _fail(source, f"promote.{key}", f"must be non-empty text, got {_describe('')}")
+        spec = build(PromoteSpec, promote, "promote.", source)
     if spec.metric not in PROMOTE_METRICS:
         _fail(source, "promote.metric", f"must be one of {', '.join(PROMOTE_METRICS)}; got '{spec.metric}'")
     choices = dict.fromkeys([*models, *MODEL_NAMES])
@@ -440,16 +446,15 @@ def _parse_promote(value: Any, models: dict, source: str) -> PromoteSpec:
 
 
 def _parse_execution(value: Any, source: str) -> ExecutionSpec:
+    execution = _mapping(value, "execution", source, optional=True)
+    gpus = (lambda g: g is None or (isinstance(g, list) and bool(g) and all(_is_int(i) and i >= 0 for i in g)),
+            "null (every visible GPU) or a list of GPU indices like [0, 1]")
+    _check_values(execution, "execution", source, {
+        "jobs": (lambda n: _is_int(n) and n >= 1, "an integer >= 1"),
+        "max_retries": (lambda n: _is_int(n) and n >= 0, "an integer >= 0"), "gpus": gpus})
     with _located(source):
-        spec = build(ExecutionSpec, _mapping(value, "execution", source, optional=True), "execution.", source)
-    if spec.jobs < 1:
-        _fail(source, "execution.jobs", f"must be an integer >= 1; got {_describe(spec.jobs)}")
-    if spec.max_retries < 0:
-        _fail(source, "execution.max_retries", f"must be an integer >= 0; got {_describe(spec.max_retries)}")
+        spec = build(ExecutionSpec, execution, "execution.", source)
     if spec.gpus is not None:
-        if not spec.gpus or any(g < 0 for g in spec.gpus):
-            _fail(source, "execution.gpus", f"must be null (every visible GPU) or a list of GPU indices like [0, 1]; "
-                                            f"got {_describe(list(spec.gpus))}")
         _reject_repeats(list(spec.gpus), "execution.gpus", source)
     return spec
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, NoReturn, TextIO
 
 import yaml
 
-from trainers.errors import UserError
+from trainers.errors import UserError, one_line
 from trainers.process.children import die_with_parent, output_to
 from trainers.process.protocol import Done, Message, ProtocolError, Run, Stop, decode, encode
 
@@ -99,11 +99,13 @@ class Pipe:
             os._exit(2)
 
     def send(self, message: Message) -> None:
+        """Write one answer whole (the trial's thread and the reader both answer)."""
         with self.lock:
             self.answers.write(encode(message))
             self.answers.flush()
 
     def stop_requested(self) -> str | None:
+        """Why the executor asked the running trial to stop, or None."""
         return self.stop_reason
 
 
@@ -112,6 +114,7 @@ def serve_verb() -> int:
     process at once (os._exit), unless MLflow logs asynchronously. Returns 130 when interrupted."""
     die_with_parent()        # a sweep's trainer ends with the sweep, even one killed by SIGKILL
     pipe = Pipe(sys.stdin, os.fdopen(os.dup(1), "w", buffering=1))
+    os.dup2(2, 1)            # outside a trial, whatever a library prints goes to stderr, never onto the pipe
     try:
         _import_trial_modules()  # while the sweep still starts up, not on the first trial's clock
     except Exception:            # a broken install: the first trial meets the same error, in its own log
@@ -168,8 +171,3 @@ def _out_of_memory(err: BaseException) -> bool:
         return True
     text = str(err)
     return "can't allocate memory" in text or "out of memory" in text.lower()
-
-
-def one_line(err: Exception) -> str:
-    """The error's message on one line."""
-    return " ".join(str(err).split())
