@@ -139,7 +139,8 @@ def spec_from_dict(raw: dict, source: str = "spec") -> SweepSpec:
     if not isinstance(description, str):
         _fail(source, "description", f"must be text, got {describe(description)}")
     data = _parse_data(raw.get("data"), "data", source)
-    production = raw.get("production")
+    written = raw.get("production")
+    production = None if written is None else _parse_data(written, "production", source)
     models = _parse_models(raw.get("models"), source)
     search = _parse_search(raw.get("search"), models, source)
     experiments = _parse_experiments(raw.get("experiments"), models, source)
@@ -147,8 +148,7 @@ def spec_from_dict(raw: dict, source: str = "spec") -> SweepSpec:
         _fail(source, "experiments", "is required with search method grid: at least one named group with a grid")
     spec = SweepSpec(
         name=name, description=description, path=source, data=data,
-        production=None if production is None else _parse_data(production, "production", source),
-        production_has_classes=isinstance(production, dict) and "classes" in production,
+        production=production, production_has_classes=isinstance(written, dict) and "classes" in written,
         models=models, defaults=_parse_defaults(raw.get("defaults"), models, source),
         experiments=experiments, seeds=_parse_seeds(raw.get("seeds", [0]), source), search=search,
         promote=_parse_promote(raw.get("promote"), models, source),
