@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix as sk_confusion
@@ -72,11 +74,14 @@ def test_metrics_equal_scikit_learn(seed):
     pred[pred == 4] = 5          # a class never predicted
     cm = metrics.confusion_matrix(y, pred, 6)
     assert np.array_equal(cm, sk_confusion(y, pred, labels=range(6)))
-    p, r, f, s = precision_recall_fscore_support(y, pred, labels=range(6), zero_division=0)
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=range(6), zero_division=np.nan)
     pc = metrics.per_class(cm)
-    assert np.allclose(pc["precision"], p) and np.allclose(pc["recall"], r) and np.allclose(pc["f1"], f)
+    assert np.isnan(pc["precision"][4])          # never predicted: precision undefined, not 0
+    for ours, theirs in ((pc["precision"], p), (pc["recall"], r), (pc["f1"], f)):
+        assert np.allclose(ours, theirs, equal_nan=True)
     summary = metrics.summary(cm)
-    assert summary["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", zero_division=0))
+    assert summary["macro_f1"] == pytest.approx(
+        f1_score(y, pred, labels=range(6), average="macro", zero_division=np.nan))
     assert summary["accuracy"] == pytest.approx((y == pred).mean())
 
 
@@ -90,7 +95,7 @@ def test_lr_drops_by_20_percent_when_val_f1_falls_more_than_10_percent(prev, now
     assert reduce_lr_on_f1_drop(prev, now, 1e-3, 0.10, 0.8) == pytest.approx(expected)
 
 
-def test_flat_names_every_metric_as_logged_and_scores_absent_classes_zero():
+def test_flat_names_every_metric_as_logged_and_leaves_undefined_class_metrics_nan():
     # Class "c" is neither in the truth nor predicted; "b" is in the truth but never predicted.
     cm = metrics.confusion_matrix(np.array([0, 0, 0, 1]), np.array([0, 0, 0, 0]), 3)
     got = metrics.flat("test", cm, ("a", "b", "c"))
@@ -99,11 +104,15 @@ def test_flat_names_every_metric_as_logged_and_scores_absent_classes_zero():
                          "test_recall_a", "test_recall_b", "test_recall_c", "test_f1_a", "test_f1_b", "test_f1_c"]
     assert all(type(v) is float for v in got.values())
     assert got["test_accuracy"] == 0.75 and got["test_precision_a"] == 0.75 and got["test_recall_a"] == 1.0
-    # No support or no predictions scores 0 (scikit-learn's zero_division=0), never NaN.
-    assert got["test_precision_b"] == got["test_recall_b"] == got["test_f1_b"] == 0.0
-    assert got["test_precision_c"] == got["test_recall_c"] == got["test_f1_c"] == 0.0
-    # Macro F1 averages the classes present in truth or predictions: a (6/7) and b (0), not c.
+    # b has an image but is never predicted: no precision (NaN), recall and F1 0 (it was missed).
+    assert math.isnan(got["test_precision_b"]) and got["test_recall_b"] == got["test_f1_b"] == 0.0
+    # c has no image and no prediction: nothing is defined, so NaN ("n/a"), never a 0 that reads as failure.
+    assert all(math.isnan(got[f"test_{k}_c"]) for k in ("precision", "recall", "f1"))
+    # Macro F1 is over the spec's classes whose F1 is defined: a (6/7) and b (0), not c.
     assert got["test_macro_f1"] == pytest.approx((6 / 7 + 0) / 2)
+    y, pred = np.array([0, 0, 0, 1]), np.array([0, 0, 0, 0])
+    assert got["test_macro_f1"] == pytest.approx(f1_score(y, pred, labels=range(3), average="macro",
+                                                          zero_division=np.nan))
 
 
 def test_flat_uses_the_class_names_as_given():
