@@ -1,5 +1,6 @@
 """A trial end to end into a real (temporary sqlite) MLflow store, read back through MLflow."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,9 +14,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from trainers import metrics
 from trainers.config import from_dict, trial_dir
 from trainers.data.dataset import prepare_data
 from trainers.models import ModelUnavailableError, build_model
+from trainers.predictions import read_predictions
 from trainers.run import run_trial
 from trainers.tracking import TrialRun, start_figure_helper
 from trainers.train import Checkpoint, run_training
@@ -48,11 +51,14 @@ def test_two_epochs_log_params_metrics_and_artifacts(tmp_path, model, tiny_trial
         assert all(np.isfinite(m.value) for m in history)
     m = run.data.metrics
     assert 0 <= m["test_accuracy"] <= 1 and 0 <= m["test_macro_f1"] <= 1
-    for name in CLASSES:
-        for key in ("precision", "recall", "f1"):
-            assert 0 <= m[f"test_{key}_{name}"] <= 1
+    for name in CLASSES:       # every class has test images: recall and F1 are defined (precision may not be)
+        assert 0 <= m[f"test_recall_{name}"] <= 1 and 0 <= m[f"test_f1_{name}"] <= 1
+        assert math.isnan(m[f"test_precision_{name}"]) or 0 <= m[f"test_precision_{name}"] <= 1
+    intervals = {f"test_{k}_ci_{end}" for k in ("accuracy", "macro_f1") for end in ("low", "high")}
     assert {k for k in m if k.startswith("test_")} == {"test_loss", "test_accuracy", "test_macro_f1"} | {
-        f"test_{key}_{name}" for key in ("precision", "recall", "f1") for name in CLASSES}
+        f"test_{key}_{name}" for key in ("precision", "recall", "f1") for name in CLASSES} | intervals
+    for k in ("accuracy", "macro_f1"):
+        assert m[f"test_{k}_ci_low"] <= m[f"test_{k}"] <= m[f"test_{k}_ci_high"]
     assert outcome.metrics == {k: pytest.approx(m[k]) for k in ("val_macro_f1", "val_accuracy", "train_loss",
                                                                 "test_loss", "test_accuracy", "test_macro_f1")}
     assert m["data_n_train"] + m["data_n_val"] + m["data_n_test"] == 240
@@ -63,6 +69,10 @@ def test_two_epochs_log_params_metrics_and_artifacts(tmp_path, model, tiny_trial
     counts = np.array(json.loads(local.read_text())["counts"])
     assert counts.sum() == m["data_n_test"]
     assert np.trace(counts) / counts.sum() == pytest.approx(m["test_accuracy"])
+    saved = read_predictions(client.download_artifacts(outcome.run_id, "test_predictions.csv.gz", str(tmp_path)))
+    assert len(saved.keys) == m["data_n_test"] and saved.classes == tuple(CLASSES)
+    assert np.array_equal(metrics.confusion_matrix(saved.labels, saved.predicted, len(CLASSES)), counts)
+    assert np.allclose(saved.probs.sum(1), 1, atol=1e-4)
     png = Path(client.download_artifacts(outcome.run_id, "curves.png", str(tmp_path)))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert run.inputs.dataset_inputs and run.data.tags["data_digest"] == run.inputs.dataset_inputs[0].dataset.digest

@@ -112,6 +112,7 @@ class TrainConfig:
     device: str = "auto"
     checkpoint_dir: str = str(STORE_DIR / "checkpoints")
     num_threads: int = 0          # CPU threads for torch; 0 leaves torch's default
+    deterministic: bool = False   # torch deterministic algorithms: bit-exact on CUDA too, somewhat slower
 
 
 @dataclass(frozen=True)
@@ -401,6 +402,8 @@ def config_hash(cfg: TrialConfig) -> str:
     body["train"].pop("num_threads")
     body["data"].pop("cache_dir")
     _drop_inert_data_keys(body["data"])
+    if not body["train"]["deterministic"]:      # hashes from before the option existed still match
+        body["train"].pop("deterministic")
     text = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -13,7 +13,7 @@ from trainers.data.dataset import PreparedData, prepare_data
 from trainers.models import build_model
 from trainers.process.protocol import Epoch, Message, Started
 from trainers.tracking import TrialRun, start_figure_helper
-from trainers.train import Checkpoint, StopTrial, run_training
+from trainers.train import Checkpoint, StopTrial, run_training, seed_everything
 
 
 @dataclass
@@ -87,6 +87,7 @@ def run_trial(cfg: TrialConfig, log_file: Path | None = None, supervisor: Superv
     with contextlib.suppress(OSError):      # without one, the figures are drawn here
         start_figure_helper()                # it imports matplotlib while this trial trains
     data = load_data(cfg, reuse_data)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)    # the initial weights come from the seed
     model = build_model(cfg.model, len(data.classes))
     directory = trial_dir(cfg)
     run = TrialRun.open(cfg, resumable_run_id(cfg, directory))

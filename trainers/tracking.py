@@ -16,6 +16,7 @@ import os
 import select
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -32,6 +33,7 @@ from trainers.config import TrialConfig, config_hash, flat_params, to_dict, tria
 from trainers.data.dataset import PreparedData
 from trainers.data.split import SPLIT_NAMES
 from trainers.metrics import flat
+from trainers.predictions import ARTIFACT as PREDICTIONS_ARTIFACT
 from trainers.process.children import child_env
 from trainers.process.figure_helper import log_figures
 from trainers.process.protocol import FigureJob, FiguresDone, ProtocolError, decode, encode
@@ -39,6 +41,9 @@ from trainers.process.side_files import STORE_DIR
 
 if TYPE_CHECKING:       # the orchestrator imports this module for its helpers: no torch, no plotting here
     from trainers.train import TrialResult
+
+# Test metrics' 95% bootstrap intervals over the test images (trainers/stats.py), logged beside them.
+TEST_INTERVALS = ("accuracy_ci_low", "accuracy_ci_high", "macro_f1_ci_low", "macro_f1_ci_high")
 
 MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FINISHED", "pruned": "FINISHED", "failed": "FAILED",
                  "killed": "KILLED"}
@@ -118,8 +123,10 @@ def global_tracking_uri(uri: str):
 
 
 def _metrics(values: dict[str, float], step: int = 0) -> list[Metric]:
+    """MLflow metrics of the given values; NaN is kept (an undefined metric, e.g. a class without images,
+    is logged as NaN and shown as n/a, never dropped or turned into 0)."""
     ts = int(1000 * time.time())
-    return [Metric(k, float(v), ts, step) for k, v in values.items() if v is not None and np.isfinite(v)]
+    return [Metric(k, float(v), ts, step) for k, v in values.items() if v is not None]
 
 
 def _timed(method):
@@ -362,6 +369,8 @@ class TrialRun:
         cm = None
         if result.test is not None:
             summary.update({"test_loss": result.test["loss"], **flat("test", result.test["confusion"], data.classes)})
+            summary.update({f"test_{k}": result.test[k] for k in TEST_INTERVALS})
+            self.log_bytes(result.test["predictions"].to_bytes(), PREDICTIONS_ARTIFACT)
             self.client.log_text(self.run_id, per_class_csv(result.test, data.classes), "per_class.csv")
             cm = result.test["confusion"]
             confusion = {"classes": list(data.classes), "counts": cm.tolist()}
@@ -377,6 +386,13 @@ class TrialRun:
                 self._figures = helper, job
             except OSError:              # no helper could start: draw them here
                 log_figures(job)
+
+    def log_bytes(self, content: bytes, name: str) -> None:
+        """One binary artifact at the run's root, written through a private temporary folder."""
+        with tempfile.TemporaryDirectory(prefix="fer-artifact-") as folder:
+            path = Path(folder) / name
+            path.write_bytes(content)
+            self.client.log_artifact(self.run_id, str(path))
 
     @_timed
     def wait_figures(self) -> None:

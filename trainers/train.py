@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import random
 import re
 import threading
 import time
@@ -19,13 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainers import metrics
+from trainers import metrics, stats
 from trainers.augment import augment
 from trainers.config import TrialConfig
 from trainers.data.balance import balance_plan, class_weights
 from trainers.data.dataset import PreparedData
 from trainers.data.split import TEST, TRAIN, VAL
 from trainers.models import FerClassifier
+from trainers.predictions import Predictions
 from trainers.errors import UserError
 
 
@@ -199,8 +201,10 @@ def train_one_epoch(loop: Loop, epoch: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(loop: Loop, split: int) -> tuple[dict[str, float], np.ndarray]:
-    """Loss, accuracy and macro F1 on one split, plus its confusion matrix (one device sync)."""
+def evaluate(loop: Loop, split: int, keep_probs: bool = False) -> tuple[dict[str, float], np.ndarray]:
+    """Loss, accuracy and macro F1 on one split, plus its confusion matrix (one device sync).
+
+    With keep_probs the summary also holds "probs": the N x K softmax probabilities, in split order."""
     model, data, device = loop.step_model, loop.data, loop.device
     model.eval()
     idx = data.indices(split)
@@ -208,6 +212,7 @@ def evaluate(loop: Loop, split: int) -> tuple[dict[str, float], np.ndarray]:
     labels = torch.from_numpy(data.labels[idx]).to(device)
     cm = torch.zeros(n_classes * n_classes, dtype=torch.int64, device=device)
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    probs = []
     for pos, x_u8 in batches(data.images, idx, loop.cfg.train.eval_batch_size, device, resident=loop.resident):
         y = labels[int(pos[0]):int(pos[-1]) + 1]
         with autocast(device):
@@ -215,8 +220,13 @@ def evaluate(loop: Loop, split: int) -> tuple[dict[str, float], np.ndarray]:
         total_loss += loop.eval_loss(logits, y) * len(pos)
         cells = y * n_classes + logits.argmax(1)
         cm.index_add_(0, cells, torch.ones_like(cells))
+        if keep_probs:
+            probs.append(logits.softmax(1))
     cm_np = cm.view(n_classes, n_classes).cpu().numpy()
-    return {"loss": total_loss.item() / max(len(idx), 1), **metrics.summary(cm_np)}, cm_np
+    out = {"loss": total_loss.item() / max(len(idx), 1), **metrics.summary(cm_np)}
+    if keep_probs:
+        out["probs"] = (torch.cat(probs) if probs else torch.zeros(0, n_classes)).cpu().numpy()
+    return out, cm_np
 
 
 # --- checkpoints --------------------------------------------------------------------------
@@ -288,15 +298,26 @@ def _host_copy(value):
 
 # --- the trial ----------------------------------------------------------------------------
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed every global generator a trial draws from (Python, NumPy, torch on CPU and every GPU) and set
+    torch's deterministic mode, on or off: a long-lived trainer must not keep the last trial's setting.
+
+    Called before the model is built (its initial weights) and again before training (dropout); data
+    order and augmentation draw from generators derived from the seed and the epoch."""
+    random.seed(seed)
     np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:     # cuBLAS reads it when its first handle is made: before any CUDA matmul
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = False
 
 
 def build_loop(cfg: TrialConfig, data: PreparedData, model: FerClassifier) -> Loop:
     """Seed, place the model on its device, and build its optimizer, training plan and losses."""
     device = select_device(cfg.train.device)
-    seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     model.to(device)
@@ -377,7 +398,15 @@ def run_training(cfg: TrialConfig, data: PreparedData, model: FerClassifier, che
 
 
 def test_metrics(loop: Loop) -> dict:
-    """Test accuracy, macro F1, per-class precision / recall / F1 and the confusion matrix."""
-    summary, cm = evaluate(loop, TEST)
+    """Test accuracy, macro F1 with their bootstrap intervals, per-class precision / recall / F1, the
+    confusion matrix, and the predictions they all come from."""
+    summary, cm = evaluate(loop, TEST, keep_probs=True)
+    data, idx = loop.data, loop.data.indices(TEST)
+    predicted = summary["probs"].argmax(1) if len(idx) else np.zeros(0, np.int64)
+    preds = Predictions(keys=np.asarray(data.paths, dtype=object)[idx], labels=data.labels[idx],
+                        predicted=predicted, probs=summary["probs"], classes=data.classes)
+    intervals = stats.bootstrap_ci(preds.labels, preds.predicted, len(data.classes))
     return {"loss": summary["loss"], "accuracy": summary["accuracy"], "macro_f1": summary["macro_f1"],
-            "per_class": metrics.per_class(cm), "confusion": cm}
+            **{f"{name}_ci_{end}": value for name, ends in intervals.items()
+               for end, value in zip(("low", "high"), ends)},
+            "per_class": metrics.per_class(cm), "confusion": cm, "predictions": preds}
