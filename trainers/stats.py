@@ -8,6 +8,7 @@ a 95% interval on ~25 resamples, enough for the one decimal the report prints.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -17,6 +18,17 @@ N_RESAMPLES = 1000
 CONFIDENCE = 0.95
 SEED = 0          # fixed: the same predictions always give the same interval
 CHUNK = 100       # resamples per batch: 100 x n counts stay small even for 100k test images
+
+
+@dataclass(frozen=True)
+class Resampling:
+    """How an interval is drawn: resamples, the generator's seed, the interval's coverage."""
+    n_resamples: int = N_RESAMPLES
+    seed: int = SEED
+    confidence: float = CONFIDENCE
+
+
+DEFAULT = Resampling()
 
 Metric = Callable[[np.ndarray], np.ndarray]     # (R, K, K) confusion counts -> (R,) values
 
@@ -57,21 +69,20 @@ def _interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, n_resamples: int = N_RESAMPLES,
-                 seed: int = SEED, confidence: float = CONFIDENCE) -> dict[str, tuple[float, float]]:
+def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
+                 resampling: Resampling = DEFAULT) -> dict[str, tuple[float, float]]:
     """{'accuracy': (low, high), 'macro_f1': (low, high)}: percentile bootstrap over the items."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     values = {name: [] for name in METRICS}
-    for counts in resample_counts(len(y_true), n_resamples, seed):
+    for counts in resample_counts(len(y_true), resampling.n_resamples, resampling.seed):
         cms = _confusions(counts, y_true, y_pred, n_classes)
         for name, fn in METRICS.items():
             values[name].append(fn(cms))
-    return {name: _interval(np.concatenate(v), confidence) for name, v in values.items()}
+    return {name: _interval(np.concatenate(v), resampling.confidence) for name, v in values.items()}
 
 
 def paired_difference(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, n_classes: int,
-                      metric: str = "macro_f1", n_resamples: int = N_RESAMPLES, seed: int = SEED,
-                      confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+                      metric: str = "macro_f1", resampling: Resampling = DEFAULT) -> tuple[float, float, float]:
     """(difference, low, high) of metric(a) - metric(b) on the same items, each resample shared by both.
 
     Pairing removes the variance the two runs share (the same hard images), so the interval is far
@@ -82,8 +93,8 @@ def paired_difference(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray
     point = float(fn(metrics.confusion_matrix(y_true, pred_a, n_classes)[None])[0]
                   - fn(metrics.confusion_matrix(y_true, pred_b, n_classes)[None])[0])
     diffs = [fn(_confusions(counts, y_true, pred_a, n_classes)) - fn(_confusions(counts, y_true, pred_b, n_classes))
-             for counts in resample_counts(len(y_true), n_resamples, seed)]
-    low, high = _interval(np.concatenate(diffs), confidence)
+             for counts in resample_counts(len(y_true), resampling.n_resamples, resampling.seed)]
+    low, high = _interval(np.concatenate(diffs), resampling.confidence)
     return point, low, high
 
 
