@@ -78,13 +78,15 @@ def data_table(data) -> Table:
 
 
 def data_lines(cfg: DataConfig, data) -> list[str]:
-    """Skipped files by reason, dropped labels, alignment failures, near-duplicates across splits."""
+    """Split mode, skipped files by reason, dropped labels, alignment failures, near-duplicates across splits,
+    then the data's warnings."""
     r = data.report
 
     def counts(d: dict) -> str:
         return ", ".join(f"{k} {v}" for k, v in d.items()) or "none"
 
-    lines = [f"  skipped: {counts(r.skipped)}", f"  dropped (label not in classes): {counts(r.dropped)}"]
+    lines = [f"  split mode: {r.split_mode}", f"  skipped: {counts(r.skipped)}",
+             f"  dropped (label not in classes): {counts(r.dropped)}"]
     if cfg.align != "none":
         lines.append(f"  alignment: no face found in {r.align_failures} of {r.usable} images "
                      f"({100 * r.align_failures / max(r.usable, 1):.1f}%), centre-cropped instead")
@@ -96,7 +98,7 @@ def data_lines(cfg: DataConfig, data) -> list[str]:
         duplicates += " (set data.dedupe: true to remove the val/test copies)"
     lines.append(duplicates)
     lines.append(f"  cache: {r.decoded} images decoded now, {r.usable} usable")
-    return lines
+    return lines + [f"  warning: {w}" for w in r.warnings]
 
 
 def print_outcome(spec: SweepSpec, outcome) -> None:

@@ -126,3 +126,13 @@ def test_with_tracking_sets_the_run_and_threads_without_changing_the_hash():
     assert (run.tracking, run.train.num_threads) == (tracking, 2)
     assert config_hash(run) == config_hash(cfg)
     assert with_tracking(cfg, tracking).train == cfg.train
+
+
+def test_an_empty_test_split_is_rejected_at_config_time_naming_the_field_and_the_fix():
+    msg = reject({"data": {"split": [0.8, 0.2, 0.0]}})
+    assert msg.startswith("trial.yaml: data.split gives the test split no images")
+    assert "give test a share, e.g. [0.7, 0.2, 0.1]" in msg
+    # With the dataset's own split the ratios only carve validation from train: its test split stands.
+    kept = from_dict({"data": {"source": "fer2013", "root": "fer", "use_dataset_split": True,
+                               "split": [0.8, 0.2, 0.0]}})
+    assert kept.data.split == (0.8, 0.2, 0.0)

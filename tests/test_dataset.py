@@ -101,3 +101,53 @@ def test_subjects_from_metadata_never_cross_splits(tmp_path):
     for subject, split in zip(data.subjects, data.splits):
         splits_of.setdefault(subject, set()).add(int(split))
     assert len(splits_of) == 10 and all(len(s) == 1 for s in splits_of.values())
+
+
+def write_subject_faces(root, classes_and_subjects):
+    """Folders of faces per class, and metadata.csv naming each image's subject (None: no subject given)."""
+    rows = ["path,subject"]
+    for c, colour, subjects in classes_and_subjects:
+        write_faces(root / c, len(subjects), colour)
+        rows += [f"{c}/img {i}.png,{s or ''}" for i, s in enumerate(subjects)]
+    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_subjects_for_some_images_only_warn_with_the_count_and_split_stratified(tmp_path):
+    root = tmp_path / "faces"
+    write_subject_faces(root, [("anger", 200, [f"p{i % 5}" if i < 24 else None for i in range(30)]),
+                               ("happiness", 20, [f"q{i % 5}" if i < 21 else None for i in range(30)])])
+    report = prepare_data(folder_cfg(tmp_path, root), 16).report
+    assert report.split_mode == "stratified"
+    (warning,) = report.warnings
+    assert warning.startswith("subjects for 45 of 60 images: split stratified by class, not by subject")
+    assert report.metrics()["data_warnings"] == 1
+
+
+def test_a_group_split_that_leaves_a_class_out_of_test_warns_naming_class_and_split(tmp_path):
+    root = tmp_path / "faces"
+    # Every fear image is one subject's, so the group split puts all of fear in one split.
+    write_subject_faces(root, [("anger", 200, [f"p{i % 10}" for i in range(30)]),
+                               ("happiness", 20, [f"p{i % 10}" for i in range(30)]),
+                               ("fear", 120, ["solo"] * 6)])
+    data = prepare_data(folder_cfg(tmp_path, root, ("anger", "happiness", "fear")), 16)
+    assert data.report.split_mode == "group"
+    assert set(data.splits[data.labels == 2].tolist()) == {TRAIN}
+    assert [w.split(":")[0] for w in data.report.warnings] == ["the group split left fear out of val",
+                                                               "the group split left fear out of test"]
+    assert "its test metrics are n/a" in data.report.warnings[1]
+
+
+def test_report_counts_images_subjects_and_alignment_failures_per_split(tmp_path):
+    root = tmp_path / "faces"
+    write_subject_faces(root, [("anger", 200, [f"p{i % 10}" for i in range(30)]),
+                               ("happiness", 20, [f"p{i % 10}" for i in range(30)])])
+    data = prepare_data(folder_cfg(tmp_path, root), 16)
+    report = data.report
+    for s, name in enumerate(("train", "val", "test")):
+        rows = data.splits == s
+        assert report.split_images()[name] == rows.sum()
+        assert report.subjects[name] == len({data.subjects[i] for i in np.flatnonzero(rows)})
+        assert report.split_align_failures[name] == data.fallback[rows].sum() == 0   # align: none
+        assert report.metrics()[f"data_subjects_{name}"] == report.subjects[name]
+        assert report.metrics()[f"data_align_failure_rate_{name}"] == 0
+    assert sum(report.subjects.values()) == 10 and report.warnings == []

@@ -7,7 +7,8 @@ from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from trainers import metrics
 from trainers.data.balance import balance_plan, class_weights
-from trainers.data.split import TEST, TRAIN, VAL, group_split, stratified_split
+from trainers.data.split import (TEST, TRAIN, VAL, count_per_split, distinct_per_split, group_split,
+                                 missing_class_warnings, partial_subjects_warning, split_mode, stratified_split)
 from trainers.train import reduce_lr_on_f1_drop
 
 
@@ -120,3 +121,33 @@ def test_flat_uses_the_class_names_as_given():
     assert set(metrics.flat("production", cm, ("very happy", "sad"))) == {
         "production_accuracy", "production_macro_f1", *(f"production_{k}_{c}" for k in ("precision", "recall", "f1")
                                                          for c in ("very happy", "sad"))}
+
+
+def test_split_mode_is_group_only_when_every_image_has_a_subject():
+    assert split_mode(["a", "b", "a"]) == "group"
+    assert split_mode(["a", None, "a"]) == split_mode([None, None]) == split_mode([]) == "stratified"
+    assert partial_subjects_warning(["a", "b"]) is None and partial_subjects_warning([None, None]) is None
+    assert partial_subjects_warning(["a"] * 812 + [None] * 188).startswith(
+        "subjects for 812 of 1,000 images: split stratified by class, not by subject; "
+        "frames of one subject may sit in two splits")
+
+
+def test_missing_class_warnings_name_each_split_without_a_class():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    splits = np.array([TRAIN, VAL, TRAIN, TEST, TRAIN, TRAIN])
+    warnings = missing_class_warnings(labels, splits, ("anger", "fear", "sadness"), "group")
+    assert [w.split(":")[0] for w in warnings] == ["the group split left fear, sadness out of val",
+                                                   "the group split left anger, sadness out of test"]
+    assert "their val metrics are n/a" in warnings[0]
+    dataset = missing_class_warnings(labels, np.array([VAL, TEST, TRAIN, TEST, TRAIN, TEST]), ("a", "b", "c"),
+                                     "dataset")
+    assert dataset == ["the dataset split left a out of train: the model never learns it; "
+                       "the dataset's own split has none",
+                       "the dataset split left b, c out of val: their val metrics are n/a; "
+                       "the dataset's own split has none"]
+
+
+def test_per_split_counts_of_subjects_and_flags():
+    splits = np.array([TRAIN, TRAIN, VAL, TEST, TEST])
+    assert distinct_per_split(["a", "a", "b", None, "c"], splits) == {"train": 1, "val": 1, "test": 1}
+    assert count_per_split(np.array([1, 0, 1, 1, 1]), splits) == {"train": 1, "val": 1, "test": 2}

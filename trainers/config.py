@@ -298,6 +298,9 @@ def validate_data(d: DataConfig, source: str) -> None:
     if d.balance_max_factor < 1:
         raise ConfigError(source, "data.balance_max_factor", f"must be at least 1; got {d.balance_max_factor:g}")
     _validate_split(d.split, source)
+    if d.split[2] == 0 and not d.use_dataset_split:
+        raise ConfigError(source, "data.split", "gives the test split no images (its ratio is 0), so no test "
+                          "metric could be computed; give test a share, e.g. [0.7, 0.2, 0.1]")
     _validate_synthetic(d.synthetic, source)
 
 

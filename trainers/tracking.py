@@ -319,7 +319,8 @@ class TrialRun:
 
     @_timed
     def log_setup(self, cfg: TrialConfig, data: PreparedData) -> None:
-        """Params and resolved config (once: a resumed run keeps what it logged), data counts and digest."""
+        """Params and resolved config (once: a resumed run keeps what it logged), data counts, digest and
+        split mode (tag data_split_mode), and data_report.json."""
         if not self.resumed:
             params = [Param(k, v[:6000]) for k, v in flat_params(cfg).items()]
             for i in range(0, len(params), 100):   # the store takes at most 100 params per batch
@@ -327,7 +328,9 @@ class TrialRun:
             self.client.log_text(self.run_id, yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
         self.client.log_batch(self.run_id, metrics=_metrics(data.report.metrics()))
         self.client.set_tag(self.run_id, "data_digest", data.digest)
-        self.client.log_text(self.run_id, json.dumps(data.report.__dict__, indent=2), "data_report.json")
+        self.client.set_tag(self.run_id, "data_split_mode", data.report.split_mode)
+        report = {**data.report.__dict__, "digest": data.digest}
+        self.client.log_text(self.run_id, json.dumps(report, indent=2), "data_report.json")
         self._log_dataset(data)
 
     def _log_dataset(self, data: PreparedData) -> None:

@@ -32,7 +32,9 @@ from orchestrator.results.production_tables import (DEGRADATION_COLUMNS, SLICE_C
 from orchestrator.results.registry import RegistryError, champion_version
 from orchestrator.sweep.spec import SweepSpec
 from trainers.config import ConfigError, DataConfig, flat_params, from_dict, validate_data
+from trainers.data.audit import near_duplicates_between, perceptual_hashes
 from trainers.data.dataset import DataError, PreparedData, prepare_data
+from trainers.data.split import TRAIN
 from trainers.plots import confusion_png
 from trainers.tracking import ensure_experiment, global_tracking_uri, no_download_bars
 
@@ -62,6 +64,7 @@ def evaluate_production(spec: SweepSpec, client: MlflowClient) -> ProductionResu
                               source_run_id=source.info.run_id, classes=classes, metrics={**scores.metrics, **drift},
                               degradation=scores.degradation, slices=scores.slices, drift_verdict=verdict,
                               confusion=scores.confusion)
+    result.metrics.update(duplicates_against_training(client, source, data, data_cfg.duplicate_distance))
     result.run_id = log_production_run(client, spec, data_cfg, data, result)
     return result
 
@@ -153,6 +156,23 @@ def drift_against_training(client: MlflowClient, source: Run, data: PreparedData
     except (MlflowException, OSError, KeyError, ConfigError, DataError) as err:
         return {}, f"unknown: the champion's training data is not available ({str(err).splitlines()[0]})"
     return measure_drift(train, data, logits, predict_rows)
+
+
+# --- leakage into production -------------------------------------------------------------
+
+def duplicates_against_training(client: MlflowClient, source: Run, data: PreparedData,
+                                max_distance: int) -> dict[str, float]:
+    """production_duplicates_train (near-duplicate pairs between the champion's training split and the
+    production images) and production_duplicates_train_images; nothing when the training data is gone."""
+    try:
+        train = source_training_data(client, source, data.images.shape[1])
+    except (MlflowException, OSError, KeyError, ConfigError, DataError):
+        return {}
+    # Hash every training image, then keep the train split's: the images stay memory-mapped, read in chunks.
+    train_hashes = perceptual_hashes(train.images)[train.indices(TRAIN)]
+    pairs = near_duplicates_between(train_hashes, perceptual_hashes(data.images), max_distance)
+    return {"production_duplicates_train": float(len(pairs)),
+            "production_duplicates_train_images": float(len(np.unique(pairs[:, 1])))}
 
 
 # --- logging ---------------------------------------------------------------------------

@@ -143,13 +143,16 @@ def prepare_datasets(spec: SweepSpec) -> None:
 
 
 def data_line(report, image_size: int) -> str:
-    """'data: 76 images (train 54, ...) at 32 px; skipped 6 (empty 1, ...); dropped 3 not in data.classes (...)'."""
+    """'data: 76 images (train 54, ...) at 32 px; split mode: group; skipped 6 (empty 1, ...); dropped 3 not in
+    data.classes (...)', then '; warning: ...' for each of the report's warnings."""
     splits = ", ".join(f"{k} {sum(v.values())}" for k, v in report.per_split.items())
-    line = f"data: {report.usable} images ({splits}) at {image_size} px; skipped {sum(report.skipped.values())}"
-    line += _by_reason(report.skipped)
+    line = f"data: {report.usable} images ({splits}) at {image_size} px"
+    if report.split_mode:
+        line += f"; split mode: {report.split_mode}"
+    line += f"; skipped {sum(report.skipped.values())}{_by_reason(report.skipped)}"
     if report.dropped:      # a folder (or a dataset's label) that names none of the classes
         line += f"; dropped {sum(report.dropped.values())} not in data.classes{_by_reason(report.dropped)}"
-    return line
+    return line + "".join(f"; warning: {w}" for w in report.warnings)
 
 
 def _by_reason(counts: dict[str, int]) -> str:

@@ -4,7 +4,8 @@ Frame-level random splits of video-derived data put near-identical frames in
 train and test, which inflates test scores (the study's 99.8% test against
 94.6% in production has that shape). A perceptual hash of each aligned image
 and a Hamming-distance threshold find such pairs; they are counted, and with
-``dedupe`` the later copy (in val or test) is removed.
+``dedupe`` the later copy (in val or test) is removed. The same search between two
+sets (near_duplicates_between) counts production images that copy training ones.
 
 Why 256 bits: aligned faces share their layout (eyes, nose and mouth sit at
 the template's points), so the 64 lowest frequencies of a 64-bit pHash are
@@ -72,6 +73,15 @@ def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
         found.append(candidates[close])
     pairs = np.concatenate(found)
     return np.unique(np.sort(pairs, axis=1), axis=0)
+
+
+def near_duplicates_between(hashes_a: np.ndarray, hashes_b: np.ndarray, max_distance: int) -> np.ndarray:
+    """P x 2 pairs (row in a, row in b) whose hashes differ in at most max_distance bits (pairs within
+    one set are not counted): e.g. training images against production images."""
+    pairs = near_duplicate_pairs(np.concatenate([hashes_a, hashes_b]), max_distance)
+    # near_duplicate_pairs gives i < j, so a cross pair has its row of a first.
+    cross = pairs[(pairs[:, 0] < len(hashes_a)) & (pairs[:, 1] >= len(hashes_a))]
+    return np.stack([cross[:, 0], cross[:, 1] - len(hashes_a)], axis=1)
 
 
 def audit_splits(pairs: np.ndarray, splits: np.ndarray) -> AuditResult:

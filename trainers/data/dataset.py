@@ -22,7 +22,8 @@ from trainers.data.cache import (AlignedStore, DigestIndex, atomic_write_bytes, 
 from trainers.data.images import ImageSkipped, decode_image
 from trainers.data.importers import IMPORTERS
 from trainers.data.sources import Listing, Sample, list_imagefolder
-from trainers.data.split import SPLIT_NAMES, TRAIN, VAL, assign_splits, stratified_split
+from trainers.data.split import (SPLIT_NAMES, TRAIN, VAL, assign_splits, count_per_split, distinct_per_split,
+                                 missing_class_warnings, partial_subjects_warning, split_mode, stratified_split)
 from trainers.data.synthetic import write_synthetic
 from trainers.progress import progress
 from trainers.errors import UserError
@@ -48,6 +49,14 @@ class DataReport:
     align_failures: int = 0                            # usable images the aligner fell back on (centre crop)
     duplicates: dict[str, int] = field(default_factory=dict)   # 'train-test' -> near-duplicate pairs across them
     duplicates_removed: int = 0                        # later copies taken out of val/test (data.dedupe)
+    split_mode: str = ""                               # group, stratified or dataset (trainers/data/split.py)
+    subjects: dict[str, int] = field(default_factory=dict)          # split -> distinct subjects (0: none known)
+    split_align_failures: dict[str, int] = field(default_factory=dict)   # split -> alignment failures
+    warnings: list[str] = field(default_factory=list)  # what may make the split's numbers misleading
+
+    def split_images(self) -> dict[str, int]:
+        """Images per split."""
+        return {s: sum(c.values()) for s, c in self.per_split.items()}
 
     def metrics(self) -> dict[str, float]:
         """Flat numeric counts for logging."""
@@ -59,6 +68,11 @@ class DataReport:
         out.update({f"data_dropped_{k}": v for k, v in self.dropped.items()})
         out.update({f"data_n_{s}": sum(c.values()) for s, c in self.per_split.items()})
         out.update({f"data_duplicates_{k.replace('-', '_')}": v for k, v in self.duplicates.items()})
+        out.update({f"data_subjects_{s}": n for s, n in self.subjects.items()})
+        images = self.split_images()
+        out.update({f"data_align_failure_rate_{s}": n / max(images.get(s, 0), 1)
+                    for s, n in self.split_align_failures.items()})
+        out["data_warnings"] = len(self.warnings)
         return {metric_key(k): float(v) for k, v in out.items()}
 
 
@@ -311,7 +325,7 @@ def _finish(cfg: DataConfig, gathered: Gathered) -> PreparedData:
     samples, root, store = gathered.samples, gathered.root, gathered.store
     labels = np.array([s.label for s in samples], dtype=np.int64)
     _check_classes(cfg, root, labels)
-    splits = _assign(cfg, labels, samples)
+    splits, mode = _assign(cfg, labels, samples)
     audit = audit_splits(gathered.pairs, splits)
     rows = Rows(samples, labels, splits, np.array(gathered.aligned.fallback, dtype=bool), gathered.aligned.images,
                 gathered.set_key)
@@ -319,6 +333,8 @@ def _finish(cfg: DataConfig, gathered: Gathered) -> PreparedData:
     if len(removed):
         rows = _without(rows, removed, store)
     report = _report(cfg, gathered, rows, audit, len(removed))
+    report.split_mode = mode
+    report.warnings = _split_warnings(cfg, rows, mode)
     paths = [_rel(s.path, root, Path(cfg.cache_dir)) for s in rows.samples]
     digest = short_hash({"content": f"{store.root.name}/{rows.content_key}", "paths": paths,
                          "labels": rows.labels.tolist(), "split": rows.splits.tolist()})
@@ -347,10 +363,12 @@ def _check_classes(cfg: DataConfig, root: Path, labels: np.ndarray) -> None:
                         "add images for it or remove it from data.classes")
 
 
-def _assign(cfg: DataConfig, labels: np.ndarray, samples: list[Sample]) -> np.ndarray:
-    """The dataset's own split when asked (val carved from train if it has none), else the spec's."""
+def _assign(cfg: DataConfig, labels: np.ndarray, samples: list[Sample]) -> tuple[np.ndarray, str]:
+    """Split ids and the split mode: the dataset's own split when asked (val carved from train if it has
+    none), else the spec's, by subject when every image has one."""
     if not cfg.use_dataset_split:
-        return assign_splits(labels, [s.subject for s in samples], cfg.split, cfg.split_seed)
+        subjects = [s.subject for s in samples]
+        return assign_splits(labels, subjects, cfg.split, cfg.split_seed), split_mode(subjects)
     unsplit = sum(s.split not in SPLIT_NAMES for s in samples)
     if unsplit:
         raise DataError(f"data.use_dataset_split: {unsplit} {cfg.source} images have no split of their own "
@@ -364,7 +382,13 @@ def _assign(cfg: DataConfig, labels: np.ndarray, samples: list[Sample]) -> np.nd
         share = cfg.split[1] / (cfg.split[0] + cfg.split[1])
         carved = stratified_split(labels[train], (1 - share, share, 0.0), cfg.split_seed)
         splits[train[carved == VAL]] = VAL
-    return splits
+    return splits, "dataset"
+
+
+def _split_warnings(cfg: DataConfig, rows: Rows, mode: str) -> list[str]:
+    """Subjects known for only some images (a frame-level split), and classes a split has no image of."""
+    partial = None if cfg.use_dataset_split else partial_subjects_warning([s.subject for s in rows.samples])
+    return ([partial] if partial else []) + missing_class_warnings(rows.labels, rows.splits, tuple(cfg.classes), mode)
 
 
 def _subset(store: AlignedStore, set_key: str, images: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, str]:
@@ -392,7 +416,9 @@ def _report(cfg: DataConfig, gathered: Gathered, rows: Rows, audit: AuditResult,
         skipped=dict(sorted(gathered.skipped.items())), dropped=dict(sorted(listing.dropped.items())),
         per_split={name: {c: int(((rows.splits == s) & (rows.labels == k)).sum()) for k, c in enumerate(cfg.classes)}
                    for s, name in enumerate(SPLIT_NAMES)},
-        align_failures=int(rows.fallback.sum()), duplicates=audit.pairs, duplicates_removed=removed)
+        align_failures=int(rows.fallback.sum()), duplicates=audit.pairs, duplicates_removed=removed,
+        subjects=distinct_per_split([s.subject for s in rows.samples], rows.splits),
+        split_align_failures=count_per_split(rows.fallback, rows.splits))
 
 
 def _rel(path: Path, root: Path, cache_dir: Path) -> str:

@@ -1,4 +1,8 @@
-"""Deterministic train / val / test splits: stratified by class, group-aware by subject."""
+"""Deterministic train / val / test splits: stratified by class, group-aware by subject.
+
+How a split was made is its mode: ``group`` (whole subjects in one split), ``stratified`` (by class,
+image by image: frames of one subject may sit in two splits) or ``dataset`` (the dataset's own split).
+"""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -62,9 +66,50 @@ def group_split(labels: np.ndarray, groups: list[str], ratios: tuple[float, floa
     return out
 
 
+def split_mode(subjects: list[str | None]) -> str:
+    """'group' when every sample has a subject, else 'stratified' (assign_splits follows the same rule)."""
+    return "group" if subjects and all(s for s in subjects) else "stratified"
+
+
 def assign_splits(labels: np.ndarray, subjects: list[str | None], ratios: tuple[float, float, float],
                   seed: int) -> np.ndarray:
     """Group-aware when every sample has a subject, otherwise stratified by class."""
-    if subjects and all(s for s in subjects):
+    if split_mode(subjects) == "group":
         return group_split(labels, list(subjects), ratios, seed)
     return stratified_split(labels, ratios, seed)
+
+
+def partial_subjects_warning(subjects: list[str | None]) -> str | None:
+    """The warning for a dataset with subjects for some images only (its split falls back to stratified)."""
+    known = sum(1 for s in subjects if s)
+    if known == 0 or known == len(subjects):
+        return None
+    return (f"subjects for {known:,} of {len(subjects):,} images: split stratified by class, not by subject; "
+            "frames of one subject may sit in two splits (give every image a subject in metadata.csv)")
+
+
+def missing_class_warnings(labels: np.ndarray, splits: np.ndarray, classes: tuple[str, ...],
+                           mode: str) -> list[str]:
+    """One warning per split that has no image of some class: that class's metrics there will be n/a."""
+    hint = ("the dataset's own split has none" if mode == "dataset"
+            else "add images (or subjects) of it, or try another data.split_seed")
+    out = []
+    for s, name in enumerate(SPLIT_NAMES):
+        present = set(np.unique(labels[splits == s]).tolist())
+        missing = [c for k, c in enumerate(classes) if k not in present]
+        if missing:
+            effect = ("the model never learns it" if s == TRAIN
+                      else f"{'its' if len(missing) == 1 else 'their'} {name} metrics are n/a")
+            out.append(f"the {mode} split left {', '.join(missing)} out of {name}: {effect}; {hint}")
+    return out
+
+
+def distinct_per_split(values: list[str | None], splits: np.ndarray) -> dict[str, int]:
+    """Distinct non-empty values (e.g. subjects) in each split."""
+    return {name: len({v for v, k in zip(values, splits.tolist()) if k == s and v})
+            for s, name in enumerate(SPLIT_NAMES)}
+
+
+def count_per_split(flags: np.ndarray, splits: np.ndarray) -> dict[str, int]:
+    """How many flagged samples (e.g. alignment failures) each split holds."""
+    return {name: int(np.asarray(flags, dtype=bool)[splits == s].sum()) for s, name in enumerate(SPLIT_NAMES)}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from orchestrator.results.report.cells import Trial
 from orchestrator.results.report.champion import best_model_section, production_section
+from orchestrator.results.report.data_section import data_section
 from orchestrator.results.report.groups import experiment_section, other_groups_section
 from orchestrator.results.report.store import MlflowClient, SweepRuns, safe_uri
 from orchestrator.results.report.tables import Report
@@ -58,6 +59,7 @@ def write_report(spec: SweepSpec, client: MlflowClient, out_dir: Path | str | No
         out.mkdir(parents=True, exist_ok=True)
         report = Report(out, replicated=any(n > 1 for n in sizes.values()))
         header(report, spec, store.uri, parent_run_id, trials)
+        data_section(report, store, trials)
         plan = spec.plan
         for exp in spec.experiments:
             experiment_section(report, store, spec, plan, exp, trials)
