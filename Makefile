@@ -4,6 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SWEEP  ?= sweeps/demo.yaml
+# Extra arguments for the verb, e.g. `make promote ARGS=--replace`.
+ARGS   ?=
 # `make ui` binds loopback; only the command line (make ui HOST=...) changes it, not an exported HOST
 # (some shells and CI images export HOST as the machine's name, which would open the UI to the network).
 HOST   := 127.0.0.1
@@ -37,7 +39,7 @@ ui: $(STAMP)
 	MLFLOW_DISABLE_TELEMETRY=$${MLFLOW_DISABLE_TELEMETRY:-true} $(PY) -m mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host $(HOST) --port $(PORT)
 
 promote: $(STAMP)
-	$(PY) -m orchestrator promote $(SWEEP)
+	$(PY) -m orchestrator promote $(SWEEP) $(ARGS)
 
 production: $(STAMP)
 	$(PY) -m orchestrator production $(SWEEP)

@@ -49,10 +49,17 @@ def _add_registry_options(parser: argparse.ArgumentParser) -> None:
                                                f"$MLFLOW_TRACKING_URI, else sqlite under {STORE_DIR}/)")
 
 
+def _add_promote_options(parser: argparse.ArgumentParser) -> None:
+    _add_registry_options(parser)
+    parser.add_argument("--replace", action="store_true",
+                        help="make the pick champion without comparing it with the incumbent (needed when the "
+                             "two were trained on different data, whose validation scores do not compare)")
+
+
 # Each verb's arguments.
 ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "plan": _add_spec, "sweep": _add_run_options, "worker": _add_run_options, "status": _add_status_options,
-    "report": _add_report_options, "promote": _add_registry_options, "production": _add_registry_options,
+    "report": _add_report_options, "promote": _add_promote_options, "production": _add_registry_options,
     "prepare": _add_spec,
 }
 

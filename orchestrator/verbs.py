@@ -96,12 +96,12 @@ def _write_report(spec: SweepSpec, tracking: str | None, out: str | None = None)
 
 
 def promote(args: argparse.Namespace) -> int:
-    """Register the sweep's best model and alias it champion if it beats the incumbent."""
+    """Register the run nearest the best configuration's mean over seeds; champion if it beats the incumbent."""
     from orchestrator.results.registry import promote as promote_best
     from trainers.tracking import store_client
 
     spec = load_spec(args.spec)
-    result = promote_best(spec, store_client(args.tracking_uri))
+    result = promote_best(spec, store_client(args.tracking_uri), replace=args.replace)
     print(result.message)
     return 0
 

@@ -29,7 +29,8 @@ TRAIN_DATA = {"synthetic": {"n_images": 960, "draw_size": 32}}
 TRIALS = {
     "vit-good": {"data": TRAIN_DATA, "optim": {"lr": 2e-3}, "train": {"epochs": 20, "num_threads": 1}},
     "vit-weak": {"data": TRAIN_DATA, "optim": {"lr": 1e-4}, "train": {"epochs": 3, "num_threads": 1}},
-    # ResNet-50 is slow on a CPU: one epoch on the default 240 images; it only has to exist.
+    # ResNet-50 is slow on a CPU: one epoch on the default 240 images; it only has to exist. Other data
+    # than the ViTs' (another data_digest), so promotion does not compare the two on validation F1.
     "resnet": {"model": {"name": "resnet50", "image_size": 32}, "train": {"epochs": 1, "num_threads": 1}},
 }
 
@@ -91,10 +92,13 @@ def test_promotion_picks_the_best_vit_keeps_one_version_per_run_and_moves_the_al
     assert first.run_id == runs["resnet"] and first.champion_changed
     assert aliases(client, "fer-vit") == {"champion": 1}
 
-    second = promote(make_spec(tmp), client)
+    kept = promote(make_spec(tmp), client)                        # trained on other data: not compared
+    assert kept.version == 2 and not kept.champion_changed and "pass --replace" in kept.message
+    assert aliases(client, "fer-vit") == {"champion": 1}
+    second = promote(make_spec(tmp), client, replace=True)
     assert second.run_id == runs["vit-good"] and second.metric == "final_val_macro_f1"
     assert second.value == pytest.approx(best.data.metrics["final_val_macro_f1"])
-    assert second.champion_changed and second.version == 2
+    assert second.champion_changed and second.version == 2 and second.n_seeds == 1
     assert aliases(client, "fer-vit") == {"champion": 2, PREVIOUS_ALIAS: 1}
     assert "replacing v1" in second.message
     tags = client.get_model_version("fer-vit", "2").tags
@@ -111,13 +115,16 @@ def test_promotion_picks_the_best_vit_keeps_one_version_per_run_and_moves_the_al
     assert aliases(client, "fer-vit") == {"champion": 2, PREVIOUS_ALIAS: 1}
 
 
-def test_a_worse_new_candidate_is_registered_but_the_incumbent_stays_champion(sweep):
+def test_a_candidate_trained_on_other_data_is_registered_but_the_incumbent_stays_champion(sweep):
     tmp, client, runs = sweep
     promote(make_spec(tmp, name="fer-guard"), client)
-    worse = promote(make_spec(tmp, model="resnet50", name="fer-guard"), client)
-    assert worse.version == 2 and not worse.champion_changed
+    other = promote(make_spec(tmp, model="resnet50", name="fer-guard"), client)
+    assert other.version == 2 and not other.champion_changed
     assert aliases(client, "fer-guard") == {"champion": 1}
-    assert "kept champion v1: its val_macro_f1" in worse.message and f"{worse.value:.4f}" in worse.message
+    vit_digest = client.get_run(runs["vit-good"]).data.tags["data_digest"]
+    assert "kept champion v1: v2 was trained on different data (its data_digest " in other.message
+    assert f"v1's {vit_digest}), so their val_macro_f1 scores are not comparable" in other.message
+    assert other.message.endswith("pass --replace to promote it anyway") and f"{other.value:.4f}" in other.message
 
 
 def test_selecting_on_the_test_set_is_labelled_as_such(sweep):

@@ -156,3 +156,11 @@ def configurations(trials: list[Trial]) -> list[Cell]:
     for trial in trials:
         found.setdefault(trial.replicate_key(), Cell(())).trials.append(trial)
     return list(found.values())
+
+
+def best_configuration(configs: list[Cell], metric: str) -> Cell | None:
+    """The configuration with the highest mean metric over its finished seeds (the first of equals), or None.
+
+    Table 11 and `promote` both choose with it, so the report's best model is the one promoted."""
+    scored = [(c.stat(metric).mean, c) for c in configs if c.stat(metric)]
+    return max(scored, key=lambda s: s[0])[1] if scored else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from orchestrator.results.report.cells import Trial, configurations, runs_of_model
+from orchestrator.results.report.cells import Trial, best_configuration, configurations, runs_of_model
 from orchestrator.results.report.groups import per_class_table
 from orchestrator.results.report.references import study, sweep_block
 from orchestrator.results.report.store import SweepRuns
@@ -26,11 +26,11 @@ def best_model_section(report: Report, spec: SweepSpec, trials: list[Trial]) -> 
     metric = promote.metric
     report.text(f"## Best {promote.model} by {metric} (Table 11)")
     configs = configurations(runs_of_model(spec, promote.model, [t for t in trials if t.finished]))
-    scored = [(c.stat(metric).mean, i, c) for i, c in enumerate(configs) if c.stat(metric)]
-    if not scored:
+    best = best_configuration(configs, metric)
+    if best is None:
         report.text(f"Best {promote.model}: no finished {promote.model} trial with {metric}.")
         return
-    score, _, best = max(scored)
+    score = best.stat(metric).mean
     p = best.finished[0].params
     block = sweep_block(spec, "per_class", skip_model_grids=True)
     on_test = " (chosen on the test set, as the study did)" if metric.startswith("test_") else ""
