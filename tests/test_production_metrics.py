@@ -1,18 +1,22 @@
 """The production evaluation's pure parts on small arrays: slices (against scikit-learn), degradation rows,
 drift scores."""
+import csv
 import json
 
 import numpy as np
 import pytest
+from scipy.stats import binomtest
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 
 from orchestrator.results.drift import DriftSide, drift_auc, drift_features, drift_scores, drift_verdict
 from orchestrator.results.production_metrics import (Labelled, degradation_rows, labelled_test_images,
-                                                     score_production, slice_metrics, slice_rows)
+                                                     recall_changes, score_production, slice_metrics, slice_rows,
+                                                     wilson)
 from orchestrator.results.production_tables import (DEGRADATION_COLUMNS, MIN_SLICE_COUNT, most_confused, percent,
                                                     slice_cells, slice_file_stem, slice_finding, slice_record,
                                                     slices_from_json, slices_json, table_csv, unjudged_reason)
-from orchestrator.results.report.champion import slice_class_record
+from orchestrator.results.report.champion import slice_class_record, slice_metrics_table
+from orchestrator.results.report.tables import Report
 from trainers import metrics
 from trainers.data.dataset import DataReport, PreparedData
 from trainers.predictions import Predictions
@@ -134,6 +138,18 @@ def test_the_finding_names_the_class_a_group_loses_and_what_it_is_taken_for():
     assert slice_finding(group_a, SLICE_CLASSES).startswith("group=a (120 images): no class loses recall beyond chance")
 
 
+def test_recall_intervals_are_wilson_and_the_change_is_newcombes_interval():
+    low, high = wilson(np.array([81, 5, 0]), np.array([263, 5, 0]))
+    for i, (k, n) in enumerate(((81, 263), (5, 5))):
+        ci = binomtest(k, n).proportion_ci(method="wilson")
+        assert (low[i], high[i]) == pytest.approx((ci.low, ci.high))
+    assert np.isnan(low[2]) and np.isnan(high[2])                 # no images: no interval
+    # Newcombe (1998), Table II (a): 56/70 - 48/80 = 0.2000, hybrid score interval 0.0524 to 0.3339.
+    (d, lo, hi), absent = recall_changes([[56, 14], [0, 0]], [[48, 32], [0, 0]])
+    assert (d, lo, hi) == pytest.approx((0.2, 0.0524, 0.3339), abs=1e-4)
+    assert np.isnan(absent).all()
+
+
 def test_slices_json_round_trips_with_nan_as_null():
     production, test = fixture_sets()
     rows = slice_rows(production, test, 3)
@@ -207,3 +223,13 @@ def test_drift_features_are_the_logits_then_the_mean_colour_grid():
     x = drift_features(images, np.array([[1.0, 2.0], [3.0, 4.0]], np.float32))
     assert x.shape == (2, 2 + 48)
     assert x[1, :2].tolist() == [3.0, 4.0] and x[1, 2:5].tolist() == [1.0, 1.0, 1.0] and x[1, 5:].max() == 0
+
+
+def test_a_production_run_logged_before_slices_json_still_shows_its_slice_metrics(tmp_path):
+    report = Report(tmp_path, replicated=False)
+    slice_metrics_table(report, {"slice_group_a_count": 40, "slice_group_a_accuracy": 0.55,
+                                 "slice_group_a_macro_f1": 0.45, "slice_group_a_accuracy_ci_low": 0.4,
+                                 "test_slice_group_a_accuracy": 0.9})
+    (row,) = list(csv.DictReader((tmp_path / "production_slices.csv").open()))
+    assert row["slice"] == "group_a" and float(row["accuracy"]) == pytest.approx(55.0)
+    assert "predates slices.json" in report.blocks[0]

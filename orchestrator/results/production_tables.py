@@ -92,7 +92,7 @@ class SliceSide:
     macro_f1: float               # over the spec's classes with a defined F1, as everywhere
     macro_f1_ci: Interval
     recall: list[float]           # per class; NaN for a class without images in the slice
-    recall_ci: list[Interval]
+    recall_ci: list[Interval]     # Wilson score intervals
     f1: list[float]               # per class; NaN for a class neither present nor predicted
     confusion: list[list[int]]    # counts[true class][predicted class]
 
@@ -104,7 +104,7 @@ class SliceRow:
     value: str
     production: SliceSide
     test: SliceSide | None                           # None: no test image has this value, or none known
-    recall_change: list[tuple[float, float, float]]  # per class: production - test recall, 95% CI; NaN if n/a
+    recall_change: list[tuple[float, float, float]]  # per class: production - test recall, 95% CI (Newcombe)
 
     @property
     def name(self) -> str:
@@ -156,7 +156,7 @@ def with_interval(value: float, interval: Interval) -> str:
 def slice_finding(row: SliceRow, classes: tuple[str, ...], min_count: int = MIN_SLICE_COUNT) -> str:
     """The study's question for one slice: which classes lose recall against the test slice, and to what.
 
-    A class loses when the 95% interval of (production - test) recall lies wholly below 0.
+    A class loses when the 95% interval of its recall change (production - test) lies wholly below 0.
     """
     head = f"{row.name} ({row.production.count} images)"
     reason = unjudged_reason(row, min_count)
@@ -170,21 +170,28 @@ def slice_finding(row: SliceRow, classes: tuple[str, ...], min_count: int = MIN_
         return f"{head}: no class has images on both sides"
     d, lo, hi, k = min(changes)
     return (f"{head}: no class loses recall beyond chance (largest change: {classes[k]} "
-            f"{_change(d, lo, hi)})")
+            f"{change_text(d, lo, hi)})")
 
 
 def _class_loss(row: SliceRow, classes: tuple[str, ...], k: int) -> str:
-    """'sadness recall 62.0 [55.0, 69.0] vs test 80.1 (Δ -18.1 [-27.0, -9.0]), F1 58.0 vs 77.0; most often
-    taken for happiness (21% of its images; test 5%)'."""
+    """'sadness recall 62.0 [55.0, 69.0] of 120 vs test 80.1 of 95 (Δ -18.1 [-27.0, -9.0]), F1 58.0 vs 77.0;
+    most often taken for happiness (21.0% of its images; test 5.0%)'."""
     p, t = row.production, row.test
-    text = (f"{classes[k]} recall {with_interval(p.recall[k], p.recall_ci[k])} vs test {percent(_known(t.recall[k]))}"
-            f" ({_change(*row.recall_change[k])}), F1 {percent(_known(p.f1[k]))} vs {percent(_known(t.f1[k]))}")
-    target, share = most_confused(p.confusion, k)
+    text = (f"{classes[k]} recall {with_interval(p.recall[k], p.recall_ci[k])} of {sum(p.confusion[k])} vs test "
+            f"{percent(_known(t.recall[k]))} of {sum(t.confusion[k])} ({change_text(*row.recall_change[k])}), "
+            f"F1 {percent(_known(p.f1[k]))} vs {percent(_known(t.f1[k]))}")
+    taken = taken_for(row, k, classes, " of its images")
+    return text if taken is None else f"{text}; most often taken for {taken}"
+
+
+def taken_for(row: SliceRow, k: int, classes: tuple[str, ...], of: str = "") -> str | None:
+    """'happiness (21.0%; test 5.0%)': the class that class k's production images are most often predicted
+    as, with its share of them and the same share on the test slice; None when none is mistaken."""
+    target, share = most_confused(row.production.confusion, k)
     if target is None:
-        return text
-    test_share = most_confused(t.confusion, k, target)[1]
-    return (text + f"; most often taken for {classes[target]} ({percent(share)}% of its images; "
-            f"test {percent(test_share)}%)")
+        return None
+    test = "" if row.test is None else f"; test {share_text(most_confused(row.test.confusion, k, target)[1])}"
+    return f"{classes[target]} ({share_text(share)}{of}{test})"
 
 
 def most_confused(confusion: list[list[int]], k: int, target: int | None = None) -> tuple[int | None, float | None]:
@@ -200,8 +207,16 @@ def most_confused(confusion: list[list[int]], k: int, target: int | None = None)
     return target, (row[target] / total if total else None)
 
 
-def _change(d: float, lo: float, hi: float) -> str:
-    return f"Δ {percent(d, True)} [{percent(lo, True)}, {percent(hi, True)}]"
+def share_text(share: float | None) -> str:
+    """'21.0%', or 'n/a' when the class has no images."""
+    return "n/a" if share is None else f"{percent(share)}%"
+
+
+def change_text(d: float, low: float, high: float) -> str:
+    """'Δ -18.1 [-27.0, -9.0]' in percentage points; 'n/a' when undefined."""
+    if not math.isfinite(d):
+        return "n/a"
+    return f"Δ {percent(d, True)} [{percent(low, True)}, {percent(high, True)}]"
 
 
 def _known(value: float | None) -> float | None:

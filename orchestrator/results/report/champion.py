@@ -7,8 +7,9 @@ import json
 import math
 import re
 
-from orchestrator.results.production_tables import (SLICE_HEADERS, SliceRow, most_confused, percent, slice_cells,
-                                                    slice_finding, slice_record, slices_from_json, with_interval)
+from orchestrator.results.production_tables import (SLICE_HEADERS, SliceRow, change_text, most_confused,
+                                                    slice_cells, slice_finding, slice_record, slices_from_json,
+                                                    taken_for, with_interval)
 from orchestrator.results.report.cells import Trial, configurations, runs_of_model
 from orchestrator.results.report.groups import per_class_table
 from orchestrator.results.report.references import study, sweep_block
@@ -128,10 +129,11 @@ def production_slices(report: Report, store: SweepRuns, run: ProductionRun) -> N
         return
     report.text("### Production slices",
                 f"Each attribute value of the production data beside the champion's test images with the same "
-                f"value. Intervals are 95% bootstrap intervals over the slice's images; a slice with under "
-                f"{min_count} images on either side is shown but not judged. "
-                "A class *loses* when the 95% interval of its recall change (production − test, independent "
-                "resamples of each side) lies wholly below 0." + (f" Note: {note}." if note else ""))
+                f"value; a slice with under {min_count} images on either side is shown but not judged. "
+                "Accuracy and macro F1 carry 95% bootstrap intervals over the slice's images; a class's recall "
+                "a 95% Wilson score interval, and its change against the test slice Newcombe's interval for "
+                "a difference of two independent proportions. A class *loses* when that change's interval "
+                "lies wholly below 0." + (f" Note: {note}." if note else ""))
     table = Table("production_slices", ["slice", *SLICE_HEADERS[2:]])
     for row in rows:
         table.rows.append([row.name, *slice_cells(row, min_count)[2:]])
@@ -153,16 +155,10 @@ def slice_class_table(report: Report, rows: list[SliceRow], classes: tuple[str, 
         for k, cls in enumerate(classes):
             record = slice_class_record(row, k, classes)
             table.records.append(record)
-            taken = record["taken_for"] and (f"{record['taken_for']} ({percent(_fraction(record['taken_for_share']))}%"
-                                             + ("" if row.test is None else
-                                                f"; test {percent(_fraction(record['test_taken_for_share']))}%")
-                                             + ")")
-            d, lo, hi = row.recall_change[k]
-            change = "n/a" if not math.isfinite(d) else f"{percent(d, True)} [{percent(lo, True)}, {percent(hi, True)}]"
             table.rows.append([row.name, cls, str(record["count"]),
                                with_interval(row.production.recall[k], row.production.recall_ci[k]),
-                               _shown(record["test_recall"]), change, _shown(record["f1"]),
-                               _shown(record["test_f1"]), taken or "—"])
+                               _shown(record["test_recall"]), change_text(*row.recall_change[k]).removeprefix("Δ "),
+                               _shown(record["f1"]), _shown(record["test_f1"]), taken_for(row, k, classes) or "—"])
     report.table(table)
 
 
@@ -183,10 +179,6 @@ def slice_class_record(row: SliceRow, k: int, classes: tuple[str, ...]) -> dict:
 
 def _in_percent(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else 100 * value
-
-
-def _fraction(value: float | None) -> float | None:
-    return None if value is None else value / 100
 
 
 def _shown(value: float | None) -> str:
