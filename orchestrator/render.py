@@ -1,11 +1,12 @@
 """What the verbs print: the plan's tables and cost, the prepared data, a sweep's outcome, the production evaluation."""
 from __future__ import annotations
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
-from orchestrator.results.production_tables import (DEGRADATION_HEADERS, ProductionResult, degradation_cells,
-                                                    percent)
+from orchestrator.results.production_tables import (DEGRADATION_HEADERS, MIN_SLICE_COUNT, SLICE_HEADERS,
+                                                    ProductionResult, degradation_cells, slice_cells, slice_finding)
 from orchestrator.sweep.plan import grid_points
 from orchestrator.sweep.spec import SweepSpec
 from trainers.config import DataConfig
@@ -133,15 +134,18 @@ def degradation_table(result: ProductionResult) -> Table:
     return table
 
 
-def slice_table(result: ProductionResult) -> Table:
-    """Production metrics per attribute value."""
-    table = Table(title="production slices")
-    for column in ("attribute", "value", "images", "accuracy (%)", "macro F1 (%)"):
-        table.add_column(column, justify="right" if column not in ("attribute", "value") else "left")
+def slice_table(result: ProductionResult) -> Group:
+    """Per attribute value: production with 95% intervals beside the test slice, then, per slice, the
+    classes it loses against its test slice and what they are taken for."""
+    table = Table(title=f"production slices (test = the champion's test images with the same value; "
+                        f"under {MIN_SLICE_COUNT} images a side: shown, not judged)")
+    for i, header in enumerate(SLICE_HEADERS):
+        table.add_column(header, justify="left" if i < 2 or i == len(SLICE_HEADERS) - 1 else "right")
     for row in result.slices:
-        table.add_row(row["attribute"], row["value"], str(row["count"]), percent(row["accuracy"]),
-                      percent(row["macro_f1"]))
-    return table
+        table.add_row(*map(Text, slice_cells(row)))
+    lines = [result.slice_note] if result.slice_note else []
+    lines += [slice_finding(row, result.classes) for row in result.slices]
+    return Group(table, *(Text("  " + line) for line in lines))   # Text: no markup in class or slice names
 
 
 def drift_line(result: ProductionResult) -> str:

@@ -3,6 +3,7 @@
 One small real sweep is trained once for the module: two tiny ViTs (one trained well, one
 barely) and one ResNet-50, as child runs of a parent run named "t", exactly as the sweep logs them.
 """
+import csv
 import json
 import os
 from pathlib import Path
@@ -14,7 +15,9 @@ from mlflow import MlflowClient
 from orchestrator.__main__ import main
 from orchestrator.results.drift import drift_verdict
 from orchestrator.results.production import ProductionError, evaluate_production, load_version, move_exported
+from orchestrator.results.production_tables import SLICE_COLUMNS
 from orchestrator.results.registry import PREVIOUS_ALIAS, RegistryError, promote
+from orchestrator.results.report import write_report
 from orchestrator.results.runs import child_runs
 from orchestrator.sweep.runner import child_run_tags
 from orchestrator.sweep.spec import spec_from_dict
@@ -74,6 +77,11 @@ def make_spec(tmp: Path, sweep: str = "t", production: dict | str | None = "shif
 PRODUCTION_PARAMS = ("align", "align_margin", "balance", "balance_max_factor", "cache_dir", "classes", "dedupe",
                      "duplicate_distance", "root", "source", "split", "split_seed", "synthetic.draw_size",
                      "synthetic.n_images", "synthetic.seed", "synthetic.variant", "use_dataset_split")
+
+
+# Per slice value and side (slice_ = production, test_slice_ = the champion's test images with that value).
+SLICE_NAMES = ("count", "accuracy", "macro_f1", "accuracy_ci_low", "accuracy_ci_high", "macro_f1_ci_low",
+               "macro_f1_ci_high", *(f"{k}_{c}" for k in ("precision", "recall", "f1") for c in DEFAULT_CLASSES))
 
 
 def aliases(client, name):
@@ -153,8 +161,8 @@ def test_production_run_logs_metrics_slices_drift_and_the_degradation_table(swee
     expected = {"production_accuracy", "production_macro_f1", "production_align_failure_rate", "drift_auc",
                 "drift_auc_control", "drift_auc_logits", "drift_auc_pixels"}
     expected |= {f"production_{k}_{c}" for k in ("precision", "recall", "f1") for c in DEFAULT_CLASSES}
-    expected |= {f"slice_{attr}_{value}_{k}" for attr, values in (("group", "ab"), ("occluded", "01"))
-                 for value in values for k in ("count", "accuracy", "macro_f1")}
+    expected |= {f"{prefix}_{attr}_{value}_{k}" for prefix in ("slice", "test_slice")
+                 for attr, values in (("group", "ab"), ("occluded", "01")) for value in values for k in SLICE_NAMES}
     assert {k for k in m if not k.startswith("data_")} == expected        # exactly these names, as logged
     assert set(run.data.params) == {"model.image_size"} | {f"production.{k}" for k in PRODUCTION_PARAMS}
     assert run.data.params["production.classes"] == ",".join(DEFAULT_CLASSES)
@@ -165,11 +173,50 @@ def test_production_run_logs_metrics_slices_drift_and_the_degradation_table(swee
     assert run.data.tags["drift_verdict"] == drift_verdict(m["drift_auc"])
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"confusion_matrix.png", "confusion_matrix.json", "degradation.csv", "degradation.md",
-            "slices.csv"} <= artifacts
+            "slices.csv", "slices.json", "slices"} <= artifacts
     counts = json.loads(Path(client.download_artifacts(result.run_id, "confusion_matrix.json", str(tmp))).read_text())
     assert sum(map(sum, counts["counts"])) == 480
     table = Path(client.download_artifacts(result.run_id, "degradation.md", str(tmp))).read_text()
     assert "| overall |" in table and all(f"| {c} |" in table for c in DEFAULT_CLASSES)
+
+
+def test_each_slice_sits_beside_its_test_slice_with_a_confusion_artifact(sweep, production):
+    tmp, client, runs = sweep
+    spec, result = production
+    m = result.metrics
+    source = client.get_run(runs["vit-good"]).data.metrics
+    assert result.slice_note == ""                       # every test image's attributes were found by its key
+    # The test side of each attribute partitions the champion's test split, as the production side does production.
+    assert m["test_slice_group_a_count"] + m["test_slice_group_b_count"] == source["data_n_test"]
+    for attr, values in (("group", "ab"), ("occluded", "01")):
+        for value in values:
+            low, high = m[f"slice_{attr}_{value}_macro_f1_ci_low"], m[f"slice_{attr}_{value}_macro_f1_ci_high"]
+            assert low <= m[f"slice_{attr}_{value}_macro_f1"] <= high
+    files = {a.path for a in client.list_artifacts(result.run_id, "slices")}
+    assert files == {f"slices/{attr}={value}.{ext}" for attr, values in (("group", "ab"), ("occluded", "01"))
+                     for value in values for ext in ("json", "png")}
+    counts = json.loads(Path(client.download_artifacts(result.run_id, "slices/group=b.json", str(tmp))).read_text())
+    assert counts["slice"] == "group=b" and counts["classes"] == list(DEFAULT_CLASSES)
+    assert sum(map(sum, counts["counts"])) == m["slice_group_b_count"]
+    assert sum(map(sum, counts["test_counts"])) == m["test_slice_group_b_count"]
+    csv_rows = Path(client.download_artifacts(result.run_id, "slices.csv", str(tmp))).read_text().splitlines()
+    assert csv_rows[0] == ",".join(SLICE_COLUMNS) and len(csv_rows) == 5
+
+
+def test_the_report_says_which_classes_each_group_loses(sweep, production):
+    tmp, client, runs = sweep
+    spec, result = production
+    path = write_report(make_spec(tmp, name="fer-prod"), client, tmp / "report")
+    text = path.read_text()
+    section = text[text.index("### Production slices"):]
+    print(section[:section.index("Drift")] if "Drift" in section else section)   # shown with pytest -s
+    assert "Which classes each slice loses against its test slice" in section
+    assert all(f"- {name} (" in section for name in ("group=a", "group=b", "occluded=0", "occluded=1"))
+    rows = {r["slice"]: r for r in csv.DictReader((path.parent / "production_slices.csv").open())}
+    assert set(rows) == {"group=a", "group=b", "occluded=0", "occluded=1"}
+    assert float(rows["group=b"]["accuracy"]) == pytest.approx(100 * result.metrics["slice_group_b_accuracy"])
+    per_class = list(csv.DictReader((path.parent / "production_slice_classes.csv").open()))
+    assert len(per_class) == 4 * len(DEFAULT_CLASSES)
 
 
 def test_the_shifted_production_set_scores_below_test_and_drifts_more_than_held_out_data(sweep, production):
@@ -213,6 +260,8 @@ def test_cli_promotes_and_prints_the_production_tables(sweep, capsys):
     assert main(["production", str(path), "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
     assert "test vs production" in out and "production slices" in out and "drift: AUC" in out
+    assert "group=b (" in out and "occluded=1 (" in out       # one finding per slice under the table
+    print(out[out.index("production slices"):out.index("drift: AUC")])   # shown with pytest -s
 
 
 def test_each_missing_piece_is_one_clear_error(sweep, production, capsys):

@@ -7,7 +7,8 @@ pure modules: production_metrics (inference; production_*, slice_* metrics; degr
 drift (drift_auc*, the verdict). One run in experiment <sweep>-production logs them: params
 production.* (the data section), those metrics, tags (drift_verdict: none, moderate, strong, or
 "unknown: why" when the champion's training data is gone) and artifacts confusion_matrix.{json,png},
-degradation.{csv,md} and slices.csv (text from production_tables).
+degradation.{csv,md}, slices.csv and slices.json (text from production_tables), and per slice value
+slices/<attr>=<value>.{json,png} (its confusion counts, production and test).
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from orchestrator.results.drift import Predict, measure_drift
-from orchestrator.results.production_metrics import predict, score_production
+from orchestrator.results.production_metrics import Labelled, labelled_test_images, predict, score_production
 from orchestrator.results.production_tables import (DEGRADATION_COLUMNS, SLICE_COLUMNS, ProductionResult,
-                                                    degradation_markdown, table_csv)
+                                                    degradation_markdown, slice_file_stem, slice_record,
+                                                    slices_json, table_csv)
 from orchestrator.results.registry import RegistryError, champion_version
 from orchestrator.sweep.spec import SweepSpec
 from trainers.config import ConfigError, DataConfig, flat_params, from_dict, validate_data
@@ -36,6 +38,8 @@ from trainers.data.audit import near_duplicates_between, perceptual_hashes
 from trainers.data.dataset import DataError, PreparedData, prepare_data
 from trainers.data.split import TRAIN
 from trainers.plots import confusion_png
+from trainers.predictions import ARTIFACT as PREDICTIONS
+from trainers.predictions import PredictionsError, read_predictions
 from trainers.tracking import ensure_experiment, global_tracking_uri, no_download_bars
 
 if TYPE_CHECKING:
@@ -57,13 +61,14 @@ def evaluate_production(spec: SweepSpec, client: MlflowClient) -> ProductionResu
     data = prepare_data(data_cfg, image_size)
     model, device = load_version(client, spec.promote.name, champion.version)
     logits = predict(model, data.images, np.arange(len(data.labels)), device)
-    scores = score_production(data, logits, source.data.metrics)
+    test_images, slice_note = source_test_images(client, source, image_size, classes)
+    scores = score_production(data, logits, source.data.metrics, test_images)
     drift, verdict = drift_against_training(client, source, data, logits,
                                             lambda images, rows: predict(model, images, rows, device))
     result = ProductionResult(run_id="", model_name=spec.promote.name, version=int(champion.version),
                               source_run_id=source.info.run_id, classes=classes, metrics={**scores.metrics, **drift},
                               degradation=scores.degradation, slices=scores.slices, drift_verdict=verdict,
-                              confusion=scores.confusion)
+                              confusion=scores.confusion, slice_note=slice_note)
     result.metrics.update(duplicates_against_training(client, source, data, data_cfg.duplicate_distance))
     result.run_id = log_production_run(client, spec, data_cfg, data, result)
     return result
@@ -175,6 +180,27 @@ def duplicates_against_training(client: MlflowClient, source: Run, data: Prepare
             "production_duplicates_train_images": float(len(np.unique(pairs[:, 1])))}
 
 
+# --- the test side of the slices -------------------------------------------------------------
+
+def source_test_images(client: MlflowClient, source: Run, image_size: int,
+                       classes: tuple[str, ...]) -> tuple[Labelled | None, str]:
+    """The champion's test predictions with each image's attributes, and a note when that is not (wholly)
+    possible: predictions from its run's test_predictions.csv.gz, attributes from its training data."""
+    unavailable = "test slices unavailable: "
+    try:
+        with tempfile.TemporaryDirectory() as tmp, no_download_bars():
+            predictions = read_predictions(client.download_artifacts(source.info.run_id, PREDICTIONS, tmp))
+    except (MlflowException, OSError, PredictionsError) as err:
+        return None, f"{unavailable}the champion's run has no readable {PREDICTIONS} ({str(err).splitlines()[0]})"
+    if predictions.classes != classes:
+        return None, f"{unavailable}{PREDICTIONS} has classes {list(predictions.classes)}, the model {list(classes)}"
+    try:
+        train = source_training_data(client, source, image_size)
+    except (MlflowException, OSError, KeyError, ConfigError, DataError) as err:
+        return None, f"{unavailable}the champion's training data is not available ({str(err).splitlines()[0]})"
+    return labelled_test_images(predictions, dict(zip(train.paths, train.attrs)))
+
+
 # --- logging ---------------------------------------------------------------------------
 
 def log_production_run(client: MlflowClient, spec: SweepSpec, data_cfg: DataConfig, data: PreparedData,
@@ -192,7 +218,8 @@ def log_production_run(client: MlflowClient, spec: SweepSpec, data_cfg: DataConf
         params["model.image_size"] = str(data.images.shape[1])
         now = int(1000 * time.time())
         values = {**result.metrics, **data.report.metrics()}
-        metrics = [Metric(k, float(v), now, 0) for k, v in values.items() if np.isfinite(v)]
+        # NaN is logged (an undefined metric, e.g. a class absent from a slice, reads "n/a"), not dropped.
+        metrics = [Metric(k, float(v), now, 0) for k, v in values.items() if v is not None and not np.isinf(v)]
         client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
         for i in range(0, len(metrics), 1000):   # the store takes at most 1000 metrics per batch
             client.log_batch(run_id, metrics=metrics[i:i + 1000])
@@ -211,7 +238,24 @@ def _log_tables(client: MlflowClient, run_id: str, classes: tuple[str, ...], res
                     "confusion_matrix.json")
     client.log_text(run_id, table_csv(result.degradation, DEGRADATION_COLUMNS), "degradation.csv")
     client.log_text(run_id, degradation_markdown(title, result.degradation), "degradation.md")
-    client.log_text(run_id, table_csv(result.slices, SLICE_COLUMNS), "slices.csv")
     with tempfile.TemporaryDirectory() as tmp:
         png = confusion_png(result.confusion, classes, Path(tmp) / "confusion_matrix.png", title)
         client.log_artifact(run_id, str(png))
+    _log_slices(client, run_id, classes, result, title)
+
+
+def _log_slices(client: MlflowClient, run_id: str, classes: tuple[str, ...], result: ProductionResult,
+                title: str) -> None:
+    """slices.csv (one row per slice), slices.json (everything, read by the report) and, per slice,
+    slices/<attr>=<value>.json (production and test confusion counts) and .png (production)."""
+    client.log_text(run_id, table_csv([slice_record(row) for row in result.slices], SLICE_COLUMNS), "slices.csv")
+    client.log_text(run_id, json.dumps(slices_json(result.slices, classes, result.slice_note)), "slices.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        for row in result.slices:
+            stem = slice_file_stem(row)
+            counts = {"classes": list(classes), "slice": row.name, "counts": row.production.confusion,
+                      "test_counts": None if row.test is None else row.test.confusion}
+            client.log_text(run_id, json.dumps(counts), f"slices/{stem}.json")
+            png = confusion_png(np.asarray(row.production.confusion), classes, Path(tmp) / f"{stem}.png",
+                                f"{title}: {row.name} ({row.production.count} images)")
+            client.log_artifact(run_id, str(png), artifact_path="slices")

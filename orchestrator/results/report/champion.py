@@ -3,12 +3,17 @@
 drift from its metrics, and its confusion matrix)."""
 from __future__ import annotations
 
+import json
+import math
 import re
 
+from orchestrator.results.production_tables import (SLICE_HEADERS, SliceRow, change_text, most_confused,
+                                                    slice_cells, slice_finding, slice_record, slices_from_json,
+                                                    taken_for, with_interval)
 from orchestrator.results.report.cells import Trial, best_configuration, configurations, runs_of_model
 from orchestrator.results.report.groups import per_class_table
 from orchestrator.results.report.references import study, sweep_block
-from orchestrator.results.report.store import SweepRuns
+from orchestrator.results.report.store import ProductionRun, SweepRuns
 from orchestrator.results.report.tables import Report, Table, number
 from orchestrator.sweep.spec import SweepSpec
 from trainers.plots import confusion_png
@@ -58,6 +63,7 @@ def production_section(report: Report, store: SweepRuns, spec: SweepSpec) -> Non
         report.text("Production: the run logged no degradation.csv; run `make production` again.")
     else:
         degradation_tables(report, spec, run.degradation)
+    production_slices(report, store, run)
     slices_and_drift(report, run.metrics)
     confusion = store.confusion_counts([run.run_id])
     if confusion is not None:
@@ -110,24 +116,106 @@ def comparison(row: dict, stem: str, ref: float | None) -> tuple[list[str], dict
     return cells, {k: "" if v is None else v for k, v in pct.items()}
 
 
-def slices_and_drift(report: Report, metrics: dict) -> None:
-    """Accuracy and macro F1 per attribute slice of the production data, and the drift score."""
+def production_slices(report: Report, store: SweepRuns, run: ProductionRun) -> None:
+    """Per attribute value: production beside the test slice with intervals, per class, and the classes
+    each slice loses (from slices.json; only the slice_* metrics of a run logged before it existed)."""
+    path = store.download(run.run_id, "slices.json")
+    if path is None:
+        slice_metrics_table(report, run.metrics)
+        return
+    rows, classes, note, min_count = slices_from_json(json.loads(path.read_text()))
+    if not rows:
+        report.text("Production slices: the production data has no metadata attributes to slice by.")
+        return
+    report.text("### Production slices",
+                f"Each attribute value of the production data beside the champion's test images with the same "
+                f"value; a slice with under {min_count} images on either side is shown but not judged. "
+                "Accuracy and macro F1 carry 95% bootstrap intervals over the slice's images; a class's recall "
+                "a 95% Wilson score interval, and its change against the test slice Newcombe's interval for "
+                "a difference of two independent proportions. A class *loses* when that change's interval "
+                "lies wholly below 0." + (f" Note: {note}." if note else ""))
+    table = Table("production_slices", ["slice", *SLICE_HEADERS[2:]])
+    for row in rows:
+        table.rows.append([row.name, *slice_cells(row, min_count)[2:]])
+        record = slice_record(row, min_count)
+        table.records.append({"slice": row.name, **{k: _pct(k, v) for k, v in record.items()
+                                                    if k not in ("attribute", "value")}})
+    report.table(table)
+    report.text("Which classes each slice loses against its test slice, and what they are taken for:", "",
+                *(f"- {slice_finding(row, classes, min_count)}" for row in rows))
+    slice_class_table(report, rows, classes)
+
+
+def slice_class_table(report: Report, rows: list[SliceRow], classes: tuple[str, ...]) -> None:
+    """Per slice and class: recall (with interval) and F1, production beside test, and the class most
+    often predicted instead."""
+    table = Table("production_slice_classes", ["slice", "class", "images", "recall [95% CI]", "test recall",
+                                               "Δ recall [95% CI]", "F1", "test F1", "most often taken for"])
+    for row in rows:
+        for k, cls in enumerate(classes):
+            record = slice_class_record(row, k, classes)
+            table.records.append(record)
+            table.rows.append([row.name, cls, str(record["count"]),
+                               with_interval(row.production.recall[k], row.production.recall_ci[k]),
+                               _shown(record["test_recall"]), change_text(*row.recall_change[k]).removeprefix("Δ "),
+                               _shown(record["f1"]), _shown(record["test_f1"]), taken_for(row, k, classes) or "—"])
+    report.table(table)
+
+
+def slice_class_record(row: SliceRow, k: int, classes: tuple[str, ...]) -> dict:
+    """One class in one slice, in percent (None where undefined): the CSV row of production_slice_classes."""
+    p, t = row.production, row.test
+    target, share = most_confused(p.confusion, k)
+    test_share = None if t is None or target is None else most_confused(t.confusion, k, target)[1]
+    d, lo, hi = row.recall_change[k]
+    return {"slice": row.name, "class": classes[k], "count": sum(p.confusion[k]), "recall": _in_percent(p.recall[k]),
+            "recall_ci_low": _in_percent(p.recall_ci[k][0]), "recall_ci_high": _in_percent(p.recall_ci[k][1]),
+            "test_recall": None if t is None else _in_percent(t.recall[k]), "recall_change": _in_percent(d),
+            "recall_change_ci_low": _in_percent(lo), "recall_change_ci_high": _in_percent(hi),
+            "f1": _in_percent(p.f1[k]), "test_f1": None if t is None else _in_percent(t.f1[k]),
+            "taken_for": "" if target is None else classes[target], "taken_for_share": _in_percent(share),
+            "test_taken_for_share": _in_percent(test_share)}
+
+
+def _in_percent(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else 100 * value
+
+
+def _shown(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def _pct(column: str, value):
+    """A slices.csv value in the report's CSV units: rates in percent, counts as they are, n/a empty."""
+    if not isinstance(value, float) or column.endswith("count"):
+        return value
+    return _in_percent(value)
+
+
+def slice_metrics_table(report: Report, metrics: dict) -> None:
+    """Accuracy and macro F1 per slice from the slice_* metrics alone (a run logged before slices.json)."""
     slices: dict[str, dict] = {}
     for key, value in metrics.items():
         found = SLICE_METRIC.match(key)
         if found:
             slices.setdefault(found["slice"], {})[found["kind"]] = value
-    if slices:
-        table = Table("production_slices", ["slice", "images", "accuracy", "macro F1"])
-        for name, values in sorted(slices.items()):
-            acc, f1 = values.get("accuracy"), values.get("macro_f1")
-            count = values.get("count")
-            table.rows.append([name, "—" if count is None else f"{count:.0f}",
-                               "—" if acc is None else f"{100 * acc:.1f}", "—" if f1 is None else f"{100 * f1:.1f}"])
-            table.records.append({"slice": name, "count": count, "accuracy": None if acc is None else 100 * acc,
-                                  "macro_f1": None if f1 is None else 100 * f1})
-        report.text("### Production slices")
-        report.table(table)
+    if not slices:
+        return
+    table = Table("production_slices", ["slice", "images", "accuracy", "macro F1"])
+    for name, values in sorted(slices.items()):
+        acc, f1 = values.get("accuracy"), values.get("macro_f1")
+        count = values.get("count")
+        table.rows.append([name, "—" if count is None else f"{count:.0f}",
+                           "—" if acc is None else f"{100 * acc:.1f}", "—" if f1 is None else f"{100 * f1:.1f}"])
+        table.records.append({"slice": name, "count": count, "accuracy": None if acc is None else 100 * acc,
+                              "macro_f1": None if f1 is None else 100 * f1})
+    report.text("### Production slices", "This production run predates slices.json: no intervals, per-class "
+                "metrics or test slices; run `make production` again for them.")
+    report.table(table)
+
+
+def slices_and_drift(report: Report, metrics: dict) -> None:
+    """The drift score and the alignment failure rate of the production data."""
     if "drift_auc" in metrics:
         control = metrics.get("drift_auc_control")
         report.text(f"Drift: a classifier tells training from production images with AUC {metrics['drift_auc']:.3f}"
