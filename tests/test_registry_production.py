@@ -159,7 +159,8 @@ def test_production_run_logs_metrics_slices_drift_and_the_degradation_table(swee
     assert run.data.tags["model_name"] == "fer-prod" and run.data.tags["model_version"] == "1"
     m = run.data.metrics
     expected = {"production_accuracy", "production_macro_f1", "production_align_failure_rate", "drift_auc",
-                "drift_auc_control", "drift_auc_logits", "drift_auc_pixels"}
+                "drift_auc_control", "drift_auc_logits", "drift_auc_pixels",
+                "production_duplicates_train", "production_duplicates_train_images"}
     expected |= {f"production_{k}_{c}" for k in ("precision", "recall", "f1") for c in DEFAULT_CLASSES}
     expected |= {f"{prefix}_{attr}_{value}_{k}" for prefix in ("slice", "test_slice")
                  for attr, values in (("group", "ab"), ("occluded", "01")) for value in values for k in SLICE_NAMES}
