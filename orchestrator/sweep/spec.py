@@ -366,7 +366,7 @@ def _parse_compare_to(value: Any, grid: dict[str, tuple], field: str, source: st
     if missing:
         _fail(source, field, f"must give a value for every grid axis; missing {', '.join(missing)} "
                              f"(e.g. {{{example}}})")
-    return point
+    return {axis: point[axis] for axis in axes}      # in grid order, however it was written
 
 
 def _defaults_point(spec: SweepSpec, exp: Experiment) -> dict:

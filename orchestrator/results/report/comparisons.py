@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from orchestrator.results.report.cells import NOT_RESULT_PARAMS, Cell, Trial, axes_of, label
-from orchestrator.results.report.tables import Delta, summarize
+from orchestrator.results.report.cells import NOT_RESULT_PARAMS, Cell, Trial, axes_of
+from orchestrator.results.report.tables import LABELS, Delta, summarize, value_text
 from orchestrator.sweep.spec import Experiment
 from trainers.predictions import ARTIFACT, Predictions
 from trainers.stats import N_RESAMPLES, paired_difference
@@ -101,15 +101,21 @@ def group_differences(exp: Experiment, cells: list[Cell], predictions: Predictio
     return {c.point: differences(c, reference, predictions) for c in cells}
 
 
+def reference_label(exp: Experiment) -> str:
+    """The reference point in words: 'resnet50', 'epochs 3', 'optimizer adam, learning rate 0.001'."""
+    return ", ".join(str(value) if axis == "model" else f"{LABELS.get(axis, axis)} {value_text(value)}"
+                     for axis, value in exp.compare_to.items())
+
+
 def delta_header(exp: Experiment) -> str:
     """The Δ column's header: 'Δ F1 vs resnet50'."""
-    return f"Δ F1 vs {label(exp, tuple(exp.compare_to.get(a) for a in axes_of(exp)))}"
+    return f"Δ F1 vs {reference_label(exp)}"
 
 
 def delta_note(exp: Experiment, found: dict[tuple, dict]) -> str:
     """Under a table with a Δ column: what it is, which kind of interval each row carries, and ≈."""
     shown = [d["macro_f1"] for d in found.values() if d["macro_f1"].value is not None]
-    reference = label(exp, tuple(exp.compare_to.get(a) for a in axes_of(exp)))
+    reference = reference_label(exp)
     text = (f"Δ F1: test macro F1 minus the reference's ({reference}), in percentage points, "
             "with the 95% interval of the difference")
     kinds = []

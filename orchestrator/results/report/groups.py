@@ -220,7 +220,8 @@ def delta_grid(report: Report, exp: Experiment, rates: list, optimizers: list, d
     """Δ F1 against the reference point in Table 9's layout (its numbers are in the same CSV)."""
     position = {name: i for i, name in enumerate(axes_of(exp))}
     at = {(point[position["optim.name"]], point[position["optim.lr"]]): d for point, d in deltas.items()}
-    grid = Table(exp.name, [f"{delta_header(exp)}: learning rate \\ optimizer", *optimizers])
+    report.text(f"{delta_header(exp)} (percentage points):")
+    grid = Table(exp.name, ["learning rate \\ optimizer", *optimizers])
     for lr in rates:
         grid.rows.append([value_text(lr), *(delta_text(at[opt, lr]) for opt in optimizers)])
     grid.notes = [delta_note(exp, {p: {"macro_f1": d} for p, d in deltas.items()})]
