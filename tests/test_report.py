@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -16,11 +17,16 @@ from scipy import stats
 from orchestrator.__main__ import main
 from orchestrator.results.production_tables import DEGRADATION_COLUMNS
 from orchestrator.results.report import write_report
-from orchestrator.results.report.cells import Trial, group_cells
+from orchestrator.results.report.cells import Cell, Trial, group_cells
+from orchestrator.results.report.comparisons import differences
+from orchestrator.results.report.groups import TEST_METRICS
 from orchestrator.results.report.references import study
+from orchestrator.results.report.store import SweepRuns
+from orchestrator.results.report.tables import delta_text
 from orchestrator.sweep.runner import child_run_tags
 from orchestrator.sweep.spec import parse_yaml, spec_from_dict
 from trainers.config import TrackingConfig, TrialConfig, flat_params
+from trainers.predictions import ARTIFACT as PREDICTIONS
 from trainers.run import run_trial
 from trainers.tracking import ensure_experiment, open_parent_run
 
@@ -49,10 +55,11 @@ def run_sweep(tmp: Path, raw_spec: dict, tiny_trial, skip_group: str | None = No
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     spec = spec_from_dict(raw_spec)
     parent = open_parent_run(client, spec.name)
+    skipped = [t for t in spec.plan if t.groups == (skip_group,)]
     for i, trial in enumerate(spec.plan):
         tags = child_run_tags(spec.name, ",".join(trial.groups), i)
-        if trial.groups == (skip_group,):
-            if trial.config.train.epochs == 2:   # one crashed run with its params, as a real crash leaves it
+        if trial in skipped:
+            if trial is skipped[0]:   # one crashed run with its params, as a real crash leaves it
                 run = client.create_run(ensure_experiment(client, spec.name), run_name=trial.name,
                                         tags={**tags, "mlflow.parentRunId": parent, "status": "failed",
                                               "config_hash": trial.hash})
@@ -114,14 +121,17 @@ def one_seed(tmp_path_factory, tiny_trial, tiny_vit):
     tmp = tmp_path_factory.mktemp("one_seed")
     raw_spec = sweep_spec("r", {
         "baseline": {"title": "ViT vs ResNet-50", "grid": {"model": ["vit", "resnet50"]},
+                     "compare_to": {"model": "resnet50"},
                      "reference": {"source": "Tables 3 and 6", "metric": ["test_accuracy", "test_macro_f1"],
                                    "points": [{"model": "vit", "value": [0.990, 0.990]},
                                               {"model": "resnet50", "value": [0.895, 0.899]}]}},
-        "epochs": {"title": "Epochs ablation", "grid": {"train.epochs": [2, 3]}},
+        # Epochs 1 is the baseline's ViT run; the reference is the other point, as the study's 3 is.
+        "epochs": {"title": "Epochs ablation", "grid": {"train.epochs": [1, 2]}, "compare_to": {"epochs": 2}},
         "optimizer_lr": {"title": "Optimizer x learning rate",
                          "grid": {"optim.name": ["sgd", "adam"], "optim.lr": [1.0e-3, DIVERGING_LR]}},
+        "fine_lr": {"title": "Fine LR", "grid": {"optim.lr": [1.0e-4, 1.0e-2]}},
     }, [0], tiny_vit)
-    client, spec, parent = run_sweep(tmp, raw_spec, tiny_trial, skip_group="epochs")
+    client, spec, parent = run_sweep(tmp, raw_spec, tiny_trial, skip_group="fine_lr")
     baseline_vit = next(r for r in client.search_runs([client.get_experiment_by_name("r").experiment_id])
                         if r.info.run_name == "vit-adam-lr0.001-ep1-s0")
     production = log_production_run(client, "r", baseline_vit.info.run_id)
@@ -157,13 +167,15 @@ def test_test_and_per_class_tables_hold_mlflow_numbers(one_seed):
             assert float(row[metric]) == pytest.approx(mean_pct(client, row, metric))
             assert f"{float(row[metric]):.1f}" in text
     assert float(rows[0]["study_test_accuracy"]) == pytest.approx(99.0)
-    assert f"{float(rows[0]['test_accuracy']):.1f} · study 99.0" in text
+    assert re.search(rf"{float(rows[0]['test_accuracy']):.1f} \[[\d.]+, [\d.]+\] · study 99\.0", text)
     for model in ("vit", "resnet50"):
         per_class = read_csv(path.parent / f"baseline_per_class_{model}.csv")
         assert [r["class"] for r in per_class] == list(CLASSES)
         for row in per_class:
             for metric in ("recall", "precision", "f1"):
-                assert float(row[metric]) == pytest.approx(mean_pct(client, row, f"test_{metric}_{row['class']}"))
+                logged = mean_pct(client, row, f"test_{metric}_{row['class']}")
+                # An undefined metric (a class with no test image, or never predicted) is NaN: no number.
+                assert (row[metric] == "") if math.isnan(logged) else float(row[metric]) == pytest.approx(logged)
 
 
 def test_curves_table_is_the_metric_history(one_seed):
@@ -196,13 +208,13 @@ def test_optimizer_lr_grid_marks_diverged_cells_and_heatmap_has_one_cell_per_pai
         for opt in ("sgd", "adam"):
             assert r[opt] == by_pair[opt, float(r["optim.lr"])]
     grid_rows = [line for line in path.read_text().splitlines() if line.startswith("| 1e+08 |")]
-    assert grid_rows == ["| 1e+08 | diverged | diverged |"]
+    assert grid_rows == ["| 1e+08 | diverged | diverged |", "| 1e+08 | — | — |"]    # then its Δ F1 grid
 
 
 def test_group_without_finished_trials_is_left_out_with_its_reason(one_seed):
     _, _, _, path, _, _ = one_seed
-    assert "Epochs ablation: no finished trials in group 'epochs' (1 failed)." in path.read_text()
-    assert not (path.parent / "epochs.csv").exists()
+    assert "Fine LR: no finished trials in group 'fine_lr' (1 failed)." in path.read_text()
+    assert not (path.parent / "fine_lr.csv").exists()
 
 
 def test_figures_are_png(one_seed):
@@ -227,8 +239,9 @@ def test_production_tables_compare_test_and_production(one_seed):
     assert [r["class"] for r in read_csv(path.parent / "production_per_class.csv")] == list(CLASSES)
     for row in read_csv(path.parent / "production_per_class.csv"):
         for kind in ("recall", "f1"):
+            # nan_ok: a class without test images has NaN metrics (the degradation CSV writes "nan").
             assert float(row[f"test_{kind}"]) == pytest.approx(100 * test[f"test_{kind}_{row['class']}"],
-                                                               abs=ROUNDED)
+                                                               abs=ROUNDED, nan_ok=True)
             assert float(row[f"production_{kind}"]) == pytest.approx(
                 100 * production[f"production_{kind}_{row['class']}"])
     (slice_row,) = read_csv(path.parent / "production_slices.csv")
@@ -316,3 +329,115 @@ def test_cells_follow_config_hash_and_read_a_preset_from_the_model_it_resolves_t
         size = 48 if model == "wide" else 32
         planned = {t.name for t in plan if t.config.optim.lr == lr and t.config.model.image_size == size}
         assert len(cell.trials) == 2 and {t.name for t in cell.trials} == planned
+
+
+# --- differences against the reference point, and intervals on single numbers --------------------
+
+DELTA_COLUMNS = ("delta_f1", "delta_f1_low", "delta_f1_high", "delta_kind", "distinguishable",
+                 "delta_accuracy", "delta_accuracy_low", "delta_accuracy_high")
+
+
+def n_test(client: MlflowClient, row: dict) -> str:
+    """How many test images the row's run was tested on, as logged."""
+    return str(int(client.get_run(row["runs"]).data.metrics["data_n_test"]))
+
+
+def note_under(text: str, table: str) -> str:
+    """The Markdown between the last row and the CSV link of each view of a table (Table 9 has two)."""
+    views = text.split(f"<sub>data: [{table}.csv]")[:-1]
+    return "\n".join(view.rsplit("|", 1)[1] for view in views)
+
+
+@pytest.mark.parametrize("table, reference, axis", [("baseline_test", "resnet50", "model"),
+                                                    ("epochs", "2", "train.epochs"),
+                                                    ("optimizer_lr", "adam", "optim.name")])
+def test_comparison_tables_have_a_delta_with_its_bootstrap_interval_against_the_reference(
+        one_seed, table, reference, axis):
+    client, _, _, path, _, _ = one_seed
+    rows = read_csv(path.parent / f"{table}.csv")
+    assert set(DELTA_COLUMNS) <= set(rows[0])
+    (ref_row,) = [r for r in rows if r["delta_kind"] == "reference"]
+    assert ref_row[axis] == reference and ref_row["delta_f1"] == ""
+    compared = [r for r in rows if r["delta_kind"] == "bootstrap"]
+    assert len(compared) == len([r for r in rows if r["runs"]]) - 1
+    for row in compared:
+        low, delta, high = (float(row[c]) for c in ("delta_f1_low", "delta_f1", "delta_f1_high"))
+        assert low <= delta <= high
+        # One run each on the same test images: the point difference is the difference of the logged metrics.
+        for metric, column in (("test_macro_f1", "delta_f1"), ("test_accuracy", "delta_accuracy")):
+            assert float(row[column]) == pytest.approx(mean_pct(client, row, metric) - mean_pct(client, ref_row, metric),
+                                                       abs=1e-6)
+        assert row["distinguishable"] == str(low > 0 or high < 0).lower()
+        assert row["delta_n"] == n_test(client, row)
+    text = path.read_text()
+    assert "Δ F1 vs " in text and "| reference |" in text
+    note = note_under(text, table)
+    assert f"paired bootstrap over the same {n_test(client, ref_row)} test images" in note
+    assert "≈: not distinguishable, the 95% interval of the difference contains 0." in note
+
+
+def test_single_seed_values_carry_their_logged_bootstrap_interval(one_seed):
+    client, _, _, path, _, _ = one_seed
+    text = path.read_text()
+    for row in read_csv(path.parent / "baseline_test.csv"):
+        logged = client.get_run(row["runs"]).data.metrics
+        for metric in TEST_METRICS:
+            low, high = (100 * logged[f"{metric}_ci_{end}"] for end in ("low", "high"))
+            assert float(row[f"{metric}_ci_low"]) == pytest.approx(low)
+            assert float(row[f"{metric}_ci_high"]) == pytest.approx(high)
+            assert f"{100 * logged[metric]:.1f} [{low:.1f}, {high:.1f}]" in text
+    assert f"one run, [95% bootstrap interval over its {n_test(client, row)} test images" in \
+        note_under(text, "baseline_test")
+
+
+def copy_run(client: MlflowClient, source, folder: Path, predictions: bool, digest: str | None = None) -> str:
+    """A finished run with the source's params, metrics and tags, its predictions artifact copied or left out."""
+    tags = {"status": "finished", "data_digest": digest or source.data.tags["data_digest"]}
+    run = client.create_run(source.info.experiment_id, tags=tags)
+    for key, value in source.data.metrics.items():
+        client.log_metric(run.info.run_id, key, value)
+    if predictions:
+        client.log_artifact(run.info.run_id, client.download_artifacts(source.info.run_id, PREDICTIONS, str(folder)))
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def test_a_run_against_itself_differs_by_exactly_zero_and_is_not_distinguishable(one_seed, tmp_path):
+    client, _, _, _, _, vit = one_seed
+    twin = copy_run(client, vit, tmp_path, predictions=True)
+    bare = copy_run(client, vit, tmp_path, predictions=False)
+    elsewhere = copy_run(client, vit, tmp_path, predictions=True, digest="0" * 16)
+    store = SweepRuns(client, "r", tmp_path)
+    reference = Cell(("resnet50",), trials=[store.trial(vit.info.run_id)])
+
+    def against(run_id: str) -> dict:
+        return differences(Cell(("vit",), trials=[store.trial(run_id)]), reference, store.predictions)
+
+    same = against(twin)
+    for metric in ("macro_f1", "accuracy"):
+        assert (same[metric].value, same[metric].low, same[metric].high) == (0.0, 0.0, 0.0)
+        assert same[metric].kind == "bootstrap" and same[metric].distinguishable is False
+    assert delta_text(same["macro_f1"]) == "+0.0 [+0.0, +0.0] ≈"
+    assert delta_text(against(bare)["macro_f1"]) == "—"
+    assert delta_text(against(elsewhere)["macro_f1"]) == "not comparable (different test images)"
+    assert delta_text(differences(reference, reference, store.predictions)["macro_f1"]) == "reference"
+
+
+def test_several_seeds_are_paired_by_seed_with_a_t_interval_over_the_differences():
+    def run(name: str, seed: int, f1: float) -> Trial:
+        return Trial(name, name, "finished", (), "", {"train.seed": str(seed)},
+                     {"test_macro_f1": f1, "test_accuracy": f1})
+
+    points = Cell(("vit",), trials=[run("a0", 0, 0.80), run("a1", 1, 0.70), run("a2", 2, 0.75), run("a3", 3, 0.9)])
+    reference = Cell(("resnet50",), trials=[run("b2", 2, 0.71), run("b0", 0, 0.74), run("b1", 1, 0.69)])
+
+    def no_predictions(run_id: str):
+        raise AssertionError("over seeds, no predictions are read")
+
+    found = differences(points, reference, no_predictions)["macro_f1"]
+    per_seed = [0.80 - 0.74, 0.70 - 0.69, 0.75 - 0.71]       # seed 3 has no reference run: left out
+    half = stats.t.ppf(0.975, 2) * statistics.stdev(per_seed) / math.sqrt(3)
+    assert (found.kind, found.n) == ("seeds", 3)
+    assert found.value == pytest.approx(statistics.fmean(per_seed))
+    assert (found.low, found.high) == (pytest.approx(found.value - half), pytest.approx(found.value + half))
+    assert found.distinguishable is (found.low > 0)

@@ -114,6 +114,21 @@ def test_aliases_and_set_reach_the_trial(tmp_path):
     assert trial.name == "vit-sgd-lr0.01-ep2-s0"
 
 
+def test_compare_to_names_each_experiments_reference_point_and_defaults_to_the_sweeps_defaults():
+    raw = read(DEMO)
+    assert {e.name: e.compare_to for e in spec_from_dict(raw).experiments} == {
+        "baseline": {"model": "resnet50"}, "epochs": {"train.epochs": 3},
+        "optimizer_lr": {"optim.name": "adam", "optim.lr": 1e-3}, "fine_lr": {"optim.lr": 1e-5}}
+    raw["experiments"]["optimizer_lr"]["compare_to"] = {"lr": 1e-2, "optimizer": "sgd"}   # aliases, any order
+    for name in ("baseline", "epochs", "fine_lr"):
+        del raw["experiments"][name]["compare_to"]
+    found = {e.name: e.compare_to for e in spec_from_dict(raw).experiments}
+    assert found["optimizer_lr"] == {"optim.lr": 1e-2, "optim.name": "sgd"}
+    # Without compare_to: the point of the defaults (vit, 3 epochs), else the grid's first point (1e-5).
+    assert (found["baseline"], found["epochs"], found["fine_lr"]) == (
+        {"model": "vit"}, {"train.epochs": 3}, {"optim.lr": 1e-5})
+
+
 def test_exponent_floats_are_numbers_not_strings(tmp_path):
     path = tmp_path / "spec.yaml"
     path.write_text(DEMO.read_text().replace("lr: 1.0e-3", "lr: 1e-3"))
@@ -246,6 +261,17 @@ REJECTIONS = [
     (("models/vit/vit/patch_size", 5), "models.vit.vit.patch_size", "must divide"),
     (("models/resnet50/name", None), "models.resnet50.name", "is required"),
     (("experiments/epochs/colour", "red"), "experiments.epochs.colour", "allowed: title, grid, set, reference"),
+    (("experiments/baseline/compare_to", {"optimizer": "adam"}), "experiments.baseline.compare_to.optimizer",
+     "is not an axis of this experiment's grid (model)"),
+    (("experiments/baseline/compare_to", {"model": "vgg"}), "experiments.baseline.compare_to.model",
+     "is 'vgg', not a value of the grid's model (vit, resnet50); pick one of them"),
+    (("experiments/epochs/compare_to", {"epochs": 7}), "experiments.epochs.compare_to.epochs",
+     "not a value of the grid's train.epochs (2, 3, 4, 5)"),
+    (("experiments/optimizer_lr/compare_to", {"optim.name": "adam"}), "experiments.optimizer_lr.compare_to",
+     "must give a value for every grid axis; missing optim.lr"),
+    (("experiments/epochs/compare_to", {"seed": 0}), "experiments.epochs.compare_to.seed", "seeds are replicates"),
+    (("experiments/baseline/compare_to", "resnet50"), "experiments.baseline.compare_to",
+     "must map each grid axis to one of its values, e.g. {model: vit}"),
     (("experiments/epochs/reference", [1, 2]), "experiments.epochs.reference", "must be a mapping"),
     (("experiments/epochs/set", {"optim.lr": "fast"}), "experiments.epochs.set.optim.lr", "must be a number"),
     (("search", {"method": "random"}), "search.method", "must be one of grid, tpe"),

@@ -12,6 +12,8 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import functools
+import math
 import re
 import typing
 from pathlib import Path
@@ -27,7 +29,7 @@ from orchestrator.sweep.spec_types import (Defaults, ExecutionSpec, Experiment, 
 
 TOP_KEYS = ("name", "description", "data", "production", "models", "defaults", "experiments",
             "seeds", "search", "promote", "execution")
-EXPERIMENT_KEYS = ("title", "grid", "set", "reference")
+EXPERIMENT_KEYS = ("title", "grid", "set", "reference", "compare_to")
 AXIS_ALIASES = {"optimizer": "optim.name", "lr": "optim.lr", "epochs": "train.epochs", "seed": "train.seed"}
 SEARCH_METHODS = ("grid", "tpe")
 PROMOTE_METRICS = ("val_macro_f1", "test_macro_f1", "val_accuracy", "test_accuracy")
@@ -154,7 +156,11 @@ def spec_from_dict(raw: dict, source: str = "spec") -> SweepSpec:
         promote=_parse_promote(raw.get("promote"), models, source),
         execution=_parse_execution(raw.get("execution"), source),
     )
-    return dataclasses.replace(spec, plan=_plan(spec, raw))
+    spec = dataclasses.replace(spec, plan=_plan(spec, raw))
+    # After the plan: a grid value that makes no valid trial is named as such first, not as a compare_to miss.
+    return dataclasses.replace(spec, experiments=tuple(
+        dataclasses.replace(exp, compare_to=_reference_point(spec, exp, raw["experiments"][exp.name]))
+        for exp in spec.experiments))
 
 
 def _fail(source: str, field: str, why: str) -> typing.NoReturn:
@@ -319,6 +325,64 @@ def _parse_experiment(name: Any, body: Any, models: dict, source: str) -> Experi
     fixed = _parse_set(_mapping(body.get("set"), f"{field}.set", source, True), f"{field}.set", models, source)
     reference = _mapping(body.get("reference"), f"{field}.reference", source, optional=True)
     return Experiment(name=name, title=title, grid=grid, set=fixed, reference=reference)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """A spec value against a grid or config value: numbers by value, lists as tuples."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return tuple(a) == tuple(b)
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)):
+        return math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
+def _reference_point(spec: SweepSpec, exp: Experiment, written: dict) -> dict:
+    """The experiment's compare_to as canonical axis -> the grid's own value; when not given, the point of
+    the sweep's defaults."""
+    if written.get("compare_to") is None:
+        return _defaults_point(spec, exp)
+    return _parse_compare_to(written["compare_to"], exp.grid, f"experiments.{exp.name}.compare_to", spec.path)
+
+
+def _parse_compare_to(value: Any, grid: dict[str, tuple], field: str, source: str) -> dict:
+    """A written compare_to, checked: one value of the grid per grid axis (seed aside)."""
+    axes = [axis for axis in grid if axis != "train.seed"]
+    example = ", ".join(f"{axis}: {grid[axis][0]}" for axis in axes)
+    if not isinstance(value, dict) or not value:
+        _fail(source, field, f"must map each grid axis to one of its values, e.g. {{{example}}}; "
+                             f"got {describe(value)}")
+    point = {}
+    for key_field, path, chosen in _axes(value, field, source, "give each axis once"):
+        if path not in axes:
+            why = "seeds are replicates, not a point to compare to" if path == "train.seed" else \
+                f"is not an axis of this experiment's grid ({', '.join(axes)})"
+            _fail(source, key_field, f"{why}; name one value per grid axis")
+        found = next((v for v in grid[path] if _same_value(chosen, v)), None)
+        if found is None:
+            _fail(source, key_field, f"is {chosen!r}, not a value of the grid's {path} "
+                                     f"({', '.join(map(str, grid[path]))}); pick one of them")
+        point[path] = found
+    missing = [axis for axis in axes if axis not in point]
+    if missing:
+        _fail(source, field, f"must give a value for every grid axis; missing {', '.join(missing)} "
+                             f"(e.g. {{{example}}})")
+    return {axis: point[axis] for axis in axes}      # in grid order, however it was written
+
+
+def _defaults_point(spec: SweepSpec, exp: Experiment) -> dict:
+    """The grid point the sweep's defaults (with the experiment's set) land on, else the grid's first point."""
+    axes = [axis for axis in exp.grid if axis != "train.seed"]
+    first = {axis: exp.grid[axis][0] for axis in axes}
+    try:
+        cfg = resolve_trial(spec, {"train.seed": spec.seeds[0], **exp.set})
+    except ConfigError:           # the set is only valid with the grid's values: no defaults point
+        return first
+    point = {}
+    for axis in axes:
+        default = exp.set.get("model", spec.defaults.model) if axis == "model" else \
+            functools.reduce(getattr, axis.split("."), cfg)
+        point[axis] = next((v for v in exp.grid[axis] if _same_value(default, v)), None)
+    return first if any(v is None for v in point.values()) else point
 
 
 def _axes(mapping: dict, prefix: str, source: str, again: str) -> Iterator[tuple[str, str, Any]]:

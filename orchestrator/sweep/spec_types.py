@@ -48,6 +48,9 @@ class Experiment:
     grid: dict[str, tuple]        # canonical dotted axis (aliases resolved) -> values, in spec order
     set: dict                     # canonical dotted path -> one value, applied before the grid
     reference: dict               # the study's reported numbers, free form
+    # The grid point the report's differences are taken against: canonical axis -> the grid's own value
+    # (seed aside). load_spec fills it: the spec's compare_to, else the point of the sweep's defaults.
+    compare_to: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)

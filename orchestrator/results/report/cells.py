@@ -6,6 +6,7 @@ model its preset resolves to; a `train.seed` axis, like the spec's seeds, only a
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections import Counter
@@ -31,6 +32,11 @@ class Trial:
     config_hash: str              # the planned trial it ran ("" for a run without the tag)
     params: dict[str, str]
     metrics: dict[str, float]
+    data_digest: str = ""         # the prepared data it trained and was tested on ("" if not logged)
+
+    @property
+    def seed(self) -> str:
+        return self.params.get("train.seed", "")
 
     @property
     def finished(self) -> bool:
@@ -43,6 +49,18 @@ class Trial:
     def replicate_key(self) -> frozenset:
         """What the run computed, seed aside: runs with equal keys are replicates of one configuration."""
         return frozenset((k, v) for k, v in self.params.items() if k not in NOT_RESULT_PARAMS)
+
+
+def stat_of(trials: list[Trial], metric: str) -> Stat | None:
+    """Mean ± t over the runs' values; one run's value carries its logged bootstrap interval
+    (<metric>_ci_low / _ci_high, logged for test accuracy and macro F1) when it has one."""
+    stat = summarize(t.metrics.get(metric) for t in trials)
+    if stat is None or stat.n > 1 or len(trials) != 1:
+        return stat
+    low, high = (trials[0].metrics.get(f"{metric}_ci_{end}") for end in ("low", "high"))
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return stat
+    return dataclasses.replace(stat, low=low, high=high)
 
 
 def status_text(trials: list[Trial], counted: bool = False) -> str:
@@ -67,7 +85,7 @@ class Cell:
         return [t for t in self.trials if t.finished]
 
     def stat(self, metric: str) -> Stat | None:
-        return summarize(t.metrics.get(metric) for t in self.finished)
+        return stat_of(self.finished, metric)
 
     def run_ids(self) -> str:
         return ";".join(t.run_id for t in self.finished)

@@ -38,6 +38,7 @@ def header(report: Report, spec: SweepSpec, uri: str, parent_run_id: str, trials
     report.text("Numbers are percentages with one decimal (losses: raw, three decimals); a study value is "
                 "shown beside ours as `· study 99.0`; per-class \"accuracy\" is recall, as in the study. "
                 "Each table's CSV holds the same numbers unrounded and the run ids behind them.")
+    report.text("Δ F1: the difference to the experiment's `compare_to` point, with its 95% interval; ≈: it holds 0.")
     if report.replicated:
         report.text("Cells over several seeds show the mean ± the half-width of the 95% t-interval; "
                     "n is the number of finished seeds.")

@@ -3,18 +3,20 @@
                              metrics and confusion matrices (the study's Tables 2-7, Figures 3, 4, 6, 7)
   optim.name x optim.lr   -> the "acc / F1" grid and a heatmap of test macro F1 (Table 9, Figure 8)
   anything else           -> one row per grid point (train.epochs: Table 8; optim.lr: Table 10)
-and one row per run for groups the spec has no grid for (TPE samples)."""
+and one row per run for groups the spec has no grid for (TPE samples). Each table of several grid points
+has a Δ F1 column against the experiment's compare_to point, with its interval (see comparisons.py)."""
 from __future__ import annotations
 
 import math
 
 import numpy as np
 
-from orchestrator.results.report.cells import Cell, Trial, axes_of, group_cells, label, status_text
+from orchestrator.results.report.cells import Cell, Trial, axes_of, group_cells, label, stat_of, status_text
+from orchestrator.results.report.comparisons import delta_header, delta_note, group_differences, value_note
 from orchestrator.results.report.references import study, study_numbers
 from orchestrator.results.report.store import SweepRuns
-from orchestrator.results.report.tables import LABELS, Report, Table, number, put, scale, show, slug, \
-    summarize, value_text
+from orchestrator.results.report.tables import LABELS, Report, Table, delta_text, number, put, put_delta, scale, \
+    show, slug, summarize, value_text
 from orchestrator.sweep.plan import PlannedTrial
 from orchestrator.sweep.spec import Experiment, SweepSpec
 from trainers.plots import confusion_png, curves_png, heatmap_png
@@ -48,9 +50,9 @@ def experiment_section(report: Report, store: SweepRuns, spec: SweepSpec, plan: 
     if "model" in axes:
         model_sections(report, store, exp, cells)
     elif axes == {"optim.name", "optim.lr"}:
-        optimizer_lr_section(report, exp, cells)
+        optimizer_lr_section(report, store, exp, cells)
     else:
-        points_section(report, exp, cells)
+        points_section(report, store, exp, cells)
 
 
 def numbered(title: str, exp: Experiment, cell: Cell, part: str) -> str:
@@ -69,7 +71,7 @@ def model_sections(report: Report, store: SweepRuns, exp: Experiment, cells: lis
         report.text(f"### {numbered('Training details', exp, cell, 'curves')}")
         curves_table(report, store, exp, cell)
     report.text("### Test metrics" + (" (Tables 3, 6)" if len(axes_of(exp)) == 1 else ""))
-    test_table(report, exp, ran)
+    test_table(report, store, exp, cells)
     for cell in ran:
         report.text(f"### {numbered('Per-class test metrics', exp, cell, 'per_class')}")
         query = dict(zip(axes_of(exp), cell.point))
@@ -110,25 +112,36 @@ def curves_table(report: Report, store: SweepRuns, exp: Experiment, cell: Cell) 
         report.figure(path, f"training curves: {label(exp, cell.point)}")
 
 
-def test_table(report: Report, exp: Experiment, cells: list[Cell]) -> None:
-    """Test accuracy and macro F1 per model (Tables 3 and 6 in one)."""
+def test_table(report: Report, store: SweepRuns, exp: Experiment, cells: list[Cell]) -> None:
+    """Test accuracy and macro F1 per finished model (Tables 3 and 6 in one), with Δ F1 against compare_to."""
     axes = axes_of(exp)
+    found = group_differences(exp, cells, store.predictions)
     table = Table(f"{exp.name}_test", [*(LABELS.get(a, a) for a in axes), *report.n_header(),
-                                       *(LABELS[m] for m in TEST_METRICS)])
-    for cell in cells:
+                                       *(LABELS[m] for m in TEST_METRICS), *([delta_header(exp)] if found else [])])
+    for cell in (c for c in cells if c.finished):
         record = {a: v for a, v in zip(axes, cell.point)}
         record["n"] = len(cell.finished)
         row = [value_text(v) for v in cell.point] + n_cells(report, cell)
         stats = [(m, cell.stat(m), study(exp.reference, m, dict(zip(axes, cell.point)))) for m in TEST_METRICS]
-        add_row(table, cell, record, row, stats)
+        add_row(table, cell, record, row, stats, found.get(cell.point))
+    table.notes = interval_notes(exp, cells, found)
     report.table(table)
 
 
-def add_row(table: Table, cell: Cell, record: dict, row: list, stats: list[tuple]) -> None:
-    """Append one row: each (metric, stat, study value) shown in the table and kept in the CSV record."""
+def interval_notes(exp: Experiment, cells: list[Cell], found: dict) -> list[str]:
+    """Under a comparison table: which interval the value cells carry, and what Δ and ≈ mean."""
+    return [note for note in (value_note(cells), delta_note(exp, found) if found else None) if note]
+
+
+def add_row(table: Table, cell: Cell, record: dict, row: list, stats: list[tuple], deltas: dict | None = None) -> None:
+    """Append one row: each (metric, stat, study value) shown in the table and kept in the CSV record,
+    then the Δ F1 column (and every difference column in the CSV) when the table compares points."""
     for metric, stat, ref in stats:
         put(record, metric, metric, stat, ref)
         row.append(show(metric, stat, ref))
+    if deltas is not None:
+        row.append(delta_text(deltas["macro_f1"]))
+        put_delta(record, deltas)
     record["runs"] = cell.run_ids()
     table.rows.append(row)
     table.records.append(record)
@@ -162,9 +175,11 @@ def confusion_figure(report: Report, store: SweepRuns, name: str, cell: Cell, ti
                   f"confusion matrix: {title}")
 
 
-def optimizer_lr_section(report: Report, exp: Experiment, cells: list[Cell]) -> None:
-    """Table 9: 'acc / F1' per learning rate (rows) x optimizer (columns); Figure 8: heatmap of F1."""
+def optimizer_lr_section(report: Report, store: SweepRuns, exp: Experiment, cells: list[Cell]) -> None:
+    """Table 9: 'acc / F1' per learning rate (rows) x optimizer (columns), then Δ F1 against compare_to in the
+    same layout; Figure 8: heatmap of F1."""
     axes = axes_of(exp)
+    found = group_differences(exp, cells, store.predictions)
     optimizers, rates = list(exp.grid["optim.name"]), list(exp.grid["optim.lr"])
     at = {}
     for cell in cells:
@@ -189,11 +204,28 @@ def optimizer_lr_section(report: Report, exp: Experiment, cells: list[Cell]) -> 
         record["n"] = len(cell.finished)
         for metric in TEST_METRICS:
             put(record, metric, metric, cell.stat(metric), study(exp.reference, metric, dict(zip(axes, cell.point))))
+        if found:
+            put_delta(record, found[cell.point])
         record["status"] = "finished" if cell.finished else status_text(cell.trials)
         record["runs"] = cell.run_ids()
         table.records.append(record)
+    table.notes = [n for n in [value_note(cells, "acc / F1")] if n]
     report.table(table)
+    if found:
+        delta_grid(report, exp, rates, optimizers, {p: d["macro_f1"] for p, d in found.items()})
     heatmap(report, exp, rates, optimizers, matrix, notes)
+
+
+def delta_grid(report: Report, exp: Experiment, rates: list, optimizers: list, deltas: dict) -> None:
+    """Δ F1 against the reference point in Table 9's layout (its numbers are in the same CSV)."""
+    position = {name: i for i, name in enumerate(axes_of(exp))}
+    at = {(point[position["optim.name"]], point[position["optim.lr"]]): d for point, d in deltas.items()}
+    report.text(f"{delta_header(exp)} (percentage points):")
+    grid = Table(exp.name, ["learning rate \\ optimizer", *optimizers])
+    for lr in rates:
+        grid.rows.append([value_text(lr), *(delta_text(at[opt, lr]) for opt in optimizers)])
+    grid.notes = [delta_note(exp, {p: {"macro_f1": d} for p, d in deltas.items()})]
+    report.view(grid)
 
 
 def heatmap(report: Report, exp: Experiment, rates: list, optimizers: list, matrix: np.ndarray,
@@ -223,11 +255,12 @@ def grid_cell(report: Report, exp: Experiment, cell: Cell, query: dict) -> str:
     return text
 
 
-def points_section(report: Report, exp: Experiment, cells: list[Cell]) -> None:
-    """One row per grid point: its axis values and test accuracy / macro F1 (Tables 8 and 10)."""
+def points_section(report: Report, store: SweepRuns, exp: Experiment, cells: list[Cell]) -> None:
+    """One row per grid point: its axis values, test accuracy / macro F1 (Tables 8 and 10) and Δ F1."""
     axes = axes_of(exp)
+    found = group_differences(exp, cells, store.predictions)
     table = Table(exp.name, [*(LABELS.get(a, a) for a in axes), *report.n_header(),
-                             *(LABELS[m] for m in TEST_METRICS)])
+                             *(LABELS[m] for m in TEST_METRICS), *([delta_header(exp)] if found else [])])
     for cell in cells:
         query = dict(zip(axes, cell.point))
         record = {**query, "n": len(cell.finished)}
@@ -236,10 +269,14 @@ def points_section(report: Report, exp: Experiment, cells: list[Cell]) -> None:
             stat, ref = cell.stat(metric), study(exp.reference, metric, query)
             put(record, metric, metric, stat, ref)
             row.append(show(metric, stat, ref) if cell.finished else status_text(cell.trials))
+        if found:
+            row.append(delta_text(found[cell.point]["macro_f1"]))
+            put_delta(record, found[cell.point])
         record["status"] = "finished" if cell.finished else status_text(cell.trials)
         record["runs"] = cell.run_ids()
         table.rows.append(row)
         table.records.append(record)
+    table.notes = interval_notes(exp, cells, found)
     report.table(table)
 
 
@@ -256,10 +293,11 @@ def other_groups_section(report: Report, spec: SweepSpec, trials: list[Trial]) -
             record = {"run": trial.name, **{a: trial.params.get(a, "") for a in axes}, "status": trial.status}
             row = [trial.name, *(trial.params.get(a, "—") for a in axes), trial.status]
             for metric in ("val_macro_f1", *TEST_METRICS):
-                stat = summarize([trial.metrics.get(metric)])
+                stat = stat_of([trial], metric)
                 put(record, metric, metric, stat)
                 row.append(show(metric, stat))
             record["runs"] = trial.run_id
             table.rows.append(row)
             table.records.append(record)
+        table.notes = [n for n in [value_note([Cell((), trials=[t]) for t in trials if group in t.groups])] if n]
         report.table(table)

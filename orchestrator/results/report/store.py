@@ -1,6 +1,6 @@
 """Everything the report reads from MLflow (the only module of the report that imports mlflow):
-the sweep's parent and child runs, metric histories, confusion matrices, the newest production run
-with its degradation.csv, and logging the finished report back to the parent run."""
+the sweep's parent and child runs, metric histories, test predictions, confusion matrices, the newest
+production run with its degradation.csv, and logging the finished report back to the parent run."""
 from __future__ import annotations
 
 import csv
@@ -16,6 +16,7 @@ from mlflow.exceptions import MlflowException
 
 from orchestrator.results.report.cells import Trial
 from orchestrator.results.runs import child_runs, find_parent_run, groups_of
+from trainers.predictions import ARTIFACT as PREDICTIONS, Predictions, PredictionsError, read_predictions
 from trainers.tracking import no_download_bars
 
 __all__ = ["MlflowClient", "ProductionRun", "SweepRuns", "safe_uri"]
@@ -30,7 +31,8 @@ def trial_of(run: Run) -> Trial:
     """A child run as the report needs it."""
     status = run.data.tags.get("status") or run.info.status.lower()
     return Trial(run.info.run_id, run.info.run_name or run.info.run_id, status, tuple(groups_of(run)),
-                 run.data.tags.get("config_hash", ""), dict(run.data.params), dict(run.data.metrics))
+                 run.data.tags.get("config_hash", ""), dict(run.data.params), dict(run.data.metrics),
+                 run.data.tags.get("data_digest", ""))
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class SweepRuns:
 
     def __init__(self, client: MlflowClient, sweep: str, scratch: Path):
         self.client, self.sweep, self.scratch = client, sweep, scratch
+        self._predictions: dict[str, Predictions | None] = {}
 
     @property
     def uri(self) -> str:
@@ -84,6 +87,17 @@ class SweepRuns:
                 return Path(self.client.download_artifacts(run_id, artifact, str(folder)))
         except (MlflowException, OSError):
             return None
+
+    def predictions(self, run_id: str) -> Predictions | None:
+        """A run's saved test predictions, downloaded once per report; None when it has none (older runs)
+        or the file is not one this project writes."""
+        if run_id not in self._predictions:
+            path = self.download(run_id, PREDICTIONS)
+            try:
+                self._predictions[run_id] = None if path is None else read_predictions(path)
+            except PredictionsError:
+                self._predictions[run_id] = None
+        return self._predictions[run_id]
 
     def confusion_counts(self, run_ids: list[str]) -> tuple[list[str], np.ndarray] | None:
         """The runs' confusion_matrix.json counts, summed over seeds; None when no run logged one."""

@@ -1,5 +1,7 @@
-"""How the report writes numbers: mean ± 95% t-interval over seeds, percentages with one decimal
-(losses raw, three), and each table as Markdown beside a CSV of the same numbers, unrounded."""
+"""How the report writes numbers: mean ± 95% t-interval over seeds, a single run's value with its logged
+bootstrap interval `71.0 [68.2, 73.9]`, differences against a reference point `+4.1 [+1.2, +7.0]`
+(≈ when the interval holds 0), percentages with one decimal (losses raw, three), and each table as
+Markdown beside a CSV of the same numbers, unrounded."""
 from __future__ import annotations
 
 import csv
@@ -21,12 +23,41 @@ LABELS = {
 }
 
 
+NOT_DISTINGUISHABLE = "≈"
+DELTA_METRICS = {"macro_f1": "f1", "accuracy": "accuracy"}   # metric -> its CSV stem (delta_f1, ...)
+
+
 @dataclass(frozen=True)
 class Stat:
-    """A metric over a point's seeds: mean, half-width of the 95% t-interval (None for one seed), n."""
+    """A metric over a point's seeds: mean, half-width of the 95% t-interval (None for one seed), n;
+    for one run, low and high are its logged 95% bootstrap interval over the test images, when it has one."""
     mean: float
     half: float | None
     n: int
+    low: float | None = None
+    high: float | None = None
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A metric of a point minus the reference point's (fractions), with its 95% interval.
+
+    kind: "bootstrap" (one run each, resampling the test images both hold: n images), "seeds" (runs
+    paired by seed, t-interval over n per-seed differences), "reference" (this is the reference point),
+    or "" with ``why`` saying why there is no number."""
+    value: float | None = None
+    low: float | None = None
+    high: float | None = None
+    kind: str = ""
+    n: int = 0
+    why: str = "—"
+
+    @property
+    def distinguishable(self) -> bool | None:
+        """True when the interval lies on one side of 0; None without a number."""
+        if self.value is None or self.low is None or self.high is None:
+            return None
+        return bool(math.isfinite(self.low) and math.isfinite(self.high) and (self.low > 0 or self.high < 0))
 
 
 def summarize(values) -> Stat | None:
@@ -56,6 +87,8 @@ def show(metric: str, stat: Stat | None, study: float | None = None) -> str:
     text = "—" if stat is None else number(metric, stat.mean * scale(metric))
     if stat is not None and stat.half is not None:
         text += f" ± {number(metric, stat.half * scale(metric))}"
+    elif stat is not None and stat.low is not None and stat.high is not None:
+        text += f" [{number(metric, stat.low * scale(metric))}, {number(metric, stat.high * scale(metric))}]"
     if study is not None:
         text += f" · study {number(metric, study * scale(metric))}"
     return text
@@ -66,8 +99,36 @@ def put(record: dict, column: str, metric: str, stat: Stat | None, study: float 
     s = scale(metric)
     record[column] = "" if stat is None else stat.mean * s
     record[f"{column}_ci95"] = "" if stat is None or stat.half is None else stat.half * s
+    low, high = (None, None) if stat is None else \
+        (stat.mean - stat.half, stat.mean + stat.half) if stat.half is not None else (stat.low, stat.high)
+    record[f"{column}_ci_low"] = "" if low is None else low * s
+    record[f"{column}_ci_high"] = "" if high is None else high * s
     if study is not None:
         record[f"study_{column}"] = study * s
+
+
+def delta_text(delta: Delta) -> str:
+    """'+4.1 [+1.2, +7.0]' in percentage points, '-0.3 [-2.0, +1.5] ≈' when the interval holds 0,
+    else why there is none ('reference', '—', 'not comparable (different test images)')."""
+    if delta.value is None:
+        return delta.why
+    text = f"{100 * delta.value:+.1f} [{100 * delta.low:+.1f}, {100 * delta.high:+.1f}]"
+    return text + (f" {NOT_DISTINGUISHABLE}" if not delta.distinguishable else "")
+
+
+def put_delta(record: dict, deltas: dict[str, Delta]) -> None:
+    """A row's difference columns in percentage points: delta_f1(_low, _high), delta_accuracy(...),
+    delta_kind, delta_n, and distinguishable (F1) / distinguishable_accuracy ('' without a number)."""
+    for metric, stem in DELTA_METRICS.items():
+        delta = deltas.get(metric, Delta())
+        for suffix, value in (("", delta.value), ("_low", delta.low), ("_high", delta.high)):
+            record[f"delta_{stem}{suffix}"] = "" if value is None else 100 * value
+        verdict = delta.distinguishable
+        record["distinguishable" if stem == "f1" else f"distinguishable_{stem}"] = \
+            "" if verdict is None else str(verdict).lower()
+    f1 = deltas.get("macro_f1", Delta())
+    record["delta_kind"] = f1.kind or f1.why
+    record["delta_n"] = f1.n or ""
 
 
 def value_text(value) -> str:
@@ -87,11 +148,13 @@ class Table:
     header: list[str]
     rows: list[list[str]] = field(default_factory=list)
     records: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)    # under the table: how to read its intervals
 
     def markdown(self) -> str:
         lines = ["| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
         lines += ["| " + " | ".join(row) + " |" for row in self.rows]
-        return "\n".join(lines) + f"\n\n<sub>data: [{self.name}.csv]({self.name}.csv)</sub>"
+        notes = "".join(f"\n\n{note}" for note in self.notes)
+        return "\n".join(lines) + notes + f"\n\n<sub>data: [{self.name}.csv]({self.name}.csv)</sub>"
 
     def write(self, folder: Path) -> Path:
         columns: dict[str, None] = {}
@@ -118,6 +181,10 @@ class Report:
 
     def table(self, table: Table) -> None:
         self.files.append(table.write(self.out))
+        self.blocks.append(table.markdown())
+
+    def view(self, table: Table) -> None:
+        """A second Markdown view of numbers already written to the CSV the table names."""
         self.blocks.append(table.markdown())
 
     def csv(self, table: Table) -> None:
