@@ -149,10 +149,18 @@ def slice_table(result: ProductionResult) -> Group:
 
 
 def drift_line(result: ProductionResult) -> str:
-    """One line: the drift score, its control and the verdict."""
+    """One line: the verdict, then each drift score against its control (held-out images), with intervals."""
     m = result.metrics
     if "drift_auc" not in m:
         return f"drift: {result.drift_verdict}"
-    return (f"drift: AUC {m['drift_auc']:.3f} ({result.drift_verdict}; held-out training data scores "
-            f"{m['drift_auc_control']:.3f}; logits alone {m['drift_auc_logits']:.3f}, "
-            f"pixels alone {m['drift_auc_pixels']:.3f})")
+    nan = float("nan")
+
+    def excess(name: str) -> str:
+        return (f"{m.get(name + '_excess', nan):+.3f} [{m.get(name + '_excess_ci_low', nan):+.3f}, "
+                f"{m.get(name + '_excess_ci_high', nan):+.3f}]")
+
+    return (f"drift: AUC {m['drift_auc']:.3f} [{m.get('drift_auc_ci_low', nan):.3f}, "
+            f"{m.get('drift_auc_ci_high', nan):.3f}] vs {m.get('drift_auc_control', nan):.3f} on held-out images "
+            f"(excess {excess('drift_auc')}; label-robust excess {excess('drift_auc_label_robust')}; "
+            f"logits alone {m.get('drift_auc_logits_excess', nan):+.3f}, "
+            f"pixels alone {m.get('drift_auc_pixels_excess', nan):+.3f}): {result.drift_verdict}")

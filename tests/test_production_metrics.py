@@ -1,6 +1,7 @@
 """The production evaluation's pure parts on small arrays: slices (against scikit-learn), degradation rows,
-drift scores."""
+drift scores and verdict."""
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -8,7 +9,8 @@ import pytest
 from scipy.stats import binomtest
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 
-from orchestrator.results.drift import DriftSide, drift_auc, drift_features, drift_scores, drift_verdict
+from orchestrator.results.drift import (DriftSide, class_mix_weights, drift_auc, drift_features, drift_rows,
+                                        drift_scores, drift_verdict, weighted_auc)
 from orchestrator.results.production_metrics import (Labelled, degradation_rows, labelled_test_images,
                                                      recall_changes, score_production, slice_metrics, slice_rows,
                                                      wilson)
@@ -19,6 +21,7 @@ from orchestrator.results.report.champion import slice_class_record, slice_metri
 from orchestrator.results.report.tables import Report
 from trainers import metrics
 from trainers.data.dataset import DataReport, PreparedData
+from trainers.data.split import TEST, TRAIN, VAL
 from trainers.predictions import Predictions
 
 CLASSES = ("anger", "happiness")
@@ -198,23 +201,91 @@ def test_production_scores_are_named_as_logged_with_safe_class_keys():
     assert scores.degradation[1]["class"] == "very happy" and scores.slices == []
 
 
-def test_drift_auc_separates_shifted_rows_and_not_rows_from_the_same_distribution():
+def gaussian_side(rng, n, shift=0.0, mix=None, subjects=18) -> DriftSide:
+    """n rows of 3 + 6 features whose means depend on the row's class (drawn from mix) and its subject."""
+    classes = rng.choice(6, n, p=mix)
+    subject = rng.integers(0, subjects, n)
+    offsets = rng.normal(0, 0.3, (subjects, 9))                  # each subject looks a little different
+    class_means = np.eye(6, 9, 3) * 3.0                          # columns 3-8 say the class
+    x = rng.normal(size=(n, 9)) + offsets[subject] + class_means[classes] + [shift, 0, 0, 0, 0, 0, 0, 0, 0]
+    return DriftSide(x, [f"{rng.integers(1 << 30)}-{s}" for s in subject], classes)
+
+
+def test_weighted_auc_is_scikit_learns_auc_with_unit_weights_and_counts_repeated_rows():
+    from sklearn.metrics import roc_auc_score
     rng = np.random.default_rng(0)
-    reference = DriftSide(rng.normal(size=(200, 3)))
-    same = DriftSide(rng.normal(size=(200, 3)))
-    shifted = DriftSide(rng.normal(size=(200, 3)) + [2.0, 0, 0])
-    assert drift_auc(reference, shifted) > 0.85
-    assert drift_auc(reference, same) < 0.6
-    scores = drift_scores(reference, same, shifted, n_logits=1)
-    assert scores["drift_auc_logits"] > 0.85 and scores["drift_auc_pixels"] < 0.6   # the shift is in column 0
-    assert drift_verdict(scores["drift_auc"]) == "strong" and drift_verdict(scores["drift_auc_control"]) == "none"
+    labels, scores = rng.integers(0, 2, 300), np.round(rng.normal(size=300), 1)     # rounded: many ties
+    assert weighted_auc(labels, scores, np.ones(300)) == pytest.approx(roc_auc_score(labels, scores))
+    twice = np.r_[np.arange(300), np.arange(100)]
+    assert weighted_auc(labels, scores, np.bincount(twice, minlength=300)) == pytest.approx(
+        roc_auc_score(labels[twice], scores[twice]))
+
+
+def test_the_control_of_two_samples_of_one_distribution_scores_near_one_half_and_inside_its_interval():
+    rng = np.random.default_rng(0)
+    reference, control, production = (gaussian_side(rng, 300) for _ in range(3))
+    scores = drift_scores(reference, control, production, n_logits=3)
+    # Two samples of 300 rows in 18 subjects: the null s.d. of the AUC is ~0.04, so 0.5 +- 0.1 is 2.5 s.d.
+    assert abs(scores["drift_auc_control"] - 0.5) < 0.1 and abs(scores["drift_auc"] - 0.5) < 0.1
+    for name in ("drift_auc", "drift_auc_label_robust"):
+        assert scores[f"{name}_ci_low"] < scores[name] < scores[f"{name}_ci_high"]
+        assert scores[f"{name}_excess_ci_low"] < scores[f"{name}_excess"] < scores[f"{name}_excess_ci_high"]
+        assert scores[f"{name}_excess_ci_low"] < 0 < scores[f"{name}_excess_ci_high"]
+        assert scores[f"{name}_excess"] == pytest.approx(scores[name] - scores[f"{name}_control"])
+    assert drift_verdict(scores) == "none"
+
+
+def test_a_shifted_production_set_has_a_clearly_positive_excess_in_the_features_that_moved():
+    rng = np.random.default_rng(1)
+    reference, control = gaussian_side(rng, 300), gaussian_side(rng, 300)
+    shifted = gaussian_side(rng, 300, shift=1.5)
+    scores = drift_scores(reference, control, shifted, n_logits=3)      # the shift is in column 0, a "logit"
+    assert scores["drift_auc_excess_ci_low"] > 0.2 and scores["drift_auc_label_robust_excess_ci_low"] > 0.2
+    assert scores["drift_auc_logits_excess"] > 0.3 and abs(scores["drift_auc_pixels_excess"]) < 0.1
+    assert drift_verdict(scores) == "strong"
+
+
+def test_a_change_of_class_mix_alone_is_not_called_drift_by_the_label_robust_score():
+    rng = np.random.default_rng(3)
+    reference, control = gaussian_side(rng, 400), gaussian_side(rng, 400)
+    # The same class-conditional rows, 90% classes 4 and 5 instead of one sixth each.
+    skewed = gaussian_side(rng, 400, mix=[0.02, 0.02, 0.02, 0.04, 0.45, 0.45])
+    scores = drift_scores(reference, control, skewed, n_logits=3)
+    assert scores["drift_auc_excess_ci_low"] > 0             # the plain score sees the new class mix (+0.21)
+    # Reweighted to the skewed mix, the reference rows follow the production rows' distribution, so the
+    # robust excess is one draw of the null: s.d. ~0.05 here (the interval's half-width / 1.96), so
+    # |excess| < 0.1 is two s.d. (seeds 2, 3, 4 give -0.09, +0.01, +0.03; the plain excess +0.17 to +0.24).
+    assert abs(scores["drift_auc_label_robust_excess"]) < 0.1
+    assert scores["drift_auc_label_robust_excess_ci_low"] < 0 < scores["drift_auc_label_robust_excess_ci_high"]
+    assert drift_verdict(scores) == "class mix only"
+
+
+def test_class_mix_weights_give_the_reference_the_candidates_mix_of_predicted_classes():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    predicted = np.array([0, 0, 0, 1, 0, 1, 1, 2])
+    weights = class_mix_weights(y, predicted)
+    mix = np.bincount(predicted[y == 0], weights[y == 0], minlength=3)
+    assert mix.tolist() == pytest.approx([1, 2, 0])                 # candidate: 1 of class 0, 2 of class 1
+    assert weights[y == 1].tolist() == [1, 1, 1, 1]                  # class 2 has no reference row to match
 
 
 def test_drift_auc_keeps_each_group_in_one_fold_and_needs_two_groups_a_side():
     rng = np.random.default_rng(1)
     one_group = DriftSide(rng.normal(size=(20, 2)), ["s1"] * 20)
     assert np.isnan(drift_auc(one_group, DriftSide(rng.normal(size=(20, 2)))))
-    assert drift_verdict(float("nan")) == "unknown"
+    assert drift_verdict({}) == "unknown"
+
+
+def test_drift_rows_are_held_out_images_split_by_subject_with_production_sized_like_the_control():
+    n = 60
+    subjects = [f"s{i // 4}" for i in range(n)]
+    train = dataclasses.replace(small_data([0] * n, [{}] * n), subjects=subjects,
+                                splits=np.array([TRAIN, VAL, TEST] * (n // 3), np.int8))
+    half_a, half_b, production = drift_rows(train, small_data([0] * 100, [{}] * 100))
+    held = np.flatnonzero(train.splits != TRAIN)
+    assert set(half_a) | set(half_b) <= set(held) and not set(half_a) & set(half_b)
+    assert not {subjects[i] for i in half_a} & {subjects[i] for i in half_b}       # each subject in one half
+    assert len(production) == len(half_b) and len(half_a) + len(half_b) >= len(held) * 3 // 4
 
 
 def test_drift_features_are_the_logits_then_the_mean_colour_grid():
@@ -233,3 +304,13 @@ def test_a_production_run_logged_before_slices_json_still_shows_its_slice_metric
     (row,) = list(csv.DictReader((tmp_path / "production_slices.csv").open()))
     assert row["slice"] == "group_a" and float(row["accuracy"]) == pytest.approx(55.0)
     assert "predates slices.json" in report.blocks[0]
+
+
+@pytest.mark.parametrize("robust_low, robust_excess, plain_low, verdict", [
+    (0.01, 0.05, 0.02, "slight"), (0.05, 0.2, 0.1, "moderate"), (0.2, 0.3, 0.2, "strong"),
+    (-0.01, 0.08, 0.05, "class mix only"), (-0.05, 0.02, -0.03, "none"), (float("nan"), 0.0, 0.1, "unknown")])
+def test_the_verdict_is_drift_only_when_the_label_robust_excess_interval_lies_above_zero(
+        robust_low, robust_excess, plain_low, verdict):
+    scores = {"drift_auc_label_robust_excess_ci_low": robust_low, "drift_auc_label_robust_excess": robust_excess,
+              "drift_auc_excess_ci_low": plain_low}
+    assert drift_verdict(scores) == verdict

@@ -4,9 +4,10 @@ This is the MLflow side. The champion is loaded through the registry (models:/<n
 the version the alias points at when we start) and its run's metrics and config are read; the
 production images go through the same preparation and cache as training. The numbers come from
 pure modules: production_metrics (inference; production_*, slice_* metrics; degradation rows) and
-drift (drift_auc*, the verdict). One run in experiment <sweep>-production logs them: params
-production.* (the data section), those metrics, tags (drift_verdict: none, moderate, strong, or
-"unknown: why" when the champion's training data is gone) and artifacts confusion_matrix.{json,png},
+drift (drift_auc*, each with its control and excess, the verdict). One run in experiment
+<sweep>-production logs them: params production.* (the data section), those metrics, tags
+(drift_verdict: none, class mix only, slight, moderate, strong, or "unknown: why" when the champion's
+training data is gone; drift.drift_verdict states the rule) and artifacts confusion_matrix.{json,png},
 degradation.{csv,md}, slices.csv and slices.json (text from production_tables), and per slice value
 slices/<attr>=<value>.{json,png} (its confusion counts, production and test).
 """
@@ -143,7 +144,7 @@ def move_exported(module, device):
     return module
 
 
-# --- drift against the champion's training data ---------------------------------------------
+# --- drift against the champion's held-out data ----------------------------------------------
 
 def source_training_data(client: MlflowClient, source: Run, image_size: int) -> PreparedData:
     """The champion's own data, prepared as its trial did (from the run's config.yaml artifact)."""
@@ -155,12 +156,14 @@ def source_training_data(client: MlflowClient, source: Run, image_size: int) -> 
 
 def drift_against_training(client: MlflowClient, source: Run, data: PreparedData, logits: np.ndarray,
                            predict_rows: Predict) -> tuple[dict[str, float], str]:
-    """drift_auc and its control and halves, plus the verdict; 'unknown: why' when training data is gone."""
+    """The drift scores against the champion's held-out images (val + test of its training data), with
+    their controls and intervals, and the verdict; 'unknown: why' when that data is gone."""
     try:
         train = source_training_data(client, source, data.images.shape[1])
     except (MlflowException, OSError, KeyError, ConfigError, DataError) as err:
         return {}, f"unknown: the champion's training data is not available ({str(err).splitlines()[0]})"
-    return measure_drift(train, data, logits, predict_rows)
+    drift = measure_drift(train, data, logits, predict_rows)
+    return drift.scores, drift.verdict
 
 
 # --- leakage into production -------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 import math
 import re
 
+from orchestrator.results.drift import drift_verdict
 from orchestrator.results.production_tables import (SLICE_HEADERS, SliceRow, change_text, most_confused,
                                                     slice_cells, slice_finding, slice_record, slices_from_json,
                                                     taken_for, with_interval)
@@ -18,6 +19,10 @@ from orchestrator.results.report.tables import Report, Table, number
 from orchestrator.sweep.spec import SweepSpec
 from trainers.plots import confusion_png
 
+# The drift scores as logged, and the words the drift table shows for each.
+DRIFT_ROWS = (("drift_auc", "all (logits + colour grid)"), ("drift_auc_label_robust", "all, label-robust"),
+              ("drift_auc_logits", "logits only"), ("drift_auc_pixels", "colour grid only"))
+DRIFT_COLUMNS = ("", "_ci_low", "_ci_high", "_control", "_excess", "_excess_ci_low", "_excess_ci_high")
 SLICE_METRIC = re.compile(r"slice_(?P<slice>.+)_(?P<kind>count|accuracy|macro_f1)$")
 # Table 12's rows: (our name, shown as, degradation.csv's column stem on its "overall" row).
 TABLE_12_ROWS = (("accuracy", "accuracy", "accuracy"), ("macro_f1", "macro F1", "f1"))
@@ -114,6 +119,39 @@ def comparison(row: dict, stem: str, ref: float | None) -> tuple[list[str], dict
     if ref is not None:
         pct["study_production"] = 100 * ref
     return cells, {k: "" if v is None else v for k, v in pct.items()}
+
+
+def drift_table(report: Report, metrics: dict) -> None:
+    """Each drift score against its control (held-out images of the champion's data), with the verdict."""
+    if "drift_auc" not in metrics:
+        return
+    table = Table("production_drift", ["features", "production AUC [95%]", "control AUC", "excess [95%]"])
+    for name, shown in DRIFT_ROWS:
+        m = {k: metrics.get(f"{name}{k}") for k in DRIFT_COLUMNS}
+        if m[""] is None:
+            continue
+        table.rows.append([shown, auc_text(m[""], m["_ci_low"], m["_ci_high"], ".3f"),
+                           auc_text(m["_control"], None, None, ".3f"),
+                           auc_text(m["_excess"], m["_excess_ci_low"], m["_excess_ci_high"], "+.3f")])
+        table.records.append({"score": name, **{f"auc{k}": "" if v is None else v for k, v in m.items()}})
+    report.text("### Drift")
+    report.text("A classifier tells production images from held-out images of the champion's data (val + test); "
+                "its AUC is 0.5 when it cannot. The control is the same classifier on two halves of the held-out "
+                "images (no drift by construction), so the excess over it is the drift. The label-robust score "
+                "reweights the held-out images to production's mix of predicted classes, so a change of class mix "
+                "alone does not count.")
+    report.table(table)
+    report.text(f"Drift verdict: **{drift_verdict(metrics)}** (drift when the label-robust excess's 95% interval "
+                "lies above 0; 'class mix only' when only the plain score's does).")
+
+
+def auc_text(value: float | None, low: float | None, high: float | None, fmt: str) -> str:
+    """'0.712 [0.655, 0.769]'; the value alone without an interval, '—' without a value."""
+    if value is None:
+        return "—"
+    if low is None or high is None:
+        return f"{value:{fmt}}"
+    return f"{value:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
 
 
 def production_slices(report: Report, store: SweepRuns, run: ProductionRun) -> None:
@@ -216,11 +254,7 @@ def slice_metrics_table(report: Report, metrics: dict) -> None:
 
 def slices_and_drift(report: Report, metrics: dict) -> None:
     """The drift score and the alignment failure rate of the production data."""
-    if "drift_auc" in metrics:
-        control = metrics.get("drift_auc_control")
-        report.text(f"Drift: a classifier tells training from production images with AUC {metrics['drift_auc']:.3f}"
-                    + ("" if control is None else f" (the same classifier on held-out training data: {control:.3f})")
-                    + "; 0.5 is indistinguishable, 1.0 fully shifted.")
+    drift_table(report, metrics)
     if "production_align_failure_rate" in metrics:
         report.text(f"Face alignment fell back to a centre crop on "
                     f"{100 * metrics['production_align_failure_rate']:.1f}% of production images "
