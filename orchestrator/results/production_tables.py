@@ -54,8 +54,8 @@ def table_csv(rows: list[dict], columns: tuple[str, ...]) -> str:
 
 
 def percent(value: float | None, signed: bool = False) -> str:
-    """A fraction as a percentage to one decimal ('n/a' for None); signed for changes in points."""
-    if value is None:
+    """A fraction as a percentage to one decimal ('n/a' for None or NaN: undefined); signed for changes in points."""
+    if value is None or value != value:
         return "n/a"
     return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
 

@@ -111,11 +111,14 @@ def comparison(row: dict, stem: str, ref: float | None) -> tuple[list[str], dict
     values = {"test": row.get(f"test_{stem}"), "production": row.get(f"production_{stem}"),
               "change": row.get(f"{stem}_change")}
     # degradation.csv keeps four decimals of a fraction: two of a percentage, and no float noise beyond.
-    pct = {k: None if v is None else round(100 * v, 2) for k, v in values.items()}
-    cells = ["—" if pct["test"] is None else f"{pct['test']:.1f}",
-             ("—" if pct["production"] is None else f"{pct['production']:.1f}")
-             + ("" if ref is None else f" · study {100 * ref:.1f}"),
-             "—" if pct["change"] is None else f"{pct['change']:+.1f}"]
+    pct = {k: None if v is None or not math.isfinite(v) else round(100 * v, 2) for k, v in values.items()}
+
+    def shown(key: str, fmt: str) -> str:       # NaN: undefined (a class without images), None: not logged
+        value = values[key]
+        return "—" if value is None else "n/a" if not math.isfinite(value) else f"{pct[key]:{fmt}}"
+
+    cells = [shown("test", ".1f"), shown("production", ".1f") + ("" if ref is None else f" · study {100 * ref:.1f}"),
+             shown("change", "+.1f")]
     if ref is not None:
         pct["study_production"] = 100 * ref
     return cells, {k: "" if v is None else v for k, v in pct.items()}

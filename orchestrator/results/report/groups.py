@@ -155,8 +155,18 @@ def per_class_table(report: Report, name: str, cell: Cell, reference) -> None:
         record = {"class": cls, "n": len(cell.finished)}
         row = [cls, *n_cells(report, cell)]
         stats = [(m, cell.stat(f"test_{m}_{cls}"), reference(m, cls)) for m in PER_CLASS]
+        first = len(row)
         add_row(table, cell, record, row, stats)
+        for i, metric in enumerate(PER_CLASS):      # logged as NaN: undefined for this class (no images or
+            if undefined(cell, f"test_{metric}_{cls}"):    # no predictions), not missing
+                row[first + i] = "n/a"
     report.table(table)
+
+
+def undefined(cell: Cell, metric: str) -> bool:
+    """Every finished run logged the metric as NaN: it is undefined (a class without support), not absent."""
+    values = [t.metrics.get(metric) for t in cell.finished]
+    return bool(values) and all(v is not None and not math.isfinite(v) for v in values)
 
 
 def confusion_figure(report: Report, store: SweepRuns, name: str, cell: Cell, title: str) -> None:
