@@ -62,15 +62,16 @@ def evaluate_production(spec: SweepSpec, client: MlflowClient) -> ProductionResu
     data = prepare_data(data_cfg, image_size)
     model, device = load_version(client, spec.promote.name, champion.version)
     logits = predict(model, data.images, np.arange(len(data.labels)), device)
-    test_images, slice_note = source_test_images(client, source, image_size, classes)
+    train = champion_training_data(client, source, image_size)     # prepared once, from the cache
+    test_images, slice_note = source_test_images(client, source, train, classes)
     scores = score_production(data, logits, source.data.metrics, test_images)
-    drift, verdict = drift_against_training(client, source, data, logits,
+    drift, verdict = drift_against_training(train, data, logits,
                                             lambda images, rows: predict(model, images, rows, device))
     result = ProductionResult(run_id="", model_name=spec.promote.name, version=int(champion.version),
                               source_run_id=source.info.run_id, classes=classes, metrics={**scores.metrics, **drift},
                               degradation=scores.degradation, slices=scores.slices, drift_verdict=verdict,
                               confusion=scores.confusion, slice_note=slice_note)
-    result.metrics.update(duplicates_against_training(client, source, data, data_cfg.duplicate_distance))
+    result.metrics.update(duplicates_against_training(train, data, data_cfg.duplicate_distance))
     result.run_id = log_production_run(client, spec, data_cfg, data, result)
     return result
 
@@ -154,27 +155,30 @@ def source_training_data(client: MlflowClient, source: Run, image_size: int) -> 
     return prepare_data(from_dict({"data": raw["data"]}).data, image_size)
 
 
-def drift_against_training(client: MlflowClient, source: Run, data: PreparedData, logits: np.ndarray,
+def champion_training_data(client: MlflowClient, source: Run, image_size: int) -> PreparedData | str:
+    """source_training_data, or why it is not available (the data moved, the run lost its config)."""
+    try:
+        return source_training_data(client, source, image_size)
+    except (MlflowException, OSError, KeyError, ConfigError, DataError) as err:
+        return f"the champion's training data is not available ({str(err).splitlines()[0]})"
+
+
+def drift_against_training(train: PreparedData | str, data: PreparedData, logits: np.ndarray,
                            predict_rows: Predict) -> tuple[dict[str, float], str]:
     """The drift scores against the champion's held-out images (val + test of its training data), with
     their controls and intervals, and the verdict; 'unknown: why' when that data is gone."""
-    try:
-        train = source_training_data(client, source, data.images.shape[1])
-    except (MlflowException, OSError, KeyError, ConfigError, DataError) as err:
-        return {}, f"unknown: the champion's training data is not available ({str(err).splitlines()[0]})"
+    if isinstance(train, str):
+        return {}, f"unknown: {train}"
     drift = measure_drift(train, data, logits, predict_rows)
     return drift.scores, drift.verdict
 
 
 # --- leakage into production -------------------------------------------------------------
 
-def duplicates_against_training(client: MlflowClient, source: Run, data: PreparedData,
-                                max_distance: int) -> dict[str, float]:
+def duplicates_against_training(train: PreparedData | str, data: PreparedData, max_distance: int) -> dict[str, float]:
     """production_duplicates_train (near-duplicate pairs between the champion's training split and the
     production images) and production_duplicates_train_images; nothing when the training data is gone."""
-    try:
-        train = source_training_data(client, source, data.images.shape[1])
-    except (MlflowException, OSError, KeyError, ConfigError, DataError):
+    if isinstance(train, str):
         return {}
     # Hash every training image, then keep the train split's: the images stay memory-mapped, read in chunks.
     train_hashes = perceptual_hashes(train.images)[train.indices(TRAIN)]
@@ -185,7 +189,7 @@ def duplicates_against_training(client: MlflowClient, source: Run, data: Prepare
 
 # --- the test side of the slices -------------------------------------------------------------
 
-def source_test_images(client: MlflowClient, source: Run, image_size: int,
+def source_test_images(client: MlflowClient, source: Run, train: PreparedData | str,
                        classes: tuple[str, ...]) -> tuple[Labelled | None, str]:
     """The champion's test predictions with each image's attributes, and a note when that is not (wholly)
     possible: predictions from its run's test_predictions.csv.gz, attributes from its training data."""
@@ -197,10 +201,8 @@ def source_test_images(client: MlflowClient, source: Run, image_size: int,
         return None, f"{unavailable}the champion's run has no readable {PREDICTIONS} ({str(err).splitlines()[0]})"
     if predictions.classes != classes:
         return None, f"{unavailable}{PREDICTIONS} has classes {list(predictions.classes)}, the model {list(classes)}"
-    try:
-        train = source_training_data(client, source, image_size)
-    except (MlflowException, OSError, KeyError, ConfigError, DataError) as err:
-        return None, f"{unavailable}the champion's training data is not available ({str(err).splitlines()[0]})"
+    if isinstance(train, str):
+        return None, unavailable + train
     return labelled_test_images(predictions, dict(zip(train.paths, train.attrs)))
 
 
