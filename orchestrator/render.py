@@ -6,7 +6,8 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.results.production_tables import (DEGRADATION_HEADERS, MIN_SLICE_COUNT, SLICE_HEADERS,
-                                                    ProductionResult, degradation_cells, slice_cells, slice_finding)
+                                                    ProductionResult, auc_text, degradation_cells, slice_cells,
+                                                    slice_finding)
 from orchestrator.sweep.plan import grid_points
 from orchestrator.sweep.spec import SweepSpec
 from trainers.config import DataConfig
@@ -153,14 +154,11 @@ def drift_line(result: ProductionResult) -> str:
     m = result.metrics
     if "drift_auc" not in m:
         return f"drift: {result.drift_verdict}"
-    nan = float("nan")
-
     def excess(name: str) -> str:
-        return (f"{m.get(name + '_excess', nan):+.3f} [{m.get(name + '_excess_ci_low', nan):+.3f}, "
-                f"{m.get(name + '_excess_ci_high', nan):+.3f}]")
+        return auc_text(m.get(f"{name}_excess"), "+.3f", m.get(f"{name}_excess_ci_low"), m.get(f"{name}_excess_ci_high"))
 
-    return (f"drift: AUC {m['drift_auc']:.3f} [{m.get('drift_auc_ci_low', nan):.3f}, "
-            f"{m.get('drift_auc_ci_high', nan):.3f}] vs {m.get('drift_auc_control', nan):.3f} on held-out images "
+    return (f"drift: AUC {auc_text(m['drift_auc'], '.3f', m.get('drift_auc_ci_low'), m.get('drift_auc_ci_high'))} "
+            f"vs {auc_text(m.get('drift_auc_control'))} on held-out images "
             f"(excess {excess('drift_auc')}; label-robust excess {excess('drift_auc_label_robust')}; "
-            f"logits alone {m.get('drift_auc_logits_excess', nan):+.3f}, "
-            f"pixels alone {m.get('drift_auc_pixels_excess', nan):+.3f}): {result.drift_verdict}")
+            f"logits alone {auc_text(m.get('drift_auc_logits_excess'), '+.3f')}, "
+            f"pixels alone {auc_text(m.get('drift_auc_pixels_excess'), '+.3f')}): {result.drift_verdict}")

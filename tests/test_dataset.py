@@ -5,6 +5,7 @@ from PIL import Image
 from trainers.config import from_dict
 from trainers.data.dataset import DataError, prepare_data
 from trainers.data.split import TEST, TRAIN, VAL
+from trainers.run import require_val_and_test
 
 
 def folder_cfg(tmp_path, root, classes=("anger", "happiness")):
@@ -151,3 +152,13 @@ def test_report_counts_images_subjects_and_alignment_failures_per_split(tmp_path
         assert report.metrics()[f"data_subjects_{name}"] == report.subjects[name]
         assert report.metrics()[f"data_align_failure_rate_{name}"] == 0
     assert sum(report.subjects.values()) == 10 and report.warnings == []
+
+
+def test_a_split_left_without_test_images_stops_the_trial_before_it_trains(tmp_path):
+    root = tmp_path / "faces"
+    # Two subjects cannot fill three splits without splitting a person: the group split leaves test empty.
+    write_subject_faces(root, [("anger", 200, ["p0", "p1"] * 10), ("happiness", 20, ["p0", "p1"] * 10)])
+    data = prepare_data(folder_cfg(tmp_path, root), 16)
+    assert data.report.split_mode == "group" and not len(data.indices(TEST))
+    with pytest.raises(DataError, match=r"the group split left no (val|test) image \(of 40 images\); give"):
+        require_val_and_test(data)

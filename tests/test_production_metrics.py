@@ -9,8 +9,8 @@ import pytest
 from scipy.stats import binomtest
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 
-from orchestrator.results.drift import (DriftSide, class_mix_weights, drift_auc, drift_features, drift_rows,
-                                        drift_scores, drift_verdict, weighted_auc)
+from orchestrator.results.drift import (DriftSide, class_mix_weights, compare_with_control, drift_auc, drift_features,
+                                        drift_rows, drift_scores, drift_verdict, split_by_group, weighted_auc)
 from orchestrator.results.production_metrics import (Labelled, degradation_rows, labelled_test_images,
                                                      recall_changes, score_production, slice_metrics, slice_rows,
                                                      wilson)
@@ -314,3 +314,22 @@ def test_the_verdict_is_drift_only_when_the_label_robust_excess_interval_lies_ab
     scores = {"drift_auc_label_robust_excess_ci_low": robust_low, "drift_auc_label_robust_excess": robust_excess,
               "drift_auc_excess_ci_low": plain_low}
     assert drift_verdict(scores) == verdict
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_held_out_halves_split_by_subject_are_never_empty_even_when_one_subject_is_most_images(seed):
+    rows = np.arange(100)
+    groups = ["big"] * 60 + ["p"] * 20 + ["q"] * 20
+    half_a, half_b = split_by_group(rows, groups, np.random.default_rng(seed))
+    assert len(half_a) and len(half_b) and sorted(np.r_[half_a, half_b].tolist()) == rows.tolist()
+    assert {groups[i] for i in half_a}.isdisjoint(groups[i] for i in half_b)
+
+
+def test_a_drift_score_that_cannot_be_computed_has_no_interval_and_an_unknown_verdict():
+    rng = np.random.default_rng(0)
+    one_subject = DriftSide(rng.random((40, 5)), ["s"] * 40, rng.integers(0, 2, 40))
+    other = DriftSide(rng.random((40, 5)), [f"t{i % 8}" for i in range(40)], rng.integers(0, 2, 40))
+    scores = compare_with_control(one_subject, other, other, "drift_auc_label_robust", robust=True)
+    assert np.isnan(scores["drift_auc_label_robust"])           # one subject a side: no grouped folds
+    assert np.isnan(scores["drift_auc_label_robust_excess_ci_low"])
+    assert drift_verdict(scores) == "unknown"

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Protocol
 
 from trainers.config import TrialConfig, trial_dir
-from trainers.data.dataset import PreparedData, prepare_data
+from trainers.data.dataset import DataError, PreparedData, prepare_data
+from trainers.data.split import TEST, VAL
 from trainers.models import build_model
 from trainers.process.protocol import Epoch, Message, Started
 from trainers.tracking import TrialRun, start_figure_helper
@@ -81,12 +82,23 @@ def load_data(cfg: TrialConfig, reuse: bool) -> PreparedData:
     return data
 
 
+def require_val_and_test(data: PreparedData) -> None:
+    """A trial needs validation images (the LR rule, pruning) and test images (its result): fail before training."""
+    for split, name in ((VAL, "val"), (TEST, "test")):
+        if not len(data.indices(split)):
+            how = f"{data.report.split_mode} split" if data.report.split_mode else "split"
+            raise DataError(f"{data.root}: the {how} left no {name} image (of {len(data.labels)} images); give "
+                            f"{name} a larger share in data.split, add images (or subjects), or try another "
+                            "data.split_seed")
+
+
 def run_trial(cfg: TrialConfig, log_file: Path | None = None, supervisor: Supervisor | None = None,
               reuse_data: bool = False) -> TrialOutcome:
     """Prepare data and model (failing before any run is created), then train and log one run."""
     with contextlib.suppress(OSError):      # without one, the figures are drawn here
         start_figure_helper()                # it imports matplotlib while this trial trains
     data = load_data(cfg, reuse_data)
+    require_val_and_test(data)
     seed_everything(cfg.train.seed, cfg.train.deterministic)    # the initial weights come from the seed
     model = build_model(cfg.model, len(data.classes))
     directory = trial_dir(cfg)

@@ -124,9 +124,10 @@ def global_tracking_uri(uri: str):
 
 def _metrics(values: dict[str, float], step: int = 0) -> list[Metric]:
     """MLflow metrics of the given values; NaN is kept (an undefined metric, e.g. a class without images,
-    is logged as NaN and shown as n/a, never dropped or turned into 0)."""
+    is logged as NaN and shown as n/a, never dropped or turned into 0), an infinity is left out."""
     ts = int(1000 * time.time())
-    return [Metric(k, float(v), ts, step) for k, v in values.items() if v is not None]
+    return [Metric(k, float(v), ts, step) for k, v in values.items()
+            if v is not None and (np.isfinite(v) or np.isnan(v))]
 
 
 def _timed(method):

@@ -165,6 +165,9 @@ def train_one_epoch(loop: Loop, epoch: int) -> dict[str, float]:
     rng = np.random.default_rng([loop.cfg.train.seed, epoch])
     order = rng.permutation(len(indices))
     gen = torch.Generator(device=device).manual_seed(int(rng.integers(2**31)))
+    # Dropout draws from torch's global generator: seeded per epoch, so an epoch resumed from a
+    # checkpoint gets the same masks as it had in an uninterrupted run.
+    torch.manual_seed(int(rng.integers(2**31)))
     rows = indices[order]
     labels = torch.from_numpy(data.labels[rows]).to(device)
     aug_pos = np.flatnonzero(augmented[order])

@@ -261,6 +261,9 @@ def compare_with_control(reference: DriftSide, production: DriftSide, control: D
     if intervals:
         sd = null_sd(pool, y, robust)
         for key, value, spread, bound in (("ci", auc, sd, (0, 1)), ("excess_ci", auc - ctl, np.sqrt(2) * sd, (-1, 1))):
+            if not (np.isfinite(value) and np.isfinite(spread)):    # a score that could not be computed has
+                out[f"{name}_{key}_low"] = out[f"{name}_{key}_high"] = float("nan")   # no interval: verdict unknown
+                continue
             out[f"{name}_{key}_low"] = max(bound[0], value - Z * spread)
             out[f"{name}_{key}_high"] = min(bound[1], value + Z * spread)
     return out
@@ -318,13 +321,19 @@ def drift_rows(train: PreparedData, production: PreparedData, seed: int = SEED) 
 
 
 def split_by_group(rows: np.ndarray, groups: list[str | None], rng: np.random.Generator) -> tuple[np.ndarray, ...]:
-    """Two halves of rows, each group (subject) wholly in one, in a seeded random order of groups."""
+    """Two halves of rows, each group (subject) wholly in one: groups dealt largest first (ties in a seeded
+    order) to whichever half is smaller, so neither half is empty while there are two groups."""
     names = [g if g else f"#{i}" for i, g in enumerate(groups)]
     unique, inverse = np.unique(names, return_inverse=True)
-    order = rng.permutation(len(unique))
-    sizes = np.bincount(inverse, minlength=len(unique))[order]
-    first = set(order[np.cumsum(sizes) <= len(rows) / 2].tolist())
-    in_a = np.array([g in first for g in inverse], bool)
+    sizes = np.bincount(inverse, minlength=len(unique))
+    shuffled = rng.permutation(len(unique))
+    order = shuffled[np.argsort(-sizes[shuffled], kind="stable")]
+    in_first, totals = np.zeros(len(unique), bool), [0, 0]
+    for group in order:
+        half = int(totals[1] < totals[0])
+        in_first[group] = half == 0
+        totals[half] += sizes[group]
+    in_a = in_first[inverse]
     return np.sort(rows[in_a]), np.sort(rows[~in_a])
 
 
@@ -339,11 +348,16 @@ def measure_drift(train: PreparedData, production: PreparedData, logits: np.ndar
     held = np.r_[half_a, half_b]
     held_logits = predict(train.images, held)
 
-    def side(data: PreparedData, rows: np.ndarray, row_logits: np.ndarray) -> DriftSide:
+    # Production without subjects puts each image in a fold of its own (one person's frames may sit in
+    # several folds); the control's half B is then split the same way, so both comparisons share one
+    # fold structure and the excess is not the difference between two ways of cross-validating.
+    grouped = any(production.subjects[i] for i in prod)
+
+    def side(data: PreparedData, rows: np.ndarray, row_logits: np.ndarray, groups: bool = True) -> DriftSide:
         return DriftSide(drift_features(np.asarray(data.images[rows]), row_logits),
-                         [data.subjects[i] for i in rows], row_logits.argmax(axis=1))
+                         [data.subjects[i] for i in rows] if groups else None, row_logits.argmax(axis=1))
 
     scores = drift_scores(side(train, half_a, held_logits[:len(half_a)]),
-                          side(train, half_b, held_logits[len(half_a):]),
+                          side(train, half_b, held_logits[len(half_a):], grouped),
                           side(production, prod, logits[prod]), logits.shape[1])
     return Drift(scores, drift_verdict(scores), held, prod)

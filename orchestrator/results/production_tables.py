@@ -60,6 +60,15 @@ def percent(value: float | None, signed: bool = False) -> str:
     return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
 
 
+def auc_text(value: float | None, fmt: str = ".3f", low: float | None = None, high: float | None = None) -> str:
+    """'0.712', or '0.712 [0.655, 0.769]' with an interval; 'n/a' for a score that is missing or NaN."""
+    def one(v: float | None) -> str:
+        return "n/a" if v is None or v != v else f"{v:{fmt}}"
+    if low is None and high is None:
+        return one(value)
+    return f"{one(value)} [{one(low)}, {one(high)}]"
+
+
 def degradation_cells(row: dict) -> list[str]:
     """One row as the study prints it: percentages, changes in points."""
     return [row["class"], percent(row["test_accuracy"]), percent(row["production_accuracy"]),

@@ -20,6 +20,8 @@ from trainers.config import ModelConfig, TrialConfig, flat_params
 # Params that say where or how a trial ran, not what it computed (config_hash leaves them out too);
 # runs that differ only in these and the seed are replicates of one configuration.
 NOT_RESULT_PARAMS = {"train.seed", "train.device", "train.checkpoint_dir", "train.num_threads", "data.cache_dir"}
+# Params at a default added after runs were logged (older runs lack them): not a difference between runs.
+DEFAULT_ONLY_PARAMS = {("train.deterministic", "False")}
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,8 @@ class Trial:
 
     def replicate_key(self) -> frozenset:
         """What the run computed, seed aside: runs with equal keys are replicates of one configuration."""
-        return frozenset((k, v) for k, v in self.params.items() if k not in NOT_RESULT_PARAMS)
+        return frozenset((k, v) for k, v in self.params.items()
+                         if k not in NOT_RESULT_PARAMS and (k, v) not in DEFAULT_ONLY_PARAMS)
 
 
 def stat_of(trials: list[Trial], metric: str) -> Stat | None:

@@ -8,7 +8,7 @@ import math
 import re
 
 from orchestrator.results.drift import drift_verdict
-from orchestrator.results.production_tables import (SLICE_HEADERS, SliceRow, change_text, most_confused,
+from orchestrator.results.production_tables import (SLICE_HEADERS, SliceRow, auc_text, change_text, most_confused,
                                                     slice_cells, slice_finding, slice_record, slices_from_json,
                                                     taken_for, with_interval)
 from orchestrator.results.report.cells import Trial, best_configuration, configurations, runs_of_model
@@ -133,9 +133,8 @@ def drift_table(report: Report, metrics: dict) -> None:
         m = {k: metrics.get(f"{name}{k}") for k in DRIFT_COLUMNS}
         if m[""] is None:
             continue
-        table.rows.append([shown, auc_text(m[""], m["_ci_low"], m["_ci_high"], ".3f"),
-                           auc_text(m["_control"], None, None, ".3f"),
-                           auc_text(m["_excess"], m["_excess_ci_low"], m["_excess_ci_high"], "+.3f")])
+        table.rows.append([shown, auc_text(m[""], ".3f", m["_ci_low"], m["_ci_high"]), auc_text(m["_control"]),
+                           auc_text(m["_excess"], "+.3f", m["_excess_ci_low"], m["_excess_ci_high"])])
         table.records.append({"score": name, **{f"auc{k}": "" if v is None else v for k, v in m.items()}})
     report.text("### Drift")
     report.text("A classifier tells production images from held-out images of the champion's data (val + test); "
@@ -146,15 +145,6 @@ def drift_table(report: Report, metrics: dict) -> None:
     report.table(table)
     report.text(f"Drift verdict: **{drift_verdict(metrics)}** (drift when the label-robust excess's 95% interval "
                 "lies above 0; 'class mix only' when only the plain score's does).")
-
-
-def auc_text(value: float | None, low: float | None, high: float | None, fmt: str) -> str:
-    """'0.712 [0.655, 0.769]'; the value alone without an interval, '—' without a value."""
-    if value is None:
-        return "—"
-    if low is None or high is None:
-        return f"{value:{fmt}}"
-    return f"{value:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
 
 
 def production_slices(report: Report, store: SweepRuns, run: ProductionRun) -> None:
