@@ -117,7 +117,8 @@ def reported(tmp_path_factory, tiny_vit):
     duplicates = duplicates_against_training(training, production_data, 16)
     production = client.create_run(ensure_experiment(client, "leak-production"), run_name="production",
                                    tags={"role": "production", "model_version": "1", "source_run_id": run_id})
-    for key, value in {**duplicates, "production_align_failure_rate": 0.05}.items():
+    for key, value in {**duplicates, "production_align_failure_rate": 0.05,
+                       "data_usable": float(len(production_data.labels))}.items():
         client.log_metric(production.info.run_id, key, value)
     client.set_terminated(production.info.run_id)
     path = write_report(spec, client, tmp / "report")
@@ -155,6 +156,7 @@ def test_report_data_section_shows_splits_mode_warnings_and_training_beside_prod
     assert float(production["align_failure_rate"]["production"]) == pytest.approx(5.0)
     assert float(production["production_duplicates_train"]["production"]) == duplicates["production_duplicates_train"]
     assert "| alignment failure rate | 0.0% | 5.0% |" in section
+    assert f"| images | {data_report['usable']} | {data_report['usable']} |" in section   # production = the same images
 
 
 def test_data_section_names_every_digest_and_leaves_unknown_counts_blank():

@@ -327,8 +327,8 @@ def _parse_experiment(name: Any, body: Any, models: dict, source: str) -> Experi
     return Experiment(name=name, title=title, grid=grid, set=fixed, reference=reference)
 
 
-def _same_value(a: Any, b: Any) -> bool:
-    """A spec value against a grid or config value: numbers by value, lists as tuples."""
+def same_value(a: Any, b: Any) -> bool:
+    """A spec value against a grid or config value: numbers by value (1e-3 == 0.001), lists as tuples."""
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return tuple(a) == tuple(b)
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)):
@@ -357,7 +357,7 @@ def _parse_compare_to(value: Any, grid: dict[str, tuple], field: str, source: st
             why = "seeds are replicates, not a point to compare to" if path == "train.seed" else \
                 f"is not an axis of this experiment's grid ({', '.join(axes)})"
             _fail(source, key_field, f"{why}; name one value per grid axis")
-        found = next((v for v in grid[path] if _same_value(chosen, v)), None)
+        found = next((v for v in grid[path] if same_value(chosen, v)), None)
         if found is None:
             _fail(source, key_field, f"is {chosen!r}, not a value of the grid's {path} "
                                      f"({', '.join(map(str, grid[path]))}); pick one of them")
@@ -381,7 +381,7 @@ def _defaults_point(spec: SweepSpec, exp: Experiment) -> dict:
     for axis in axes:
         default = exp.set.get("model", spec.defaults.model) if axis == "model" else \
             functools.reduce(getattr, axis.split("."), cfg)
-        point[axis] = next((v for v in exp.grid[axis] if _same_value(default, v)), None)
+        point[axis] = next((v for v in exp.grid[axis] if same_value(default, v)), None)
     return first if any(v is None for v in point.values()) else point
 
 

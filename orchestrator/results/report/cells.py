@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.results.report.tables import Stat, summarize, value_text
 from orchestrator.sweep.plan import PlannedTrial, experiment_points, resolve_trial
-from orchestrator.sweep.spec import Experiment, SweepSpec
+from orchestrator.sweep.spec import Experiment, SweepSpec, same_value
 from trainers.config import ModelConfig, TrialConfig, flat_params
 
 # Params that say where or how a trial ran, not what it computed (config_hash leaves them out too);
@@ -117,16 +117,6 @@ def preset_model(spec: SweepSpec, preset: str, fixed: dict | None = None) -> Mod
     return resolve_trial(spec, {**(fixed or {}), "model": preset}).model
 
 
-def equal(config_value, grid_value) -> bool:
-    """A TrialConfig field against a grid value: numbers by value, lists as tuples."""
-    if isinstance(grid_value, (list, tuple)):
-        return tuple(config_value) == tuple(grid_value)
-    numbers = (int, float)
-    if isinstance(grid_value, numbers) and isinstance(config_value, numbers) and not isinstance(grid_value, bool):
-        return math.isclose(config_value, grid_value, rel_tol=1e-9)
-    return config_value == grid_value
-
-
 def point_of(cfg: TrialConfig, exp: Experiment, presets: dict[str, ModelConfig]) -> tuple:
     """The grid point a planned trial of the group stands for, read from its config."""
     values = []
@@ -136,7 +126,7 @@ def point_of(cfg: TrialConfig, exp: Experiment, presets: dict[str, ModelConfig])
             found = next((p for p in choices if presets[p] == cfg.model), None)
         else:
             value = functools.reduce(getattr, axis.split("."), cfg)
-            found = next((c for c in choices if equal(value, c)), None)
+            found = next((c for c in choices if same_value(value, c)), None)
         values.append(found)
     return tuple(values)
 

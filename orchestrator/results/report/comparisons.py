@@ -1,7 +1,7 @@
 """Differences against an experiment's reference point (its `compare_to`), with 95% intervals.
 
-One run per point: a paired bootstrap over the test images both runs hold (trainers.stats, the same
-resamples for both runs, from their saved test_predictions.csv.gz). Several seeds: the runs are paired
+One run per point: a paired bootstrap over the two runs' test images, which must be the same files with
+the same labels (trainers.stats, the same resamples for both runs, from their saved test_predictions.csv.gz). Several seeds: the runs are paired
 by seed, and the interval is the t-interval of the per-seed differences, as the report's other
 intervals over seeds. Pure functions; the predictions come through a getter (the store's, cached).
 """
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from orchestrator.results.report.cells import NOT_RESULT_PARAMS, Cell, Trial, axes_of
+from orchestrator.results.report.cells import Cell, Trial, axes_of
 from orchestrator.results.report.tables import LABELS, Delta, summarize, value_text
 from orchestrator.sweep.spec import Experiment
 from trainers.predictions import ARTIFACT, Predictions
@@ -48,9 +48,11 @@ def over_seeds(pairs: list[tuple[Trial, Trial]], metric: str) -> Delta:
 
 
 def over_images(a: Predictions, b: Predictions) -> dict[str, Delta]:
-    """Paired bootstrap of a - b per metric over the test images both hold (same keys, same labels)."""
+    """Paired bootstrap of a - b per metric over their test images: the same keys (every one of them)
+    with the same labels; otherwise not comparable."""
     rows_a, rows_b = a.aligned(b)
-    if a.classes != b.classes or not len(rows_a) or not np.array_equal(a.labels[rows_a], b.labels[rows_b]):
+    same_keys = len(rows_a) == len(a.keys) == len(b.keys) > 0
+    if a.classes != b.classes or not same_keys or not np.array_equal(a.labels[rows_a], b.labels[rows_b]):
         return {m: Delta(why=NOT_COMPARABLE) for m in METRICS}
     y_true, k = a.labels[rows_a], len(a.classes)
     found = {}
@@ -60,17 +62,20 @@ def over_images(a: Predictions, b: Predictions) -> dict[str, Delta]:
     return found
 
 
-def same_data(a: Trial, b: Trial) -> bool:
-    """Whether two runs were tested on the same image files: the same data_digest, or the same data settings.
+# The params that say which image files a run was tested on; the others (balance, alignment margin,
+# image size, ...) change how a run trained or what its model saw, not which test images it answered.
+TEST_SET_PARAMS = ("data.source", "data.root", "data.synthetic.", "data.classes")
 
-    The digest also names the preprocessing (the aligned size follows the model's image_size), so ViT and
-    ResNet-50 at different sizes differ in digest while their test images are the same files; their
-    predictions' keys (paths under the dataset root) and labels are checked on alignment."""
+
+def same_data(a: Trial, b: Trial) -> bool:
+    """Whether two runs may have been tested on the same image files: the same data_digest, or the same
+    source of images. The digest also names the preprocessing (the aligned size follows the model's
+    image_size) and the training-only settings, so runs that differ only there differ in digest while
+    answering the same test images; over_images then requires the same keys with the same labels."""
     if a.data_digest and a.data_digest == b.data_digest:
         return True
-    data = [{k: v for k, v in t.params.items() if k.startswith("data.") and k not in NOT_RESULT_PARAMS}
-            for t in (a, b)]
-    return bool(data[0]) and data[0] == data[1]
+    source = [{k: v for k, v in t.params.items() if k.startswith(TEST_SET_PARAMS)} for t in (a, b)]
+    return bool(source[0]) and source[0] == source[1]
 
 
 def differences(cell: Cell, reference: Cell, predictions: PredictionsOf) -> dict[str, Delta]:

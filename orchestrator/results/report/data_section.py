@@ -120,12 +120,16 @@ def production_table(training: dict, metrics: dict[str, float]) -> Table:
     table = Table("data_production", ["measure", "training", "production"])
     train_rate = training.get("align_failures", 0) / max(training.get("usable", 0), 1)
     prod_rate = metrics.get("production_align_failure_rate")
+    prod_images = metrics.get("data_usable")
+    table.rows.append(["images", str(training.get("usable", "—")), "—" if prod_images is None else f"{prod_images:.0f}"])
     table.rows.append(["alignment failure rate", percent(train_rate), percent(prod_rate)])
     pairs = metrics.get("production_duplicates_train")
     images = metrics.get("production_duplicates_train_images")
     shown = "—" if pairs is None else f"{pairs:.0f} pairs" + ("" if images is None else f" ({images:.0f} images)")
     table.rows.append(["near-duplicates of the training split", "", shown])
-    table.records = [{"metric": "align_failure_rate", "training": 100 * train_rate,
+    table.records = [{"metric": "images", "training": training.get("usable", ""),
+                      "production": "" if prod_images is None else prod_images},
+                     {"metric": "align_failure_rate", "training": 100 * train_rate,
                       "production": "" if prod_rate is None else 100 * prod_rate},
                      {"metric": "production_duplicates_train", "training": "", "production": "" if pairs is None
                       else pairs},

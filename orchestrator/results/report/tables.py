@@ -13,6 +13,8 @@ from pathlib import Path
 
 from scipy import stats
 
+from trainers.stats import excludes_zero
+
 LABELS = {
     "train_loss": "train loss", "train_accuracy": "train acc", "train_macro_f1": "train F1",
     "val_loss": "val loss", "val_accuracy": "val acc", "val_macro_f1": "val F1",
@@ -57,7 +59,7 @@ class Delta:
         """True when the interval lies on one side of 0; None without a number."""
         if self.value is None or self.low is None or self.high is None:
             return None
-        return bool(math.isfinite(self.low) and math.isfinite(self.high) and (self.low > 0 or self.high < 0))
+        return excludes_zero(self.low, self.high)
 
 
 def summarize(values) -> Stat | None:
