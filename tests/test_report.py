@@ -9,6 +9,7 @@ import re
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -18,7 +19,7 @@ from orchestrator.__main__ import main
 from orchestrator.results.production_tables import DEGRADATION_COLUMNS
 from orchestrator.results.report import write_report
 from orchestrator.results.report.cells import Cell, Trial, group_cells
-from orchestrator.results.report.comparisons import differences
+from orchestrator.results.report.comparisons import differences, over_images, same_data
 from orchestrator.results.report.groups import TEST_METRICS
 from orchestrator.results.report.references import study
 from orchestrator.results.report.store import SweepRuns
@@ -27,6 +28,7 @@ from orchestrator.sweep.runner import child_run_tags
 from orchestrator.sweep.spec import parse_yaml, spec_from_dict
 from trainers.config import TrackingConfig, TrialConfig, flat_params
 from trainers.predictions import ARTIFACT as PREDICTIONS
+from trainers.predictions import Predictions
 from trainers.run import run_trial
 from trainers.tracking import ensure_experiment, open_parent_run
 
@@ -448,3 +450,29 @@ def test_several_seeds_are_paired_by_seed_with_a_t_interval_over_the_differences
     assert found.value == pytest.approx(statistics.fmean(per_seed))
     assert (found.low, found.high) == (pytest.approx(found.value - half), pytest.approx(found.value + half))
     assert found.distinguishable is (found.low > 0)
+
+
+def test_runs_differing_only_in_a_training_setting_are_compared_but_another_dataset_is_not():
+    def trial(digest: str, **params) -> Trial:
+        base = {"data.source": "imagefolder", "data.root": "/faces", "data.classes": "anger,happiness",
+                "data.balance": "True", "model.image_size": "224"}
+        return Trial("r", "r", "finished", (), "h", {**base, **params}, {}, digest)
+
+    reference = trial("d1")
+    # Balance and image size change the digest, not the test images: compared (on keys and labels).
+    assert same_data(trial("d2", **{"data.balance": "False", "model.image_size": "32"}), reference)
+    assert not same_data(trial("d3", **{"data.root": "/other-faces"}), reference)
+    assert not same_data(trial("d4", **{"data.classes": "anger,sadness"}), reference)
+
+
+def test_predictions_on_part_of_the_test_images_are_not_compared():
+    def predictions(keys) -> Predictions:
+        n = len(keys)
+        labels = np.arange(n) % 2
+        return Predictions(np.array(keys, dtype=object), labels, labels, np.eye(2, dtype=np.float32)[labels],
+                           ("anger", "happiness"))
+
+    whole = predictions([f"img{i}.png" for i in range(10)])
+    assert over_images(whole, predictions([f"img{i}.png" for i in range(10)]))["macro_f1"].value == 0.0
+    part = over_images(whole, predictions([f"img{i}.png" for i in range(6)]))
+    assert part["macro_f1"].value is None and delta_text(part["macro_f1"]) == "not comparable (different test images)"
