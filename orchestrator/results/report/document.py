@@ -18,8 +18,10 @@ from trainers.errors import UserError
 from trainers.process.side_files import STORE_DIR
 
 REPORTS_DIR = STORE_DIR / "reports"
-ONE_SEED_WARNING = ("**One seed per trial.** Differences below the run-to-run noise cannot be read "
-                    "from a single seed; list several under `seeds:` to get intervals.")
+ONE_SEED_WARNING = ("**One seed per trial.** The intervals below are over test images: they say how much a "
+                    "number could move with other test images of the same data, not with another seed; "
+                    "differences below the run-to-run noise cannot be read from a single seed. List several "
+                    "under `seeds:` to get intervals over seeds.")
 
 
 class ReportError(UserError, RuntimeError):
