@@ -24,6 +24,9 @@ def confusion_png(cm: np.ndarray, classes: tuple[str, ...], path: Path, title: s
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(sub)
+        # Class names read horizontally on the rows (rotated, long ones ran into the axis label), slanted below.
+        ax.tick_params(axis="y", rotation=0)
+        ax.tick_params(axis="x", rotation=30)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
