@@ -29,13 +29,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import numpy as np
 
 from trainers.data.dataset import PreparedData
 from trainers.data.split import TEST, VAL
-from trainers.stats import CONFIDENCE
+from trainers.stats import Z
 
 DRIFT_SAMPLE = 2000           # held-out images at most (two halves of ~1000): all scores in ~1-2 s on one core
 DRIFT_GRID = 4                # mean colour on a 4 x 4 grid: 48 features
@@ -43,7 +42,6 @@ DRIFT_FOLDS = 5
 SEED = 0
 N_PERMUTATIONS = 100          # refits for the interval: its s.d. to ~7% (1 / sqrt(2 * 99)); ~1 s at 1000 rows a side
 SHRINKAGE = 0.1               # of the within-side covariance towards the identity, on standardised features
-Z = NormalDist().inv_cdf((1 + CONFIDENCE) / 2)   # 1.96 for a 95% interval
 # Strength of a drift the interval confirms, by the label-robust excess (AUC points above the control):
 # below 0.1 "slight", below 0.25 "moderate", else "strong" (0.1 and 0.25 over a control of ~0.5 are
 # the 0.6 and 0.75 AUC bounds this verdict used before it had a control).

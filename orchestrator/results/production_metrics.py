@@ -14,7 +14,6 @@ Metric names (logged by orchestrator.results.production):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import numpy as np
 
@@ -125,7 +124,7 @@ def wilson(successes: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray
     Recall is the share of a class's images predicted right. Unlike a bootstrap, the Wilson interval
     stays honest for a class with a handful of images in a slice, all right (5/5 gives [57%, 100%]).
     """
-    z = NormalDist().inv_cdf(0.5 + stats.CONFIDENCE / 2)
+    z = stats.Z
     n = np.asarray(n, np.float64)
     size = np.maximum(n, 1)
     p = np.asarray(successes, np.float64) / size

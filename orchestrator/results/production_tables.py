@@ -148,8 +148,8 @@ def slice_cells(row: SliceRow, min_count: int = MIN_SLICE_COUNT) -> list[str]:
     p, t = row.production, row.test
     reason = unjudged_reason(row, min_count)
     return [row.attribute, row.value, str(p.count), with_interval(p.accuracy, p.accuracy_ci),
-            "n/a" if t is None else percent(_known(t.accuracy)), with_interval(p.macro_f1, p.macro_f1_ci),
-            "n/a" if t is None else percent(_known(t.macro_f1)), "0" if t is None else str(t.count),
+            "n/a" if t is None else percent(t.accuracy), with_interval(p.macro_f1, p.macro_f1_ci),
+            "n/a" if t is None else percent(t.macro_f1), "0" if t is None else str(t.count),
             "yes" if reason is None else "no: " + reason]
 
 
@@ -187,8 +187,8 @@ def _class_loss(row: SliceRow, classes: tuple[str, ...], k: int) -> str:
     most often taken for happiness (21.0% of its images; test 5.0%)'."""
     p, t = row.production, row.test
     text = (f"{classes[k]} recall {with_interval(p.recall[k], p.recall_ci[k])} of {sum(p.confusion[k])} vs test "
-            f"{percent(_known(t.recall[k]))} of {sum(t.confusion[k])} ({change_text(*row.recall_change[k])}), "
-            f"F1 {percent(_known(p.f1[k]))} vs {percent(_known(t.f1[k]))}")
+            f"{percent(t.recall[k])} of {sum(t.confusion[k])} ({change_text(*row.recall_change[k])}), "
+            f"F1 {percent(p.f1[k])} vs {percent(t.f1[k])}")
     taken = taken_for(row, k, classes, " of its images")
     return text if taken is None else f"{text}; most often taken for {taken}"
 

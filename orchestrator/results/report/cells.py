@@ -56,8 +56,12 @@ class Trial:
 
 def stat_of(trials: list[Trial], metric: str) -> Stat | None:
     """Mean ± t over the runs' values; one run's value carries its logged bootstrap interval
-    (<metric>_ci_low / _ci_high, logged for test accuracy and macro F1) when it has one."""
-    stat = summarize(t.metrics.get(metric) for t in trials)
+    (<metric>_ci_low / _ci_high, logged for test accuracy and macro F1) when it has one. When every run
+    logged the metric as NaN (undefined: a class without images), a Stat with a NaN mean, shown 'n/a'."""
+    values = [t.metrics.get(metric) for t in trials]
+    stat = summarize(values)
+    if stat is None and values and all(v is not None and not math.isfinite(v) for v in values):
+        return Stat(math.nan, None, len(values))
     if stat is None or stat.n > 1 or len(trials) != 1:
         return stat
     low, high = (trials[0].metrics.get(f"{metric}_ci_{end}") for end in ("low", "high"))
@@ -173,5 +177,5 @@ def best_configuration(configs: list[Cell], metric: str) -> Cell | None:
     """The configuration with the highest mean metric over its finished seeds (the first of equals), or None.
 
     Table 11 and `promote` both choose with it, so the report's best model is the one promoted."""
-    scored = [(c.stat(metric).mean, c) for c in configs if c.stat(metric)]
+    scored = [(c.stat(metric).mean, c) for c in configs if c.stat(metric) and math.isfinite(c.stat(metric).mean)]
     return max(scored, key=lambda s: s[0])[1] if scored else None

@@ -15,7 +15,7 @@ from orchestrator.results.report.cells import Cell, Trial, axes_of
 from orchestrator.results.report.tables import LABELS, Delta, summarize, value_text
 from orchestrator.sweep.spec import Experiment
 from trainers.predictions import ARTIFACT, Predictions
-from trainers.stats import N_RESAMPLES, paired_difference
+from trainers.stats import N_RESAMPLES, paired_differences
 
 METRICS = ("macro_f1", "accuracy")
 NOT_COMPARABLE = "not comparable (different test images)"
@@ -54,12 +54,8 @@ def over_images(a: Predictions, b: Predictions) -> dict[str, Delta]:
     same_keys = len(rows_a) == len(a.keys) == len(b.keys) > 0
     if a.classes != b.classes or not same_keys or not np.array_equal(a.labels[rows_a], b.labels[rows_b]):
         return {m: Delta(why=NOT_COMPARABLE) for m in METRICS}
-    y_true, k = a.labels[rows_a], len(a.classes)
-    found = {}
-    for metric in METRICS:
-        value, low, high = paired_difference(y_true, a.predicted[rows_a], b.predicted[rows_b], k, metric)
-        found[metric] = Delta(value, low, high, "bootstrap", len(rows_a))
-    return found
+    found = paired_differences(a.labels[rows_a], a.predicted[rows_a], b.predicted[rows_b], len(a.classes))
+    return {metric: Delta(*found[metric], "bootstrap", len(rows_a)) for metric in METRICS}
 
 
 # The params that say which image files a run was tested on; the others (balance, alignment margin,

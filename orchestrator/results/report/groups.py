@@ -155,18 +155,8 @@ def per_class_table(report: Report, name: str, cell: Cell, reference) -> None:
         record = {"class": cls, "n": len(cell.finished)}
         row = [cls, *n_cells(report, cell)]
         stats = [(m, cell.stat(f"test_{m}_{cls}"), reference(m, cls)) for m in PER_CLASS]
-        first = len(row)
         add_row(table, cell, record, row, stats)
-        for i, metric in enumerate(PER_CLASS):      # logged as NaN: undefined for this class (no images or
-            if undefined(cell, f"test_{metric}_{cls}"):    # no predictions), not missing
-                row[first + i] = "n/a"
     report.table(table)
-
-
-def undefined(cell: Cell, metric: str) -> bool:
-    """Every finished run logged the metric as NaN: it is undefined (a class without support), not absent."""
-    values = [t.metrics.get(metric) for t in cell.finished]
-    return bool(values) and all(v is not None and not math.isfinite(v) for v in values)
 
 
 def confusion_figure(report: Report, store: SweepRuns, name: str, cell: Cell, title: str) -> None:
@@ -204,7 +194,7 @@ def optimizer_lr_section(report: Report, store: SweepRuns, exp: Experiment, cell
             cell = at[opt, lr]
             row.append(grid_cell(report, exp, cell, {"optim.name": opt, "optim.lr": lr}))
             f1 = cell.stat("test_macro_f1")
-            if f1 is not None:
+            if f1 is not None and math.isfinite(f1.mean):
                 matrix[i, j] = 100 * f1.mean
             else:
                 notes[(i, j)] = status_text(cell.trials)

@@ -85,8 +85,12 @@ def number(metric: str, value: float) -> str:
 
 
 def show(metric: str, stat: Stat | None, study: float | None = None) -> str:
-    """'96.2', '96.2 ± 0.8', with ' · study 99.0' when the study reports the number."""
-    text = "—" if stat is None else number(metric, stat.mean * scale(metric))
+    """'96.2', '96.2 ± 0.8', with ' · study 99.0' when the study reports the number; '—' without a value,
+    'n/a' for an undefined one (NaN: a class without images)."""
+    if stat is not None and not math.isfinite(stat.mean):
+        text, stat = "n/a", None
+    else:
+        text = "—" if stat is None else number(metric, stat.mean * scale(metric))
     if stat is not None and stat.half is not None:
         text += f" ± {number(metric, stat.half * scale(metric))}"
     elif stat is not None and stat.low is not None and stat.high is not None:
@@ -99,6 +103,8 @@ def show(metric: str, stat: Stat | None, study: float | None = None) -> str:
 def put(record: dict, column: str, metric: str, stat: Stat | None, study: float | None = None) -> None:
     """A metric's CSV columns, in the units of the Markdown table: value, ci95, study."""
     s = scale(metric)
+    if stat is not None and not math.isfinite(stat.mean):
+        stat = None                     # undefined: an empty cell, as no value
     record[column] = "" if stat is None else stat.mean * s
     record[f"{column}_ci95"] = "" if stat is None or stat.half is None else stat.half * s
     low, high = (None, None) if stat is None else \
