@@ -5,6 +5,7 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
 from trainers import metrics, stats
+from trainers.predictions import Predictions, read_predictions
 
 
 def predictions(n: int, right: float, seed: int = 0, classes: int = 6):
@@ -59,3 +60,17 @@ def test_macro_f1_of_a_stack_matches_each_matrix_and_scikit_learn():
     got = metrics.macro_f1(stack)
     assert got[0] == pytest.approx(f1_score(y, pred, labels=range(4), average="macro", zero_division=np.nan))
     assert np.isnan(got[1])                               # no images at all: undefined, not 0
+
+
+def test_a_predictions_file_keeps_each_images_attributes_and_reads_back_the_same(tmp_path):
+    """Production predictions carry the attributes their slices are cut by; "" stands for unknown."""
+    written = Predictions(keys=np.array(["b/1.png", "a/2.png"], dtype=object), labels=np.array([0, 1]),
+                          predicted=np.array([1, 1]), probs=np.array([[0.4, 0.6], [0.1, 0.9]], np.float32),
+                          classes=("anger", "fear"),
+                          attrs={"group": np.array(["b", ""], dtype=object), "occluded": np.array(["1", "0"])})
+    path = tmp_path / "p.csv.gz"
+    path.write_bytes(written.to_bytes())
+    read = read_predictions(path)
+    assert list(read.keys) == ["b/1.png", "a/2.png"] and read.classes == ("anger", "fear")
+    assert {k: list(v) for k, v in read.attrs.items()} == {"group": ["b", ""], "occluded": ["1", "0"]}
+    assert read.labels.tolist() == [0, 1] and np.allclose(read.probs, written.probs)

@@ -1,17 +1,21 @@
-"""A trial's test predictions as a file: one row per test image (its key, true and predicted class, and the
-probability of every class), so any comparison can be recomputed later without the model."""
+"""Predictions as a file: one row per image (its key, true and predicted class, the probability of every
+class and, optionally, the image's metadata attributes), so any comparison can be recomputed later without
+the model. A trial logs its test predictions; a production evaluation logs its production predictions with
+the attributes (group, occluded, ...) that its slices are cut by."""
 from __future__ import annotations
 
 import gzip
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 ARTIFACT = "test_predictions.csv.gz"
+PRODUCTION_ARTIFACT = "production_predictions.csv.gz"
 PROB = "prob_"        # column prefix of one class's probability
+ATTR = "attr_"        # column prefix of one metadata attribute (its value as text, "" when unknown)
 
 
 class PredictionsError(ValueError):
@@ -25,13 +29,16 @@ class Predictions:
     predicted: np.ndarray     # N int64: predicted class index (argmax of probs)
     probs: np.ndarray         # N x K float32: softmax probabilities
     classes: tuple[str, ...]
+    attrs: dict[str, np.ndarray] = field(default_factory=dict)   # attribute -> N str ("" when unknown)
 
     def to_bytes(self) -> bytes:
-        """A gzipped CSV: key, label, predicted, prob_<class>... (labels as class names, readable by eye)."""
+        """A gzipped CSV: key, label, predicted, prob_<class>..., attr_<name>... (labels as class names)."""
         frame = pd.DataFrame({"key": self.keys, "label": np.asarray(self.classes)[self.labels],
                               "predicted": np.asarray(self.classes)[self.predicted]})
         for k, name in enumerate(self.classes):
             frame[PROB + name] = self.probs[:, k]
+        for name in sorted(self.attrs):
+            frame[ATTR + name] = self.attrs[name]
         buffer = io.BytesIO()
         with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as out:   # mtime 0: same bytes for same numbers
             out.write(frame.to_csv(index=False, float_format="%.6g").encode())
@@ -47,8 +54,7 @@ class Predictions:
 def read_predictions(path: Path | str) -> Predictions:
     """Read a file written by Predictions.to_bytes; raises PredictionsError naming what is wrong."""
     try:
-        frame = pd.read_csv(path, compression="gzip", dtype={"key": str, "label": str, "predicted": str},
-                            keep_default_na=False)
+        frame = pd.read_csv(path, compression="gzip", dtype=str, keep_default_na=False)
     except (OSError, ValueError, EOFError) as err:
         raise PredictionsError(f"{path}: not a readable predictions file ({err})") from None
     classes = tuple(c[len(PROB):] for c in frame.columns if c.startswith(PROB))
@@ -62,4 +68,6 @@ def read_predictions(path: Path | str) -> Predictions:
     return Predictions(keys=frame["key"].to_numpy(dtype=object),
                        labels=frame["label"].map(index).to_numpy(np.int64),
                        predicted=frame["predicted"].map(index).to_numpy(np.int64),
-                       probs=frame[[PROB + c for c in classes]].to_numpy(np.float32), classes=classes)
+                       probs=frame[[PROB + c for c in classes]].to_numpy(np.float32), classes=classes,
+                       attrs={c[len(ATTR):]: frame[c].to_numpy(dtype=object) for c in frame.columns
+                              if c.startswith(ATTR)})
