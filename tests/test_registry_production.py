@@ -80,8 +80,8 @@ def make_spec(tmp: Path, sweep: str = "t", production: dict | str | None = "shif
 
 
 # The production run's params: its data section flattened as a trial's are, under "production.".
-PRODUCTION_PARAMS = ("align", "align_margin", "balance", "balance_max_factor", "cache_dir", "classes", "dedupe",
-                     "duplicate_distance", "root", "source", "split", "split_seed", "synthetic.draw_size",
+PRODUCTION_PARAMS = ("align", "align_margin", "balance", "balance_by", "balance_max_factor", "cache_dir", "classes",
+                     "dedupe", "duplicate_distance", "root", "source", "split", "split_seed", "synthetic.draw_size",
                      "synthetic.n_images", "synthetic.seed", "synthetic.variant", "use_dataset_split")
 
 

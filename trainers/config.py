@@ -6,6 +6,7 @@ Unknown keys and bad values raise ConfigError naming the field's dotted path
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import difflib
 import hashlib
@@ -26,6 +27,9 @@ from trainers.errors import UserError
 DEFAULT_CLASSES = ("anger", "disgust", "fear", "happiness", "sadness", "surprise")
 SOURCES = ("synthetic", "imagefolder", "fer2013", "rafdb", "affectnet")
 SOURCES_WITH_SPLITS = ("fer2013", "rafdb", "affectnet")   # ship their own train/test partition
+SYNTHETIC_ATTRIBUTES = ("group", "occluded")   # the synthetic source's metadata.csv columns besides path, subject
+METADATA_FILE = "metadata.csv"                 # an image folder's per-image subject and attributes
+CLASS_COLUMN = "class"          # data.balance_by's pseudo-column: the image's class, not a metadata column
 ALIGNERS = ("none", "mtcnn")
 MODEL_NAMES = ("vit", "resnet50")
 OPTIMIZERS = ("sgd", "rmsprop", "adam")
@@ -65,8 +69,11 @@ class DataConfig:
     duplicate_distance: int = 16      # near-duplicate: 256-bit perceptual hashes differ in <= 16 bits
     dedupe: bool = False              # remove val/test images that near-duplicate an earlier split's
     cache_dir: str = str(STORE_DIR / "cache")
-    balance: bool = True          # augment the training split per class towards the largest class
-    balance_max_factor: float = 3.0   # a class grows to at most 3x its own size, so some imbalance stays
+    balance: bool = True          # augment the training split per cell (balance_by) towards the largest cell
+    balance_max_factor: float = 3.0   # a cell grows to at most 3x its own size, so some imbalance stays
+    # The columns whose value combinations are balanced: "class" and/or metadata.csv attributes
+    # (e.g. [class, group]: every class x group cell grows towards the largest cell).
+    balance_by: tuple[str, ...] = ("class",)
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
@@ -297,6 +304,7 @@ def validate_data(d: DataConfig, source: str) -> None:
         raise ConfigError(source, "data.classes", f"lists '{dup}' more than once")
     if d.balance_max_factor < 1:
         raise ConfigError(source, "data.balance_max_factor", f"must be at least 1; got {d.balance_max_factor:g}")
+    _validate_balance_by(d, source)
     _validate_split(d.split, source)
     if d.split[2] == 0 and not d.use_dataset_split:
         raise ConfigError(source, "data.split", "gives the test split no images (its ratio is 0), so no test "
@@ -313,6 +321,54 @@ def _validate_split(split: tuple[float, ...], source: str) -> None:
         raise ConfigError(source, "data.split", "needs a positive train and val ratio")
     if not math.isclose(sum(split), 1.0, abs_tol=1e-6):
         raise ConfigError(source, "data.split", f"ratios must sum to 1; got {sum(split):g}")
+
+
+def _validate_balance_by(d: DataConfig, source: str) -> None:
+    """data.balance_by: distinct columns, each 'class' or one the source's metadata has (when known now)."""
+    path = "data.balance_by"
+    if not d.balance_by:
+        raise ConfigError(source, path, "must name at least one column, e.g. [class] or [class, group]")
+    repeated = next((c for c in d.balance_by if d.balance_by.count(c) > 1), None)
+    if repeated:
+        raise ConfigError(source, path, f"lists '{repeated}' more than once")
+    if "subject" in d.balance_by:
+        # The split keeps each subject in one split, so per-subject cells would only even out the
+        # training identities (hundreds of cells), not the attribute mix the test and production see.
+        raise ConfigError(source, path, "cannot use 'subject': it is the identity the split groups by, not an "
+                          "attribute to balance; name attribute columns such as group")
+    columns = _metadata_columns(d)
+    unknown = [c for c in d.balance_by if c != CLASS_COLUMN and columns is not None and c not in columns]
+    if unknown:
+        known = ", ".join((CLASS_COLUMN, *columns))
+        raise ConfigError(source, path, f"names '{unknown[0]}', which is not a column of {_columns_origin(d)}; "
+                          f"choose from: {known}")
+
+
+def _metadata_columns(d: DataConfig) -> tuple[str, ...] | None:
+    """The attribute columns the data's images carry, or None when they are not known before reading it."""
+    if d.source == "synthetic":
+        return SYNTHETIC_ATTRIBUTES
+    root = Path(d.root).expanduser() if d.source == "imagefolder" and d.root else None
+    if root is None or not root.is_dir() or all(c == CLASS_COLUMN for c in d.balance_by):
+        return None          # prepare_data checks the columns against the images it lists
+    try:
+        with open(root / METADATA_FILE, newline="", encoding="utf-8-sig") as handle:
+            header = next(csv.reader(handle), [])
+    except FileNotFoundError:
+        return ()
+    except OSError:
+        return None          # unreadable now: prepare_data reads it (or says why it cannot)
+    return tuple(name.strip() for name in header if name.strip() not in ("path", "subject", ""))
+
+
+def _columns_origin(d: DataConfig) -> str:
+    """Where the columns come from, as an error names it."""
+    if d.source == "synthetic":
+        return "the synthetic source's metadata"
+    csv_path = Path(d.root).expanduser() / METADATA_FILE
+    if not csv_path.is_file():
+        return f"{csv_path} (no such file: add one with path, subject and attribute columns)"
+    return str(csv_path)
 
 
 def _validate_synthetic(s: SyntheticConfig, source: str) -> None:
@@ -426,6 +482,8 @@ def _drop_inert_data_keys(data: dict) -> None:
             data.pop(key)
     if not data.get("dedupe"):
         data.pop("duplicate_distance", None)   # the audit only counts unless dedupe removes
+    if data["balance_by"] == defaults["balance_by"] or not data["balance"]:
+        data.pop("balance_by")
 
 
 def trial_name(cfg: TrialConfig) -> str:

@@ -7,6 +7,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainers.config import METADATA_FILE
+
 CLASS_ALIASES: dict[str, str] = {
     "angry": "anger", "anger": "anger",
     "disgusted": "disgust", "disgust": "disgust",
@@ -19,8 +21,6 @@ CLASS_ALIASES: dict[str, str] = {
 }
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-METADATA_FILE = "metadata.csv"
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from trainers.config import SyntheticConfig
+from trainers.config import SYNTHETIC_ATTRIBUTES, SyntheticConfig
 
 # Bump whenever the drawing changes, so cached datasets are redrawn.
 GENERATOR_VERSION = 1
@@ -558,7 +558,7 @@ def write_metadata(path: Path, specs: list[ImageSpec]) -> None:
     """One row per image: path, subject, group, occluded (0/1)."""
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["path", "subject", "group", "occluded"])
+        writer.writerow(["path", "subject", *SYNTHETIC_ATTRIBUTES])   # group, occluded: the row's order
         for spec in specs:
             writer.writerow([spec.path, spec.identity.subject, spec.identity.group, int(spec.occluded)])
 
