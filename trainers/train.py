@@ -23,7 +23,7 @@ from torch import nn
 from trainers import metrics, stats
 from trainers.augment import augment
 from trainers.config import TrialConfig
-from trainers.data.balance import balance_plan, class_weights
+from trainers.data.balance import balance_cells, balance_plan, class_weights
 from trainers.data.dataset import PreparedData
 from trainers.data.split import TEST, TRAIN, VAL
 from trainers.models import FerClassifier
@@ -330,7 +330,9 @@ def build_loop(cfg: TrialConfig, data: PreparedData, model: FerClassifier) -> Lo
     optimizer = build_optimizer(cfg, model)
     resident = resident_images(data.images, device)
     train_idx = data.indices(TRAIN)
-    plan = (balance_plan(train_idx, data.labels, cfg.data.balance_max_factor, cfg.train.seed)
+    # The cells are those prepare_data reported in data_report.json (data.balance_by over the same images).
+    plan = (balance_plan(train_idx, balance_cells(data.labels, data.attrs, data.classes, cfg.data.balance_by).ids,
+                         cfg.data.balance_max_factor, cfg.train.seed)
             if cfg.data.balance else (train_idx, np.zeros(len(train_idx), bool)))
     weights = torch.from_numpy(class_weights(data.labels[plan[0]], len(data.classes))).to(device)
     return Loop(cfg, data, model, step_model, optimizer, device, plan, loss_fn=nn.CrossEntropyLoss(weight=weights),
