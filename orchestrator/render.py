@@ -11,6 +11,7 @@ from orchestrator.results.production_tables import (DEGRADATION_HEADERS, MIN_SLI
 from orchestrator.sweep.plan import grid_points
 from orchestrator.sweep.spec import SweepSpec
 from trainers.config import DataConfig
+from trainers.data.balance import balance_text, value_text
 
 
 def console() -> Console:
@@ -77,6 +78,17 @@ def data_table(data) -> Table:
     totals = [sum(data.report.per_split[s].values()) for s in splits]
     table.add_row("all", *map(str, totals), str(sum(totals)))
     return table
+
+
+def balance_table(balance: dict) -> Group:
+    """The training split's balance in a line, then its cells: each value combination's images before and after."""
+    table = Table()
+    for column in (*balance["by"], "train", "balanced"):
+        table.add_column(column, justify="right" if column in ("train", "balanced") else "left")
+    for cell in balance["cells"]:
+        table.add_row(*map(value_text, cell["values"].values()), f"{cell['before']:,}", f"{cell['after']:,}")
+    line = f"  {balance_text(balance)}; a cell grows to at most {balance['max_factor']:g}x its size"
+    return Group(Text(line), table)
 
 
 def data_lines(cfg: DataConfig, data) -> list[str]:

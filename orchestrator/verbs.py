@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator.render import (console, cost_lines, count_line, data_lines, data_table, print_outcome, status_table,
-                                 tpe_line, trial_table)
+from orchestrator.render import (balance_table, console, cost_lines, count_line, data_lines, data_table, print_outcome,
+                                 status_table, tpe_line, trial_table)
 from orchestrator.sweep.plan import datasets_to_prepare, estimate_cost
 from orchestrator.sweep.preflight import check_prepare_folders, check_sweep_folders
 from orchestrator.sweep.spec import SweepSpec, load_spec
@@ -142,4 +142,6 @@ def prepare(args: argparse.Namespace) -> int:
         out.print(data_table(data))
         for line in data_lines(cfg, data):
             out.print(line)
+        if title == "data" and data.report.balance:    # production images are not trained on
+            out.print(balance_table(data.report.balance))
     return 0

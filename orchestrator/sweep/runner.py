@@ -16,6 +16,7 @@ from orchestrator.sweep.ledger import Claim, Ledger, default_storage
 from orchestrator.sweep.plan import PlannedTrial, count_images, datasets_to_prepare, resolve_trial, trial_flop
 from orchestrator.sweep.spec import SweepSpec
 from trainers.config import TrackingConfig, TrialConfig, config_hash, from_dict, to_dict, trial_name, with_tracking
+from trainers.data.balance import balance_text
 from trainers.errors import UserError
 from trainers.process.side_files import STORE_DIR
 from trainers.tracking import SweepParent, close_dead_run, tracking_uri
@@ -144,7 +145,7 @@ def prepare_datasets(spec: SweepSpec) -> None:
 
 def data_line(report, image_size: int) -> str:
     """'data: 76 images (train 54, ...) at 32 px; split mode: group; skipped 6 (empty 1, ...); dropped 3 not in
-    data.classes (...)', then '; warning: ...' for each of the report's warnings."""
+    data.classes (...); balanced by class: ...', then '; warning: ...' for each of the report's warnings."""
     splits = ", ".join(f"{k} {sum(v.values())}" for k, v in report.per_split.items())
     line = f"data: {report.usable} images ({splits}) at {image_size} px"
     if report.split_mode:
@@ -152,6 +153,8 @@ def data_line(report, image_size: int) -> str:
     line += f"; skipped {sum(report.skipped.values())}{_by_reason(report.skipped)}"
     if report.dropped:      # a folder (or a dataset's label) that names none of the classes
         line += f"; dropped {sum(report.dropped.values())} not in data.classes{_by_reason(report.dropped)}"
+    if report.balance:
+        line += f"; {balance_text(report.balance)}"
     return line + "".join(f"; warning: {w}" for w in report.warnings)
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from trainers.config import DataConfig
+from trainers.config import METADATA_FILE, DataConfig
 from trainers.data.align import Aligner, build_aligner
 from trainers.data.audit import AuditResult, audit_splits, near_duplicate_pairs, perceptual_hashes
+from trainers.data.balance import CLASS_COLUMN, balance_cells, balance_summary
 from trainers.data.cache import (AlignedStore, DigestIndex, atomic_write_bytes, relative_posix, save_array,
                                  short_hash)
 from trainers.data.images import ImageSkipped, decode_image
@@ -53,6 +54,7 @@ class DataReport:
     subjects: dict[str, int] = field(default_factory=dict)          # split -> distinct subjects (0: none known)
     split_align_failures: dict[str, int] = field(default_factory=dict)   # split -> alignment failures
     warnings: list[str] = field(default_factory=list)  # what may make the split's numbers misleading
+    balance: dict = field(default_factory=dict)        # {by, max_factor, cells: [{values, before, after}]}; {} off
 
     def split_images(self) -> dict[str, int]:
         """Images per split."""
@@ -73,6 +75,8 @@ class DataReport:
         out.update({f"data_align_failure_rate_{s}": n / max(images.get(s, 0), 1)
                     for s, n in self.split_align_failures.items()})
         out["data_warnings"] = len(self.warnings)
+        if self.balance:
+            out["data_n_train_balanced"] = sum(cell["after"] for cell in self.balance["cells"])
         return {metric_key(k): float(v) for k, v in out.items()}
 
 
@@ -335,6 +339,7 @@ def _finish(cfg: DataConfig, gathered: Gathered) -> PreparedData:
     report = _report(cfg, gathered, rows, audit, len(removed))
     report.split_mode = mode
     report.warnings = _split_warnings(cfg, rows, mode)
+    report.balance = _balance(cfg, rows)
     paths = [_rel(s.path, root, Path(cfg.cache_dir)) for s in rows.samples]
     digest = short_hash({"content": f"{store.root.name}/{rows.content_key}", "paths": paths,
                          "labels": rows.labels.tolist(), "split": rows.splits.tolist()})
@@ -342,6 +347,23 @@ def _finish(cfg: DataConfig, gathered: Gathered) -> PreparedData:
                         paths=paths, subjects=[s.subject for s in rows.samples],
                         attrs=[dict(s.attrs) for s in rows.samples], digest=digest, root=str(root),
                         report=report, fallback=rows.fallback)
+
+
+def _balance(cfg: DataConfig, rows: Rows) -> dict:
+    """The training split's balance cells before and after (as the train loop will draw them); {} when off."""
+    if not cfg.balance:
+        return {}
+    attrs = [dict(s.attrs) for s in rows.samples]
+    columns = sorted({name for a in attrs for name in a})
+    missing = [c for c in cfg.balance_by if c != CLASS_COLUMN and c not in columns]
+    if missing:
+        known = ", ".join([CLASS_COLUMN, *columns])
+        where = f"add the column to {METADATA_FILE} in data.root" if cfg.source == "imagefolder" else \
+            f"the {cfg.source} source gives its images no other attributes"
+        raise DataError(f"data.balance_by: column '{missing[0]}' is not in this dataset's metadata (columns: "
+                        f"{known}); name one of those, or {where}")
+    cells = balance_cells(rows.labels, attrs, tuple(cfg.classes), cfg.balance_by)
+    return balance_summary(cells, np.flatnonzero(rows.splits == TRAIN), cfg.balance_max_factor)
 
 
 def _without(rows: Rows, removed: np.ndarray, store: AlignedStore) -> Rows:
