@@ -4,12 +4,12 @@ row per grid point with its production measures and their changes against compar
 the sentence that says which mitigation narrowed which gap, and the rows still to evaluate."""
 from __future__ import annotations
 
+from orchestrator.results.production_tables import MIN_SLICE_COUNT
 from orchestrator.results.report.cells import Cell, Trial, axes_of, group_cells, status_text
 from orchestrator.results.report.comparisons import NOT_DISTINGUISHABLE_NOTE, point_words, reference_label
 from orchestrator.results.report.mitigation import (CLASS_F1, DROP, GAP, PRODUCTION_F1, TEST_F1, Mitigation,
                                                     MitigationRow, ProductionEvaluation, latest_evaluations,
                                                     mitigation_table)
-from orchestrator.results.production_tables import MIN_SLICE_COUNT
 from orchestrator.results.report.store import SweepRuns
 from orchestrator.results.report.tables import LABELS, Delta, Report, Table, delta_text, put, show, slug, value_text
 from orchestrator.sweep.plan import PlannedTrial
