@@ -62,7 +62,8 @@ def _confusions(rows: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, n_clas
     return counts.reshape(len(rows), n_classes, n_classes)
 
 
-def _interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
+def percentile_interval(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The percentile interval of resampled values (NaN resamples left out; NaN, NaN when none is finite)."""
     finite = values[np.isfinite(values)]
     if not len(finite):
         return float("nan"), float("nan")
@@ -80,7 +81,7 @@ def bootstrap_ci(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int,
         cms = _confusions(rows, y_true, y_pred, n_classes)
         for name, fn in METRICS.items():
             values[name].append(fn(cms))
-    return {name: _interval(np.concatenate(v), resampling.confidence) for name, v in values.items()}
+    return {name: percentile_interval(np.concatenate(v), resampling.confidence) for name, v in values.items()}
 
 
 def paired_differences(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, n_classes: int,
@@ -99,13 +100,40 @@ def paired_differences(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarra
         for name, fn in METRICS.items():
             diffs[name].append(fn(a) - fn(b))
     return {name: (float(fn(whole[0])[0] - fn(whole[1])[0]),
-                   *_interval(np.concatenate(diffs[name]), resampling.confidence)) for name, fn in METRICS.items()}
+                   *percentile_interval(np.concatenate(diffs[name]), resampling.confidence))
+            for name, fn in METRICS.items()}
 
 
 def paired_difference(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, n_classes: int,
                       metric: str = "macro_f1", resampling: Resampling = DEFAULT) -> tuple[float, float, float]:
     """(difference, low, high) of one metric: paired_differences' entry for it."""
     return paired_differences(y_true, pred_a, pred_b, n_classes, resampling)[metric]
+
+
+def grouped_confusions(rows: np.ndarray, groups: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray,
+                       shape: tuple[int, int]) -> np.ndarray:
+    """(r, G, K, K) confusion matrices per group of r resamples given as rows of drawn item positions;
+    shape is (G, K); groups holds each item's group in 0..G-1, and an item in group G (e.g. an unknown
+    attribute value, or a slice too small to judge) counts in none."""
+    n_groups, n_classes = shape
+    cells = n_groups * n_classes * n_classes
+    cell = (np.asarray(groups, np.int64) * n_classes + np.asarray(y_true, np.int64)) * n_classes \
+        + np.asarray(y_pred, np.int64)
+    cell = np.minimum(cell, cells)          # group G and beyond: one bin past the last, dropped below
+    offset = (np.arange(len(rows), dtype=np.int64) * (cells + 1))[:, None]
+    counts = np.bincount((cell[rows] + offset).ravel(), minlength=len(rows) * (cells + 1))
+    return counts.reshape(len(rows), cells + 1)[:, :cells].reshape(len(rows), n_groups, n_classes, n_classes)
+
+
+def bootstrap_draws(n: int, statistic: Callable[[np.ndarray], np.ndarray],
+                    resampling: Resampling = DEFAULT) -> tuple[np.ndarray, np.ndarray]:
+    """statistic's M values on the n items themselves (M,) and on every resample (n_resamples, M).
+
+    statistic takes (r, n) drawn item positions and returns (r, M): every quantity is computed on the
+    same draws, so differences of two runs on the same items stay paired."""
+    whole = statistic(np.arange(n, dtype=np.int64)[None])[0]
+    draws = [statistic(rows) for rows in resample_rows(n, resampling.n_resamples, resampling.seed)]
+    return whole, np.concatenate(draws) if draws else np.zeros((0, len(whole)))
 
 
 def excludes_zero(low: float, high: float) -> bool:

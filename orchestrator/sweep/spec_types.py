@@ -77,3 +77,4 @@ class SweepSpec:
     promote: PromoteSpec
     execution: ExecutionSpec
     plan: tuple[PlannedTrial, ...] = ()   # the grid's unique trials, expanded once when the spec is loaded
+    production_evaluate: tuple[str, ...] = ()   # production.evaluate: champion, all, or experiment names

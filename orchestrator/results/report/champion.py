@@ -64,6 +64,9 @@ def production_section(report: Report, store: SweepRuns, spec: SweepSpec) -> Non
     source = store.trial(run.tags.get("source_run_id"))
     report.text(f"Model version {run.tags.get('model_version', '?')} (trial {source.name if source else '?'}), "
                 f"production run `{run.run_id}`.")
+    if run.tags.get("evaluated_as") == "run":
+        report.text("No production run of the champion yet: this is the newest production evaluation of a "
+                    "group's run; run `make production` to evaluate the champion.")
     if run.degradation is None:
         report.text("Production: the run logged no degradation.csv; run `make production` again.")
     else:

@@ -1,7 +1,8 @@
 """Differences against an experiment's reference point (its `compare_to`), with 95% intervals.
 
 One run per point: a paired bootstrap over the two runs' test images, which must be the same files with
-the same labels (trainers.stats, the same resamples for both runs, from their saved test_predictions.csv.gz). Several seeds: the runs are paired
+the same labels (trainers.stats, the same resamples for both runs, from their saved
+test_predictions.csv.gz). Several seeds: the runs are paired
 by seed, and the interval is the t-interval of the per-seed differences, as the report's other
 intervals over seeds. Pure functions; the predictions come through a getter (the store's, cached).
 """
@@ -37,23 +38,37 @@ def seed_pairs(runs: list[Trial], reference: list[Trial]) -> list[tuple[Trial, T
     return [(mine[s], theirs[s]) for s in common]
 
 
-def over_seeds(pairs: list[tuple[Trial, Trial]], metric: str) -> Delta:
-    """Mean of the per-seed differences of test_<metric> and its 95% t-interval over the seeds."""
-    key = f"test_{metric}"
-    diffs = [a.metrics.get(key, np.nan) - b.metrics.get(key, np.nan) for a, b in pairs]
+def delta_over_seeds(diffs: list[float]) -> Delta:
+    """The mean of per-seed differences and its 95% t-interval over the seeds ('—' with under two)."""
     stat = summarize(diffs)
     if stat is None or stat.half is None:
         return Delta()
     return Delta(stat.mean, stat.mean - stat.half, stat.mean + stat.half, "seeds", stat.n)
 
 
-def over_images(a: Predictions, b: Predictions) -> dict[str, Delta]:
-    """Paired bootstrap of a - b per metric over their test images: the same keys (every one of them)
-    with the same labels; otherwise not comparable."""
+def over_seeds(pairs: list[tuple[Trial, Trial]], metric: str) -> Delta:
+    """Mean of the per-seed differences of test_<metric> and its 95% t-interval over the seeds."""
+    key = f"test_{metric}"
+    return delta_over_seeds([a.metrics.get(key, np.nan) - b.metrics.get(key, np.nan) for a, b in pairs])
+
+
+def comparable_rows(a: Predictions, b: Predictions) -> tuple[np.ndarray, np.ndarray] | None:
+    """Row positions (in a, in b) of their images when they hold the same keys (every one of them) with the
+    same labels and classes; None when they do not, so a paired comparison would mean nothing."""
     rows_a, rows_b = a.aligned(b)
     same_keys = len(rows_a) == len(a.keys) == len(b.keys) > 0
     if a.classes != b.classes or not same_keys or not np.array_equal(a.labels[rows_a], b.labels[rows_b]):
+        return None
+    return rows_a, rows_b
+
+
+def over_images(a: Predictions, b: Predictions) -> dict[str, Delta]:
+    """Paired bootstrap of a - b per metric over their test images: the same keys (every one of them)
+    with the same labels; otherwise not comparable."""
+    rows = comparable_rows(a, b)
+    if rows is None:
         return {m: Delta(why=NOT_COMPARABLE) for m in METRICS}
+    rows_a, rows_b = rows
     found = paired_differences(a.labels[rows_a], a.predicted[rows_a], b.predicted[rows_b], len(a.classes))
     return {metric: Delta(*found[metric], "bootstrap", len(rows_a)) for metric in METRICS}
 
@@ -102,10 +117,15 @@ def group_differences(exp: Experiment, cells: list[Cell], predictions: Predictio
     return {c.point: differences(c, reference, predictions) for c in cells}
 
 
-def reference_label(exp: Experiment) -> str:
-    """The reference point in words: 'resnet50', 'epochs 3', 'optimizer adam, learning rate 0.001'."""
+def point_words(point: dict) -> str:
+    """A grid point in words: 'resnet50', 'epochs 3', 'optimizer adam, learning rate 0.001'."""
     return ", ".join(str(value) if axis == "model" else f"{LABELS.get(axis, axis)} {value_text(value)}"
-                     for axis, value in exp.compare_to.items())
+                     for axis, value in point.items())
+
+
+def reference_label(exp: Experiment) -> str:
+    """The reference point in words (point_words of compare_to)."""
+    return point_words(exp.compare_to)
 
 
 def delta_header(exp: Experiment) -> str:

@@ -1,5 +1,6 @@
-"""The whole report: its header, every group's section in spec order, the best model and the
-production run, written to report.md beside its CSVs and figures and logged to the parent run."""
+"""The whole report: its header, every group's section in spec order, the best model, the production run
+and the mitigation experiments evaluated in production, written to report.md beside its CSVs and figures
+and logged to the parent run."""
 from __future__ import annotations
 
 import tempfile
@@ -11,6 +12,7 @@ from orchestrator.results.report.cells import Trial
 from orchestrator.results.report.champion import best_model_section, production_section
 from orchestrator.results.report.data_section import data_section
 from orchestrator.results.report.groups import experiment_section, other_groups_section
+from orchestrator.results.report.mitigation_section import mitigation_sections
 from orchestrator.results.report.store import MlflowClient, SweepRuns, safe_uri
 from orchestrator.results.report.tables import Report
 from orchestrator.sweep.spec import SweepSpec
@@ -69,6 +71,7 @@ def write_report(spec: SweepSpec, client: MlflowClient, out_dir: Path | str | No
         other_groups_section(report, spec, trials)
         best_model_section(report, spec, trials)
         production_section(report, store, spec)
+        mitigation_sections(report, store, spec, plan, trials)
         path = out / "report.md"
         path.write_text("\n\n".join(report.blocks) + "\n", encoding="utf-8")
         store.log_report(parent_run_id, [path, *report.files])

@@ -1,6 +1,7 @@
 """Everything the report reads from MLflow (the only module of the report that imports mlflow):
 the sweep's parent and child runs, metric histories, test predictions, confusion matrices, the newest
-production run with its degradation.csv, and logging the finished report back to the parent run."""
+production run of the champion with its degradation.csv, every production evaluation of a trial run with
+its production predictions, and logging the finished report back to the parent run."""
 from __future__ import annotations
 
 import csv
@@ -15,8 +16,10 @@ from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 
 from orchestrator.results.report.cells import Trial
+from orchestrator.results.report.mitigation import ProductionEvaluation
 from orchestrator.results.runs import child_runs, find_parent_run, groups_of
-from trainers.predictions import ARTIFACT as PREDICTIONS, Predictions, PredictionsError, read_predictions
+from trainers.predictions import ARTIFACT as PREDICTIONS
+from trainers.predictions import PRODUCTION_ARTIFACT, Predictions, PredictionsError, read_predictions
 from trainers.tracking import no_download_bars
 
 __all__ = ["MlflowClient", "ProductionRun", "SweepRuns", "safe_uri"]
@@ -49,7 +52,7 @@ class SweepRuns:
 
     def __init__(self, client: MlflowClient, sweep: str, scratch: Path):
         self.client, self.sweep, self.scratch = client, sweep, scratch
-        self._predictions: dict[str, Predictions | None] = {}
+        self._predictions: dict[tuple[str, str], Predictions | None] = {}
 
     @property
     def uri(self) -> str:
@@ -88,16 +91,21 @@ class SweepRuns:
         except (MlflowException, OSError):
             return None
 
-    def predictions(self, run_id: str) -> Predictions | None:
-        """A run's saved test predictions, downloaded once per report; None when it has none (older runs)
-        or the file is not one this project writes."""
-        if run_id not in self._predictions:
-            path = self.download(run_id, PREDICTIONS)
+    def predictions(self, run_id: str, artifact: str = PREDICTIONS) -> Predictions | None:
+        """A run's saved test predictions (or another predictions artifact), downloaded once per report;
+        None when it has none (older runs) or the file is not one this project writes."""
+        key = (run_id, artifact)
+        if key not in self._predictions:
+            path = self.download(run_id, artifact)
             try:
-                self._predictions[run_id] = None if path is None else read_predictions(path)
+                self._predictions[key] = None if path is None else read_predictions(path)
             except PredictionsError:
-                self._predictions[run_id] = None
-        return self._predictions[run_id]
+                self._predictions[key] = None
+        return self._predictions[key]
+
+    def production_predictions(self, run_id: str) -> Predictions | None:
+        """A production evaluation's production_predictions.csv.gz (with the images' attributes), or None."""
+        return self.predictions(run_id, PRODUCTION_ARTIFACT)
 
     def confusion_counts(self, run_ids: list[str]) -> tuple[list[str], np.ndarray] | None:
         """The runs' confusion_matrix.json counts, summed over seeds; None when no run logged one."""
@@ -114,20 +122,40 @@ class SweepRuns:
                 total = total + counts
         return None if total is None else (classes, total)
 
-    def production_run(self) -> ProductionRun | None:
-        """The newest production evaluation of the sweep's champion, or None."""
+    def _production_runs(self, query: str = "") -> list[Run]:
+        """The runs of <sweep>-production tagged role=production (and matching query), newest first."""
         experiment = self.client.get_experiment_by_name(f"{self.sweep}-production")
         if experiment is None:
-            return None
-        runs = self.client.search_runs([experiment.experiment_id], filter_string="tags.role = 'production'",
-                                       run_view_type=ViewType.ACTIVE_ONLY,
-                                       order_by=["attributes.start_time DESC"], max_results=1)
+            return []
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([experiment.experiment_id],
+                                           filter_string="tags.role = 'production'" + query,
+                                           run_view_type=ViewType.ACTIVE_ONLY, max_results=1000,
+                                           order_by=["attributes.start_time DESC"], page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def production_run(self) -> ProductionRun | None:
+        """The newest production evaluation of the sweep's champion, or None. A run evaluated as one of a
+        group's runs (`production --runs`, tag evaluated_as=run) is the champion's only when no run was
+        evaluated as the champion; a run without the tag predates `--runs` and was the champion."""
+        runs = self._production_runs()
         if not runs:
             return None
-        run = runs[0]
+        run = next((r for r in runs if r.data.tags.get("evaluated_as", "champion") == "champion"), runs[0])
         path = self.download(run.info.run_id, "degradation.csv")
         return ProductionRun(run.info.run_id, dict(run.data.tags), dict(run.data.metrics),
                              None if path is None else read_degradation(path))
+
+    def production_evaluations(self) -> list[ProductionEvaluation]:
+        """Every FINISHED production evaluation of a trial run (tag source_run_id), newest first."""
+        return [ProductionEvaluation(r.info.run_id, r.data.tags["source_run_id"], r.data.tags.get("config_hash", ""),
+                                     r.data.tags.get("data_digest", ""), r.info.start_time or 0, dict(r.data.metrics))
+                for r in self._production_runs(" and attributes.status = 'FINISHED'")
+                if r.data.tags.get("source_run_id")]
 
     def log_report(self, parent_run_id: str, files: list[Path]) -> None:
         """The report's files as artifacts of the parent run, under report/."""

@@ -140,7 +140,9 @@ def put_delta(record: dict, deltas: dict[str, Delta]) -> None:
 
 
 def value_text(value) -> str:
-    """An axis value as a row label: floats in their shortest form (1e-05, 0.001)."""
+    """An axis value as a row label: floats in their shortest form (1e-05, 0.001), lists as [class, group]."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(value_text(v) for v in value) + "]"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
