@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SWEEP  ?= sweeps/demo.yaml
-# Extra arguments for the verb, e.g. `make promote ARGS=--replace`.
+# Extra arguments for the verb, e.g. `make promote ARGS=--replace`, `make production ARGS="--runs all"`.
 ARGS   ?=
 # `make ui` binds loopback; only the command line (make ui HOST=...) changes it, not an exported HOST
 # (some shells and CI images export HOST as the machine's name, which would open the UI to the network).
@@ -42,7 +42,7 @@ promote: $(STAMP)
 	$(PY) -m orchestrator promote $(SWEEP) $(ARGS)
 
 production: $(STAMP)
-	$(PY) -m orchestrator production $(SWEEP)
+	$(PY) -m orchestrator production $(SWEEP) $(ARGS)
 
 report: $(STAMP)
 	$(PY) -m orchestrator report $(SWEEP)

@@ -56,10 +56,26 @@ def _add_promote_options(parser: argparse.ArgumentParser) -> None:
                              "two were trained on different data, whose validation scores do not compare)")
 
 
+def _add_production_options(parser: argparse.ArgumentParser) -> None:
+    _add_registry_options(parser)
+    parser.add_argument("--runs", action="append", metavar="WHICH",
+                        help="which runs: champion (the registry alias), all (every finished trial run) or an "
+                             "experiment name of the spec; comma-separated or repeated, e.g. --runs "
+                             "champion,mitigation (default: the spec's production.evaluate, else champion)")
+    parser.add_argument("--fail-on-drift", action="store_true",
+                        help="exit with status 3 when any evaluated run's drift verdict is moderate or strong "
+                             "(after logging everything), so a scheduler can start a retraining sweep")
+    parser.epilog = ("Each run is evaluated once per production data (source run, data digest); a second call "
+                     "evaluates nothing new and reads the logged numbers. Exit status: 0 done (whatever the "
+                     "drift without --fail-on-drift); 2 bad spec or arguments, no champion for --runs champion, "
+                     "nothing to evaluate; 3 with --fail-on-drift, drift moderate or strong ('class mix only' "
+                     "and 'unknown: ...' do not count).")
+
+
 # Each verb's arguments.
 ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "plan": _add_spec, "sweep": _add_run_options, "worker": _add_run_options, "status": _add_status_options,
-    "report": _add_report_options, "promote": _add_promote_options, "production": _add_registry_options,
+    "report": _add_report_options, "promote": _add_promote_options, "production": _add_production_options,
     "prepare": _add_spec,
 }
 

@@ -5,9 +5,9 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator.results.production_tables import (DEGRADATION_HEADERS, MIN_SLICE_COUNT, SLICE_HEADERS,
-                                                    ProductionResult, auc_text, degradation_cells, slice_cells,
-                                                    slice_finding)
+from orchestrator.results.production_tables import (DEGRADATION_HEADERS, MIN_SLICE_COUNT, OUTCOME_HEADERS,
+                                                    SLICE_HEADERS, Outcome, ProductionResult, auc_text,
+                                                    degradation_cells, outcome_cells, slice_cells, slice_finding)
 from orchestrator.sweep.plan import grid_points
 from orchestrator.sweep.spec import SweepSpec
 from trainers.config import DataConfig
@@ -139,7 +139,7 @@ def status_table(latest: dict) -> Table:
 
 def degradation_table(result: ProductionResult) -> Table:
     """Test vs production per class, then overall (the study's Tables 12-13)."""
-    table = Table(title=f"{result.model_name} v{result.version}: test vs production (Tables 12-13)")
+    table = Table(title=f"{result.title}: test vs production (Tables 12-13)")
     for i, header in enumerate(DEGRADATION_HEADERS):
         table.add_column(header, justify="left" if i == 0 else "right")
     for row in result.degradation:
@@ -150,7 +150,7 @@ def degradation_table(result: ProductionResult) -> Table:
 def slice_table(result: ProductionResult) -> Group:
     """Per attribute value: production with 95% intervals beside the test slice, then, per slice, the
     classes it loses against its test slice and what they are taken for."""
-    table = Table(title=f"production slices (test = the champion's test images with the same value; "
+    table = Table(title=f"production slices (test = the model's test images with the same value; "
                         f"under {MIN_SLICE_COUNT} images a side: shown, not judged)")
     for i, header in enumerate(SLICE_HEADERS):
         table.add_column(header, justify="left" if i < 2 or i == len(SLICE_HEADERS) - 1 else "right")
@@ -174,3 +174,13 @@ def drift_line(result: ProductionResult) -> str:
             f"(excess {excess('drift_auc')}; label-robust excess {excess('drift_auc_label_robust')}; "
             f"logits alone {auc_text(m.get('drift_auc_logits_excess'), '+.3f')}, "
             f"pixels alone {auc_text(m.get('drift_auc_pixels_excess'), '+.3f')}): {result.drift_verdict}")
+
+
+def outcome_table(outcomes: list[Outcome]) -> Table:
+    """One row per evaluated run: test and production macro F1, the change, the drift verdict, its run."""
+    table = Table(title="production: every selected run (macro F1; change = production - test)")
+    for i, header in enumerate(OUTCOME_HEADERS):
+        table.add_column(header, justify="right" if 3 <= i <= 5 else "left")
+    for outcome in outcomes:
+        table.add_row(*map(Text, outcome_cells(outcome)))
+    return table

@@ -4,11 +4,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from orchestrator.render import (balance_table, console, cost_lines, count_line, data_lines, data_table, print_outcome,
+from rich.text import Text
+
+from orchestrator.render import (balance_table, console, cost_lines, count_line, data_lines, data_table,
+                                 degradation_table, drift_line, outcome_table, print_outcome, slice_table,
                                  status_table, tpe_line, trial_table)
+from orchestrator.results.production_tables import Outcome, outcome_line
 from orchestrator.sweep.plan import datasets_to_prepare, estimate_cost
 from orchestrator.sweep.preflight import check_prepare_folders, check_sweep_folders
 from orchestrator.sweep.spec import SweepSpec, load_spec
+from orchestrator.sweep.spec_types import CHAMPION_RUNS
 from trainers.config import ConfigError
 
 
@@ -107,19 +112,70 @@ def promote(args: argparse.Namespace) -> int:
 
 
 def production(args: argparse.Namespace) -> int:
-    """Evaluate the champion on the production data: metrics, slices, drift."""
-    from orchestrator.render import degradation_table, drift_line, slice_table
-    from orchestrator.results.production import evaluate_production
+    """Evaluate a sweep's runs on the production data (--runs, else the spec's production.evaluate, else
+    the champion): metrics, slices, drift; each run once per production data."""
+    from orchestrator.results.production import ProductionError
+    from orchestrator.results.production_runs import (check_selectors, evaluate_candidates, nothing_to_evaluate,
+                                                      select_candidates)
     from trainers.tracking import store_client
 
     spec = load_spec(args.spec)
-    result = evaluate_production(spec, store_client(args.tracking_uri))
+    client = store_client(args.tracking_uri)
+    asked = [name.strip() for text in args.runs or [] for name in text.split(",") if name.strip()]
+    selectors = check_selectors(spec, asked or list(spec.production_evaluate) or [CHAMPION_RUNS])
+    # Only the spec's list may name a champion that does not exist yet: the rest is still worth evaluating.
+    candidates, notes = select_candidates(spec, client, selectors, lenient=not asked and bool(spec.production_evaluate))
     out = console()
-    out.print(degradation_table(result))
-    out.print(slice_table(result))
-    out.print(drift_line(result))
-    out.print(f"logged run {result.run_id} in experiment '{spec.name}-production'")
-    return 0
+    for note in notes:
+        out.print(Text(note))
+    if not candidates:
+        raise ProductionError(nothing_to_evaluate(spec, notes))
+    outcomes = []
+    for step in evaluate_candidates(spec, client, candidates):
+        if isinstance(step, str):
+            out.print(Text(step))
+            continue
+        outcomes.append(step)
+        if len(candidates) > 1 or not step.evaluated_now:
+            out.print(Text(outcome_line(step)))
+    _print_production(spec, outcomes)
+    return _drift_status(outcomes, args.fail_on_drift)
+
+
+def _print_production(spec: SweepSpec, outcomes: list[Outcome]) -> None:
+    """One run evaluated now: its tables and drift line; several: a summary table."""
+    out = console()
+    if len(outcomes) == 1 and outcomes[0].evaluated_now:
+        result = outcomes[0].result
+        out.print(degradation_table(result))
+        out.print(slice_table(result))
+        out.print(Text(drift_line(result)))
+        out.print(f"logged run {result.run_id} in experiment '{spec.name}-production'")
+    elif len(outcomes) > 1:
+        out.print(outcome_table(outcomes))
+        now = sum(o.evaluated_now for o in outcomes)
+        out.print(f"{now} evaluated now, {len(outcomes) - now} before; runs in experiment '{spec.name}-production'")
+
+
+def _drift_status(outcomes: list[Outcome], fail_on_drift: bool) -> int:
+    """The exit status: 3 with --fail-on-drift when any run's drift is moderate or strong, else 0; with the
+    flag, says which runs trigger it and which verdicts do not count (class mix only, unknown)."""
+    from orchestrator.results.drift import EXIT_DRIFT, calls_for_retraining, drift_exit_status
+
+    status = drift_exit_status([o.drift_verdict for o in outcomes], fail_on_drift)
+    if not fail_on_drift:
+        return status
+    out = console()
+    for o in outcomes:
+        if o.drift_verdict == "class mix only":
+            out.print(Text(f"{o.name}: class mix only (production's mix of predicted classes moved, nothing else "
+                           "the drift features see) does not count as drift"))
+        elif o.drift_verdict.startswith("unknown"):
+            out.print(Text(f"{o.name}: drift {o.drift_verdict}; not measured, so it does not count"))
+    drifted = [f"{o.name} ({o.drift_verdict})" for o in outcomes if calls_for_retraining(o.drift_verdict)]
+    if drifted:
+        out.print(Text(f"drift beyond slight in {', '.join(drifted)}: exit status {EXIT_DRIFT} (--fail-on-drift)"))
+    return status
 
 
 def report(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from orchestrator.results.production import champion_training_data, duplicates_against_training
+from orchestrator.results.production import duplicates_against_training, run_training_data
 from orchestrator.results.report import write_report
 from orchestrator.sweep.runner import child_run_tags, data_line
 from orchestrator.sweep.spec import spec_from_dict
@@ -113,7 +113,7 @@ def reported(tmp_path_factory, tiny_vit):
                               parent_run_id=parent, tags=child_run_tags(spec.name, "once", 0), log_model=False)
     run_id = run_trial(dataclasses.replace(trial.config, tracking=tracking)).run_id
     production_data = prepare_data(trial.config.data, 32)       # production = the training images again
-    training = champion_training_data(client, client.get_run(run_id), 32)
+    training = run_training_data(client, client.get_run(run_id), 32)
     duplicates = duplicates_against_training(training, production_data, 16)
     production = client.create_run(ensure_experiment(client, "leak-production"), run_name="production",
                                    tags={"role": "production", "model_version": "1", "source_run_id": run_id})

@@ -12,8 +12,8 @@ from sklearn.metrics import accuracy_score, f1_score, recall_score
 from orchestrator.results.drift import (DriftSide, class_mix_weights, compare_with_control, drift_auc, drift_features,
                                         drift_rows, drift_scores, drift_verdict, split_by_group, weighted_auc)
 from orchestrator.results.production_metrics import (Labelled, degradation_rows, labelled_test_images,
-                                                     recall_changes, score_production, slice_metrics, slice_rows,
-                                                     wilson)
+                                                     production_predictions, recall_changes, score_production,
+                                                     slice_metrics, slice_rows, wilson)
 from orchestrator.results.production_tables import (DEGRADATION_COLUMNS, MIN_SLICE_COUNT, most_confused, percent,
                                                     slice_cells, slice_file_stem, slice_finding, slice_record,
                                                     slices_from_json, slices_json, table_csv, unjudged_reason)
@@ -22,7 +22,7 @@ from orchestrator.results.report.tables import Report
 from trainers import metrics
 from trainers.data.dataset import DataReport, PreparedData
 from trainers.data.split import TEST, TRAIN, VAL
-from trainers.predictions import Predictions
+from trainers.predictions import Predictions, read_predictions
 
 CLASSES = ("anger", "happiness")
 
@@ -197,8 +197,23 @@ def test_production_scores_are_named_as_logged_with_safe_class_keys():
     assert scores.confusion.tolist() == [[1, 0], [1, 1]]
     assert set(scores.metrics) == {"production_accuracy", "production_macro_f1", "production_align_failure_rate",
                                    *(f"production_{k}_{c}" for k in ("precision", "recall", "f1")
-                                     for c in ("anger", "very_happy"))}
+                                     for c in ("anger", "very_happy")),
+                                   *(f"production_{k}_ci_{end}" for k in ("accuracy", "macro_f1")
+                                     for end in ("low", "high"))}
     assert scores.degradation[1]["class"] == "very happy" and scores.slices == []
+
+
+def test_production_predictions_keep_every_image_with_its_attributes_and_read_back(tmp_path):
+    data = small_data([0, 1, 1], [{"group": "a", "occluded": "1"}, {"group": "b"}, {}])
+    logits = np.array([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]], np.float32)
+    path = tmp_path / "production_predictions.csv.gz"
+    path.write_bytes(production_predictions(data, logits).to_bytes())
+    back = read_predictions(path)
+    assert list(back.keys) == data.paths and back.predicted.tolist() == [0, 1, 0]
+    assert back.labels.tolist() == [0, 1, 1] and np.allclose(back.probs.sum(axis=1), 1)
+    assert back.probs[1, 1] == pytest.approx(np.exp(1) / (1 + np.exp(1)), abs=1e-5)
+    # An image without an attribute has "" there: the slices of the file are the slices of the run.
+    assert {k: list(v) for k, v in back.attrs.items()} == {"group": ["a", "b", ""], "occluded": ["1", "", ""]}
 
 
 def gaussian_side(rng, n, shift=0.0, mix=None, subjects=18) -> DriftSide:

@@ -1,12 +1,15 @@
-"""Promotion into a real (temporary sqlite) MLflow registry, then the champion on shifted production data.
+"""Promotion into a real (temporary sqlite) MLflow registry, then the champion and other runs on shifted
+production data.
 
 One small real sweep is trained once for the module: two tiny ViTs (one trained well, one
-barely) and one ResNet-50, as child runs of a parent run named "t", exactly as the sweep logs them.
+barely) and one ResNet-50, as child runs of a parent run named "t", exactly as the sweep logs them;
+the ViTs are in experiment "mitigation" as well as "baseline".
 """
 import csv
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +18,10 @@ import yaml
 from mlflow import MlflowClient
 
 from orchestrator.__main__ import main
-from orchestrator.results.drift import Drift, drift_verdict, measure_drift
-from orchestrator.results.production import (ProductionError, evaluate_production, load_version, move_exported,
-                                             source_training_data)
+from orchestrator.results.drift import Drift, drift_exit_status, drift_verdict, measure_drift
+from orchestrator.results.production import ProductionError, load_version, move_exported, source_training_data
 from orchestrator.results.production_metrics import predict
+from orchestrator.results.production_runs import evaluate_production
 from orchestrator.results.production_tables import SLICE_COLUMNS
 from orchestrator.results.registry import PREVIOUS_ALIAS, RegistryError, promote
 from orchestrator.results.report import write_report
@@ -26,10 +29,11 @@ from orchestrator.results.runs import child_runs
 from orchestrator.sweep.runner import child_run_tags
 from orchestrator.sweep.spec import spec_from_dict
 from trainers.config import DEFAULT_CLASSES, DataConfig, SyntheticConfig, from_dict
-from trainers.data.dataset import PreparedData, prepare_data
+from trainers.data.dataset import PreparedData, dataset_root, prepare_data
 from trainers.data.split import TEST, TRAIN, VAL
+from trainers.predictions import PRODUCTION_ARTIFACT, read_predictions
 from trainers.run import run_trial
-from trainers.tracking import open_parent_run
+from trainers.tracking import no_download_bars, open_parent_run
 
 # 960 images and 20 epochs (~0.3 s each on one core) give the tiny ViT a test macro F1 of ~0.78 and
 # ~0.62 on the shifted production set: a drop well outside the noise of a 96-image test split.
@@ -42,6 +46,7 @@ TRIALS = {
     # than the ViTs' (another data_digest), so promotion does not compare the two on validation F1.
     "resnet": {"model": {"name": "resnet50", "image_size": 32}, "train": {"epochs": 1, "num_threads": 1}},
 }
+GROUPS = {"vit-good": "baseline,mitigation", "vit-weak": "mitigation", "resnet": "baseline"}
 
 
 @pytest.fixture(scope="module")
@@ -59,24 +64,37 @@ def sweep(tmp_path_factory, tiny_trial):
         for i, (name, sections) in enumerate(TRIALS.items()):
             raw = tiny_trial(tmp, **sections)
             raw["tracking"].update(experiment="t", parent_run_id=parent, run_name=name,
-                                   tags=child_run_tags("t", "baseline", i))
+                                   tags=child_run_tags("t", GROUPS[name], i))
             runs[name] = run_trial(from_dict(raw)).run_id
     finally:
         os.chdir(cwd)
     return tmp, client, runs
 
 
-def make_spec(tmp: Path, sweep: str = "t", production: dict | str | None = "shifted", **promote_fields):
-    """A sweep spec over the fixture's data, with the shifted synthetic production set by default."""
+def spec_dict(tmp: Path, sweep: str = "t", production: dict | str | None = "shifted", **promote_fields) -> dict:
+    """A sweep spec over the fixture's data (experiments baseline and mitigation), with the shifted
+    synthetic production set by default."""
     cache = str(tmp / "cache")
     if production == "shifted":
         production = {"source": "synthetic", "cache_dir": cache,
                       "synthetic": {"n_images": 480, "draw_size": 32, "variant": "production"}}
     raw = {"name": sweep, "data": {"source": "synthetic", "cache_dir": cache, **TRAIN_DATA},
-           "experiments": {"baseline": {"grid": {"optim.lr": [1e-3]}}}, "promote": promote_fields}
+           "experiments": {"baseline": {"grid": {"optim.lr": [1e-3]}}, "mitigation": {"grid": {"optim.lr": [2e-3]}}},
+           "promote": promote_fields}
     if production is not None:
         raw["production"] = production
-    return spec_from_dict(raw, f"{sweep}.yaml")
+    return raw
+
+
+def make_spec(tmp: Path, sweep: str = "t", production: dict | str | None = "shifted", **promote_fields):
+    """spec_dict as a loaded spec."""
+    return spec_from_dict(spec_dict(tmp, sweep, production, **promote_fields), f"{sweep}.yaml")
+
+
+def write_spec_file(tmp: Path, name: str, raw: dict) -> str:
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
 
 
 # The production run's params: its data section flattened as a trial's are, under "production.".
@@ -152,7 +170,8 @@ def production(sweep):
     tmp, client, runs = sweep
     spec = make_spec(tmp, name="fer-prod")
     promote(spec, client)
-    return spec, evaluate_production(spec, client)
+    (outcome,) = evaluate_production(spec, client)
+    return spec, outcome.result
 
 
 def test_production_run_logs_metrics_slices_drift_and_the_degradation_table(sweep, production):
@@ -163,9 +182,14 @@ def test_production_run_logs_metrics_slices_drift_and_the_degradation_table(swee
     assert run.info.run_name == "fer-prod-v1" and run.info.status == "FINISHED"
     assert run.data.tags["role"] == "production" and run.data.tags["source_run_id"] == runs["vit-good"]
     assert run.data.tags["model_name"] == "fer-prod" and run.data.tags["model_version"] == "1"
+    source = client.get_run(runs["vit-good"]).data.tags
+    assert run.data.tags["evaluated_as"] == "champion" and run.data.tags["groups"] == "baseline,mitigation"
+    assert run.data.tags["config_hash"] == source["config_hash"] and run.data.tags["sweep"] == "t"
+    assert run.data.tags["data_digest"] == prepare_data(spec.production, 32).digest
     m = run.data.metrics
     expected = {"production_accuracy", "production_macro_f1", "production_align_failure_rate",
                 "production_duplicates_train", "production_duplicates_train_images"}
+    expected |= {f"production_{k}_ci_{end}" for k in ("accuracy", "macro_f1") for end in ("low", "high")}
     expected |= {f"{name}{k}" for name in ("drift_auc", "drift_auc_label_robust")
                  for k in ("", "_control", "_excess", "_ci_low", "_ci_high", "_excess_ci_low", "_excess_ci_high")}
     expected |= {f"drift_auc_{half}{k}" for half in ("logits", "pixels") for k in ("", "_control", "_excess")}
@@ -180,9 +204,10 @@ def test_production_run_logs_metrics_slices_drift_and_the_degradation_table(swee
     assert m["slice_group_b_count"] > m["slice_group_a_count"]          # the production mix is mostly b
     assert m["production_align_failure_rate"] == 0                       # align: none reports no failures
     assert run.data.tags["drift_verdict"] == drift_verdict(m)
+    assert m["production_macro_f1_ci_low"] < m["production_macro_f1"] < m["production_macro_f1_ci_high"]
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"confusion_matrix.png", "confusion_matrix.json", "degradation.csv", "degradation.md",
-            "slices.csv", "slices.json", "slices"} <= artifacts
+            "slices.csv", "slices.json", "slices", PRODUCTION_ARTIFACT} <= artifacts
     counts = json.loads(Path(client.download_artifacts(result.run_id, "confusion_matrix.json", str(tmp))).read_text())
     assert sum(map(sum, counts["counts"])) == 480
     table = Path(client.download_artifacts(result.run_id, "degradation.md", str(tmp))).read_text()
@@ -340,22 +365,158 @@ def test_the_exported_champion_moves_off_the_cpu_with_its_burnt_in_devices(sweep
     assert tuple(moved(torch.rand(4, 3, 32, 32, device="meta")).shape) == (4, 6)
 
 
-def test_cli_promotes_and_prints_the_production_tables(sweep, capsys):
+def test_cli_promotes_prints_the_production_tables_and_a_second_call_reads_them_back(sweep, capsys):
     tmp, client, runs = sweep
-    raw = {"name": "t", "data": {"source": "synthetic", "cache_dir": str(tmp / "cache"), **TRAIN_DATA},
-           "production": {"source": "synthetic", "cache_dir": str(tmp / "cache"),
-                          "synthetic": {"n_images": 480, "draw_size": 32, "variant": "production"}},
-           "experiments": {"baseline": {"grid": {"optim.lr": [1e-3]}}}, "promote": {"name": "fer-cli"}}
-    path = tmp / "cli.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    # Production data of its own (360 images): this champion has not been evaluated on it yet.
+    raw = spec_dict(tmp, name="fer-cli")
+    raw["production"]["synthetic"]["n_images"] = 360
+    path = write_spec_file(tmp, "cli", raw)
     uri = client.tracking_uri
-    assert main(["promote", str(path), "--tracking-uri", uri]) == 0
+    assert main(["promote", path, "--tracking-uri", uri]) == 0
     assert "fer-cli v1 from run vit-good" in capsys.readouterr().out
-    assert main(["production", str(path), "--tracking-uri", uri]) == 0
+    assert main(["production", path, "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
+    assert "evaluating 1/1: vit-good (champion fer-cli v1) ..." in out
     assert "test vs production" in out and "production slices" in out and "drift: AUC" in out
     assert "group=b (" in out and "occluded=1 (" in out       # one finding per slice under the table
+    run_id = out.split("logged run ")[1].split()[0]
+    logged = len(production_runs(client))
+    assert main(["production", path, "--tracking-uri", uri]) == 0
+    again = capsys.readouterr().out
+    f1 = client.get_run(run_id).data.metrics["production_macro_f1"]
+    assert again.startswith(f"vit-good (champion fer-cli v1): evaluated before in run {run_id}: test F1 ")
+    assert f"production F1 {100 * f1:.1f} [" in again and "evaluating" not in again
+    assert len(production_runs(client)) == logged
     print(out[out.index("production slices"):out.index("drift: AUC")])   # shown with pytest -s
+
+
+def production_runs(client, sweep: str = "t") -> list:
+    """Every run in <sweep>-production."""
+    experiment = client.get_experiment_by_name(f"{sweep}-production")
+    return client.search_runs([experiment.experiment_id], "tags.role = 'production'", max_results=1000)
+
+
+def evaluations_of(client, source_run_id: str, digest: str) -> list:
+    """The production runs of one source run on one production data digest."""
+    return [r for r in production_runs(client)
+            if r.data.tags["source_run_id"] == source_run_id and r.data.tags["data_digest"] == digest]
+
+
+def check_logged_predictions(client, run_id: str, folder: Path) -> None:
+    """The run's production_predictions.csv.gz holds every production image with its attributes, and the
+    run's confusion matrix and slice counts are recomputed from it alone."""
+    with no_download_bars():
+        predictions = read_predictions(client.download_artifacts(run_id, PRODUCTION_ARTIFACT, str(folder)))
+        counts = json.loads(Path(client.download_artifacts(run_id, "confusion_matrix.json", str(folder))).read_text())
+    m = client.get_run(run_id).data.metrics
+    assert set(predictions.attrs) == {"group", "occluded"} and len(predictions.keys) == 480
+    recounted = np.zeros((len(DEFAULT_CLASSES),) * 2, int)
+    np.add.at(recounted, (predictions.labels, predictions.predicted), 1)
+    assert recounted.tolist() == counts["counts"]
+    assert np.allclose(predictions.probs.sum(axis=1), 1, atol=1e-4)
+    for attr, values in (("group", "ab"), ("occluded", "01")):
+        for value in values:
+            assert (predictions.attrs[attr] == value).sum() == m[f"slice_{attr}_{value}_count"]
+
+
+def test_the_champions_production_run_carries_its_predictions_with_attributes(sweep, production):
+    tmp, client, runs = sweep
+    spec, result = production
+    check_logged_predictions(client, result.run_id, tmp / "champion-predictions")
+
+
+def test_production_of_a_group_evaluates_each_run_once_and_a_second_call_nothing(sweep, production, capsys):
+    tmp, client, runs = sweep
+    spec, champion = production      # fer-prod v1 (vit-good) on the shifted set, by the fixture
+    path = write_spec_file(tmp, "group", spec_dict(tmp, name="fer-prod"))
+    uri = client.tracking_uri
+    assert main(["production", path, "--tracking-uri", uri, "--runs", "mitigation"]) == 0
+    out = capsys.readouterr().out
+    # The champion is in the group: found, not evaluated again; vit-weak is new.
+    assert f"vit-good (champion fer-prod v1): evaluated before in run {champion.run_id}" in out
+    assert "evaluating 2/2: vit-weak ..." in out and "evaluating 1/2" not in out
+    assert "1 evaluated now, 1 before" in out
+    digest = client.get_run(champion.run_id).data.tags["data_digest"]
+    assert len(evaluations_of(client, runs["vit-good"], digest)) == 1
+    (weak,) = evaluations_of(client, runs["vit-weak"], digest)
+    source = client.get_run(runs["vit-weak"]).data.tags
+    assert weak.info.run_name == "vit-weak@production" and weak.info.status == "FINISHED"
+    assert {k: weak.data.tags[k] for k in ("role", "sweep", "evaluated_as", "groups", "config_hash")} == {
+        "role": "production", "sweep": "t", "evaluated_as": "run", "groups": "mitigation",
+        "config_hash": source["config_hash"]}
+    assert "model_name" not in weak.data.tags                # vit-weak was never registered
+    assert weak.data.tags["drift_verdict"] == drift_verdict(weak.data.metrics)
+    check_logged_predictions(client, weak.info.run_id, tmp / "weak-predictions")
+
+    logged = len(production_runs(client))
+    assert main(["production", path, "--tracking-uri", uri, "--runs", "mitigation"]) == 0
+    again = capsys.readouterr().out
+    assert "evaluating" not in again and again.count("evaluated before in run") == 2
+    assert f"vit-weak: evaluated before in run {weak.info.run_id}" in again
+    assert len(production_runs(client)) == logged
+    print(out)                       # shown with pytest -s
+
+
+def test_the_specs_evaluate_list_skips_a_missing_champion_but_runs_champion_alone_is_an_error(sweep, production,
+                                                                                              capsys):
+    tmp, client, runs = sweep
+    raw = spec_dict(tmp, name="fer-none")               # never promoted: no champion
+    raw["production"]["evaluate"] = ["champion", "mitigation"]
+    path = write_spec_file(tmp, "listed", raw)
+    uri = client.tracking_uri
+    assert main(["production", path, "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("champion skipped: registered model 'fer-none' has no champion yet; run `make promote`")
+    digest = client.get_run(production[1].run_id).data.tags["data_digest"]
+    assert all(len(evaluations_of(client, runs[name], digest)) == 1 for name in ("vit-good", "vit-weak"))
+
+    assert main(["production", path, "--tracking-uri", uri, "--runs", "champion"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no champion for registered model 'fer-none'") and err.count("\n") == 1
+    assert main(["production", path, "--tracking-uri", uri, "--runs", "champion,mitigaton"]) == 2
+    err = capsys.readouterr().err
+    assert "'mitigaton', which is not champion, all or an experiment" in err and "did you mean mitigation?" in err
+
+
+def darkened_copy(cfg: DataConfig, folder: Path) -> Path:
+    """cfg's synthetic images with 40% less light, as an image folder with the same metadata.csv."""
+    from PIL import Image
+
+    root = dataset_root(cfg)
+    for image in root.rglob("*.png"):
+        target = folder / image.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.asarray(Image.open(image).convert("RGB")) * 0.6).astype(np.uint8)).save(target)
+    shutil.copy(root / "metadata.csv", folder / "metadata.csv")
+    return folder
+
+
+def test_fail_on_drift_exits_3_on_darkened_production_images_and_0_without_the_flag(sweep, production, capsys):
+    tmp, client, runs = sweep
+    dark = darkened_copy(make_spec(tmp).production, tmp / "dark")
+    raw = spec_dict(tmp, production={"source": "imagefolder", "root": str(dark), "cache_dir": str(tmp / "cache")},
+                    name="fer-prod")
+    path = write_spec_file(tmp, "dark", raw)
+    uri = client.tracking_uri
+    assert main(["production", path, "--tracking-uri", uri, "--fail-on-drift"]) == 3
+    out = capsys.readouterr().out
+    run_id = out.split("logged run ")[1].split()[0]
+    verdict = client.get_run(run_id).data.tags["drift_verdict"]
+    assert verdict in ("moderate", "strong")
+    assert f"drift beyond slight in vit-good ({verdict}): exit status 3 (--fail-on-drift)" in out
+    # Evaluated once: the logged verdict decides on later calls, with the flag or without.
+    assert main(["production", path, "--tracking-uri", uri]) == 0
+    assert main(["production", path, "--tracking-uri", uri, "--fail-on-drift"]) == 3
+    assert capsys.readouterr().out.count(f"evaluated before in run {run_id}") == 2
+    print(out[out.index("drift: AUC"):])          # shown with pytest -s
+
+
+def test_only_moderate_or_strong_drift_fails_and_only_with_the_flag():
+    calm = ["none", "slight", "class mix only", "unknown: the model's training data is not available (gone)"]
+    assert drift_exit_status(calm, fail_on_drift=True) == 0
+    assert drift_exit_status([*calm, "moderate"], fail_on_drift=True) == 3
+    assert drift_exit_status(["strong"], fail_on_drift=True) == 3
+    assert drift_exit_status(["strong"], fail_on_drift=False) == 0
 
 
 def test_each_missing_piece_is_one_clear_error(sweep, production, capsys):
@@ -385,7 +546,7 @@ def test_each_missing_piece_is_one_clear_error(sweep, production, capsys):
     with pytest.raises(ProductionError, match=r"production.root folder '.*gone' does not exist"):
         evaluate_production(spec, client)
     two = {"source": "synthetic", "classes": ["anger", "happiness"], "cache_dir": str(tmp / "cache")}
-    with pytest.raises(ProductionError, match=r"production.classes \(anger, happiness\) differ from the champion's"):
+    with pytest.raises(ProductionError, match=r"production.classes \(anger, happiness\) differ from the model's"):
         evaluate_production(make_spec(tmp, production=two, name="fer-prod"), client)
 
     spec_file = tmp / "nothing.yaml"

@@ -198,6 +198,16 @@ def test_production_without_classes_is_prepared_with_the_models_classes(tmp_path
     assert production[0].synthetic.variant == "production"
 
 
+def test_production_evaluate_names_the_runs_and_leaves_the_production_data_as_it_was(tmp_path):
+    raw = read(DEMO)
+    plain = load_spec(write(tmp_path, raw, "plain.yaml"))
+    assert plain.production_evaluate == ()
+    raw["production"]["evaluate"] = ["champion", "baseline", "all"]
+    spec = load_spec(write(tmp_path, raw))
+    assert spec.production_evaluate == ("champion", "baseline", "all")
+    assert spec.production == plain.production
+
+
 def test_a_mapping_on_an_axis_merges_into_the_preset_section(tmp_path):
     raw = read(DEMO)
     raw["experiments"] = {"patch": {"grid": {"model.vit": [{"patch_size": 4}]}}}
@@ -258,6 +268,12 @@ REJECTIONS = [
     (("name", "Demo Run"), "name", "a-z, 0-9"),
     (("name", None), "name", "is required"),
     (("production/synthetic/variant", "prod"), "production.synthetic.variant", "got 'prod'"),
+    (("production/evaluate", ["champion", "mitigation"]), "production.evaluate",
+     "names 'mitigation', which is not champion, all or an experiment of this spec; experiments: baseline, epochs"),
+    (("production/evaluate", ["champion", "basline"]), "production.evaluate", "did you mean baseline?"),
+    (("production/evaluate", "champion"), "production.evaluate", "must be a non-empty list of champion, all or"),
+    (("production/evaluate", []), "production.evaluate", "must be a non-empty list"),
+    (("production/evaluate", ["all", "all"]), "production.evaluate", "lists 'all' more than once"),
     (("models/vit/vit/patch_size", 5), "models.vit.vit.patch_size", "must divide"),
     (("models/resnet50/name", None), "models.resnet50.name", "is required"),
     (("experiments/epochs/colour", "red"), "experiments.epochs.colour", "allowed: title, grid, set, reference"),

@@ -305,6 +305,23 @@ def drift_verdict(scores: dict[str, float]) -> str:
     return "class mix only" if scores.get("drift_auc_excess_ci_low", float("nan")) > 0 else "none"
 
 
+# A scheduler's retraining trigger (production --fail-on-drift): only drift the interval confirms and
+# that is more than slight. "class mix only" is not drift of the images (the predicted class mix moved,
+# nothing else the features see) and "unknown: ..." is no measurement: neither triggers.
+RETRAIN_VERDICTS = ("moderate", "strong")
+EXIT_DRIFT = 3
+
+
+def calls_for_retraining(verdict: str) -> bool:
+    """True when a drift verdict is more than none/slight relative to its control (moderate or strong)."""
+    return verdict in RETRAIN_VERDICTS
+
+
+def drift_exit_status(verdicts: list[str], fail_on_drift: bool) -> int:
+    """EXIT_DRIFT when fail_on_drift and any verdict calls for retraining; else 0."""
+    return EXIT_DRIFT if fail_on_drift and any(calls_for_retraining(v) for v in verdicts) else 0
+
+
 # --- which images --------------------------------------------------------------------------
 
 def drift_rows(train: PreparedData, production: PreparedData, seed: int = SEED) -> tuple[np.ndarray, ...]:

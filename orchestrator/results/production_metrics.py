@@ -3,6 +3,7 @@
 Metric names (logged by orchestrator.results.production):
 
   production_accuracy, production_macro_f1, production_{precision,recall,f1}_<class>
+  production_{accuracy,macro_f1}_ci_{low,high}   95% bootstrap interval over the production images
   production_align_failure_rate        images the aligner fell back on / usable images
   slice_<attr>_<value>_{count,accuracy,macro_f1}   per metadata attribute value (group, occluded, ...)
   slice_<attr>_<value>_{accuracy,macro_f1}_ci_{low,high}   95% bootstrap interval over the slice's images
@@ -58,10 +59,24 @@ def score_production(data: PreparedData, logits: np.ndarray, test: dict[str, flo
     cm = cls_metrics.confusion_matrix(data.labels, predicted, len(data.classes))
     slices = slice_rows(Labelled(data.labels, predicted, data.attrs), test_images, len(data.classes))
     metric_classes = tuple(metric_key(name) for name in data.classes)
+    intervals = stats.bootstrap_ci(data.labels, predicted, len(data.classes))
     values = {**cls_metrics.flat("production", cm, metric_classes), **align_failure(data),
+              **{f"production_{name}_ci_{end}": value for name, ends in intervals.items()
+                 for end, value in zip(("low", "high"), ends)},
               **slice_metrics(slices, data.classes)}
     return ProductionScores(confusion=cm, metrics=values, degradation=degradation_rows(test, cm, data.classes),
                             slices=slices)
+
+
+def production_predictions(data: PreparedData, logits: np.ndarray) -> Predictions:
+    """Every production image's prediction with its metadata attributes ("" where an image lacks one),
+    so its slices can be recomputed from the file alone."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))   # softmax without overflow
+    names = sorted({name for attrs in data.attrs for name in attrs})
+    return Predictions(keys=np.asarray(data.paths, dtype=object), labels=data.labels, predicted=logits.argmax(1),
+                       probs=(shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32), classes=data.classes,
+                       attrs={name: np.asarray([attrs.get(name) or "" for attrs in data.attrs], dtype=object)
+                              for name in names})
 
 
 def align_failure(data: PreparedData) -> dict[str, float]:

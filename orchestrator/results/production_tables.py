@@ -28,10 +28,10 @@ MIN_SLICE_COUNT = 30    # images: a smaller slice (production or test side) is s
 
 @dataclass
 class ProductionResult:
-    """What evaluate_production returns: the logged run, the model version and its scores on production data."""
+    """One model's evaluation on production data: the logged run, the model and its scores."""
     run_id: str                   # the production run in <sweep>-production
-    model_name: str
-    version: int
+    model_name: str               # the registered model ("" when the run was never registered)
+    version: int | None           # its registered version (None: not registered)
     source_run_id: str
     classes: tuple[str, ...]
     metrics: dict[str, float]
@@ -40,6 +40,57 @@ class ProductionResult:
     drift_verdict: str
     confusion: np.ndarray         # counts[true class, predicted class] on the production data
     slice_note: str = ""          # why test slices are missing or partial ("" when complete)
+    source_name: str = ""         # the trial run's name
+
+    @property
+    def title(self) -> str:
+        """'fer-vit v3' for a registered version, else the trial run's name."""
+        return f"{self.model_name} v{self.version}" if self.version is not None else self.source_name
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One selected run's production evaluation: logged by this call, or found from an earlier one."""
+    name: str                     # the trial run's name
+    model: str                    # 'champion fer-vit v3', 'fer-vit v2' or '' (not registered)
+    groups: str                   # the trial's experiments, comma-separated
+    run_id: str                   # its run in <sweep>-production
+    test_f1: float | None         # the trial's test macro F1
+    production_f1: float | None
+    production_f1_ci: tuple[float | None, float | None]
+    drift_verdict: str
+    result: ProductionResult | None = None    # the whole evaluation when this call made it; None: found
+
+    @property
+    def evaluated_now(self) -> bool:
+        return self.result is not None
+
+    @property
+    def drop(self) -> float | None:
+        """Production minus test macro F1 (negative: production is worse)."""
+        return None if self.test_f1 is None or self.production_f1 is None else self.production_f1 - self.test_f1
+
+
+OUTCOME_HEADERS = ("run", "model", "groups", "test F1 (%)", "production F1 (%) [95% CI]", "change (pts)", "drift",
+                   "production run", "evaluated")
+
+
+def outcome_cells(outcome: Outcome) -> list[str]:
+    """One row of the summary table (OUTCOME_HEADERS)."""
+    ci = tuple(math.nan if v is None else v for v in outcome.production_f1_ci)
+    production = "n/a" if outcome.production_f1 is None else with_interval(outcome.production_f1, ci)
+    return [outcome.name, outcome.model, outcome.groups, percent(outcome.test_f1), production,
+            percent(outcome.drop, True), outcome.drift_verdict, outcome.run_id,
+            "now" if outcome.evaluated_now else "before"]
+
+
+def outcome_line(outcome: Outcome) -> str:
+    """'vit-good: test F1 78.1, production F1 62.0 [57.3, 66.4] (-16.1 pts), drift moderate'; an outcome
+    found from an earlier call says so and names its run."""
+    _, _, _, test, production, drop, verdict, run_id, _ = outcome_cells(outcome)
+    model = f" ({outcome.model})" if outcome.model else ""
+    before = "" if outcome.evaluated_now else f" evaluated before in run {run_id}:"
+    return f"{outcome.name}{model}:{before} test F1 {test}, production F1 {production} ({drop} pts), drift {verdict}"
 
 
 def table_csv(rows: list[dict], columns: tuple[str, ...]) -> str:

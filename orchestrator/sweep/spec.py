@@ -24,8 +24,8 @@ import yaml
 from trainers.config import (MODEL_NAMES, ConfigError, DataConfig, ModelConfig, TrialConfig, build, describe,
                              validate_data, validate_model, validate_optim, validate_train)
 from orchestrator.sweep.plan import grid, resolve_trial, trial_point, unique_trials
-from orchestrator.sweep.spec_types import (Defaults, ExecutionSpec, Experiment, PlannedTrial, PromoteSpec, SearchSpec,
-                                           SweepSpec)
+from orchestrator.sweep.spec_types import (ALL_RUNS, CHAMPION_RUNS, Defaults, ExecutionSpec, Experiment, PlannedTrial,
+                                           PromoteSpec, SearchSpec, SweepSpec)
 
 TOP_KEYS = ("name", "description", "data", "production", "models", "defaults", "experiments",
             "seeds", "search", "promote", "execution")
@@ -142,10 +142,13 @@ def spec_from_dict(raw: dict, source: str = "spec") -> SweepSpec:
         _fail(source, "description", f"must be text, got {describe(description)}")
     data = _parse_data(raw.get("data"), "data", source)
     written = raw.get("production")
+    # evaluate says which runs `production` covers; the rest of the section is a data section.
+    evaluate = written.pop("evaluate", None) if isinstance(written, dict) else None
     production = None if written is None else _parse_data(written, "production", source)
     models = _parse_models(raw.get("models"), source)
     search = _parse_search(raw.get("search"), models, source)
     experiments = _parse_experiments(raw.get("experiments"), models, source)
+    production_evaluate = _parse_evaluate(evaluate, experiments, source)
     if search.method == "grid" and not experiments:
         _fail(source, "experiments", "is required with search method grid: at least one named group with a grid")
     spec = SweepSpec(
@@ -154,7 +157,7 @@ def spec_from_dict(raw: dict, source: str = "spec") -> SweepSpec:
         models=models, defaults=_parse_defaults(raw.get("defaults"), models, source),
         experiments=experiments, seeds=_parse_seeds(raw.get("seeds", [0]), source), search=search,
         promote=_parse_promote(raw.get("promote"), models, source),
-        execution=_parse_execution(raw.get("execution"), source),
+        execution=_parse_execution(raw.get("execution"), source), production_evaluate=production_evaluate,
     )
     spec = dataclasses.replace(spec, plan=_plan(spec, raw))
     # After the plan: a grid value that makes no valid trial is named as such first, not as a compare_to miss.
@@ -220,6 +223,34 @@ def _parse_data(value: Any, section: str, source: str) -> DataConfig:
         validate_data(data, source)
     _check_data_root(data, source, where)
     return data
+
+
+def _parse_evaluate(value: Any, experiments: tuple[Experiment, ...], source: str) -> tuple[str, ...]:
+    """production.evaluate: which runs `production` evaluates (champion, all, experiment names); () if absent."""
+    field = "production.evaluate"
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        _fail(source, field, f"must be a non-empty list of {CHAMPION_RUNS}, {ALL_RUNS} or experiment names, "
+                             f"e.g. [{CHAMPION_RUNS}, mitigation]; got {describe(value)}")
+    _reject_repeats(value, field, source)
+    for name in value:
+        why = run_selector_problem(name, experiments)
+        if why:
+            _fail(source, field, why)
+    return tuple(value)
+
+
+def run_selector_problem(name: str, experiments: tuple[Experiment, ...]) -> str | None:
+    """Why name cannot select runs for a production evaluation (None when it can): it must be champion,
+    all or one of the spec's experiments."""
+    names = [exp.name for exp in experiments]
+    if name in (CHAMPION_RUNS, ALL_RUNS, *names):
+        return None
+    close = difflib.get_close_matches(name, [CHAMPION_RUNS, ALL_RUNS, *names], n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return (f"names '{name}', which is not {CHAMPION_RUNS}, {ALL_RUNS} or an experiment of this spec; {hint}"
+            f"experiments: {', '.join(names) or 'none'}")
 
 
 def _parse_models(value: Any, source: str) -> dict[str, ModelConfig]:

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 from trainers.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, TrialConfig
 
+# What production.evaluate (and `production --runs`) may name besides an experiment: the registry's
+# champion, or every finished trial run of the sweep.
+CHAMPION_RUNS, ALL_RUNS = "champion", "all"
 
 @dataclass(frozen=True)
 class Defaults:
@@ -76,5 +79,6 @@ class SweepSpec:
     search: SearchSpec
     promote: PromoteSpec
     execution: ExecutionSpec
+    # production.evaluate: champion, all or experiment names; () evaluates the champion alone.
+    production_evaluate: tuple[str, ...] = ()
     plan: tuple[PlannedTrial, ...] = ()   # the grid's unique trials, expanded once when the spec is loaded
-    production_evaluate: tuple[str, ...] = ()   # production.evaluate: champion, all, or experiment names
