@@ -315,3 +315,20 @@ def test_each_run_is_read_on_the_newest_production_data_prepared_at_its_image_si
         evaluation("edited", "edited", "d32", 4)])    # logged under another config_hash: not this run's
     assert {k: v.run_id for k, v in found.items()} == {"small": "small-new", "large": "large"}
     assert older == ["d32-old"]
+
+
+def test_the_champion_section_follows_the_alias_to_a_run_that_was_evaluated_as_a_groups_run(sweep, tmp_path):
+    """Promoted after its evaluation (production skips a run it has evaluated), the champion's run keeps its
+    evaluated_as=run tag; the report finds it by the registered version's source run, not by that tag."""
+    client, spec, runs, evaluations, _ = sweep
+    client.create_registered_model(spec.promote.name)
+    try:
+        version = client.create_model_version(spec.promote.name, f"runs:/{runs[1]}/model", run_id=runs[1],
+                                              tags={"source_run_id": runs[1]})
+        client.set_registered_model_alias(spec.promote.name, spec.promote.alias, version.version)
+        text = write_report(spec, client, tmp_path / "promoted").read_text()
+    finally:
+        client.delete_registered_model(spec.promote.name)
+    production = text[text.index("## Production (Tables 12, 13)"):text.index("## Mitigation")]
+    assert f"production run `{evaluations['mitigated']}`" in production
+    assert "No production run of the current champion yet" not in production

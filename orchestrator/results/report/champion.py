@@ -53,10 +53,11 @@ def best_model_section(report: Report, spec: SweepSpec, trials: list[Trial]) -> 
                     lambda m, cls: study(block, f"test_{m}", {"class": cls}, partial=True))
 
 
-def production_section(report: Report, store: SweepRuns, spec: SweepSpec) -> None:
-    """Tables 12-13: test vs production for the champion, overall and per class, then slices and drift."""
+def production_section(report: Report, store: SweepRuns, spec: SweepSpec, champion: str | None) -> None:
+    """Tables 12-13: test vs production for the champion (its trial run id; None: none promoted), overall and
+    per class, then slices and drift."""
     report.text("## Production (Tables 12, 13)")
-    run = store.production_run()
+    run = store.production_run(champion)
     if run is None:
         report.text(f"Production: no production run in experiment '{spec.name}-production'; "
                     "run `make production` to evaluate the champion.")
@@ -64,9 +65,9 @@ def production_section(report: Report, store: SweepRuns, spec: SweepSpec) -> Non
     source = store.trial(run.tags.get("source_run_id"))
     report.text(f"Model version {run.tags.get('model_version', '?')} (trial {source.name if source else '?'}), "
                 f"production run `{run.run_id}`.")
-    if run.tags.get("evaluated_as") == "run":
-        report.text("No production run of the champion yet: this is the newest production evaluation of a "
-                    "group's run; run `make production` to evaluate the champion.")
+    if champion is not None and run.tags.get("source_run_id") != champion:
+        report.text("No production run of the current champion yet: this is the newest production evaluation "
+                    "of another run; run `make production` to evaluate the champion.")
     if run.degradation is None:
         report.text("Production: the run logged no degradation.csv; run `make production` again.")
     else:

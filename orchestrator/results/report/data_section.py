@@ -22,8 +22,9 @@ MODE_TEXT = {
 }
 
 
-def data_section(report: Report, store: SweepRuns, trials: list[Trial]) -> None:
-    """The data section, from the first finished trial of each distinct data config."""
+def data_section(report: Report, store: SweepRuns, trials: list[Trial], champion: str | None) -> None:
+    """The data section, from the first finished trial of each distinct data config; beside it the production
+    data of the champion's (trial run id) production evaluation."""
     reports = trial_data_reports(store, trials)
     report.text("## Data")
     if not reports:
@@ -35,7 +36,7 @@ def data_section(report: Report, store: SweepRuns, trials: list[Trial]) -> None:
     report.table(split_table(data))
     for warning in data.get("warnings", []):
         report.text(f"> **Warning:** {warning}")
-    production = store.production_run()
+    production = store.production_run(champion)
     if production is not None:
         source = source_data_report(store, production) or data
         report.text(f"Training data (digest `{source.get('digest', '?')}`) beside the production data "

@@ -64,13 +64,14 @@ def write_report(spec: SweepSpec, client: MlflowClient, out_dir: Path | str | No
         out.mkdir(parents=True, exist_ok=True)
         report = Report(out, replicated=any(n > 1 for n in sizes.values()))
         header(report, spec, store.uri, parent_run_id, trials)
-        data_section(report, store, trials)
+        champion = store.champion_source_run(spec.promote.name, spec.promote.alias)
+        data_section(report, store, trials, champion)
         plan = spec.plan
         for exp in spec.experiments:
             experiment_section(report, store, spec, plan, exp, trials)
         other_groups_section(report, spec, trials)
         best_model_section(report, spec, trials)
-        production_section(report, store, spec)
+        production_section(report, store, spec, champion)
         mitigation_sections(report, store, spec, plan, trials)
         path = out / "report.md"
         path.write_text("\n\n".join(report.blocks) + "\n", encoding="utf-8")

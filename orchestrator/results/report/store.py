@@ -138,14 +138,25 @@ class SweepRuns:
             if not token:
                 return runs
 
-    def production_run(self) -> ProductionRun | None:
-        """The newest production evaluation of the sweep's champion, or None. A run evaluated as one of a
-        group's runs (`production --runs`, tag evaluated_as=run) is the champion's only when no run was
-        evaluated as the champion; a run without the tag predates `--runs` and was the champion."""
+    def champion_source_run(self, name: str, alias: str) -> str | None:
+        """The trial run behind the registered version that holds the alias, or None (none promoted yet)."""
+        try:
+            version = self.client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            return None
+        return version.tags.get("source_run_id") or version.run_id
+
+    def production_run(self, champion_run_id: str | None = None) -> ProductionRun | None:
+        """The newest production evaluation of the champion (the trial run champion_run_id), or None.
+
+        Without a run of it: the newest evaluated as the champion (tag evaluated_as; a run without the tag
+        predates `production --runs` and was the champion's), else the newest of any run."""
         runs = self._production_runs()
         if not runs:
             return None
-        run = next((r for r in runs if r.data.tags.get("evaluated_as", "champion") == "champion"), runs[0])
+        run = next((r for r in runs if champion_run_id and r.data.tags.get("source_run_id") == champion_run_id),
+                   None) or next((r for r in runs if r.data.tags.get("evaluated_as", "champion") == "champion"),
+                                 runs[0])
         path = self.download(run.info.run_id, "degradation.csv")
         return ProductionRun(run.info.run_id, dict(run.data.tags), dict(run.data.metrics),
                              None if path is None else read_degradation(path))
