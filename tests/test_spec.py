@@ -216,6 +216,38 @@ def test_a_mapping_on_an_axis_merges_into_the_preset_section(tmp_path):
     assert trial.config.model.vit.hidden_size == 96        # kept from the vit preset
 
 
+def test_augment_occlusion_is_a_grid_axis_whose_zero_point_is_the_shared_default_trial(tmp_path):
+    raw = read(DEMO)
+    raw["experiments"]["occlusion"] = {"grid": {"augment.occlusion": [0, 0.5]},
+                                       "compare_to": {"augment.occlusion": 0}}
+    spec = load_spec(write(tmp_path, raw))
+    assert len(spec.plan) == 16                      # occlusion 0 is the default trial: one new trial
+    shared = shared_trial(spec.plan)
+    assert shared.groups == SHARED + ("occlusion",) and shared.hash == DEMO_PLAN[0][1]
+    occluded = next(t for t in spec.plan if t.config.augment.occlusion == 0.5)
+    assert (occluded.name, occluded.groups) == ("vit-adam-lr0.001-ep3-occ0.5-s0", ("occlusion",))
+    assert spec.experiments[-1].compare_to == {"augment.occlusion": 0}
+    del raw["experiments"]["occlusion"]["compare_to"]          # the defaults' point: occlusion 0
+    assert load_spec(write(tmp_path, raw)).experiments[-1].compare_to == {"augment.occlusion": 0}
+
+
+def test_defaults_augment_reaches_every_trial_and_is_validated(tmp_path):
+    raw = read(DEMO)
+    raw["defaults"]["augment"] = {"occlusion": 0.25}
+    spec = load_spec(write(tmp_path, raw))
+    assert {t.config.augment.occlusion for t in spec.plan} == {0.25}
+    assert all(t.hash not in dict(DEMO_PLAN).values() for t in spec.plan)   # an occluded trial is another trial
+    raw["defaults"]["augment"] = {"occlusion": 2}
+    with pytest.raises(SpecError) as caught:
+        load_spec(write(tmp_path, raw))
+    assert caught.value.field == "defaults.augment.occlusion" and "[0, 1]" in caught.value.why
+    raw["defaults"]["augment"] = {}
+    raw["experiments"]["epochs"]["grid"] = {"augment.occlusion": [0.5, -1]}
+    with pytest.raises(SpecError) as caught:
+        load_spec(write(tmp_path, raw))
+    assert caught.value.field == "experiments.epochs.grid.augment.occlusion"
+
+
 def test_spec_errors_carry_the_spec_field_and_what_to_do(tmp_path):
     with pytest.raises(SpecError) as caught:
         load_spec(write(tmp_path, edit(read(DEMO), "experiments/fine_lr/grid/optim.lr", [1e-5, -1e-5])))

@@ -123,6 +123,14 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Augmentation of the training rows beyond the balance copies' flips, crops and colour jitter."""
+    # Probability that a training image gets one occluder (a hand, a caption bar or an erased box over
+    # 10-35% of the face, trainers/augment.py), drawn anew each epoch; 0 draws nothing.
+    occlusion: float = 0.0
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     uri: str | None = None        # None: $MLFLOW_TRACKING_URI, else sqlite under mlruns/
     experiment: str = "fer-trials"
@@ -138,6 +146,7 @@ class TrialConfig:
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    augment: AugmentConfig = AugmentConfig()
     tracking: TrackingConfig = TrackingConfig()
 
 
@@ -273,6 +282,7 @@ def validate(cfg: TrialConfig, source: str = "config") -> None:
     validate_model(cfg.model, source)
     validate_optim(cfg.optim, source)
     validate_train(cfg.train, source)
+    validate_augment(cfg.augment, source)
 
 
 def _one_of(source: str, path: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -422,6 +432,13 @@ def validate_train(t: TrainConfig, source: str) -> None:
         raise ConfigError(source, "train.num_threads", f"must not be negative; got {t.num_threads}")
 
 
+def validate_augment(a: AugmentConfig, source: str) -> None:
+    """The augmentation section (fields named augment.*)."""
+    if not 0 <= a.occlusion <= 1:      # also rejects NaN
+        raise ConfigError(source, "augment.occlusion", f"must be a probability in [0, 1] (the share of training "
+                          f"images that get an occluder); got {a.occlusion:g}")
+
+
 # --- derived values -------------------------------------------------------------------
 
 def to_dict(cfg: Any) -> dict:
@@ -461,6 +478,7 @@ def config_hash(cfg: TrialConfig) -> str:
     body["train"].pop("num_threads")
     body["data"].pop("cache_dir")
     _drop_inert_data_keys(body["data"])
+    _drop_default_keys(body, "augment", AugmentConfig())
     if not body["train"]["deterministic"]:      # hashes from before the option existed still match
         body["train"].pop("deterministic")
     text = json.dumps(body, sort_keys=True, separators=(",", ":"))
@@ -486,9 +504,21 @@ def _drop_inert_data_keys(data: dict) -> None:
         data.pop("balance_by")
 
 
+def _drop_default_keys(body: dict, section: str, defaults: Any) -> None:
+    """Leave out a section's keys at their defaults, and the section when none is left: a section (or key)
+    added later keeps the hashes of the trials from before it existed."""
+    kept = {k: v for k, v in body[section].items() if v != getattr(defaults, k)}
+    if kept:
+        body[section] = kept
+    else:
+        body.pop(section)
+
+
 def trial_name(cfg: TrialConfig) -> str:
-    """Readable run name: model-optimizer-lr-epochs-seed, e.g. vit-adam-lr3e-05-ep3-s0."""
-    return f"{cfg.model.name}-{cfg.optim.name}-lr{cfg.optim.lr:g}-ep{cfg.train.epochs}-s{cfg.train.seed}"
+    """Readable run name: model-optimizer-lr-epochs[-occlusion]-seed, e.g. vit-adam-lr3e-05-ep3-s0 or
+    vit-adam-lr0.001-ep3-occ0.5-s0 (the occlusion part only when augment.occlusion is on)."""
+    occlusion = f"-occ{cfg.augment.occlusion:g}" if cfg.augment.occlusion else ""
+    return f"{cfg.model.name}-{cfg.optim.name}-lr{cfg.optim.lr:g}-ep{cfg.train.epochs}{occlusion}-s{cfg.train.seed}"
 
 
 def merge(base: dict, override: dict) -> dict:

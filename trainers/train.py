@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from trainers import metrics, stats
-from trainers.augment import augment
+from trainers.augment import augment, occlude
 from trainers.config import TrialConfig
 from trainers.data.balance import balance_cells, balance_plan, class_weights
 from trainers.data.dataset import PreparedData
@@ -168,6 +168,10 @@ def train_one_epoch(loop: Loop, epoch: int) -> dict[str, float]:
     # Dropout draws from torch's global generator: seeded per epoch, so an epoch resumed from a
     # checkpoint gets the same masks as it had in an uninterrupted run.
     torch.manual_seed(int(rng.integers(2**31)))
+    # Occluders draw from a generator of their own, so every image keeps the flips, crops and colours it
+    # has without them; none is made (nothing drawn) when augment.occlusion is 0.
+    occlusion = loop.cfg.augment.occlusion
+    occluders = torch.Generator(device=device).manual_seed(int(rng.integers(2**31))) if occlusion else None
     rows = indices[order]
     labels = torch.from_numpy(data.labels[rows]).to(device)
     aug_pos = np.flatnonzero(augmented[order])
@@ -185,6 +189,8 @@ def train_one_epoch(loop: Loop, epoch: int) -> dict[str, float]:
         if b > a:
             sel = aug_dev[a:b] - start
             x[sel] = augment(x[sel], gen)
+        if occluders is not None:      # every training row, balance copy or not
+            x = occlude(x, occluders, occlusion)
         with autocast(device):
             logits = model(x)
             loss = loop.loss_fn(logits.float(), y)

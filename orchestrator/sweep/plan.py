@@ -38,7 +38,7 @@ def resolve_trial(spec: SweepSpec, point: dict) -> TrialConfig:
     # passes the seed, then the experiment's set, then the grid values. "model" names a preset.
     preset = point.get("model", spec.defaults.model)
     cfg = TrialConfig(data=spec.data, model=ModelConfig() if preset is None else spec.models[preset],
-                      optim=spec.defaults.optim, train=spec.defaults.train)
+                      optim=spec.defaults.optim, train=spec.defaults.train, augment=spec.defaults.augment)
     for path, value in point.items():
         if path != "model":
             cfg = with_value(cfg, path, value, spec.path)

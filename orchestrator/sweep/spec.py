@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from trainers.config import (MODEL_NAMES, ConfigError, DataConfig, ModelConfig, TrialConfig, build, describe,
-                             validate_data, validate_model, validate_optim, validate_train)
+                             validate_augment, validate_data, validate_model, validate_optim, validate_train)
 from orchestrator.sweep.plan import grid, resolve_trial, trial_point, unique_trials
 from orchestrator.sweep.spec_types import (ALL_RUNS, CHAMPION_RUNS, Defaults, ExecutionSpec, Experiment, PlannedTrial,
                                            PromoteSpec, SearchSpec, SweepSpec)
@@ -287,9 +287,11 @@ def _parse_defaults(value: Any, models: dict, source: str) -> Defaults:
         _check_preset(defaults["model"], models, "defaults.model", source)
     with _located(source):
         parsed = build(Defaults, defaults, "defaults.", source)
-    with _located(source, _locator([("optim", "defaults.optim"), ("train", "defaults.train")], "defaults")):
+    sections = [(name, f"defaults.{name}") for name in ("optim", "train", "augment")]
+    with _located(source, _locator(sections, "defaults")):
         validate_optim(parsed.optim, source)
         validate_train(parsed.train, source)
+        validate_augment(parsed.augment, source)
     return parsed
 
 

@@ -1,6 +1,6 @@
 """The typed sweep spec: frozen dataclasses that spec.py builds from YAML and plan.py expands.
 
-Trial sections (data, models, defaults' optim and train) are the trial config's own
+Trial sections (data, models, defaults' optim, train and augment) are the trial config's own
 dataclasses, built by trainers.config's builder; only what a spec adds is defined here.
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from trainers.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, TrialConfig
+from trainers.config import AugmentConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig, TrialConfig
 
 # What production.evaluate (and `production --runs`) may name besides an experiment: the registry's
 # champion, or every finished trial run of the sweep.
@@ -20,6 +20,7 @@ class Defaults:
     model: str | None = None      # a preset under models; None: the trial config's default model
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    augment: AugmentConfig = AugmentConfig()
 
 
 @dataclass(frozen=True)
