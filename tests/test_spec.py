@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainers.config import ModelConfig, OptimConfig, TrainConfig
+from trainers.config import ConfigError, ModelConfig, OptimConfig, TrainConfig
 
 from orchestrator.sweep.plan import datasets_to_prepare, estimate_cost, grid_points, resolve_trial, trial_name
 from orchestrator.sweep.spec import SpecError, parse_yaml, load_spec, spec_from_dict
@@ -17,7 +17,7 @@ from orchestrator.sweep.spec import SpecError, parse_yaml, load_spec, spec_from_
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "sweeps" / "demo.yaml"
 PAPER = REPO / "sweeps" / "paper.yaml"
-SHARED = ("baseline", "epochs", "optimizer_lr")
+SHARED = ("baseline", "epochs", "optimizer_lr", "mitigation")
 
 
 def read(path: Path) -> dict:
@@ -28,6 +28,15 @@ def write(tmp_path: Path, raw: dict, name: str = "spec.yaml") -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def demo_core() -> dict:
+    """demo.yaml without its mitigation group (and the production.evaluate that names it): the four
+    experiments of the study's tables, for tests that add or replace experiments."""
+    raw = read(DEMO)
+    del raw["experiments"]["mitigation"]
+    del raw["production"]["evaluate"]
+    return raw
 
 
 def paper_at(tmp_path: Path) -> dict:
@@ -42,17 +51,34 @@ def shared_trial(trials):
 
 # --- expansion ----------------------------------------------------------------------
 
-def test_demo_expands_to_18_grid_points_and_15_unique_trials():
+def test_demo_expands_to_22_grid_points_and_18_unique_trials():
     spec = load_spec(DEMO)
-    assert grid_points(spec) == 18
-    assert len(spec.plan) == 15
+    assert grid_points(spec) == 22
+    assert len(spec.plan) == 18
 
 
-def test_paper_expands_to_the_same_structure(tmp_path):
+def test_paper_expands_to_the_same_structure_less_the_mitigation_that_needs_group_metadata(tmp_path):
     spec = spec_from_dict(paper_at(tmp_path), "sweeps/paper.yaml")
     trials = spec.plan
     assert (grid_points(spec), len(trials)) == (18, 15)
     assert shared_trial(trials).config.model.pretrained == "google/vit-base-patch16-224-in21k"
+
+
+def test_the_papers_mitigation_group_uncommented_adds_three_trials_and_shares_the_unmitigated_vit(tmp_path):
+    """paper.yaml carries the group commented out (it needs a group column in metadata.csv): uncommented, with
+    such a file, it plans like the demo's; without the column the spec is refused naming data.balance_by."""
+    text = PAPER.read_text()
+    start = text.index("  # mitigation:")
+    block = "\n".join(line.replace("  # ", "  ", 1) for line in text[start:text.index("\nseeds:")].splitlines())
+    raw = parse_yaml(text[:start] + block + text[text.index("\nseeds:"):])
+    raw["data"]["root"] = str(tmp_path)
+    (tmp_path / "metadata.csv").write_text("path,subject,group\n")
+    trials = spec_from_dict(raw, "sweeps/paper.yaml").plan
+    assert len(trials) == 18 and shared_trial(trials).groups == SHARED
+    assert sum("mitigation" in t.groups for t in trials) == 4
+    (tmp_path / "metadata.csv").write_text("path,subject\n")
+    with pytest.raises(ConfigError, match="data.balance_by"):
+        spec_from_dict(raw, "sweeps/paper.yaml")
 
 
 def test_shared_trial_belongs_to_baseline_epochs_and_optimizer_lr():
@@ -67,10 +93,10 @@ def test_seeds_triple_the_trials(tmp_path):
     raw["seeds"] = [0, 1, 2]
     spec = load_spec(write(tmp_path, raw))
     trials = spec.plan
-    assert grid_points(spec) == 54
-    assert len(trials) == 45
+    assert grid_points(spec) == 66
+    assert len(trials) == 54
     assert sorted({t.config.train.seed for t in trials}) == [0, 1, 2]
-    assert all(t.groups == SHARED for t in trials if t.name.startswith("vit-adam-lr0.001-ep3-"))
+    assert all(t.groups == SHARED for t in trials if re.fullmatch(r"vit-adam-lr0.001-ep3-s\d", t.name))
 
 
 def test_expand_is_deterministic_and_hashes_are_stable_across_loads():
@@ -83,13 +109,14 @@ def test_trial_names_are_readable_and_unique():
     trials = load_spec(DEMO).plan
     names = [t.name for t in trials]
     assert len(set(names)) == len(names)
-    assert all(re.fullmatch(r"(vit|resnet50)-(sgd|rmsprop|adam)-lr[0-9.e-]+-ep\d+-s\d+", n) for n in names)
+    assert all(re.fullmatch(r"(vit|resnet50)-(sgd|rmsprop|adam)-lr[0-9.e-]+-ep\d+(-byclass\+group)?(-occ0.5)?-s\d+", n)
+               for n in names)
     assert "vit-adam-lr3e-05-ep3-s0" in names
     assert trial_name(trials[0].config) == trials[0].name
 
 
 def test_names_that_collide_get_a_hash_suffix(tmp_path):
-    raw = read(DEMO)
+    raw = demo_core()
     raw["experiments"] = {"splits": {"grid": {"data.split_seed": [0, 1]}}}
     names = [t.name for t in load_spec(write(tmp_path, raw)).plan]
     assert len(set(names)) == 2 and all(n.startswith("vit-adam-lr0.001-ep3-s0-") for n in names)
@@ -106,7 +133,7 @@ def test_resolve_trial_expands_the_preset_and_applies_the_point_over_defaults():
 
 
 def test_aliases_and_set_reach_the_trial(tmp_path):
-    raw = read(DEMO)
+    raw = demo_core()
     raw["experiments"] = {"short": {"grid": {"optimizer": ["sgd"], "lr": [1e-2]}, "set": {"epochs": 2}}}
     spec = load_spec(write(tmp_path, raw))
     assert spec.experiments[0].grid == {"optim.name": ("sgd",), "optim.lr": (0.01,)}
@@ -118,15 +145,18 @@ def test_compare_to_names_each_experiments_reference_point_and_defaults_to_the_s
     raw = read(DEMO)
     assert {e.name: e.compare_to for e in spec_from_dict(raw).experiments} == {
         "baseline": {"model": "resnet50"}, "epochs": {"train.epochs": 3},
-        "optimizer_lr": {"optim.name": "adam", "optim.lr": 1e-3}, "fine_lr": {"optim.lr": 1e-5}}
+        "optimizer_lr": {"optim.name": "adam", "optim.lr": 1e-3}, "fine_lr": {"optim.lr": 1e-5},
+        "mitigation": {"data.balance_by": ["class"], "augment.occlusion": 0}}
     raw["experiments"]["optimizer_lr"]["compare_to"] = {"lr": 1e-2, "optimizer": "sgd"}   # aliases, any order
-    for name in ("baseline", "epochs", "fine_lr"):
+    for name in ("baseline", "epochs", "fine_lr", "mitigation"):
         del raw["experiments"][name]["compare_to"]
     found = {e.name: e.compare_to for e in spec_from_dict(raw).experiments}
     assert found["optimizer_lr"] == {"optim.lr": 1e-2, "optim.name": "sgd"}
     # Without compare_to: the point of the defaults (vit, 3 epochs), else the grid's first point (1e-5).
     assert (found["baseline"], found["epochs"], found["fine_lr"]) == (
         {"model": "vit"}, {"train.epochs": 3}, {"optim.lr": 1e-5})
+    # A list-valued axis (balance_by) finds the defaults' point too: the unmitigated trial.
+    assert found["mitigation"] == {"data.balance_by": ["class"], "augment.occlusion": 0}
 
 
 def test_exponent_floats_are_numbers_not_strings(tmp_path):
@@ -138,14 +168,14 @@ def test_exponent_floats_are_numbers_not_strings(tmp_path):
 def test_estimate_cost_counts_epochs_and_image_epochs():
     spec = load_spec(DEMO)
     cost = estimate_cost(spec)
-    assert cost["epochs"] == 47                     # 15 trials of 3 epochs, plus 2, 4 and 5 minus 3 three times
-    assert cost["image_epochs"] == round(4800 * 0.7 * 47)
+    assert cost["epochs"] == 56                     # 18 trials of 3 epochs, plus 2, 4 and 5 minus 3 three times
+    assert cost["image_epochs"] == round(4800 * 0.7 * 56)
     assert 0 < cost["gpu_hours"] < cost["cpu_hours"] < 1
     assert cost["assumptions"]
 
 
 def test_tpe_search_keeps_grid_trials_and_validates_the_space(tmp_path):
-    raw = read(DEMO)
+    raw = demo_core()
     raw["search"] = {"method": "tpe", "n_trials": 20,
                      "space": {"lr": {"low": 1e-5, "high": 1e-2, "log": True}, "optim.name": ["adam", "rmsprop"]}}
     del raw["experiments"]
@@ -167,7 +197,9 @@ DEMO_PLAN = [
     ("vit-rmsprop-lr0.01-ep3-s0", "06044def3cbd"), ("vit-rmsprop-lr0.001-ep3-s0", "ba68840e4dc5"),
     ("vit-rmsprop-lr1e-05-ep3-s0", "aff09d58eca2"), ("vit-adam-lr0.01-ep3-s0", "50769876528a"),
     ("vit-adam-lr1e-05-ep3-s0", "58ae92bd88cc"), ("vit-adam-lr2e-05-ep3-s0", "85758e48c02c"),
-    ("vit-adam-lr3e-05-ep3-s0", "5003e65986ac"),
+    ("vit-adam-lr3e-05-ep3-s0", "5003e65986ac"), ("vit-adam-lr0.001-ep3-occ0.5-s0", "bc9729aaed1b"),
+    ("vit-adam-lr0.001-ep3-byclass+group-s0", "30381094edf3"),
+    ("vit-adam-lr0.001-ep3-byclass+group-occ0.5-s0", "31e5ecd98ecd"),
 ]
 PAPER_PLAN = [   # data.root: .
     ("vit-adam-lr0.001-ep3-s0", "e614bcd1d8bf"), ("resnet50-adam-lr0.001-ep3-s0", "0a1fade89c2e"),
@@ -200,6 +232,8 @@ def test_production_without_classes_is_prepared_with_the_models_classes(tmp_path
 
 def test_production_evaluate_names_the_runs_and_leaves_the_production_data_as_it_was(tmp_path):
     raw = read(DEMO)
+    assert load_spec(DEMO).production_evaluate == ("champion", "mitigation")
+    del raw["production"]["evaluate"]
     plain = load_spec(write(tmp_path, raw, "plain.yaml"))
     assert plain.production_evaluate == ()
     raw["production"]["evaluate"] = ["champion", "baseline", "all"]
@@ -209,7 +243,7 @@ def test_production_evaluate_names_the_runs_and_leaves_the_production_data_as_it
 
 
 def test_a_mapping_on_an_axis_merges_into_the_preset_section(tmp_path):
-    raw = read(DEMO)
+    raw = demo_core()
     raw["experiments"] = {"patch": {"grid": {"model.vit": [{"patch_size": 4}]}}}
     (trial,) = load_spec(write(tmp_path, raw)).plan
     assert trial.config.model.vit.patch_size == 4
@@ -217,13 +251,13 @@ def test_a_mapping_on_an_axis_merges_into_the_preset_section(tmp_path):
 
 
 def test_augment_occlusion_is_a_grid_axis_whose_zero_point_is_the_shared_default_trial(tmp_path):
-    raw = read(DEMO)
+    raw = demo_core()
     raw["experiments"]["occlusion"] = {"grid": {"augment.occlusion": [0, 0.5]},
                                        "compare_to": {"augment.occlusion": 0}}
     spec = load_spec(write(tmp_path, raw))
     assert len(spec.plan) == 16                      # occlusion 0 is the default trial: one new trial
     shared = shared_trial(spec.plan)
-    assert shared.groups == SHARED + ("occlusion",) and shared.hash == DEMO_PLAN[0][1]
+    assert shared.groups == SHARED[:3] + ("occlusion",) and shared.hash == DEMO_PLAN[0][1]
     occluded = next(t for t in spec.plan if t.config.augment.occlusion == 0.5)
     assert (occluded.name, occluded.groups) == ("vit-adam-lr0.001-ep3-occ0.5-s0", ("occlusion",))
     assert spec.experiments[-1].compare_to == {"augment.occlusion": 0}
@@ -232,7 +266,7 @@ def test_augment_occlusion_is_a_grid_axis_whose_zero_point_is_the_shared_default
 
 
 def test_defaults_augment_reaches_every_trial_and_is_validated(tmp_path):
-    raw = read(DEMO)
+    raw = demo_core()
     raw["defaults"]["augment"] = {"occlusion": 0.25}
     spec = load_spec(write(tmp_path, raw))
     assert {t.config.augment.occlusion for t in spec.plan} == {0.25}
@@ -300,8 +334,8 @@ REJECTIONS = [
     (("name", "Demo Run"), "name", "a-z, 0-9"),
     (("name", None), "name", "is required"),
     (("production/synthetic/variant", "prod"), "production.synthetic.variant", "got 'prod'"),
-    (("production/evaluate", ["champion", "mitigation"]), "production.evaluate",
-     "names 'mitigation', which is not champion, all or an experiment of this spec; experiments: baseline, epochs"),
+    (("production/evaluate", ["champion", "mitigations"]), "production.evaluate",
+     "names 'mitigations', which is not champion, all or an experiment of this spec"),
     (("production/evaluate", ["champion", "basline"]), "production.evaluate", "did you mean baseline?"),
     (("production/evaluate", "champion"), "production.evaluate", "must be a non-empty list of champion, all or"),
     (("production/evaluate", []), "production.evaluate", "must be a non-empty list"),
@@ -425,7 +459,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_plan_prints_the_table_count_and_cost():
     done = run_cli("plan", "sweeps/demo.yaml")
     assert done.returncode == 0, done.stderr
-    assert "18 grid points → 15 unique trials" in done.stdout
+    assert "22 grid points → 18 unique trials" in done.stdout
     assert "vit-adam-lr3e-05-ep3-s0" in done.stdout
     assert "estimated cost" in done.stdout
 

@@ -515,10 +515,14 @@ def _drop_default_keys(body: dict, section: str, defaults: Any) -> None:
 
 
 def trial_name(cfg: TrialConfig) -> str:
-    """Readable run name: model-optimizer-lr-epochs[-occlusion]-seed, e.g. vit-adam-lr3e-05-ep3-s0 or
-    vit-adam-lr0.001-ep3-occ0.5-s0 (the occlusion part only when augment.occlusion is on)."""
+    """Readable run name: model-optimizer-lr-epochs[-balance][-occlusion]-seed, e.g. vit-adam-lr3e-05-ep3-s0 or
+    vit-adam-lr0.001-ep3-byclass+group-occ0.5-s0 (the mitigation parts only when they differ from the default:
+    training balanced over other cells than the classes, augment.occlusion on)."""
+    by = cfg.data.balance_by
+    balance = f"-by{'+'.join(by)}" if cfg.data.balance and tuple(by) != DataConfig().balance_by else ""
     occlusion = f"-occ{cfg.augment.occlusion:g}" if cfg.augment.occlusion else ""
-    return f"{cfg.model.name}-{cfg.optim.name}-lr{cfg.optim.lr:g}-ep{cfg.train.epochs}{occlusion}-s{cfg.train.seed}"
+    return (f"{cfg.model.name}-{cfg.optim.name}-lr{cfg.optim.lr:g}-ep{cfg.train.epochs}{balance}{occlusion}"
+            f"-s{cfg.train.seed}")
 
 
 def merge(base: dict, override: dict) -> dict:
