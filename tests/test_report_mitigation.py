@@ -332,3 +332,30 @@ def test_the_champion_section_follows_the_alias_to_a_run_that_was_evaluated_as_a
     production = text[text.index("## Production (Tables 12, 13)"):text.index("## Mitigation")]
     assert f"production run `{evaluations['mitigated']}`" in production
     assert "No production run of the current champion yet" not in production
+
+
+def test_a_grid_over_list_and_mapping_values_reports_each_point_under_its_value(tiny_vit, tmp_path):
+    """balance_by takes lists and model.vit mappings: their points key the report's tables as any value does."""
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    raw = raw_spec(tiny_vit, [1])
+    raw["experiments"] = {
+        "mitigation": {"grid": {"data.balance_by": [["class"], ["class", "group"]]},
+                       "compare_to": {"data.balance_by": ["class"]}},
+        "patches": {"grid": {"model.vit": [{"patch_size": 4}, {"patch_size": 8}]}}}
+    spec = dataclasses.replace(spec_from_dict(raw), production_evaluate=("mitigation",))
+    classes = tuple(spec.plan[0].config.data.classes)
+    rng = np.random.default_rng(0)
+    parent = open_parent_run(client, spec.name)
+    keys, labels = [f"test/{i}.png" for i in range(60)], np.arange(60) % 6
+    prod_keys, prod_labels = [f"prod/{i}.png" for i in range(60)], np.arange(60) % 6
+    for i in range(len(spec.plan)):
+        run = log_trial(client, spec, parent, i, predictions(keys, labels, np.full(60, 0.8), classes, rng), tmp_path)
+        if "mitigation" in spec.plan[i].groups:
+            log_evaluation(client, spec, run, predictions(prod_keys, prod_labels, np.full(60, 0.6), classes, rng,
+                                                          {"group": np.array(["a", "b"] * 30, dtype=object)}),
+                           tmp_path, 1_000 + i)
+    path = write_report(spec, client, tmp_path / "report")
+    rows = read_csv(path.parent / "mitigation_production.csv")
+    assert [r["status"] for r in rows] == ["evaluated", "evaluated"]
+    text = path.read_text()
+    assert "[class, group]" in text and "{patch_size: 8}" in text

@@ -103,6 +103,22 @@ class Cell:
         return f"{len(self.finished)}" + (f", {status_text(others)}" if others else "")
 
 
+class MappingValue(tuple):
+    """A mapping on an axis (e.g. model.vit: {patch_size: 4}) as a hashable point value: its (key, value) items."""
+
+    def __str__(self) -> str:
+        return "{" + ", ".join(f"{k}: {v}" for k, v in self) + "}"
+
+
+def frozen(value):
+    """An axis value made hashable, so a grid point can key a dict: lists as tuples, mappings as MappingValue."""
+    if isinstance(value, (list, tuple)) and not isinstance(value, MappingValue):
+        return tuple(frozen(v) for v in value)
+    if isinstance(value, dict):
+        return MappingValue((k, frozen(v)) for k, v in value.items())
+    return value
+
+
 def axes_of(exp: Experiment) -> list[str]:
     """The grid's axes; seeds are replicates, not an axis of any table."""
     return [axis for axis in exp.grid if axis != "train.seed"]
@@ -130,9 +146,16 @@ def point_of(cfg: TrialConfig, exp: Experiment, presets: dict[str, ModelConfig])
             found = next((p for p in choices if presets[p] == cfg.model), None)
         else:
             value = functools.reduce(getattr, axis.split("."), cfg)
-            found = next((c for c in choices if same_value(value, c)), None)
-        values.append(found)
+            found = next((c for c in choices if matches(value, c)), None)
+        values.append(frozen(found))
     return tuple(values)
+
+
+def matches(value, choice) -> bool:
+    """A config value against a grid value; a mapping (model.vit: {patch_size: 4}) matches the fields it names."""
+    if isinstance(choice, dict):
+        return all(matches(getattr(value, k, None), v) for k, v in choice.items())
+    return same_value(value, choice)
 
 
 def group_cells(spec: SweepSpec, plan: list[PlannedTrial], exp: Experiment,
@@ -141,7 +164,7 @@ def group_cells(spec: SweepSpec, plan: list[PlannedTrial], exp: Experiment,
     axes = axes_of(exp)
     cells: dict[tuple, Cell] = {}
     for point in experiment_points(exp):
-        key = tuple(point[a] for a in axes)
+        key = tuple(frozen(point[a]) for a in axes)
         cells.setdefault(key, Cell(key))
     presets = {p: preset_model(spec, p, exp.set) for p in exp.grid.get("model", ())}
     by_hash: dict[str, Cell] = {}

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from orchestrator.results.report.cells import Cell, Trial, axes_of
+from orchestrator.results.report.cells import Cell, Trial, axes_of, frozen
 from orchestrator.results.report.tables import LABELS, Delta, summarize, value_text
 from orchestrator.sweep.spec import Experiment
 from trainers.predictions import ARTIFACT, Predictions
@@ -27,7 +27,7 @@ PredictionsOf = Callable[[str], "Predictions | None"]    # run id -> its saved t
 
 def reference_cell(exp: Experiment, cells: list[Cell]) -> Cell | None:
     """The cell at the experiment's compare_to point (None when the grid has no such point)."""
-    point = tuple(exp.compare_to.get(axis) for axis in axes_of(exp))
+    point = tuple(frozen(exp.compare_to.get(axis)) for axis in axes_of(exp))
     return next((c for c in cells if c.point == point), None)
 
 

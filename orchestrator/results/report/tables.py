@@ -141,7 +141,7 @@ def put_delta(record: dict, deltas: dict[str, Delta]) -> None:
 
 def value_text(value) -> str:
     """An axis value as a row label: floats in their shortest form (1e-05, 0.001), lists as [class, group]."""
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple)) and type(value).__str__ is tuple.__str__:   # not a MappingValue
         return "[" + ", ".join(value_text(v) for v in value) + "]"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
