@@ -53,8 +53,10 @@ def mitigation_sections(report: Report, store: SweepRuns, spec: SweepSpec, plan:
     for exp, cells in chosen:
         found = mitigation_table(exp, cells, evaluations, store.predictions, store.production_predictions)
         several = len(chosen) > 1
-        heading = exp.title if exp.title != exp.name else "Mitigation" + (f" ({exp.name})" if several else "")
-        report.text(f"## {heading}" + TITLE.removeprefix("Mitigation"))
+        # The group's own section (its test images) is headed by its title; this one by the study's step.
+        named = exp.title if exp.title != exp.name else exp.name
+        own = several or (exp.title != exp.name and "Task 4" not in exp.title)
+        report.text(f"## {TITLE}" + (f": {named}" if own else ""))
         # <group>_production.csv: the group's own table is <group>.csv (or <group>_test.csv).
         mitigation_section(report, spec, found, f"{slug(exp.name)}_production")
 
@@ -190,11 +192,21 @@ def findings(found: Mitigation) -> list[str]:
     for row in (r for r in found.rows if r is not found.reference and r.evaluated):
         parts = [gap_finding(m, row, found.reference) for m in gaps]
         narrowed |= any(p.startswith("narrowed") for p in parts)
-        lines.append(f"- {row_label(found.experiment, row)}: " + "; ".join(parts) + ".")
+        lines.append(f"- {row_label(found.experiment, row)}: " + "; ".join(parts) + overall_change(row) + ".")
     lead = (f"Against the reference ({reference}), in production:" if narrowed else
             f"No mitigation measurably narrowed a gap against the reference ({reference}): no change of a gap "
             "has a 95% interval wholly below 0.")
     return [lead, "", *lines] if lines else [lead]
+
+
+def overall_change(row: MitigationRow) -> str:
+    """'; production F1 fell by 25.5 points (Δ ...)' when the change is measurable: a gap can narrow because
+    every slice got worse, which is no mitigation. '' otherwise."""
+    delta = row.deltas.get(PRODUCTION_F1)
+    if delta is None or delta.value is None or not delta.distinguishable:
+        return ""
+    verb = "rose" if delta.value > 0 else "fell"
+    return f"; production F1 {verb} by {100 * abs(delta.value):.1f} points (Δ {delta_text(delta)})"
 
 
 def gap_finding(measure: str, row: MitigationRow, reference: MitigationRow) -> str:
