@@ -173,9 +173,14 @@ def group_cells(spec: SweepSpec, plan: list[PlannedTrial], exp: Experiment,
         if cell is not None:          # None: a preset the plan resolved differently (an edge of `set`)
             cell.config = cell.config or planned.config
             by_hash[planned.hash] = cell
+    # A run belongs to a point by its config hash, whatever its groups tag says: a trial that finished before
+    # the experiment was added to the spec (the shared baseline) keeps the groups it was run with.
     stray = []
-    for trial in (t for t in trials if exp.name in t.groups):
-        (by_hash[trial.config_hash].trials if trial.config_hash in by_hash else stray).append(trial)
+    for trial in trials:
+        if trial.config_hash in by_hash:
+            by_hash[trial.config_hash].trials.append(trial)
+        elif exp.name in trial.groups:
+            stray.append(trial)
     return list(cells.values()), stray
 
 

@@ -59,15 +59,16 @@ def production_section(report: Report, store: SweepRuns, spec: SweepSpec, champi
     report.text("## Production (Tables 12, 13)")
     run = store.production_run(champion)
     if run is None:
-        report.text(f"Production: no production run in experiment '{spec.name}-production'; "
-                    "run `make production` to evaluate the champion.")
+        what = "the champion" if champion else "a champion (none is promoted yet: run `make promote` first)"
+        report.text(f"Production: no production evaluation of {what} in experiment '{spec.name}-production'; "
+                    "run `make production` to evaluate it.")
         return
     source = store.trial(run.tags.get("source_run_id"))
     report.text(f"Model version {run.tags.get('model_version', '?')} (trial {source.name if source else '?'}), "
                 f"production run `{run.run_id}`.")
     if champion is not None and run.tags.get("source_run_id") != champion:
-        report.text("No production run of the current champion yet: this is the newest production evaluation "
-                    "of another run; run `make production` to evaluate the champion.")
+        report.text("No production run of the current champion yet: this is an earlier champion's; run "
+                    "`make production` to evaluate the current one.")
     if run.degradation is None:
         report.text("Production: the run logged no degradation.csv; run `make production` again.")
     else:

@@ -36,7 +36,7 @@ def data_section(report: Report, store: SweepRuns, trials: list[Trial], champion
     report.table(split_table(data))
     for warning in data.get("warnings", []):
         report.text(f"> **Warning:** {warning}")
-    production = store.production_run(champion)
+    production = store.production_run(champion, any_run=True)     # the production data is the same for all
     if production is not None:
         source = source_data_report(store, production) or data
         report.text(f"Training data (digest `{source.get('digest', '?')}`) beside the production data "

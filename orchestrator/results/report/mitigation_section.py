@@ -31,8 +31,9 @@ def header_of(measure: str) -> str:
 
 def evaluated_experiments(spec: SweepSpec, plan: list[PlannedTrial], trials: list[Trial],
                           evaluations: list[ProductionEvaluation]) -> list[tuple[Experiment, list[Cell]]]:
-    """The experiments the spec's production.evaluate names; when it names none, those of two or more grid
-    points that all have a finished run with a production evaluation."""
+    """The experiments the spec's production.evaluate names; when it names none, those over mitigation settings
+    (a grid axis under data.balance* or augment.) whose two or more grid points all have a finished run with a
+    production evaluation (an ablation evaluated by `--runs all` is no mitigation)."""
     listed = set(spec.production_evaluate)
     every = [(exp, group_cells(spec, plan, exp, trials)[0]) for exp in spec.experiments]
     named = [(exp, cells) for exp, cells in every if exp.name in listed]
@@ -42,7 +43,12 @@ def evaluated_experiments(spec: SweepSpec, plan: list[PlannedTrial], trials: lis
     def all_evaluated(cells: list[Cell]) -> bool:
         chosen, _ = latest_evaluations([t for c in cells for t in c.finished], evaluations)
         return len(cells) >= 2 and all(any(t.run_id in chosen for t in c.finished) for c in cells)
-    return [(exp, cells) for exp, cells in every if all_evaluated(cells)]
+    return [(exp, cells) for exp, cells in every if mitigates(exp) and all_evaluated(cells)]
+
+
+def mitigates(exp: Experiment) -> bool:
+    """Whether a grid axis changes what the model trains on: the balance of its data or its augmentation."""
+    return any(axis.startswith(("data.balance", "augment.")) for axis in axes_of(exp))
 
 
 def mitigation_sections(report: Report, store: SweepRuns, spec: SweepSpec, plan: list[PlannedTrial],

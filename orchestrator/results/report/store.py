@@ -146,17 +146,17 @@ class SweepRuns:
             return None
         return version.tags.get("source_run_id") or version.run_id
 
-    def production_run(self, champion_run_id: str | None = None) -> ProductionRun | None:
-        """The newest production evaluation of the champion (the trial run champion_run_id), or None.
-
-        Without a run of it: the newest evaluated as the champion (tag evaluated_as; a run without the tag
-        predates `production --runs` and was the champion's), else the newest of any run."""
+    def production_run(self, champion_run_id: str | None = None, any_run: bool = False) -> ProductionRun | None:
+        """The newest production evaluation of the champion (its trial run champion_run_id). Without one (not
+        evaluated yet, or nothing promoted): the newest evaluated as a champion (an earlier one; a run without
+        the evaluated_as tag predates `production --runs` and was one); with any_run, else the newest of all."""
         runs = self._production_runs()
-        if not runs:
+        run = (next((r for r in runs if champion_run_id and r.data.tags.get("source_run_id") == champion_run_id),
+                    None)
+               or next((r for r in runs if r.data.tags.get("evaluated_as", "champion") == "champion"), None)
+               or (runs[0] if any_run and runs else None))
+        if run is None:
             return None
-        run = next((r for r in runs if champion_run_id and r.data.tags.get("source_run_id") == champion_run_id),
-                   None) or next((r for r in runs if r.data.tags.get("evaluated_as", "champion") == "champion"),
-                                 runs[0])
         path = self.download(run.info.run_id, "degradation.csv")
         return ProductionRun(run.info.run_id, dict(run.data.tags), dict(run.data.metrics),
                              None if path is None else read_degradation(path))
