@@ -198,6 +198,8 @@ def test_production_run_logs_metrics_slices_drift_and_the_degradation_table(swee
                  for attr, values in (("group", "ab"), ("occluded", "01")) for value in values for k in SLICE_NAMES}
     assert {k for k in m if not k.startswith("data_")} == expected        # exactly these names, as logged
     assert set(run.data.params) == {"model.image_size"} | {f"production.{k}" for k in PRODUCTION_PARAMS}
+    # Production images are never trained on: no balance copies are counted for them.
+    assert run.data.params["production.balance"] == "False" and "data_n_train_balanced" not in m
     assert run.data.params["production.classes"] == ",".join(DEFAULT_CLASSES)
     assert run.data.params["production.synthetic.n_images"] == "480" and run.data.params["model.image_size"] == "32"
     assert m["slice_group_a_count"] + m["slice_group_b_count"] == 480
