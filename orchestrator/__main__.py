@@ -67,9 +67,10 @@ def _add_production_options(parser: argparse.ArgumentParser) -> None:
                              "(after logging everything), so a scheduler can start a retraining sweep")
     parser.epilog = ("Each run is evaluated once per production data (source run, data digest); a second call "
                      "evaluates nothing new and reads the logged numbers. Exit status: 0 done (whatever the "
-                     "drift without --fail-on-drift); 2 bad spec or arguments, no champion for --runs champion, "
+                     "drift without --fail-on-drift); 1 some selected run not evaluated (its model or run could "
+                     "not be read; the others were); 2 bad spec or arguments, no champion for --runs champion, "
                      "nothing to evaluate; 3 with --fail-on-drift, drift moderate or strong ('class mix only' "
-                     "and 'unknown: ...' do not count).")
+                     "and 'unknown: ...' do not count), also when some run was not evaluated.")
 
 
 # Each verb's arguments.

@@ -13,7 +13,6 @@ from orchestrator.results.production_tables import Outcome, outcome_line
 from orchestrator.sweep.plan import datasets_to_prepare, estimate_cost
 from orchestrator.sweep.preflight import check_prepare_folders, check_sweep_folders
 from orchestrator.sweep.spec import SweepSpec, load_spec
-from orchestrator.sweep.spec_types import CHAMPION_RUNS
 from trainers.config import ConfigError
 
 
@@ -114,32 +113,25 @@ def promote(args: argparse.Namespace) -> int:
 def production(args: argparse.Namespace) -> int:
     """Evaluate a sweep's runs on the production data (--runs, else the spec's production.evaluate, else
     the champion): metrics, slices, drift; each run once per production data."""
-    from orchestrator.results.production import ProductionError
-    from orchestrator.results.production_runs import (check_selectors, evaluate_candidates, nothing_to_evaluate,
-                                                      select_candidates)
+    from orchestrator.results.production_runs import Progress, Skipped, production_steps
     from trainers.tracking import store_client
 
     spec = load_spec(args.spec)
-    client = store_client(args.tracking_uri)
     asked = [name.strip() for text in args.runs or [] for name in text.split(",") if name.strip()]
-    selectors = check_selectors(spec, asked or list(spec.production_evaluate) or [CHAMPION_RUNS])
-    # Only the spec's list may name a champion that does not exist yet: the rest is still worth evaluating.
-    candidates, notes = select_candidates(spec, client, selectors, lenient=not asked and bool(spec.production_evaluate))
     out = console()
-    for note in notes:
-        out.print(Text(note))
-    if not candidates:
-        raise ProductionError(nothing_to_evaluate(spec, notes))
-    outcomes = []
-    for step in evaluate_candidates(spec, client, candidates):
-        if isinstance(step, str):
-            out.print(Text(step))
+    outcomes, skipped, selected = [], 0, 1
+    for step in production_steps(spec, store_client(args.tracking_uri), asked):
+        if isinstance(step, Outcome):
+            outcomes.append(step)
+            # One run evaluated now gets its tables below; every other outcome gets its line here.
+            if selected > 1 or not step.evaluated_now:
+                out.print(Text(outcome_line(step)))
             continue
-        outcomes.append(step)
-        if len(candidates) > 1 or not step.evaluated_now:
-            out.print(Text(outcome_line(step)))
+        selected = step.total if isinstance(step, Progress) else selected
+        skipped += isinstance(step, Skipped)
+        out.print(Text(str(step)))
     _print_production(spec, outcomes)
-    return _drift_status(outcomes, args.fail_on_drift)
+    return _production_status(outcomes, skipped, args.fail_on_drift)
 
 
 def _print_production(spec: SweepSpec, outcomes: list[Outcome]) -> None:
@@ -157,15 +149,18 @@ def _print_production(spec: SweepSpec, outcomes: list[Outcome]) -> None:
         out.print(f"{now} evaluated now, {len(outcomes) - now} before; runs in experiment '{spec.name}-production'")
 
 
-def _drift_status(outcomes: list[Outcome], fail_on_drift: bool) -> int:
-    """The exit status: 3 with --fail-on-drift when any run's drift is moderate or strong, else 0; with the
-    flag, says which runs trigger it and which verdicts do not count (class mix only, unknown)."""
-    from orchestrator.results.drift import EXIT_DRIFT, calls_for_retraining, drift_exit_status
+def _production_status(outcomes: list[Outcome], skipped: int, fail_on_drift: bool) -> int:
+    """The exit status (production_exit_status), saying why when it is not 0; with --fail-on-drift, which
+    runs trigger it and which verdicts do not count (class mix only, unknown)."""
+    from orchestrator.results.drift import EXIT_DRIFT, calls_for_retraining
+    from orchestrator.results.production_runs import production_exit_status
 
-    status = drift_exit_status([o.drift_verdict for o in outcomes], fail_on_drift)
+    status = production_exit_status([o.drift_verdict for o in outcomes], skipped, fail_on_drift)
+    out = console()
+    if skipped and status != EXIT_DRIFT:
+        out.print(f"{skipped} selected run(s) not evaluated (skipped above): exit status {status}")
     if not fail_on_drift:
         return status
-    out = console()
     for o in outcomes:
         if o.drift_verdict == "class mix only":
             out.print(Text(f"{o.name}: class mix only (production's mix of predicted classes moved, nothing else "
@@ -174,7 +169,9 @@ def _drift_status(outcomes: list[Outcome], fail_on_drift: bool) -> int:
             out.print(Text(f"{o.name}: drift {o.drift_verdict}; not measured, so it does not count"))
     drifted = [f"{o.name} ({o.drift_verdict})" for o in outcomes if calls_for_retraining(o.drift_verdict)]
     if drifted:
-        out.print(Text(f"drift beyond slight in {', '.join(drifted)}: exit status {EXIT_DRIFT} (--fail-on-drift)"))
+        also = f"; {skipped} selected run(s) not evaluated (skipped above)" if skipped else ""
+        out.print(Text(f"drift beyond slight in {', '.join(drifted)}: exit status {EXIT_DRIFT} (--fail-on-drift)"
+                       f"{also}"))
     return status
 
 

@@ -21,7 +21,7 @@ from orchestrator.__main__ import main
 from orchestrator.results.drift import Drift, drift_exit_status, drift_verdict, measure_drift
 from orchestrator.results.production import ProductionError, load_version, move_exported, source_training_data
 from orchestrator.results.production_metrics import predict
-from orchestrator.results.production_runs import evaluate_production
+from orchestrator.results.production_runs import evaluate_production, production_exit_status, select_candidates
 from orchestrator.results.production_tables import SLICE_COLUMNS
 from orchestrator.results.registry import PREVIOUS_ALIAS, RegistryError, promote
 from orchestrator.results.report import write_report
@@ -198,6 +198,8 @@ def test_production_run_logs_metrics_slices_drift_and_the_degradation_table(swee
                  for attr, values in (("group", "ab"), ("occluded", "01")) for value in values for k in SLICE_NAMES}
     assert {k for k in m if not k.startswith("data_")} == expected        # exactly these names, as logged
     assert set(run.data.params) == {"model.image_size"} | {f"production.{k}" for k in PRODUCTION_PARAMS}
+    # Production images are never trained on: no balance copies are counted for them.
+    assert run.data.params["production.balance"] == "False" and "data_n_train_balanced" not in m
     assert run.data.params["production.classes"] == ",".join(DEFAULT_CLASSES)
     assert run.data.params["production.synthetic.n_images"] == "480" and run.data.params["model.image_size"] == "32"
     assert m["slice_group_a_count"] + m["slice_group_b_count"] == 480
@@ -435,7 +437,7 @@ def test_production_of_a_group_evaluates_each_run_once_and_a_second_call_nothing
     # The champion is in the group: found, not evaluated again; vit-weak is new.
     assert f"vit-good (champion fer-prod v1): evaluated before in run {champion.run_id}" in out
     assert "evaluating 2/2: vit-weak ..." in out and "evaluating 1/2" not in out
-    assert "1 evaluated now, 1 before" in out
+    assert "1 evaluated now, 1 before" in out and "change = production - test" in out
     digest = client.get_run(champion.run_id).data.tags["data_digest"]
     assert len(evaluations_of(client, runs["vit-good"], digest)) == 1
     (weak,) = evaluations_of(client, runs["vit-weak"], digest)
@@ -476,6 +478,76 @@ def test_the_specs_evaluate_list_skips_a_missing_champion_but_runs_champion_alon
     assert main(["production", path, "--tracking-uri", uri, "--runs", "champion,mitigaton"]) == 2
     err = capsys.readouterr().err
     assert "'mitigaton', which is not champion, all or an experiment" in err and "did you mean mitigation?" in err
+
+
+def test_an_experiment_selects_the_runs_its_plan_lists_though_their_groups_tag_predates_it(sweep):
+    tmp, client, runs = sweep
+    spec = make_spec(tmp, name="fer-plan")
+    resnet = client.get_run(runs["resnet"]).data.tags
+    assert resnet["groups"] == "baseline"
+    # mitigation added to the spec after the ResNet ran: the plan lists its configuration there, its tag does not.
+    planned = dataclasses.replace(spec.plan[0], hash=resnet["config_hash"], groups=("baseline", "mitigation"))
+    candidates, notes = select_candidates(dataclasses.replace(spec, plan=(planned,)), client, ("mitigation",))
+    # The ViTs are not in this plan: found by their groups tag, which gives their groups.
+    assert {c.name: c.groups for c in candidates} == {
+        "vit-good": "baseline,mitigation", "vit-weak": "mitigation", "resnet": "baseline,mitigation"}
+    assert notes == []
+
+
+def small_production(tmp: Path) -> dict:
+    """Shifted production data of its own (240 images): another data digest than the fixture's."""
+    return {"source": "synthetic", "cache_dir": str(tmp / "cache"),
+            "synthetic": {"n_images": 240, "draw_size": 32, "variant": "production"}}
+
+
+def test_an_evaluation_logged_before_evaluated_as_existed_is_redone_once(sweep, production):
+    tmp, client, runs = sweep
+    spec = make_spec(tmp, production=small_production(tmp), name="fer-prod")
+    digest = prepare_data(spec.production, 32).digest
+    # As an evaluation from before `production --runs` was logged: no evaluated_as, intervals or predictions.
+    experiment = client.get_experiment_by_name("t-production").experiment_id
+    old = client.create_run(experiment, run_name="fer-prod-v1", tags={
+        "role": "production", "sweep": "t", "source_run_id": runs["vit-good"], "data_digest": digest,
+        "drift_verdict": "none", "model_name": "fer-prod", "model_version": "1"}).info.run_id
+    client.log_metric(old, "production_macro_f1", 0.5)
+    client.set_terminated(old, "FINISHED")
+    (outcome,) = evaluate_production(spec, client)
+    assert outcome.evaluated_now and outcome.run_id != old
+    run = client.get_run(outcome.run_id)
+    assert run.data.tags["evaluated_as"] == "champion" and "production_macro_f1_ci_low" in run.data.metrics
+    assert PRODUCTION_ARTIFACT in {a.path for a in client.list_artifacts(outcome.run_id)}
+    (again,) = evaluate_production(spec, client)
+    assert not again.evaluated_now and again.run_id == outcome.run_id
+
+
+def test_a_run_whose_model_or_run_cannot_be_read_is_skipped_the_rest_evaluated_and_the_exit_status_is_1(
+        sweep, production, capsys):
+    tmp, client, runs = sweep
+    # fer-broken's champion points at a run that is gone, its v2 (vit-weak's) at model files that are gone.
+    client.create_registered_model("fer-broken")
+    ghost = "f" * 32
+    client.create_model_version("fer-broken", str(tmp / "gone-model"), tags={"source_run_id": ghost})
+    client.set_registered_model_alias("fer-broken", "champion", "1")
+    client.create_model_version("fer-broken", str(tmp / "gone-model"), tags={"source_run_id": runs["vit-weak"]})
+    path = write_spec_file(tmp, "broken", spec_dict(tmp, production=small_production(tmp), name="fer-broken"))
+    uri = client.tracking_uri
+    assert main(["production", path, "--tracking-uri", uri, "--runs", "champion,mitigation"]) == 1
+    out = capsys.readouterr().out
+    assert f"champion fer-broken v1 skipped: cannot read its run {ghost} (" in out
+    assert "vit-weak skipped: cannot load its model (" in out
+    assert "vit-good: " in out and "test F1 " in out          # evaluated (now, or by the test before)
+    assert "2 selected run(s) not evaluated (skipped above): exit status 1" in out
+    digest = prepare_data(make_spec(tmp, production=small_production(tmp)).production, 32).digest
+    assert not evaluations_of(client, runs["vit-weak"], digest)         # nothing logged for a model not loaded
+    print(out)                       # shown with pytest -s
+
+
+def test_drift_exits_3_over_the_1_of_runs_not_evaluated():
+    assert production_exit_status(["none", "slight"], skipped=0, fail_on_drift=True) == 0
+    assert production_exit_status(["none"], skipped=1, fail_on_drift=True) == 1
+    assert production_exit_status(["strong"], skipped=1, fail_on_drift=False) == 1
+    assert production_exit_status(["moderate"], skipped=1, fail_on_drift=True) == 3
+    assert production_exit_status([], skipped=2, fail_on_drift=True) == 1
 
 
 def darkened_copy(cfg: DataConfig, folder: Path) -> Path:

@@ -340,6 +340,7 @@ REJECTIONS = [
     (("production/evaluate", "champion"), "production.evaluate", "must be a non-empty list of champion, all or"),
     (("production/evaluate", []), "production.evaluate", "must be a non-empty list"),
     (("production/evaluate", ["all", "all"]), "production.evaluate", "lists 'all' more than once"),
+    (("production", {"evaluate": ["all"]}), "production", "needs a data section naming the production images"),
     (("models/vit/vit/patch_size", 5), "models.vit.vit.patch_size", "must divide"),
     (("models/resnet50/name", None), "models.resnet50.name", "is required"),
     (("experiments/epochs/colour", "red"), "experiments.epochs.colour", "allowed: title, grid, set, reference"),

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,11 +57,21 @@ class ProductionError(RegistryError):
     """The production evaluation cannot run as configured; the message says what to do."""
 
 
+class ModelUnavailable(ProductionError):
+    """One selected run's model cannot be loaded; the message says why. The other runs are still evaluated."""
+
+
+# What loading a logged model raises when it cannot: the registry or the artifact store has no such
+# model (MlflowException), its files are gone or unreadable (OSError), torch cannot read them (RuntimeError).
+LOAD_ERRORS = (MlflowException, OSError, RuntimeError)
+
+
 @dataclass(frozen=True)
 class Candidate:
     """A finished trial run to evaluate on production data, and how its model is loaded."""
     run: Run
     evaluated_as: str                       # "champion": the run behind the registry alias now; else "run"
+    groups: str                             # the trial's experiments, comma-separated (the plan's when it has it)
     version: ModelVersion | None = None     # its registered version (the champion's, for the champion)
 
     @property
@@ -69,7 +79,7 @@ class Candidate:
         return self.run.info.run_name or self.run.info.run_id[:8]
 
     @property
-    def model(self) -> str:
+    def model_label(self) -> str:
         """'champion fer-vit v3', 'fer-vit v2', or '' for a run never registered."""
         if self.version is None:
             return ""
@@ -114,10 +124,9 @@ class PreparedCache:
     def training(self, source: Run) -> PreparedData | str:
         """The run's own data, prepared as its trial did, or why that is not available."""
         image_size, _ = model_input(source)
-        try:
-            cfg = training_config(self.client, source)
-        except (MlflowException, OSError, KeyError, ConfigError) as err:
-            return unavailable_training_data(err)
+        cfg = training_config_or_reason(self.client, source)
+        if isinstance(cfg, str):
+            return cfg
         key = (tuple(sorted(flat_params(cfg).items())), image_size)
         if key not in self._training:
             self._training[key] = prepared_or_reason(cfg, image_size)
@@ -130,10 +139,11 @@ def model_input(source: Run) -> tuple[int, tuple[str, ...]]:
 
 
 def evaluate_run(client: MlflowClient, spec: SweepSpec, candidate: Candidate, cache: PreparedCache) -> ProductionResult:
-    """Evaluate one run's model on spec.production and log one run in <sweep>-production."""
+    """Evaluate one run's model on spec.production and log one run in <sweep>-production; ModelUnavailable
+    (nothing logged) when its model cannot be loaded."""
     source = candidate.run
     data_cfg, data = cache.production(source)
-    model, device = load_model(client, candidate.model_uri)
+    model, device = load_candidate(client, candidate)
     logits = predict(model, data.images, np.arange(len(data.labels)), device)
     train = cache.training(source)                 # prepared once per data config, from the cache
     test_images, slice_note = source_test_images(client, source, train, data.classes)
@@ -187,6 +197,14 @@ def require_champion(client: MlflowClient, spec: SweepSpec) -> ModelVersion:
         raise ProductionError(f"no {spec.promote.alias} for registered model '{spec.promote.name}' "
                               f"in {client.tracking_uri}; run `make promote` first")
     return found
+
+
+def load_candidate(client: MlflowClient, candidate: Candidate) -> tuple[object, torch.device]:
+    """The candidate's model (load_model), or ModelUnavailable saying why it cannot be loaded."""
+    try:
+        return load_model(client, candidate.model_uri)
+    except LOAD_ERRORS as err:
+        raise ModelUnavailable(f"cannot load its model ({first_line(err)})") from err
 
 
 def load_version(client: MlflowClient, name: str, version) -> tuple[object, torch.device]:
@@ -244,11 +262,16 @@ def source_training_data(client: MlflowClient, source: Run, image_size: int) -> 
 
 def run_training_data(client: MlflowClient, source: Run, image_size: int) -> PreparedData | str:
     """source_training_data, or why it is not available (the data moved, the run lost its config)."""
+    cfg = training_config_or_reason(client, source)
+    return cfg if isinstance(cfg, str) else prepared_or_reason(cfg, image_size)
+
+
+def training_config_or_reason(client: MlflowClient, source: Run) -> DataConfig | str:
+    """training_config, or why the run's data section cannot be read (no config.yaml, a bad one)."""
     try:
-        cfg = training_config(client, source)
+        return training_config(client, source)
     except (MlflowException, OSError, KeyError, ConfigError) as err:
         return unavailable_training_data(err)
-    return prepared_or_reason(cfg, image_size)
 
 
 def prepared_or_reason(cfg: DataConfig, image_size: int) -> PreparedData | str:
@@ -261,7 +284,12 @@ def prepared_or_reason(cfg: DataConfig, image_size: int) -> PreparedData | str:
 
 def unavailable_training_data(err: Exception) -> str:
     """Why a run's training data cannot be used (the data moved, the run lost its config)."""
-    return f"the model's training data is not available ({str(err).splitlines()[0]})"
+    return f"the model's training data is not available ({first_line(err)})"
+
+
+def first_line(err: Exception) -> str:
+    """The first line of an error's message (its type's name when it has none), for a note in parentheses."""
+    return (str(err).splitlines() or [type(err).__name__])[0]
 
 
 def drift_against_training(train: PreparedData | str, data: PreparedData, logits: np.ndarray,
@@ -299,7 +327,7 @@ def source_test_images(client: MlflowClient, source: Run, train: PreparedData | 
         with tempfile.TemporaryDirectory() as tmp, no_download_bars():
             predictions = read_predictions(client.download_artifacts(source.info.run_id, PREDICTIONS, tmp))
     except (MlflowException, OSError, PredictionsError) as err:
-        return None, f"{unavailable}the model's run has no readable {PREDICTIONS} ({str(err).splitlines()[0]})"
+        return None, f"{unavailable}the model's run has no readable {PREDICTIONS} ({first_line(err)})"
     if predictions.classes != classes:
         return None, f"{unavailable}{PREDICTIONS} has classes {list(predictions.classes)}, the model {list(classes)}"
     if isinstance(train, str):
@@ -315,7 +343,7 @@ def production_tags(spec: SweepSpec, candidate: Candidate, data: PreparedData, r
     source = candidate.run
     tags = {"role": "production", "sweep": spec.name, "source_run_id": source.info.run_id,
             "source_run_name": candidate.name, "config_hash": source.data.tags.get("config_hash", ""),
-            "groups": source.data.tags.get("groups", ""), "data_digest": data.digest,
+            "groups": candidate.groups, "data_digest": data.digest,
             "drift_verdict": result.drift_verdict, "evaluated_as": candidate.evaluated_as}
     if candidate.version is not None:
         tags.update(model_name=candidate.version.name, model_version=str(candidate.version.version))

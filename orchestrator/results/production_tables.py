@@ -52,8 +52,8 @@ class ProductionResult:
 class Outcome:
     """One selected run's production evaluation: logged by this call, or found from an earlier one."""
     name: str                     # the trial run's name
-    model: str                    # 'champion fer-vit v3', 'fer-vit v2' or '' (not registered)
-    groups: str                   # the trial's experiments, comma-separated
+    model_label: str              # 'champion fer-vit v3', 'fer-vit v2' or '' (not registered)
+    groups: str                   # the trial's experiments, comma-separated (the spec's plan's when it has it)
     run_id: str                   # its run in <sweep>-production
     test_f1: float | None         # the trial's test macro F1
     production_f1: float | None
@@ -79,7 +79,7 @@ def outcome_cells(outcome: Outcome) -> list[str]:
     """One row of the summary table (OUTCOME_HEADERS)."""
     ci = tuple(math.nan if v is None else v for v in outcome.production_f1_ci)
     production = "n/a" if outcome.production_f1 is None else with_interval(outcome.production_f1, ci)
-    return [outcome.name, outcome.model, outcome.groups, percent(outcome.test_f1), production,
+    return [outcome.name, outcome.model_label, outcome.groups, percent(outcome.test_f1), production,
             percent(outcome.drop, True), outcome.drift_verdict, outcome.run_id,
             "now" if outcome.evaluated_now else "before"]
 
@@ -88,7 +88,7 @@ def outcome_line(outcome: Outcome) -> str:
     """'vit-good: test F1 78.1, production F1 62.0 [57.3, 66.4] (-16.1 pts), drift moderate'; an outcome
     found from an earlier call says so and names its run."""
     _, _, _, test, production, drop, verdict, run_id, _ = outcome_cells(outcome)
-    model = f" ({outcome.model})" if outcome.model else ""
+    model = f" ({outcome.model_label})" if outcome.model_label else ""
     before = "" if outcome.evaluated_now else f" evaluated before in run {run_id}:"
     return f"{outcome.name}{model}:{before} test F1 {test}, production F1 {production} ({drop} pts), drift {verdict}"
 

@@ -144,7 +144,7 @@ def spec_from_dict(raw: dict, source: str = "spec") -> SweepSpec:
     written = raw.get("production")
     # evaluate says which runs `production` covers; the rest of the section is a data section.
     evaluate = written.pop("evaluate", None) if isinstance(written, dict) else None
-    production = None if written is None else _parse_data(written, "production", source)
+    production = None if written is None else _parse_production(written, source)
     models = _parse_models(raw.get("models"), source)
     search = _parse_search(raw.get("search"), models, source)
     experiments = _parse_experiments(raw.get("experiments"), models, source)
@@ -223,6 +223,16 @@ def _parse_data(value: Any, section: str, source: str) -> DataConfig:
         validate_data(data, source)
     _check_data_root(data, source, where)
     return data
+
+
+def _parse_production(value: Any, source: str) -> DataConfig:
+    """production without evaluate: a data section naming the production images, never trained on."""
+    if value == {}:     # an empty section would silently make the default synthetic training data "production"
+        _fail(source, "production", "needs a data section naming the production images besides evaluate; add "
+                                    "e.g. source: imagefolder and root: <folder> (or synthetic: {variant: production})")
+    # Production images are only predicted: no balance copies (nor data_n_train_balanced). The data
+    # digest and the prepared cache do not depend on balance, so evaluations made before still match.
+    return dataclasses.replace(_parse_data(value, "production", source), balance=False)
 
 
 def _parse_evaluate(value: Any, experiments: tuple[Experiment, ...], source: str) -> tuple[str, ...]:
