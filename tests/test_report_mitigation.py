@@ -330,7 +330,8 @@ def test_the_champion_section_follows_the_alias_to_a_run_that_was_evaluated_as_a
     finally:
         client.delete_registered_model(spec.promote.name)
     production = text[text.index("## Production (Tables 12, 13)"):text.index("## Mitigation")]
-    assert f"production run `{evaluations['mitigated']}`" in production
+    assert f"Model version {version.version} (trial {spec.plan[1].name}), production run `{evaluations['mitigated']}`" \
+        in production
     assert "No production run of the current champion yet" not in production
 
 

@@ -64,7 +64,10 @@ def production_section(report: Report, store: SweepRuns, spec: SweepSpec, champi
                     "run `make production` to evaluate it.")
         return
     source = store.trial(run.tags.get("source_run_id"))
-    report.text(f"Model version {run.tags.get('model_version', '?')} (trial {source.name if source else '?'}), "
+    # Evaluated before it was promoted (as a group's run), the run has no model_version tag: the registry has it.
+    version = run.tags.get("model_version") or (store.champion_version(spec.promote.name, spec.promote.alias)
+                                                 if run.tags.get("source_run_id") == champion else None)
+    report.text(f"Model version {version or '?'} (trial {source.name if source else '?'}), "
                 f"production run `{run.run_id}`.")
     if champion is not None and run.tags.get("source_run_id") != champion:
         report.text("No production run of the current champion yet: this is an earlier champion's; run "

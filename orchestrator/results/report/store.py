@@ -140,11 +140,19 @@ class SweepRuns:
 
     def champion_source_run(self, name: str, alias: str) -> str | None:
         """The trial run behind the registered version that holds the alias, or None (none promoted yet)."""
+        version = self._aliased(name, alias)
+        return None if version is None else version.tags.get("source_run_id") or version.run_id
+
+    def champion_version(self, name: str, alias: str) -> str | None:
+        """The number of the registered version that holds the alias, or None."""
+        version = self._aliased(name, alias)
+        return None if version is None else str(version.version)
+
+    def _aliased(self, name: str, alias: str):
         try:
-            version = self.client.get_model_version_by_alias(name, alias)
+            return self.client.get_model_version_by_alias(name, alias)
         except MlflowException:
             return None
-        return version.tags.get("source_run_id") or version.run_id
 
     def production_run(self, champion_run_id: str | None = None, any_run: bool = False) -> ProductionRun | None:
         """The newest production evaluation of the champion (its trial run champion_run_id). Without one (not
