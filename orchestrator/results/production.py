@@ -87,11 +87,12 @@ class Candidate:
         return f"{role}{self.version.name} v{self.version.version}"
 
     @property
-    def model_uri(self) -> str:
-        """Through the registry when registered (models:/<name>/<version>), else the run's logged model."""
+    def model_path(self) -> str:
+        """What follows models:/ : the registered version (<name>/<version>) when there is one, else the run's
+        logged model (its model id)."""
         if self.version is not None:
-            return f"models:/{self.version.name}/{self.version.version}"
-        return f"models:/{self.run.data.tags['model_id']}"
+            return f"{self.version.name}/{self.version.version}"
+        return self.run.data.tags["model_id"]
 
 
 @dataclass(frozen=True)
@@ -202,23 +203,24 @@ def require_champion(client: MlflowClient, spec: SweepSpec) -> ModelVersion:
 def load_candidate(client: MlflowClient, candidate: Candidate) -> tuple[object, torch.device]:
     """The candidate's model (load_model), or ModelUnavailable saying why it cannot be loaded."""
     try:
-        return load_model(client, candidate.model_uri)
+        return load_model(client, candidate.model_path)
     except LOAD_ERRORS as err:
         raise ModelUnavailable(f"cannot load its model ({first_line(err)})") from err
 
 
 def load_version(client: MlflowClient, name: str, version) -> tuple[object, torch.device]:
     """A registered model version (through the registry, never a local path) on CUDA if present."""
-    return load_model(client, f"models:/{name}/{version}")
+    return load_model(client, f"{name}/{version}")
 
 
-def load_model(client: MlflowClient, uri: str) -> tuple[object, torch.device]:
-    """The model at a models:/ URI of this store, on CUDA if present."""
+def load_model(client: MlflowClient, path: str) -> tuple[object, torch.device]:
+    """The model at models:/<path> of this store (a registered version or a logged model, never a file path:
+    nothing outside the store is unpickled), on CUDA if present."""
     import mlflow.pytorch
     import torch
 
     with global_tracking_uri(client.tracking_uri):
-        model = mlflow.pytorch.load_model(uri)
+        model = mlflow.pytorch.load_model(f"models:/{path}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return move_exported(model, device), device
 
