@@ -53,6 +53,19 @@ def test_each_grid_point_runs_once_as_a_child_of_one_parent(in_tmp, orchestrate,
     status = orchestrate(in_tmp, "status", str(spec_path))
     assert status.returncode == 0 and "finished 2" in status.stdout
 
+    # An orchestrator killed after a trial's run was FINISHED in MLflow but before the ledger heard of it
+    # leaves the trial queued again: the next sweep takes it from MLflow instead of running it twice.
+    ledger = Ledger(f"sqlite:///{in_tmp / 'mlruns' / 'optuna.db'}", "two", 0)
+    finished = ledger.latest_by_hash()[shared.hash]
+    attrs = {k: v for k, v in finished.user_attrs.items() if k not in ("status", "run_id", "worker")}
+    ledger.study.enqueue_trial({}, user_attrs={**attrs, "attempt": 1})
+    third = orchestrate(in_tmp, "sweep", str(spec_path), "--jobs", "2")
+    assert third.returncode == 0, third.stderr[-3000:]
+    runs = finished_children(store(in_tmp), "two")
+    assert all(len(r) == 1 for r in runs.values())
+    assert ledger.latest_by_hash()[shared.hash].user_attrs["run_id"] == runs[shared.hash][0].info.run_id
+    assert (in_tmp / "mlruns" / "sweeps" / "two" / shared.hash / "log.txt").read_text().count("epoch 1/1") == 1
+
 
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(in_tmp, clean_env, orchestrate, store,
                                                                   write_spec):

@@ -217,6 +217,30 @@ def close_dead_run(uri: str, run_id: str, status: str) -> None:
         print(f"warning: could not close run {run_id}: {err}", file=sys.stderr)
 
 
+OUTCOME_METRICS = ("val_macro_f1", "val_accuracy", "train_loss", "test_loss", "test_accuracy", "test_macro_f1")
+
+
+def finished_trial_run(uri: str, parent_run_id: str, config_hash: str) -> tuple[str, dict[str, float]] | None:
+    """A FINISHED child run of the parent with this config hash and status finished, as (run id, its final
+    metrics); None when there is none or the store cannot say (the trial then runs).
+
+    MLflow is the record of results: an orchestrator killed between a trial's last write to MLflow and its
+    ledger update leaves the trial queued again, and this keeps it from running (and finishing) twice."""
+    client = MlflowClient(uri)
+    try:
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+        runs = client.search_runs([experiment_id], max_results=1, filter_string=(
+            f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.config_hash = '{config_hash}' "
+            "and tags.status = 'finished' and attributes.status = 'FINISHED'"))
+    except Exception as err:     # an unreachable store must not stop the sweep: running the trial is safe
+        print(f"warning: could not look up finished runs of {config_hash}: {err}", file=sys.stderr)
+        return None
+    if not runs:
+        return None
+    metrics = runs[0].data.metrics
+    return runs[0].info.run_id, {k: metrics[k] for k in OUTCOME_METRICS if k in metrics}
+
+
 # --- the sweep's parent run ------------------------------------------------------------------------
 
 def find_parent_run(client: MlflowClient, sweep: str) -> Run | None:

@@ -171,6 +171,9 @@ class SweepHooks:
     trial_config: Callable[[Claim, Slot], TrialConfig]   # a claim's whole config, tracking and threads set
     close_run: Callable[[str, str], None]                # (run id, KILLED or FAILED): a dead trainer's run
     search: NewTrials | None = None                      # TPE: samples new trials and prunes on epochs
+    # config hash -> (run id, metrics) of the sweep's finished run of it, or None: a trial MLflow already holds
+    # finished (its ledger entry lost to a kill) is recorded from there, not run again.
+    finished_run: Callable[[str], tuple[str, dict[str, float]] | None] | None = None
 
 
 class Executor:
@@ -266,6 +269,10 @@ class Executor:
                 self.ledger.fail(claim, one_line(err), retriable=False)
             return
         name = cfg.tracking.run_name
+        found = self.hooks.finished_run(claim.config_hash) if self.hooks.finished_run else None
+        if found is not None:
+            self._record(claim, name, Done("finished", found[0], found[1]), 0.0)
+            return
         log = self.workdir / claim.config_hash / "log.txt"
         log.parent.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()

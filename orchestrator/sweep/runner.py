@@ -19,7 +19,7 @@ from trainers.config import TrackingConfig, TrialConfig, config_hash, from_dict,
 from trainers.data.balance import balance_text
 from trainers.errors import UserError
 from trainers.process.side_files import STORE_DIR
-from trainers.tracking import SweepParent, close_dead_run, tracking_uri
+from trainers.tracking import SweepParent, close_dead_run, finished_trial_run, tracking_uri
 
 WORK_DIR = STORE_DIR / "sweeps"
 START_POLL_SECONDS = 2.0    # how often a worker started before its sweep looks for it
@@ -65,7 +65,8 @@ class SweepContext:
 
     def hooks(self, search: TpeTrials | None) -> SweepHooks:
         """What the executor needs from this sweep: configs, the run closer for dead trainers, TPE."""
-        return SweepHooks(self.trial_config, functools.partial(close_dead_run, self.tracking_uri), search)
+        return SweepHooks(self.trial_config, functools.partial(close_dead_run, self.tracking_uri), search,
+                          functools.partial(finished_trial_run, self.tracking_uri, self.parent_run_id))
 
 
 class TpeTrials:
