@@ -13,3 +13,9 @@ class UserError(Exception):
 def one_line(err: Exception) -> str:
     """The error's message on one line, as both command lines print it."""
     return " ".join(str(err).split())
+
+
+def first_line(err: Exception, limit: int = 200) -> str:
+    """The first line of an error's message (its type's name when it has none), at most limit characters:
+    the cause quoted in parentheses inside one of this project's messages."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from trainers.config import ModelConfig
-from trainers.errors import UserError
+from trainers.errors import UserError, first_line
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 VIT_MEAN, VIT_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)   # google/vit-* processors
@@ -55,7 +55,7 @@ def build_vit(cfg: ModelConfig, n_classes: int) -> FerClassifier:
             attn_implementation="sdpa")
     except (OSError, ValueError) as err:
         raise ModelUnavailableError(
-            f"model.pretrained: ViT weights '{cfg.pretrained}' could not be loaded ({_first_line(err)}); "
+            f"model.pretrained: ViT weights '{cfg.pretrained}' could not be loaded ({first_line(err)}); "
             "download them once with `huggingface-cli download "
             f"{cfg.pretrained}` on a machine with network, or set model.pretrained to a local folder "
             "holding config.json and model.safetensors") from None
@@ -86,7 +86,7 @@ def build_resnet50(cfg: ModelConfig, n_classes: int) -> FerClassifier:
             net.load_state_dict(_read_state_dict(Path(source)))
         except RuntimeError as err:
             raise ModelUnavailableError(f"model.pretrained: '{source}' does not hold ResNet-50 weights "
-                                        f"({_first_line(err)})") from None
+                                        f"({first_line(err)})") from None
     else:
         net = resnet50(weights=_torchvision_weights(ResNet50_Weights, source))
     net.fc = nn.Linear(net.fc.in_features, n_classes)
@@ -105,7 +105,7 @@ def _read_state_dict(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:   # truncated download, wrong format, or a pickle that needs code
         raise ModelUnavailableError(f"model.pretrained: '{path}' is not a readable state dict "
-                                    f"({type(err).__name__}: {_first_line(err)}); download it again") from None
+                                    f"({type(err).__name__}: {first_line(err)}); download it again") from None
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
@@ -123,13 +123,9 @@ def _torchvision_weights(enum, name: str):
         except Exception as err:   # URLError, HTTPError, socket errors: all mean "not downloadable here"
             raise ModelUnavailableError(
                 f"model.pretrained: ResNet-50 weights {weights.name} are not cached at {cached} and could "
-                f"not be downloaded ({_first_line(err)}); copy the file there, or set model.pretrained to a "
+                f"not be downloaded ({first_line(err)}); copy the file there, or set model.pretrained to a "
                 "local .pth file") from None
     return weights
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 MODELS = {"vit": build_vit, "resnet50": build_resnet50}

@@ -47,6 +47,7 @@ from trainers.plots import confusion_png
 from trainers.predictions import ARTIFACT as PREDICTIONS
 from trainers.predictions import PRODUCTION_ARTIFACT as PRODUCTION_PREDICTIONS
 from trainers.predictions import Predictions, PredictionsError, read_predictions
+from trainers.errors import first_line
 from trainers.tracking import ensure_experiment, global_tracking_uri, no_download_bars
 
 if TYPE_CHECKING:
@@ -287,11 +288,6 @@ def prepared_or_reason(cfg: DataConfig, image_size: int) -> PreparedData | str:
 def unavailable_training_data(err: Exception) -> str:
     """Why a run's training data cannot be used (the data moved, the run lost its config)."""
     return f"the model's training data is not available ({first_line(err)})"
-
-
-def first_line(err: Exception) -> str:
-    """The first line of an error's message (its type's name when it has none), for a note in parentheses."""
-    return (str(err).splitlines() or [type(err).__name__])[0]
 
 
 def drift_against_training(train: PreparedData | str, data: PreparedData, logits: np.ndarray,

@@ -25,12 +25,13 @@ from mlflow.exceptions import MlflowException
 
 from orchestrator.results.drift import EXIT_DRIFT, drift_exit_status
 from orchestrator.results.production import (Candidate, ModelUnavailable, PreparedCache, ProductionError,
-                                             evaluate_run, first_line, require_champion)
+                                             evaluate_run, require_champion)
 from orchestrator.results.production_tables import Outcome, ProductionResult
-from orchestrator.results.registry import champion_version, find_version
+from orchestrator.results.registry import champion_version, find_version, source_run_id
 from orchestrator.results.runs import child_runs, groups_of
 from orchestrator.sweep.spec import SweepSpec, run_selector_problem
 from orchestrator.sweep.spec_types import ALL_RUNS, CHAMPION_RUNS
+from trainers.errors import first_line
 
 RUN = "run"     # evaluated_as of a run picked by experiment or `all`
 EXIT_NOT_EVALUATED = 1      # some selected run could not be evaluated (EXIT_DRIFT takes precedence)
@@ -106,7 +107,7 @@ def select_candidates(spec: SweepSpec, client: MlflowClient, selectors: tuple[st
     nothing or run that cannot be evaluated. No champion is an error, or with lenient (the spec's list)
     a note, and the rest still run."""
     champion = champion_version(client, spec.promote)
-    champion_run = None if champion is None else champion.tags.get("source_run_id") or champion.run_id
+    champion_run = None if champion is None else source_run_id(champion)
     chosen: dict[str, Candidate] = {}
     notes: list[str | Skipped] = []
     finished = None
@@ -140,7 +141,7 @@ def no_champion_note(spec: SweepSpec) -> str:
 
 def champion_candidate(client: MlflowClient, spec: SweepSpec, champion: ModelVersion) -> Candidate | Skipped:
     """The run behind the champion alias, or why it cannot be read (deleted, in another store)."""
-    run_id = champion.tags.get("source_run_id") or champion.run_id
+    run_id = source_run_id(champion)
     try:
         run = client.get_run(run_id)
     except (MlflowException, OSError) as err:

@@ -204,6 +204,11 @@ def champion_version(client: MlflowClient, promote_spec: PromoteSpec) -> ModelVe
     return None if version is None else client.get_model_version(promote_spec.name, str(version))
 
 
+def source_run_id(version: ModelVersion) -> str | None:
+    """The trial run a registered version came from (its source_run_id tag; the version's run for older ones)."""
+    return version.tags.get("source_run_id") or version.run_id
+
+
 def incumbent_score(client: MlflowClient, version: ModelVersion, metric: str) -> tuple[float | None, str]:
     """The incumbent's score on metric and what it is: its selection mean when it was selected on metric,
     else its run's value (a version promoted before selection by mean)."""
@@ -212,7 +217,7 @@ def incumbent_score(client: MlflowClient, version: ModelVersion, metric: str) ->
         return float(version.tags["selection_mean"]), f"mean {metric} over {n} seed(s)"
     if metric in version.tags:
         return float(version.tags[metric]), metric
-    run_id = version.tags.get("source_run_id") or version.run_id
+    run_id = source_run_id(version)
     if not run_id:
         return None, metric
     try:

@@ -5,6 +5,7 @@ its production predictions, and logging the finished report back to the parent r
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -122,15 +123,15 @@ class SweepRuns:
                 total = total + counts
         return None if total is None else (classes, total)
 
-    def _production_runs(self, query: str = "") -> list[Run]:
-        """The runs of <sweep>-production tagged role=production (and matching query), newest first."""
+    @functools.cached_property
+    def _production_runs(self) -> list[Run]:
+        """The runs of <sweep>-production tagged role=production, newest first: read once per report."""
         experiment = self.client.get_experiment_by_name(f"{self.sweep}-production")
         if experiment is None:
             return []
         runs, token = [], None
         while True:
-            page = self.client.search_runs([experiment.experiment_id],
-                                           filter_string="tags.role = 'production'" + query,
+            page = self.client.search_runs([experiment.experiment_id], filter_string="tags.role = 'production'",
                                            run_view_type=ViewType.ACTIVE_ONLY, max_results=1000,
                                            order_by=["attributes.start_time DESC"], page_token=token)
             runs.extend(page)
@@ -158,7 +159,7 @@ class SweepRuns:
         """The newest production evaluation of the champion (its trial run champion_run_id). Without one (not
         evaluated yet, or nothing promoted): the newest evaluated as a champion (an earlier one; a run without
         the evaluated_as tag predates `production --runs` and was one); with any_run, else the newest of all."""
-        runs = self._production_runs()
+        runs = self._production_runs
         run = (next((r for r in runs if champion_run_id and r.data.tags.get("source_run_id") == champion_run_id),
                     None)
                or next((r for r in runs if r.data.tags.get("evaluated_as", "champion") == "champion"), None)
@@ -173,8 +174,8 @@ class SweepRuns:
         """Every FINISHED production evaluation of a trial run (tag source_run_id), newest first."""
         return [ProductionEvaluation(r.info.run_id, r.data.tags["source_run_id"], r.data.tags.get("config_hash", ""),
                                      r.data.tags.get("data_digest", ""), r.info.start_time or 0, dict(r.data.metrics))
-                for r in self._production_runs(" and attributes.status = 'FINISHED'")
-                if r.data.tags.get("source_run_id")]
+                for r in self._production_runs
+                if r.info.status == "FINISHED" and r.data.tags.get("source_run_id")]
 
     def log_report(self, parent_run_id: str, files: list[Path]) -> None:
         """The report's files as artifacts of the parent run, under report/."""
