@@ -228,8 +228,7 @@ def finished_trial_run(uri: str, parent_run_id: str, config_hash: str) -> tuple[
     ledger update leaves the trial queued again, and this keeps it from running (and finishing) twice."""
     client = MlflowClient(uri)
     try:
-        experiment_id = client.get_run(parent_run_id).info.experiment_id
-        runs = client.search_runs([experiment_id], max_results=1, filter_string=(
+        runs = client.search_runs([_experiment_of(uri, parent_run_id)], max_results=1, filter_string=(
             f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.config_hash = '{config_hash}' "
             "and tags.status = 'finished' and attributes.status = 'FINISHED'"))
     except Exception as err:     # an unreachable store must not stop the sweep: running the trial is safe
@@ -239,6 +238,12 @@ def finished_trial_run(uri: str, parent_run_id: str, config_hash: str) -> tuple[
         return None
     metrics = runs[0].data.metrics
     return runs[0].info.run_id, {k: metrics[k] for k in OUTCOME_METRICS if k in metrics}
+
+
+@functools.lru_cache(maxsize=16)
+def _experiment_of(uri: str, run_id: str) -> str:
+    """The experiment a run is in (asked once per sweep, not once per claimed trial)."""
+    return MlflowClient(uri).get_run(run_id).info.experiment_id
 
 
 # --- the sweep's parent run ------------------------------------------------------------------------

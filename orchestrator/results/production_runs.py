@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from mlflow import MlflowClient
-from mlflow.entities import Run, ViewType
+from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
@@ -28,7 +28,7 @@ from orchestrator.results.production import (Candidate, ModelUnavailable, Prepar
                                              evaluate_run, require_champion)
 from orchestrator.results.production_tables import Outcome, ProductionResult
 from orchestrator.results.registry import champion_version, find_version, source_run_id
-from orchestrator.results.runs import child_runs, groups_of
+from orchestrator.results.runs import child_runs, groups_of, search_all
 from orchestrator.sweep.spec import SweepSpec, run_selector_problem
 from orchestrator.sweep.spec_types import ALL_RUNS, CHAMPION_RUNS
 from trainers.errors import first_line
@@ -182,17 +182,20 @@ def _loadable(candidates: list[Candidate], notes: list[str | Skipped]) -> tuple[
     return [c for c in candidates if loadable(c)], notes
 
 
-def earlier_evaluation(client: MlflowClient, sweep: str, source_run_id: str, digest: str) -> Run | None:
-    """The newest FINISHED run in <sweep>-production of this source run on this production data that has
-    an evaluated_as tag, if any: one without it predates the intervals and the predictions artifact."""
+def earlier_evaluations(client: MlflowClient, sweep: str) -> dict[tuple[str, str], Run]:
+    """(source run id, production data digest) -> the newest FINISHED run in <sweep>-production that has an
+    evaluated_as tag (one without it predates the intervals and the predictions artifact): one search for
+    every candidate."""
     experiment = client.get_experiment_by_name(f"{sweep}-production")
     if experiment is None:
-        return None
-    query = (f"tags.role = 'production' and tags.source_run_id = '{source_run_id}' and "
-             f"tags.data_digest = '{digest}' and attributes.status = 'FINISHED'")
-    found = client.search_runs([experiment.experiment_id], filter_string=query, run_view_type=ViewType.ACTIVE_ONLY,
-                               order_by=["attributes.start_time DESC"], max_results=1000)
-    return next((run for run in found if run.data.tags.get("evaluated_as")), None)
+        return {}
+    found: dict[tuple[str, str], Run] = {}
+    query = "tags.role = 'production' and attributes.status = 'FINISHED'"
+    for run in search_all(client, [experiment.experiment_id], query, order_by=["attributes.start_time DESC"]):
+        tags = run.data.tags
+        if tags.get("evaluated_as") and tags.get("source_run_id"):
+            found.setdefault((tags["source_run_id"], tags.get("data_digest", "")), run)
+    return found
 
 
 def evaluate_candidates(spec: SweepSpec, client: MlflowClient,
@@ -200,9 +203,10 @@ def evaluate_candidates(spec: SweepSpec, client: MlflowClient,
     """Evaluate each candidate not evaluated before on this production data: yields Progress before each
     evaluation, then its Outcome, or a Skipped when its model cannot be loaded; the Outcome of one found."""
     cache = PreparedCache(spec, client)
+    earlier = earlier_evaluations(client, spec.name)
     for i, candidate in enumerate(candidates, 1):
         _, data = cache.production(candidate.run)
-        before = earlier_evaluation(client, spec.name, candidate.run.info.run_id, data.digest)
+        before = earlier.get((candidate.run.info.run_id, data.digest))
         if before is not None:
             yield outcome_of_run(candidate, before)
             continue

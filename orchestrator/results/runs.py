@@ -27,11 +27,15 @@ def child_runs(client: MlflowClient, sweep: str, parent_run_id: str | None = Non
     query = f"tags.role = 'trial' and tags.mlflow.parentRunId = '{parent}'"
     if status:
         query += f" and tags.status = '{status}'"
+    return search_all(client, [experiment.experiment_id], query, order_by=["attributes.start_time ASC"])
+
+
+def search_all(client: MlflowClient, experiment_ids: list[str], query: str, order_by: list[str]) -> list[Run]:
+    """Every active run the query matches, page after page (the store hands out at most 1,000 at a time)."""
     runs, token = [], None
     while True:
-        page = client.search_runs([experiment.experiment_id], filter_string=query,
-                                  run_view_type=ViewType.ACTIVE_ONLY, order_by=["attributes.start_time ASC"],
-                                  max_results=1000, page_token=token)
+        page = client.search_runs(experiment_ids, filter_string=query, run_view_type=ViewType.ACTIVE_ONLY,
+                                  order_by=order_by, max_results=1000, page_token=token)
         runs.extend(page)
         token = page.token
         if not token:

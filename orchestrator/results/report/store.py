@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 from mlflow import MlflowClient
-from mlflow.entities import Run, ViewType
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from orchestrator.results.report.cells import Trial
 from orchestrator.results.report.mitigation import ProductionEvaluation
-from orchestrator.results.runs import child_runs, find_parent_run, groups_of
+from orchestrator.results.runs import child_runs, find_parent_run, groups_of, search_all
 from trainers.predictions import ARTIFACT as PREDICTIONS
 from trainers.predictions import PRODUCTION_ARTIFACT, Predictions, PredictionsError, read_predictions
 from trainers.tracking import no_download_bars
@@ -129,15 +129,8 @@ class SweepRuns:
         experiment = self.client.get_experiment_by_name(f"{self.sweep}-production")
         if experiment is None:
             return []
-        runs, token = [], None
-        while True:
-            page = self.client.search_runs([experiment.experiment_id], filter_string="tags.role = 'production'",
-                                           run_view_type=ViewType.ACTIVE_ONLY, max_results=1000,
-                                           order_by=["attributes.start_time DESC"], page_token=token)
-            runs.extend(page)
-            token = page.token
-            if not token:
-                return runs
+        return search_all(self.client, [experiment.experiment_id], "tags.role = 'production'",
+                          order_by=["attributes.start_time DESC"])
 
     def champion_source_run(self, name: str, alias: str) -> str | None:
         """The trial run behind the registered version that holds the alias, or None (none promoted yet)."""
