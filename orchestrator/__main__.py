@@ -12,6 +12,7 @@ from trainers.process.side_files import STORE_DIR, keep_side_files_local
 VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
     "plan": verbs.plan, "sweep": verbs.sweep, "worker": verbs.worker, "status": verbs.status,
     "promote": verbs.promote, "production": verbs.production, "report": verbs.report, "prepare": verbs.prepare,
+    "predict": verbs.predict, "serve": verbs.serve,
 }
 
 
@@ -73,11 +74,40 @@ def _add_production_options(parser: argparse.ArgumentParser) -> None:
                      "and 'unknown: ...' do not count), also when some run was not evaluated.")
 
 
+def _add_model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", metavar="URI",
+                        help="a registered model, models:/<name>/<version> or models:/<name>@<alias> (default: "
+                             "the spec's promote.name @ promote.alias, e.g. models:/fer-vit@champion)")
+
+
+def _add_predict_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", nargs="?", default="sweeps/demo.yaml",
+                        help="the sweep spec whose champion labels the photos (default: %(default)s)")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="photo files, or folders of them (searched "
+                                                                  "recursively; hidden files skipped)")
+    _add_model_option(parser)
+    parser.add_argument("--out", default="predictions.csv",
+                        help="the CSV to write: path, label, p_<class>..., face_found, face box, error "
+                             "(default: %(default)s)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI, registry included (default: "
+                                               f"$MLFLOW_TRACKING_URI, else sqlite under {STORE_DIR}/)")
+    parser.epilog = "Exit status: 0 every file labelled; 1 some file was not an image (its row says why); 2 bad " \
+                    "arguments or no model."
+
+
+def _add_serve_options(parser: argparse.ArgumentParser) -> None:
+    _add_registry_options(parser)
+    _add_model_option(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine "
+                                                            "only; 0.0.0.0 opens it to the network)")
+    parser.add_argument("--port", type=int, default=5001, help="port (default: %(default)s; make ui uses 5000)")
+
+
 # Each verb's arguments.
 ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "plan": _add_spec, "sweep": _add_run_options, "worker": _add_run_options, "status": _add_status_options,
     "report": _add_report_options, "promote": _add_promote_options, "production": _add_production_options,
-    "prepare": _add_spec,
+    "prepare": _add_spec, "predict": _add_predict_options, "serve": _add_serve_options,
 }
 
 

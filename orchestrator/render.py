@@ -184,3 +184,21 @@ def outcome_table(outcomes: list[Outcome]) -> Table:
     for outcome in outcomes:
         table.add_row(*map(Text, outcome_cells(outcome)))
     return table
+
+
+# Rows a terminal shows of a prediction; the CSV holds them all.
+PREDICTION_ROWS_SHOWN = 30
+
+
+def prediction_table(rows: list[dict], classes: tuple[str, ...]) -> Table:
+    """The first PREDICTION_ROWS_SHOWN predictions: file, label and its probability, face found, or the error."""
+    more = len(rows) - PREDICTION_ROWS_SHOWN
+    table = Table(title=f"{len(rows)} photo(s)", caption=f"... and {more} more in the CSV" if more > 0 else None)
+    for column in ("path", "label", "p", "face", "error"):
+        table.add_column(column, justify="right" if column == "p" else "left")
+    for row in rows[:PREDICTION_ROWS_SHOWN]:
+        label = row["label"]
+        p = f"{row[f'p_{label}']:.2f}" if label in classes else ""
+        face = {True: "found", False: "none: centre crop", None: ""}[row["face_found"]]
+        table.add_row(Text(row["path"]), label or "", p, face, Text(row["error"] or ""))
+    return table

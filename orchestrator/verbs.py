@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rich.text import Text
 
@@ -14,6 +15,8 @@ from orchestrator.sweep.plan import datasets_to_prepare, estimate_cost
 from orchestrator.sweep.preflight import check_prepare_folders, check_sweep_folders
 from orchestrator.sweep.spec import SweepSpec, load_spec
 from trainers.config import ConfigError
+
+DEFAULT_SPEC = "sweeps/demo.yaml"
 
 
 def plan(args: argparse.Namespace) -> int:
@@ -198,3 +201,48 @@ def prepare(args: argparse.Namespace) -> int:
         if title == "data" and data.report.balance:    # production images are not trained on
             out.print(balance_table(data.report.balance))
     return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    """Label photo files (or every file in folders) with the champion, or --model: a table and a CSV."""
+    from orchestrator.render import prediction_table
+    from orchestrator.results.serving import (existing_store, load_shipped, model_classes, photo_files,
+                                              predict_files, shipped_model, write_predictions)
+    from trainers.progress import progress
+
+    spec_path, paths = _spec_and_paths(args.spec, args.paths)
+    spec = load_spec(spec_path)
+    client = existing_store(args.tracking_uri)
+    files = photo_files(paths)
+    shipped = shipped_model(spec, client, args.model)
+    model = load_shipped(client, shipped)
+    classes = model_classes(model)
+    rows = list(progress(predict_files(model, files, classes), len(files), "labelling photos"))
+    write_predictions(rows, Path(args.out), classes)
+    out = console()
+    out.print(prediction_table(rows, classes))
+    failed = sum(1 for row in rows if row["error"])
+    out.print(Text(f"{len(rows)} file(s) labelled by {shipped.label}: {len(rows) - failed} labelled, "
+                   f"{sum(1 for r in rows if r['face_found'] is False)} of them without a face found (centre "
+                   f"crop), {failed} not images; wrote {args.out}"))
+    return 1 if failed else 0
+
+
+def _spec_and_paths(spec: str, paths: list[str]) -> tuple[str, list[str]]:
+    """`predict a.jpg b.jpg` gives the parser spec=a.jpg: a first argument that is not YAML is a photo."""
+    if spec.endswith((".yaml", ".yml")):
+        return spec, paths
+    return DEFAULT_SPEC, [spec, *paths]
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Serve the champion (or --model) with `mlflow models serve`: POST base64 photos to /invocations."""
+    from orchestrator.results.serving import existing_store, run_server, serve_command, shipped_model
+
+    spec = load_spec(args.spec)
+    client = existing_store(args.tracking_uri)
+    shipped = shipped_model(spec, client, args.model)
+    print(f"serving {shipped.label} on http://{args.host}:{args.port}/invocations (Ctrl-C stops it)\n"
+          f"  POST {{\"inputs\": [\"<base64 of a JPEG or PNG>\", ...]}} as application/json; see the README",
+          flush=True)
+    return run_server(serve_command(shipped, args.host, args.port), client.tracking_uri)

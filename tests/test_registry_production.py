@@ -19,7 +19,8 @@ from mlflow import MlflowClient
 
 from orchestrator.__main__ import main
 from orchestrator.results.drift import Drift, drift_exit_status, drift_verdict, measure_drift
-from orchestrator.results.production import ProductionError, load_version, move_exported, source_training_data
+from orchestrator.results.production import ProductionError, load_version, source_training_data
+from trainers.models import move_exported
 from orchestrator.results.production_metrics import predict
 from orchestrator.results.production_runs import evaluate_production, production_exit_status, select_candidates
 from orchestrator.results.production_tables import SLICE_COLUMNS

@@ -137,3 +137,23 @@ def build_model(cfg: ModelConfig, n_classes: int) -> FerClassifier:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+def move_exported(module, device):
+    """module.to(device) for a torch.export graph, whose ops carry the export device (cpu) burnt in.
+
+    A ViT's graph creates position indices with aten.arange(..., device=cpu); moved with .to()
+    alone it fails on any other device. This rewrites those arguments, as
+    torch.export.passes.move_to_device_pass does for an ExportedProgram.
+    """
+    module = module.to(device)
+    for sub in module.modules():
+        if not isinstance(sub, torch.fx.GraphModule):
+            continue
+        for node in sub.graph.nodes:
+            if "device" in node.kwargs:
+                node.kwargs = {**node.kwargs, "device": device}
+            if node.op == "call_function" and node.target is torch.ops.aten.to.device:
+                node.args = (node.args[0], device, *node.args[2:])
+        sub.recompile()
+    return module

@@ -114,7 +114,7 @@ def run_trial(cfg: TrialConfig, log_file: Path | None = None, supervisor: Superv
         result = run_training(cfg, data, model, Checkpoint(directory), observer=reporter)
         run.log_result(cfg, data, result, log_file)
         if result.status == "finished" and cfg.tracking.log_model:
-            run.log_model(model, cfg.model.image_size, len(data.classes))
+            run.log_model(model, cfg, data.classes)
         run.wait_figures()
         if log_file is not None and log_file.exists():
             run.log_file(log_file)

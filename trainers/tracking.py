@@ -142,6 +142,79 @@ def _timed(method):
     return wrapper
 
 
+# --- the logged model: the exported network, served as a photo model ------------------------------------
+
+TRAINERS_DIR = Path(__file__).resolve().parent
+# What the photo model imports; pinned to this environment's versions, so `mlflow models serve` with a
+# virtualenv or conda env-manager rebuilds the environment the model was trained in.
+PHOTO_MODEL_PACKAGES = ("torch", "torchvision", "transformers", "facenet-pytorch", "scikit-image", "pillow",
+                        "pandas", "numpy", "pyyaml")
+
+
+def photo_signature(classes: tuple[str, ...]):
+    """The pyfunc's interface: a column of encoded images in; label, probabilities, face and error out."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    from trainers.photo_model import output_columns
+
+    kinds = {"label": "string", "face_found": "boolean", "error": "string"}
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary")]),
+        outputs=Schema([ColSpec(kinds.get(c, "double"), c, required=c.startswith("p_") or c == "label")
+                        for c in output_columns(classes)]))
+
+
+def pinned_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+    pins = []
+    for name in PHOTO_MODEL_PACKAGES:
+        try:
+            pins.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+class PhotoFlavor:
+    """Model.log's flavor for a trial's model: mlflow.pytorch's exported network (pt2: torch.export, no
+    pickled code), plus the trial's photo settings and the trainers package, with the python_function
+    interface replaced by trainers.photo_model (encoded photos in, labels out)."""
+    __name__ = "pytorch"        # the logged model's flavor, as MLflow's UI shows it
+
+    @staticmethod
+    def save_model(path: str, mlflow_model, pytorch_model, settings, **_) -> None:
+        import mlflow.pytorch
+        from mlflow import pyfunc
+        from mlflow.models.signature import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        from trainers.photo_model import SETTINGS_FILE
+
+        size, n = settings.image_size, len(settings.classes)
+        network = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, size, size), "images")]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n), "logits")]))
+        # A batch of 2 keeps the exported batch dimension dynamic (torch.export specialises a 1).
+        example = np.zeros((2, 3, size, size), dtype=np.float32)
+        mlflow.pytorch.save_model(pytorch_model, path, mlflow_model=mlflow_model, signature=network,
+                                  input_example=example, serialization_format="pt2",
+                                  code_paths=[str(TRAINERS_DIR)], pip_requirements=pinned_requirements())
+        root = Path(path)
+        (root / "data" / SETTINGS_FILE).write_text(settings.to_json())
+        # The tensor example describes the network, not the photo interface the signature below states.
+        for name in ("input_example.json", "serving_input_example.json"):
+            (root / name).unlink(missing_ok=True)
+        mlflow_model.saved_input_example_info = None
+        pyfunc.add_to_model(mlflow_model, loader_module="trainers.photo_model", data="data", code="code",
+                            conda_env="conda.yaml", python_env="python_env.yaml")
+        mlflow_model.signature = photo_signature(settings.classes)
+        mlflow_model.save(str(root / "MLmodel"))
+
+
+PHOTO_FLAVOR = PhotoFlavor()
+
+
 # --- figures: drawn and logged by a helper process while the trial exports its model --------------
 
 FIGURE_TIMEOUT_SECONDS = 300     # two PNGs take well under a second; a helper this late is hung
@@ -438,34 +511,29 @@ class TrialRun:
         except OSError:
             log_figures(job)
 
-    def log_model(self, model, image_size: int, n_classes: int) -> str:
-        """Log the trained model (mlflow.pytorch) with its tensor signature; returns its model id."""
+    def log_model(self, model, cfg: TrialConfig, classes: tuple[str, ...]) -> str:
+        """Log the trained model (the exported network; its pyfunc takes photos, see PHOTO_FLAVOR); returns its model id."""
         start = time.perf_counter()
         try:
-            return self._log_model(model, image_size, n_classes)
+            return self._log_model(model, cfg, classes)
         finally:
             self.model_seconds += time.perf_counter() - start
 
-    def _log_model(self, model, image_size: int, n_classes: int) -> str:
-        import mlflow.pytorch
-        from mlflow.models.signature import ModelSignature
-        from mlflow.types import Schema, TensorSpec
+    def _log_model(self, model, cfg: TrialConfig, classes: tuple[str, ...]) -> str:
+        from mlflow.models import Model
 
-        signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, image_size, image_size), "images")]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_classes), "logits")]))
+        from trainers.photo_model import PhotoSettings
+
         # Create the logged model in the run's own experiment (log_model alone would use the
         # global default experiment and put its files under the working directory).
         experiment_id = self.client.get_run(self.run_id).info.experiment_id
         logged = self.client.create_logged_model(experiment_id, name="model", source_run_id=self.run_id)
-        # pt2 (torch.export) loads without unpickling code; a batch of 2 keeps the batch dimension dynamic.
-        example = np.zeros((2, 3, image_size, image_size), dtype=np.float32)
+        settings = PhotoSettings(tuple(classes), cfg.model.image_size, cfg.data.align, cfg.data.align_margin,
+                                 cfg.model.name)
         with global_tracking_uri(self.client.tracking_uri):
-            info = mlflow.pytorch.log_model(
-                model.cpu().eval(), name="model", signature=signature, run_id=self.run_id,
-                model_id=logged.model_id, input_example=example, serialization_format="pt2",
-                validate_serving_input=False,   # a JSON round trip of images adds nothing
-                pip_requirements=["torch", "torchvision", "transformers"])
+            info = Model.log(artifact_path=None, name="model", flavor=PHOTO_FLAVOR, run_id=self.run_id,
+                             model_id=logged.model_id, pytorch_model=model.cpu().eval(), settings=settings,
+                             validate_serving_input=False)   # a JSON round trip of images adds nothing
         self.client.set_tag(self.run_id, "model_id", info.model_id)
         return info.model_id
 

@@ -220,32 +220,12 @@ def load_model(client: MlflowClient, path: str) -> tuple[object, torch.device]:
     import mlflow.pytorch
     import torch
 
+    from trainers.models import move_exported
+
     with global_tracking_uri(client.tracking_uri):
         model = mlflow.pytorch.load_model(f"models:/{path}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return move_exported(model, device), device
-
-
-def move_exported(module, device):
-    """module.to(device) for a torch.export graph, whose ops carry the export device (cpu) burnt in.
-
-    A ViT's graph creates position indices with aten.arange(..., device=cpu); moved with .to()
-    alone it fails on any other device. This rewrites those arguments, as
-    torch.export.passes.move_to_device_pass does for an ExportedProgram.
-    """
-    import torch
-
-    module = module.to(device)
-    for sub in module.modules():
-        if not isinstance(sub, torch.fx.GraphModule):
-            continue
-        for node in sub.graph.nodes:
-            if "device" in node.kwargs:
-                node.kwargs = {**node.kwargs, "device": device}
-            if node.op == "call_function" and node.target is torch.ops.aten.to.device:
-                node.args = (node.args[0], device, *node.args[2:])
-        sub.recompile()
-    return module
 
 
 # --- drift against the model's held-out data ----------------------------------------------

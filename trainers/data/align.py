@@ -50,10 +50,19 @@ DETECT_BATCH = 32
 
 
 @dataclass(frozen=True)
+class Face:
+    """The face MTCNN chose in one image, in that image's pixels."""
+    box: np.ndarray             # x0, y0, x1, y1
+    landmarks: np.ndarray       # 5 x 2 (x, y): eyes, nose tip, mouth corners
+    probability: float
+
+
+@dataclass(frozen=True)
 class Aligned:
-    """One aligned face: size x size x 3 uint8, and whether the aligner fell back to a centre crop."""
+    """One aligned face: size x size x 3 uint8, whether the aligner fell back to a centre crop, and the face."""
     image: np.ndarray
     fallback: bool
+    face: Face | None = None    # None for align: none and for a fallback
 
 
 class Aligner(Protocol):
@@ -128,13 +137,17 @@ class MtcnnAligner:
         return self._detector
 
     def align(self, images: list[np.ndarray]) -> list[Aligned]:
-        landmarks = self.detect_landmarks(images)
-        return [self.warp_face(rgb, points) for rgb, points in zip(images, landmarks)]
+        faces = self.detect_faces(images)
+        return [self.warp_face(rgb, face) for rgb, face in zip(images, faces)]
 
     def detect_landmarks(self, images: list[np.ndarray]) -> list[np.ndarray | None]:
         """Five (x, y) landmarks of the chosen face per image, in its own pixels; None where no face."""
+        return [None if face is None else face.landmarks for face in self.detect_faces(images)]
+
+    def detect_faces(self, images: list[np.ndarray]) -> list[Face | None]:
+        """The chosen face per image, in its own pixels; None where there is none."""
         small = [self._detection_copy(rgb) for rgb in images]
-        out: list[np.ndarray | None] = [None] * len(images)
+        out: list[Face | None] = [None] * len(images)
         by_shape: dict[tuple, list[int]] = {}
         for i, (copy, _) in enumerate(small):
             by_shape.setdefault(copy.shape, []).append(i)
@@ -144,14 +157,15 @@ class MtcnnAligner:
             for start in range(0, len(members), DETECT_BATCH):
                 batch = members[start:start + DETECT_BATCH]
                 found = self._detect(np.stack([small[i][0] for i in batch]))
-                for i, points in zip(batch, found):
-                    out[i] = None if points is None else points / small[i][1]
+                for i, face in zip(batch, found):
+                    out[i] = None if face is None else _scaled(face, 1.0 / small[i][1])
         return out
 
-    def warp_face(self, rgb: np.ndarray, points: np.ndarray | None) -> Aligned:
+    def warp_face(self, rgb: np.ndarray, face: Face | None) -> Aligned:
         """The face warped so its landmarks land on the template; the centre crop when there is none."""
-        if points is None:
+        if face is None:
             return Aligned(centre_square(rgb, self.size), True)
+        points = face.landmarks
         tform = _estimate(points, self.template)
         if tform is not None and tform.scale < 0.5:
             # Bilinear sampling from more than 2 source pixels per output pixel aliases;
@@ -162,7 +176,7 @@ class MtcnnAligner:
             return Aligned(centre_square(rgb, self.size), True)
         warped = warp(rgb, tform.inverse, output_shape=(self.size, self.size), order=1, mode="edge",
                       preserve_range=True)
-        return Aligned(np.clip(np.rint(warped), 0, 255).astype(np.uint8), False)
+        return Aligned(np.clip(np.rint(warped), 0, 255).astype(np.uint8), False, face)
 
     def _detection_copy(self, rgb: np.ndarray) -> tuple[np.ndarray, float]:
         limit = max(DETECT_SCALE * self.size, DETECT_MIN_SIDE)
@@ -174,15 +188,15 @@ class MtcnnAligner:
         small = np.asarray(Image.fromarray(rgb).resize(shape, Image.Resampling.BILINEAR))
         return small, small.shape[1] / width
 
-    def _detect(self, batch: np.ndarray) -> list[np.ndarray | None]:
+    def _detect(self, batch: np.ndarray) -> list[Face | None]:
         DETECTOR_STATS.calls += 1
         DETECTOR_STATS.images += len(batch)
         boxes, probs, points = self.detector.detect(batch, landmarks=True)
         return [choose_face(b, p, q) for b, p, q in zip(boxes, probs, points)]
 
 
-def choose_face(boxes, probs, points) -> np.ndarray | None:
-    """Landmarks of the largest face among confident ones; None when none is confident."""
+def choose_face(boxes, probs, points) -> Face | None:
+    """The largest face among confident ones; None when none is confident."""
     if boxes is None or points is None:
         return None
     probs = np.asarray(probs, dtype=np.float64)
@@ -191,7 +205,13 @@ def choose_face(boxes, probs, points) -> np.ndarray | None:
         return None
     boxes = np.asarray(boxes, dtype=np.float64)
     area = (boxes[confident, 2] - boxes[confident, 0]) * (boxes[confident, 3] - boxes[confident, 1])
-    return np.asarray(points[confident[int(np.argmax(area))]], dtype=np.float64)
+    chosen = confident[int(np.argmax(area))]
+    return Face(boxes[chosen], np.asarray(points[chosen], dtype=np.float64), float(probs[chosen]))
+
+
+def _scaled(face: Face, factor: float) -> Face:
+    """The face with its box and landmarks multiplied by factor (detection copy -> image pixels)."""
+    return Face(face.box * factor, face.landmarks * factor, face.probability)
 
 
 def _estimate(src: np.ndarray, dst: np.ndarray) -> SimilarityTransform | None:

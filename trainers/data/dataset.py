@@ -20,7 +20,7 @@ from trainers.data.audit import AuditResult, audit_splits, near_duplicate_pairs,
 from trainers.data.balance import CLASS_COLUMN, balance_cells, balance_summary
 from trainers.data.cache import (AlignedStore, DigestIndex, atomic_write_bytes, relative_posix, save_array,
                                  short_hash)
-from trainers.data.images import ImageSkipped, decode_image
+from trainers.data.images import ImageSkipped, decode_image, decode_side
 from trainers.data.importers import IMPORTERS
 from trainers.data.sources import Listing, Sample, list_imagefolder
 from trainers.data.split import (SPLIT_NAMES, TRAIN, VAL, assign_splits, count_per_split, distinct_per_split,
@@ -249,7 +249,7 @@ def _align_chunk(pool: Executor, job: AlignJob, chunk: list[int]
 def _decode_region(sample: Sample, image_size: int, box_context: float) -> np.ndarray | str:
     """The decoded image (cropped to the sample's face box, widened by box_context), or why it is unusable."""
     try:
-        rgb = decode_image(sample.path, max_side=max(4 * image_size, 256))
+        rgb = decode_image(sample.path, max_side=decode_side(image_size))
     except ImageSkipped as skip:
         return skip.reason
     if sample.box is None:

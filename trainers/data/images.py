@@ -6,6 +6,7 @@ palette, grayscale) are converted rather than rejected.
 """
 from __future__ import annotations
 
+import io
 import os
 import stat
 import threading
@@ -60,21 +61,40 @@ class ImageSkipped(Exception):
 
 def decode_image(path: Path, max_side: int = 1024) -> np.ndarray:
     """Return the image at ``path`` as H x W x 3 uint8 RGB, long side <= max_side; raise ImageSkipped if unusable."""
-    if max_side < 1:
-        raise ValueError(f"max_side must be >= 1, got {max_side}")
     path = Path(path)
     _check_regular_nonempty(path)
+    return _decode(path, max_side, MAX_PIXELS, lambda: _head_of(path))[0]
+
+
+def decode_image_bytes(data: bytes, max_side: int = 1024, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, int]:
+    """decode_image for an encoded image held in memory (an upload, a request); also the long side of the
+    full-size upright image, so positions found in the decoded copy can be given in the sender's pixels."""
+    if not data:
+        raise ImageSkipped("empty", "no bytes")
+    return _decode(io.BytesIO(data), max_side, max_pixels, lambda: bytes(data[:16]))
+
+
+def decode_side(image_size: int) -> int:
+    """The long side images are decoded at before aligning to image_size: 4x the output (the warp samples
+    from it), at least 256 px; training, production and serving all decode at this size."""
+    return max(4 * image_size, 256)
+
+
+def _decode(source, max_side: int, max_pixels: int, head) -> tuple[np.ndarray, int]:
+    if max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
     try:
-        with _pil_bomb_guard_off(), _load_within_limit(path, max_side) as im:
+        with _pil_bomb_guard_off(), Image.open(source) as im:   # lazy: reads the header only
+            full_side = _load_within_limit(im, max_side, max_pixels)
             ImageOps.exif_transpose(im, in_place=True)
-            return _to_rgb(_shrink(_expand_palette(im), max_side))
+            return _to_rgb(_shrink(_expand_palette(im), max_side)), full_side
     except ImageSkipped:
         raise
     # Pillow signals bad data with many exception types (OSError, SyntaxError,
     # ValueError, struct.error, zlib.error, EOFError ...); a bad file must be
     # skipped and counted, never end the sweep, so all of them are classified.
     except Exception as exc:
-        raise _classify(exc, path) from exc
+        raise _classify(exc, head) from exc
 
 
 def centre_square(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -123,19 +143,14 @@ def _pil_bomb_guard_off() -> Iterator[None]:
                 Image.MAX_IMAGE_PIXELS = _pil_limit_saved
 
 
-def _load_within_limit(path: Path, max_side: int) -> Image.Image:
-    """Open, refuse headers over MAX_PIXELS, then decode (JPEG at reduced scale when large)."""
-    im = Image.open(path)  # lazy: reads the header only
-    try:
-        width, height = im.size
-        if width * height > MAX_PIXELS:
-            raise ImageSkipped("too_large", f"{width} x {height} pixels is over {MAX_PIXELS // 1_000_000} MP")
-        im.draft("RGB", (max_side, max_side))  # JPEG decodes at 1/2, 1/4 or 1/8 scale; no-op elsewhere
-        im.load()
-    except BaseException:
-        im.close()
-        raise
-    return im
+def _load_within_limit(im: Image.Image, max_side: int, max_pixels: int) -> int:
+    """Refuse headers over max_pixels, then decode (JPEG at reduced scale when large); the full long side."""
+    width, height = im.size
+    if width * height > max_pixels:
+        raise ImageSkipped("too_large", f"{width} x {height} pixels is over {max_pixels / 1e6:g} MP")
+    im.draft("RGB", (max_side, max_side))  # JPEG decodes at 1/2, 1/4 or 1/8 scale; no-op elsewhere
+    im.load()
+    return max(width, height)
 
 
 def _expand_palette(im: Image.Image) -> Image.Image:
@@ -177,14 +192,14 @@ def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def _classify(exc: Exception, path: Path) -> ImageSkipped:
+def _classify(exc: Exception, head) -> ImageSkipped:
     """Map an exception raised while decoding to the reason it gets skipped for."""
     message = str(exc) or type(exc).__name__
     # The warning arrives as an exception only when warnings are errors (python -W error).
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return ImageSkipped("too_large", message)
     if isinstance(exc, UnidentifiedImageError):
-        if _has_image_signature(path):
+        if _has_image_signature(head()):
             return ImageSkipped("truncated", "starts like an image but its header is cut short or corrupt")
         return ImageSkipped("not_an_image", "not a format Pillow can read")
     if isinstance(exc, EOFError) or "truncated" in message.lower():
@@ -194,12 +209,16 @@ def _classify(exc: Exception, path: Path) -> ImageSkipped:
     return ImageSkipped("unreadable", f"corrupt image data ({type(exc).__name__}: {message})")
 
 
-def _has_image_signature(path: Path) -> bool:
-    """Whether the file begins with the magic bytes of a format Pillow reads."""
+def _head_of(path: Path) -> bytes:
+    """The first 16 bytes of a file (empty when it cannot be read)."""
     try:
         with open(path, "rb") as handle:
-            head = handle.read(16)
+            return handle.read(16)
     except OSError:
-        return False
+        return b""
+
+
+def _has_image_signature(head: bytes) -> bool:
+    """Whether the bytes begin with the magic bytes of a format Pillow reads."""
     is_webp = head[:4] == b"RIFF" and head[8:12] == b"WEBP"  # RIFF alone is also WAV, AVI ...
     return head.startswith(_SIGNATURES) or is_webp

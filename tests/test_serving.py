@@ -1,0 +1,276 @@
+"""The shipped model: the promoted version takes encoded photos (pyfunc), is served by `mlflow models serve`,
+and labels folders of files with `predict`.
+
+One tiny ViT is trained and promoted once for the module, in a temporary sqlite store, exactly as a
+sweep logs and `make promote` registers it. Its accuracy does not matter here: these tests check the
+interface (what comes out for which input), not what the network learned.
+"""
+import base64
+import csv
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+from PIL import Image
+from skimage import data as skdata
+
+from orchestrator.__main__ import main
+from orchestrator.results.registry import promote
+from orchestrator.sweep.runner import child_run_tags
+from orchestrator.sweep.spec import load_spec
+from trainers.config import DEFAULT_CLASSES, from_dict
+from trainers.data.align import MtcnnAligner
+from trainers.data.images import decode_image, decode_image_bytes, decode_side
+from trainers.photo_model import PhotoModel, PhotoModelError, PhotoSettings, check_pickle_free
+from trainers.run import run_trial
+from trainers.tracking import global_tracking_uri, open_parent_run
+
+REPO = Path(__file__).resolve().parents[1]
+CHAMPION = "models:/fer-vit@champion"
+
+
+def encoded(array: np.ndarray, kind: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, kind)
+    return buffer.getvalue()
+
+
+def astronaut_jpeg() -> bytes:
+    """scikit-image's astronaut (Eileen Collins, 512 x 512): one frontal face, about x 170-280, y 60-180."""
+    return encoded(skdata.astronaut())
+
+
+def no_face_png() -> bytes:
+    """A smooth colour gradient: nothing MTCNN could take for a face."""
+    ramp = np.linspace(0, 255, 300, dtype=np.uint8)
+    return encoded(np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], ramp[None, ::-1]), axis=-1), "PNG")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with (almost) no pixel data: Pillow opens it, never decodes it."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory, tiny_trial):
+    """(folder, spec path, tracking URI) of a sweep 'ship' whose one tiny ViT run is the champion."""
+    tmp = tmp_path_factory.mktemp("ship")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    spec_path = tmp / "ship.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": "ship", "data": {"source": "synthetic", "cache_dir": str(tmp / "cache"),
+                                 "synthetic": {"n_images": 240, "draw_size": 32}},
+        "experiments": {"baseline": {"grid": {"optim.lr": [1e-3]}}}}))
+    cwd = os.getcwd()
+    os.chdir(tmp)       # a new store roots its Default experiment under the working directory
+    try:
+        client = MlflowClient(uri)
+        parent = open_parent_run(client, "ship")
+        raw = tiny_trial(tmp, train={"epochs": 1, "num_threads": 1})
+        raw["tracking"].update(uri=uri, experiment="ship", parent_run_id=parent, run_name="vit",
+                               tags=child_run_tags("ship", "baseline", 0))
+        run_trial(from_dict(raw))
+        promote(load_spec(str(spec_path)), client)
+    finally:
+        os.chdir(cwd)
+    return tmp, str(spec_path), uri
+
+
+@pytest.fixture(scope="module")
+def champion(shipped):
+    import mlflow.pyfunc
+
+    with global_tracking_uri(shipped[2]):
+        return mlflow.pyfunc.load_model(CHAMPION)
+
+
+def test_the_champion_labels_a_photo_of_a_face_and_says_when_it_finds_none(champion):
+    out = champion.predict([astronaut_jpeg(), no_face_png()])
+    face, plain = out.to_dict("records")
+    probabilities = [face[f"p_{c}"] for c in DEFAULT_CLASSES]
+    assert face["label"] in DEFAULT_CLASSES and face["label"] == DEFAULT_CLASSES[int(np.argmax(probabilities))]
+    assert sum(probabilities) == pytest.approx(1.0, abs=1e-6)
+    assert face["face_found"] is True and face["error"] is None
+    # The box is in the sent photo's pixels (the photo is decoded at 256 px for a 32 px model).
+    assert 140 < face["face_x0"] < 200 < 260 < face["face_x1"] < 320
+    assert 30 < face["face_y0"] < 100 < 150 < face["face_y1"] < 220
+    # No face: still labelled (from the centre crop, as training crops), but flagged, and no box.
+    assert plain["face_found"] is False and plain["label"] in DEFAULT_CLASSES and plain["face_x0"] is None
+
+
+def test_each_bad_image_gets_its_own_error_and_the_good_ones_in_the_batch_are_still_labelled(champion):
+    jpeg = astronaut_jpeg()
+    payloads = [b"", b"a text file, not a photo", jpeg[:600], png_header_only(10_000, 10_000), jpeg,
+                base64.b64encode(jpeg).decode()]          # base64 text (as JSON carries it) works too
+    rows = champion.predict(payloads).to_dict("records")
+    reasons = [(row["error"] or "").split(":")[0] for row in rows]
+    assert reasons == ["empty", "not_an_image", "truncated", "too_large", "", ""]
+    assert "10000 x 10000 pixels is over 50 MP" in rows[3]["error"]
+    for row in rows[:4]:
+        assert row["label"] is None and row["face_found"] is None and row["p_happiness"] is None
+    assert rows[4]["label"] == rows[5]["label"] and rows[4]["face_found"] and rows[5]["face_found"]
+
+
+def test_photos_are_decoded_and_aligned_as_the_training_cache_does(tmp_path):
+    """One code path: a photo sent as bytes is decoded exactly as the file is for training, and the model
+    crops it with the aligner training uses."""
+    path = tmp_path / "astronaut.jpg"
+    path.write_bytes(astronaut_jpeg())
+    side = decode_side(64)
+    from_file = decode_image(path, side)
+    from_bytes, full_side = decode_image_bytes(path.read_bytes(), side)
+    assert np.array_equal(from_file, from_bytes) and full_side == 512
+    settings = PhotoSettings(DEFAULT_CLASSES, 64, "mtcnn", 0.1, "vit")
+    model = PhotoModel(network=None, settings=settings, device="cpu")
+    served = model.crop([from_bytes])[0]
+    trained = MtcnnAligner(64, 0.1).align([from_file])[0]
+    assert np.array_equal(served.image, trained.image) and not served.fallback and served.face is not None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port: int, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def wait_until_up(port: int, server: subprocess.Popen, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert server.poll() is None, server.stdout.read()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"the server did not answer /ping within {seconds} s")
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_mlflow_serves_the_champion_photos_in_labels_out_and_stops_with_its_pid(shipped, clean_env):
+    folder, spec, uri = shipped
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "orchestrator", "serve", spec, "--tracking-uri", uri,
+                               "--port", str(port)], cwd=folder, env=clean_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_until_up(port, server)
+        status, answer = post(port, json.dumps({"inputs": [base64.b64encode(astronaut_jpeg()).decode()]}).encode())
+        assert status == 200
+        (row,) = answer["predictions"]
+        assert row["label"] in DEFAULT_CLASSES and row["face_found"] is True and row["error"] is None
+        assert sum(row[f"p_{c}"] for c in DEFAULT_CLASSES) == pytest.approx(1.0, abs=1e-6)
+        # The dataframe_split form, with one garbage image beside a good one: an error field for it alone.
+        split = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"garbage bytes").decode()],
+                                                                    [base64.b64encode(no_face_png()).decode()]]}}
+        status, answer = post(port, json.dumps(split).encode())
+        garbage, plain = answer["predictions"]
+        assert status == 200 and garbage["error"].startswith("not_an_image") and garbage["label"] is None
+        assert plain["face_found"] is False and plain["error"] is None
+        status, answer = post(port, b"")                  # an empty body: HTTP 400 and a message
+        assert status == 400 and "Invalid input" in answer["message"]
+    finally:
+        server.send_signal(signal.SIGTERM)                # the serve command's PID, nothing else
+        server.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while group_alive(server.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not group_alive(server.pid), "the uvicorn worker outlived the serve command"
+    assert server.returncode == 0
+
+
+def test_predict_writes_one_row_per_file_and_an_error_for_each_bad_one(shipped, capsys):
+    folder, spec, uri = shipped
+    photos = folder / "photos"
+    (photos / "more").mkdir(parents=True)
+    (photos / "astronaut.jpg").write_bytes(astronaut_jpeg())
+    (photos / "more" / "gradient.png").write_bytes(no_face_png())
+    (photos / "empty.jpg").write_bytes(b"")
+    (photos / "notes.txt").write_text("not a photo")
+    (photos / "cut.jpg").write_bytes(astronaut_jpeg()[:600])
+    (photos / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")     # hidden: skipped
+    os.mkfifo(photos / "pipe.jpg")                           # never opened: it would block a read
+    out = folder / "labels.csv"
+    status = main(["predict", spec, str(photos), "--tracking-uri", uri, "--out", str(out)])
+    assert status == 1                                        # some files were not images
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(out.open())}
+    assert sorted(rows) == ["astronaut.jpg", "cut.jpg", "empty.jpg", "gradient.png", "notes.txt", "pipe.jpg"]
+    assert list(next(iter(rows.values())))[:3] == ["path", "label", "p_anger"]
+    assert rows["astronaut.jpg"]["face_found"] == "True" and rows["astronaut.jpg"]["error"] == ""
+    assert rows["gradient.png"]["face_found"] == "False" and rows["gradient.png"]["label"] in DEFAULT_CLASSES
+    for name, reason in (("empty.jpg", "empty"), ("notes.txt", "not_an_image"), ("cut.jpg", "truncated"),
+                         ("pipe.jpg", "unreadable")):
+        assert rows[name]["error"].startswith(reason) and rows[name]["label"] == ""
+    printed = capsys.readouterr().out
+    assert "6 file(s) labelled" in printed and "4 not images" in printed
+
+
+def test_predict_without_a_store_or_a_champion_says_to_promote_first_in_one_line(shipped, tmp_path, capsys):
+    spec = tmp_path / "none.yaml"
+    spec.write_text(yaml.safe_dump({"name": "none", "experiments": {"a": {"grid": {"optim.lr": [1e-3]}}},
+                                    "promote": {"name": "fer-none"}}))
+    (tmp_path / "a.jpg").write_bytes(astronaut_jpeg())
+    missing = tmp_path / "mlruns" / "mlflow.db"
+    status = main(["predict", str(spec), str(tmp_path / "a.jpg"), "--tracking-uri", f"sqlite:///{missing}"])
+    err = capsys.readouterr().err
+    assert status == 2 and "no MLflow store" in err and "make promote" in err and len(err.splitlines()) == 1
+    assert not missing.exists()                            # reading created nothing
+    status = main(["predict", str(spec), str(tmp_path / "a.jpg"), "--tracking-uri", shipped[2]])
+    err = capsys.readouterr().err
+    assert status == 2 and "models:/fer-none@champion" in err and "make promote" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_a_network_archive_holding_pickles_is_refused_before_torch_reads_it(tmp_path):
+    import torch
+
+    program = torch.export.export(torch.nn.Linear(2, 2), (torch.zeros(1, 2),))
+    clean = tmp_path / "clean.pt2"
+    torch.export.save(program, clean)
+    check_pickle_free(clean)
+    tampered = tmp_path / "tampered.pt2"
+    with zipfile.ZipFile(clean) as src, zipfile.ZipFile(tampered, "w") as dst:
+        for item in src.infolist():
+            content = src.read(item)
+            if item.filename.endswith("weights_config.json"):
+                config = json.loads(content)
+                for meta in config["config"].values():
+                    meta["use_pickle"] = True
+                content = json.dumps(config).encode()
+            dst.writestr(item, content)
+    with pytest.raises(PhotoModelError, match="as a pickle"):
+        check_pickle_free(tampered)
