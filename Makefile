@@ -12,7 +12,7 @@ HOST   := 127.0.0.1
 PORT   := 5000
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup sweep plan test bench ui promote production report up down clean
+.PHONY: setup sweep plan test bench ui promote production report serve up down clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,10 @@ production: $(STAMP)
 
 report: $(STAMP)
 	$(PY) -m orchestrator report $(SWEEP)
+
+# `mlflow models serve` of the champion on 127.0.0.1:5001 (make serve PORT=8080 for another port; 5000 is the UI's).
+serve: $(STAMP)
+	$(PY) -m orchestrator serve $(SWEEP) --host $(HOST) --port $(if $(filter command line,$(origin PORT)),$(PORT),5001) $(ARGS)
 
 up:
 	@test -f docker/.env || { echo "docker/.env is missing: cp docker/env.example docker/.env, then set its password"; exit 2; }

@@ -207,7 +207,7 @@ def test_a_sweep_writes_only_under_mlruns_and_the_cache_folder_it_names(tmp_path
 
 # --- 3. servers bind loopback unless told otherwise --------------------------------------------
 
-SERVER_COMMAND = re.compile(r"mlflow\s+(?:ui|server)\b[^\n`]*")
+SERVER_COMMAND = re.compile(r"mlflow\s+(?:ui|server|models\s+serve)\b[^\n`]*")
 
 
 def make_defaults(text: str) -> dict[str, str]:
@@ -239,6 +239,21 @@ def test_make_ui_binds_loopback_unless_the_command_line_says_otherwise():
     dry_run = subprocess.run(["make", "-n", "ui"], cwd=REPO, capture_output=True, text=True,
                              env={**os.environ, "HOST": "0.0.0.0"})
     assert "mlflow ui" in dry_run.stdout and "--host 127.0.0.1" in dry_run.stdout, dry_run.stdout
+
+
+def test_make_serve_and_the_serve_verb_bind_loopback_unless_the_command_line_says_otherwise():
+    from orchestrator.__main__ import build_parser
+    from orchestrator.results.serving import ShippedModel, serve_command
+
+    args = build_parser().parse_args(["serve"])
+    command = serve_command(ShippedModel("models:/fer-vit@champion", "champion"), args.host, args.port)
+    assert command[command.index("--host") + 1] in LOOPBACK and args.port != 5000     # 5000 is make ui's
+    if shutil.which("make") is None:
+        return
+    dry_run = subprocess.run(["make", "-n", "serve"], cwd=REPO, capture_output=True, text=True,
+                             env={**os.environ, "HOST": "0.0.0.0", "PORT": "5000"})
+    assert "orchestrator serve" in dry_run.stdout and "--host 127.0.0.1 --port 5001" in dry_run.stdout, \
+        dry_run.stdout
 
 
 def test_every_mlflow_server_command_in_the_makefile_and_readme_binds_loopback_by_default():
