@@ -237,7 +237,7 @@ def _spec_and_paths(spec: str, paths: list[str]) -> tuple[str, list[str]]:
 
 def serve(args: argparse.Namespace) -> int:
     """Serve the champion (or --model) with `mlflow models serve`: POST base64 photos to /invocations."""
-    from orchestrator.results.serving import existing_store, run_server, serve_command, shipped_model
+    from orchestrator.results.serving import exec_server, existing_store, serve_command, shipped_model
 
     spec = load_spec(args.spec)
     client = existing_store(args.tracking_uri)
@@ -245,4 +245,5 @@ def serve(args: argparse.Namespace) -> int:
     print(f"serving {shipped.label} on http://{args.host}:{args.port}/invocations (Ctrl-C stops it)\n"
           f"  POST {{\"inputs\": [\"<base64 of a JPEG or PNG>\", ...]}} as application/json; see the README",
           flush=True)
-    return run_server(serve_command(shipped, args.host, args.port), client.tracking_uri)
+    exec_server(serve_command(shipped, args.host, args.port), client.tracking_uri)
+    return 0        # not reached: this process is now the server

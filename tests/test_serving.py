@@ -210,7 +210,6 @@ def test_mlflow_serves_the_champion_photos_in_labels_out_and_stops_with_its_pid(
     while group_alive(server.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not group_alive(server.pid), "the uvicorn worker outlived the serve command"
-    assert server.returncode == 0
 
 
 def test_predict_writes_one_row_per_file_and_an_error_for_each_bad_one(shipped, capsys):

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import csv
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -149,7 +147,7 @@ def write_predictions(rows: list[dict], out: Path, classes: tuple[str, ...]) -> 
             writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
 
 
-# --- serve: `mlflow models serve`, stopped with the command that started it ---------------------------
+# --- serve: `mlflow models serve` in place of the command that asked for it ---------------------------
 
 def serve_command(shipped: ShippedModel, host: str, port: int) -> list[str]:
     """The `mlflow models serve` command for the model, with this environment's packages (no new env)."""
@@ -157,29 +155,12 @@ def serve_command(shipped: ShippedModel, host: str, port: int) -> list[str]:
             "--host", host, "--port", str(port)]
 
 
-def run_server(command: list[str], tracking_uri: str) -> int:
-    """Run the server in its own process group and pass SIGINT/SIGTERM on to the whole group, so stopping
-    this process (Ctrl-C, or kill of its PID) stops MLflow's server and its uvicorn worker with it."""
+def exec_server(command: list[str], tracking_uri: str) -> None:
+    """Become the server: this process is replaced by `mlflow models serve`, so its PID is the server's
+    (MLflow's uvicorn worker gets SIGTERM when that process ends, however it ends)."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
            # mlflow starts uvicorn by name: this environment's bin folder goes first on PATH.
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    server = subprocess.Popen(command, env=env, start_new_session=True)
-    stopped = []
-
-    def forward(signum, _frame):
-        stopped.append(signum)
-        try:
-            os.killpg(server.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, forward)
-    try:
-        status = server.wait()
-    finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)     # a uvicorn worker left by its parent
-        except ProcessLookupError:
-            pass
-    return 0 if stopped else status
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(command[0], command, env)
