@@ -273,3 +273,62 @@ def test_a_network_archive_holding_pickles_is_refused_before_torch_reads_it(tmp_
             dst.writestr(item, content)
     with pytest.raises(PhotoModelError, match="as a pickle"):
         check_pickle_free(tampered)
+
+
+def log_bare_network(client: MlflowClient, run_id: str, classes: int) -> str:
+    """The run's model as trials logged it before models took photos: mlflow.pytorch, a tensor signature."""
+    import mlflow.pytorch
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from trainers.config import ModelConfig, ViTArchConfig
+    from trainers.models import build_model
+
+    network = build_model(ModelConfig(name="vit", image_size=32, vit=ViTArchConfig(8, 32, 2, 2, 64)), classes).eval()
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, 32, 32), "images")]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes), "logits")]))
+    experiment = client.get_run(run_id).info.experiment_id
+    logged = client.create_logged_model(experiment, name="model", source_run_id=run_id)
+    with global_tracking_uri(client.tracking_uri):
+        info = mlflow.pytorch.log_model(network, name="model", signature=signature, run_id=run_id,
+                                        model_id=logged.model_id, serialization_format="pt2",
+                                        input_example=np.zeros((2, 3, 32, 32), np.float32))
+    client.set_tag(run_id, "model_id", info.model_id)
+    return info.model_id
+
+
+def test_promote_registers_a_champion_logged_before_models_took_photos_again_so_it_can_be_served(tmp_path,
+                                                                                                tiny_trial):
+    import mlflow
+
+    from orchestrator.results.serving import ServingError, shipped_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec_path = tmp_path / "old.yaml"
+    spec_path.write_text(yaml.safe_dump({"name": "old", "experiments": {"baseline": {"grid": {"optim.lr": [1e-3]}}}}))
+    spec = load_spec(str(spec_path))
+    client = MlflowClient(uri)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        raw = tiny_trial(tmp_path, train={"epochs": 1, "num_threads": 1}, tracking={"log_model": False})
+        raw["tracking"].update(uri=uri, experiment="old", parent_run_id=open_parent_run(client, "old"),
+                               run_name="vit", tags=child_run_tags("old", "baseline", 0))
+        run_id = run_trial(from_dict(raw)).run_id
+        bare = log_bare_network(client, run_id, len(DEFAULT_CLASSES))
+        with global_tracking_uri(uri):             # registered and crowned the way promote did before
+            old = mlflow.register_model(f"models:/{bare}", "fer-vit", tags={"source_run_id": run_id})
+        client.set_registered_model_alias("fer-vit", "champion", old.version)
+        with pytest.raises(ServingError, match="takes tensors, not photos.*make promote"):
+            shipped_model(spec, client)
+        result = promote(spec, client)
+    finally:
+        os.chdir(cwd)
+    assert result.champion_changed and result.version == 2 and "registered again to take photos" in result.message
+    assert client.get_run(run_id).data.tags["model_id"] != bare     # the run's model is now the photo model
+    shipped = shipped_model(spec, client)
+    with global_tracking_uri(uri):
+        import mlflow.pyfunc
+        (row,) = mlflow.pyfunc.load_model(shipped.uri).predict([astronaut_jpeg()]).to_dict("records")
+    assert row["face_found"] is True and row["label"] in DEFAULT_CLASSES
+    assert promote(spec, client).version == 2                      # once: the next promote finds it

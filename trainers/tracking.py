@@ -213,6 +213,35 @@ class PhotoFlavor:
 
 
 PHOTO_FLAVOR = PhotoFlavor()
+PHOTO_LOADER = "trainers.photo_model"      # the pyfunc loader module of a model that takes photos
+
+
+def takes_photos(client: MlflowClient, model_uri: str) -> bool:
+    """Whether the model at models:/<...> has the photo interface (models logged before it are bare networks)."""
+    from mlflow.models import get_model_info
+
+    with global_tracking_uri(client.tracking_uri):
+        info = get_model_info(model_uri)
+    return info.flavors.get("python_function", {}).get("loader_module") == PHOTO_LOADER
+
+
+def photo_model_of(client: MlflowClient, run: Run) -> str:
+    """The run's logged model id if it takes photos; else (a bare network, logged before models took photos)
+    that network logged again with the photo interface, from the run's config.yaml; the run's model_id
+    tag then names the new one."""
+    model_id = run.data.tags["model_id"]
+    if takes_photos(client, f"models:/{model_id}"):
+        return model_id
+    import mlflow.pytorch
+
+    from trainers.config import from_dict
+
+    with tempfile.TemporaryDirectory() as tmp, no_download_bars():
+        raw = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", tmp)).read_text())
+    cfg = from_dict({"data": raw["data"], "model": raw["model"]})
+    with global_tracking_uri(client.tracking_uri), no_download_bars():
+        network = mlflow.pytorch.load_model(f"models:/{model_id}")
+    return TrialRun(client, run.info.run_id, resumed=True).log_model(network, cfg, cfg.data.classes)
 
 
 # --- figures: drawn and logged by a helper process while the trial exports its model --------------
@@ -530,9 +559,12 @@ class TrialRun:
         logged = self.client.create_logged_model(experiment_id, name="model", source_run_id=self.run_id)
         settings = PhotoSettings(tuple(classes), cfg.model.image_size, cfg.data.align, cfg.data.align_margin,
                                  cfg.model.name)
+        network = model.cpu()
+        with contextlib.suppress(NotImplementedError):     # an exported graph (logged again) has no train mode
+            network = network.eval()
         with global_tracking_uri(self.client.tracking_uri):
             info = Model.log(artifact_path=None, name="model", flavor=PHOTO_FLAVOR, run_id=self.run_id,
-                             model_id=logged.model_id, pytorch_model=model.cpu().eval(), settings=settings,
+                             model_id=logged.model_id, pytorch_model=network, settings=settings,
                              validate_serving_input=False)   # a JSON round trip of images adds nothing
         self.client.set_tag(self.run_id, "model_id", info.model_id)
         return info.model_id

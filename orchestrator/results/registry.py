@@ -40,10 +40,12 @@ from orchestrator.results.report.cells import best_configuration, configurations
 from orchestrator.results.report.store import trial_of
 from orchestrator.results.runs import child_runs
 from orchestrator.sweep.spec import PromoteSpec, SweepSpec
-from trainers.tracking import global_tracking_uri
+from trainers.tracking import global_tracking_uri, photo_model_of
 from trainers.errors import UserError
 
 PREVIOUS_ALIAS = "previous"
+# A version tag: its model takes photos (trainers/photo_model.py); versions registered before lack it.
+PHOTO_TAG = "takes_photos"
 # The spec's metric name -> the trial-run metric that scores the logged model (see the module docstring).
 RUN_METRICS = {"val_macro_f1": "final_val_macro_f1", "val_accuracy": "val_accuracy",
                "test_macro_f1": "test_macro_f1", "test_accuracy": "test_accuracy"}
@@ -152,8 +154,10 @@ def closest_to_mean(runs: list[Run], run_metric: str, mean: float) -> Run:
 # --- versions ---------------------------------------------------------------------------
 
 def find_version(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
-    """The version already registered from this run, if any (the oldest, should there be several)."""
-    found = client.search_model_versions(f"name = '{name}' and tags.source_run_id = '{run_id}'")
+    """The version already registered from this run that takes photos, if any (the oldest, should there be
+    several); a version registered before models took photos does not count: the run is registered again."""
+    found = client.search_model_versions(f"name = '{name}' and tags.source_run_id = '{run_id}' "
+                                         f"and tags.{PHOTO_TAG} = 'true'")
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
@@ -178,11 +182,13 @@ def version_tags(spec: SweepSpec, chosen: Selection) -> dict[str, str]:
 
 
 def register_run(client: MlflowClient, spec: SweepSpec, chosen: Selection) -> ModelVersion:
-    """A new version of spec.promote.name from the chosen run's logged model (models:/<model_id>)."""
+    """A new version of spec.promote.name from the chosen run's logged model (models:/<model_id>), which takes
+    photos (a model logged before that is logged again first)."""
     run = chosen.run
-    model_id = run.data.tags["model_id"]
+    model_id = photo_model_of(client, run)
     with global_tracking_uri(client.tracking_uri):
-        version = mlflow.register_model(f"models:/{model_id}", spec.promote.name, tags=version_tags(spec, chosen))
+        version = mlflow.register_model(f"models:/{model_id}", spec.promote.name,
+                                        tags={**version_tags(spec, chosen), PHOTO_TAG: "true"})
     metric = spec.promote.metric
     client.update_model_version(
         spec.promote.name, version.version,
@@ -244,6 +250,9 @@ def crown_if_better(client: MlflowClient, p: PromoteSpec, candidate: ModelVersio
         return True, f"now {p.alias} (there was none)"
     if incumbent.version == candidate.version:
         return False, f"already {p.alias}"
+    if source_run_id(incumbent) == source_run_id(candidate) and incumbent.tags.get(PHOTO_TAG) != "true":
+        client.set_registered_model_alias(p.name, p.alias, candidate.version)
+        return True, f"now {p.alias}: the run of v{incumbent.version}, registered again to take photos"
     score, what = incumbent_score(client, incumbent, p.metric)
     before = "no score" if score is None else f"{what} {score:.4f}"
     differs = other_data(incumbent, candidate)

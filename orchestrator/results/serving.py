@@ -21,9 +21,8 @@ from orchestrator.sweep.spec import SweepSpec
 from trainers.errors import first_line
 from trainers.photo_model import SERVE_MAX_BYTES, output_columns
 from trainers.process.side_files import STORE_DIR
-from trainers.tracking import global_tracking_uri, tracking_uri
+from trainers.tracking import PHOTO_LOADER, global_tracking_uri, no_download_bars, tracking_uri
 
-PHOTO_LOADER = "trainers.photo_model"
 # Files read and labelled per call of the model: MTCNN detects up to 32 at once, and 64 decoded photos at
 # the 896 px a 224 px model decodes to are ~150 MB.
 FILES_PER_BATCH = 64
@@ -63,8 +62,9 @@ def shipped_model(spec: SweepSpec, client: MlflowClient, model: str | None = Non
         raise ServingError(f"no model models:/{path} in {client.tracking_uri} ({first_line(err)}); {hint}") from None
     loader = info.flavors.get("python_function", {}).get("loader_module")
     if loader != PHOTO_LOADER:
-        raise ServingError(f"models:/{path} takes tensors, not photos (its pyfunc is {loader}): it was logged "
-                           "before models took photos; promote a run trained since")
+        raise ServingError(f"models:/{path} takes tensors, not photos (its pyfunc is {loader}): it was registered "
+                           "before models took photos; `make promote` registers the sweep's best run again, as a "
+                           "photo model")
     return ShippedModel(f"models:/{path}", f"models:/{path} (run {info.run_id}, model {info.model_id})")
 
 
@@ -81,7 +81,7 @@ def load_shipped(client: MlflowClient, shipped: ShippedModel):
     import mlflow.pyfunc
 
     path = shipped.uri[len("models:/"):]
-    with global_tracking_uri(client.tracking_uri):
+    with global_tracking_uri(client.tracking_uri), no_download_bars():
         return mlflow.pyfunc.load_model(f"models:/{path}")
 
 
@@ -158,7 +158,7 @@ def serve_command(shipped: ShippedModel, host: str, port: int) -> list[str]:
 def exec_server(command: list[str], tracking_uri: str) -> None:
     """Become the server: this process is replaced by `mlflow models serve`, so its PID is the server's
     (MLflow's uvicorn worker gets SIGTERM when that process ends, however it ends)."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
            # mlflow starts uvicorn by name: this environment's bin folder goes first on PATH.
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     sys.stdout.flush()
