@@ -211,10 +211,10 @@ def predict(args: argparse.Namespace) -> int:
     from trainers.progress import progress
 
     spec_path, paths = _spec_and_paths(args.spec, args.paths)
-    spec = load_spec(spec_path)
+    promote = None if args.model else load_spec(spec_path).promote     # --model needs no spec
     client = existing_store(args.tracking_uri)
     files = photo_files(paths)
-    shipped = shipped_model(spec, client, args.model)
+    shipped = shipped_model(client, args.model, promote)
     model = load_shipped(client, shipped)
     classes = model_classes(model)
     rows = list(progress(predict_files(model, files, classes), len(files), "labelling photos"))
@@ -222,14 +222,19 @@ def predict(args: argparse.Namespace) -> int:
     out = console()
     out.print(prediction_table(rows, classes))
     failed = sum(1 for row in rows if row["error"])
-    out.print(Text(f"{len(rows)} file(s) labelled by {shipped.label}: {len(rows) - failed} labelled, "
-                   f"{sum(1 for r in rows if r['face_found'] is False)} of them without a face found (centre "
-                   f"crop), {failed} not images; wrote {args.out}"))
+    no_face = sum(1 for row in rows if row["face_found"] is False)
+    out.print(Text(f"{len(rows)} file(s) read, model {shipped.label}: {len(rows) - failed} labelled ({no_face} of "
+                   f"them with no face found, labelled from the centre crop), {failed} not usable (see the error "
+                   f"column); wrote {args.out}"))
     return 1 if failed else 0
 
 
 def _spec_and_paths(spec: str, paths: list[str]) -> tuple[str, list[str]]:
-    """`predict a.jpg b.jpg` gives the parser spec=a.jpg: a first argument that is not YAML is a photo."""
+    """The parser reads `predict a.jpg b.jpg` as spec a.jpg (a first argument that is not YAML is a photo),
+    and `predict my.yaml` as the default spec and photo my.yaml (a spec with no photo after it)."""
+    if spec == DEFAULT_SPEC and len(paths) == 1 and paths[0].endswith((".yaml", ".yml")):
+        raise ConfigError("predict", "", f"no photo given after the spec {paths[0]}: python -m orchestrator "
+                                         "predict [SPEC] PATH... (photo files or folders)")
     if spec.endswith((".yaml", ".yml")):
         return spec, paths
     return DEFAULT_SPEC, [spec, *paths]
@@ -239,9 +244,9 @@ def serve(args: argparse.Namespace) -> int:
     """Serve the champion (or --model) with `mlflow models serve`: POST base64 photos to /invocations."""
     from orchestrator.results.serving import exec_server, existing_store, serve_command, shipped_model
 
-    spec = load_spec(args.spec)
+    promote = None if args.model else load_spec(args.spec).promote     # --model needs no spec
     client = existing_store(args.tracking_uri)
-    shipped = shipped_model(spec, client, args.model)
+    shipped = shipped_model(client, args.model, promote)
     print(f"serving {shipped.label} on http://{args.host}:{args.port}/invocations (Ctrl-C stops it)\n"
           f"  POST {{\"inputs\": [\"<base64 of a JPEG or PNG>\", ...]}} as application/json; see the README",
           flush=True)

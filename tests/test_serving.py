@@ -33,9 +33,9 @@ from orchestrator.__main__ import main
 from orchestrator.results.registry import promote
 from orchestrator.sweep.runner import child_run_tags
 from orchestrator.sweep.spec import load_spec
-from trainers.config import DEFAULT_CLASSES, from_dict
-from trainers.data.align import MtcnnAligner
-from trainers.data.images import decode_image, decode_image_bytes, decode_side
+from trainers.config import DEFAULT_CLASSES, DataConfig, from_dict
+from trainers.data.dataset import prepare_data
+from trainers.data.images import decode_image_bytes
 from trainers.photo_model import PhotoModel, PhotoModelError, PhotoSettings, check_pickle_free
 from trainers.run import run_trial
 from trainers.tracking import global_tracking_uri, open_parent_run
@@ -129,20 +129,51 @@ def test_each_bad_image_gets_its_own_error_and_the_good_ones_in_the_batch_are_st
     assert rows[4]["label"] == rows[5]["label"] and rows[4]["face_found"] and rows[5]["face_found"]
 
 
-def test_photos_are_decoded_and_aligned_as_the_training_cache_does(tmp_path):
-    """One code path: a photo sent as bytes is decoded exactly as the file is for training, and the model
-    crops it with the aligner training uses."""
-    path = tmp_path / "astronaut.jpg"
-    path.write_bytes(astronaut_jpeg())
-    side = decode_side(64)
-    from_file = decode_image(path, side)
-    from_bytes, full_side = decode_image_bytes(path.read_bytes(), side)
-    assert np.array_equal(from_file, from_bytes) and full_side == 512
-    settings = PhotoSettings(DEFAULT_CLASSES, 64, "mtcnn", 0.1, "vit")
-    model = PhotoModel(network=None, settings=settings, device="cpu")
-    served = model.crop([from_bytes])[0]
-    trained = MtcnnAligner(64, 0.1).align([from_file])[0]
-    assert np.array_equal(served.image, trained.image) and not served.fallback and served.face is not None
+@pytest.mark.parametrize("align", ["none", "mtcnn"])
+def test_a_photo_is_cropped_exactly_as_the_training_cache_stores_the_same_file(tmp_path, align):
+    """One code path: the face the model crops from a photo's bytes is, byte for byte, the aligned image
+    that preparing a dataset holding that photo stored for training."""
+    root = tmp_path / "faces"
+    (root / "happiness").mkdir(parents=True)
+    (root / "happiness" / "astronaut.jpg").write_bytes(astronaut_jpeg())
+    cfg = DataConfig(source="imagefolder", root=str(root), classes=("happiness",), align=align,
+                     align_margin=0.15, cache_dir=str(tmp_path / "cache"), split=(1.0, 0.0, 0.0))
+    trained = prepare_data(cfg, 64).images[0]
+    settings = PhotoSettings.of_trial(from_dict({"data": {"source": "imagefolder", "root": str(root), "align": align,
+                                                          "align_margin": 0.15}, "model": {"image_size": 64}}),
+                                      ("happiness",))
+    model = PhotoModel(network=None, settings=settings, device="cpu")     # crop() never runs the network
+    rgb, _ = decode_image_bytes(astronaut_jpeg(), settings.decode_side)
+    served = model.crop([rgb])[0]
+    assert np.array_equal(served.image, trained) and served.face is not None
+
+
+def test_the_logged_model_carries_the_trials_photo_settings(shipped):
+    folder, spec, uri = shipped
+    client = MlflowClient(uri)
+    with global_tracking_uri(uri):
+        from mlflow.models import get_model_info
+        info = get_model_info(CHAMPION)
+    run = client.get_run(info.run_id)
+    path = client.download_artifacts(info.run_id, "config.yaml", str(folder))
+    trial = from_dict(yaml.safe_load(Path(path).read_text()))
+    with global_tracking_uri(uri):
+        import mlflow.artifacts
+        saved = mlflow.artifacts.download_artifacts(f"{CHAMPION}/data/photo.json", dst_path=str(folder))
+    assert PhotoSettings.from_json(Path(saved).read_text()) == PhotoSettings.of_trial(trial, DEFAULT_CLASSES)
+    assert (trial.data.align, trial.model.image_size) == ("none", 32) and run.data.tags["model_id"] == info.model_id
+    assert info.flavors["python_function"]["loader_module"] == "trainers.photo_model"
+    assert "pytorch" in info.flavors                      # the bare network stays loadable for production
+
+
+def test_base64_is_read_in_the_forms_senders_write_it(champion):
+    jpeg = astronaut_jpeg()
+    standard = base64.b64encode(jpeg).decode()
+    forms = [f"data:image/jpeg;base64,{standard}", base64.urlsafe_b64encode(jpeg).decode().rstrip("="),
+             base64.encodebytes(jpeg).decode(), "hello"]     # 5 letters: no base64 is 1 more than 4k long
+    rows = champion.predict(forms).to_dict("records")
+    assert all(row["face_found"] is True for row in rows[:3])
+    assert rows[3]["label"] is None and "neither an image nor the base64 of one" in rows[3]["error"]
 
 
 def free_port() -> int:
@@ -235,7 +266,23 @@ def test_predict_writes_one_row_per_file_and_an_error_for_each_bad_one(shipped, 
                          ("pipe.jpg", "unreadable")):
         assert rows[name]["error"].startswith(reason) and rows[name]["label"] == ""
     printed = capsys.readouterr().out
-    assert "6 file(s) labelled" in printed and "4 not images" in printed
+    assert "6 file(s) read" in printed and "2 labelled (1 of them with no face found" in printed
+    assert "4 not usable" in printed
+
+
+def test_predict_takes_photos_without_a_spec_and_a_model_by_its_registry_uri(shipped, tmp_path, monkeypatch,
+                                                                                capsys):
+    folder, spec, uri = shipped
+    monkeypatch.chdir(tmp_path)                            # no sweeps/demo.yaml here: --model needs no spec
+    (tmp_path / "a.jpg").write_bytes(astronaut_jpeg())
+    (tmp_path / "b.png").write_bytes(no_face_png())
+    assert main(["predict", "a.jpg", "b.png", "--model", "models:/fer-vit/1", "--tracking-uri", uri]) == 0
+    rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    assert [r["path"] for r in rows] == ["a.jpg", "b.png"] and [r["face_found"] for r in rows] == ["True", "False"]
+    assert main(["predict", spec, "--tracking-uri", uri]) == 2     # a spec and no photo: one line
+    assert "no photo given after the spec" in capsys.readouterr().err
+    assert main(["predict", "a.jpg", "--model", "runs:/abc/model", "--tracking-uri", uri]) == 2
+    assert "expected models:/<name>/<version>" in capsys.readouterr().err
 
 
 def test_predict_without_a_store_or_a_champion_says_to_promote_first_in_one_line(shipped, tmp_path, capsys):
@@ -320,13 +367,13 @@ def test_promote_registers_a_champion_logged_before_models_took_photos_again_so_
             old = mlflow.register_model(f"models:/{bare}", "fer-vit", tags={"source_run_id": run_id})
         client.set_registered_model_alias("fer-vit", "champion", old.version)
         with pytest.raises(ServingError, match="takes tensors, not photos.*make promote"):
-            shipped_model(spec, client)
+            shipped_model(client, None, spec.promote)
         result = promote(spec, client)
     finally:
         os.chdir(cwd)
     assert result.champion_changed and result.version == 2 and "registered again to take photos" in result.message
     assert client.get_run(run_id).data.tags["model_id"] != bare     # the run's model is now the photo model
-    shipped = shipped_model(spec, client)
+    shipped = shipped_model(client, None, spec.promote)
     with global_tracking_uri(uri):
         import mlflow.pyfunc
         (row,) = mlflow.pyfunc.load_model(shipped.uri).predict([astronaut_jpeg()]).to_dict("records")

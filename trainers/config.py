@@ -27,6 +27,7 @@ from trainers.errors import UserError
 DEFAULT_CLASSES = ("anger", "disgust", "fear", "happiness", "sadness", "surprise")
 SOURCES = ("synthetic", "imagefolder", "fer2013", "rafdb", "affectnet")
 SOURCES_WITH_SPLITS = ("fer2013", "rafdb", "affectnet")   # ship their own train/test partition
+SOURCES_WITH_FACE_BOXES = ("affectnet",)                 # annotate a face box per image, cropped to first
 SYNTHETIC_ATTRIBUTES = ("group", "occluded")   # the synthetic source's metadata.csv columns besides path, subject
 METADATA_FILE = "metadata.csv"                 # an image folder's per-image subject and attributes
 CLASS_COLUMN = "class"          # data.balance_by's pseudo-column: the image's class, not a metadata column

@@ -216,21 +216,26 @@ PHOTO_FLAVOR = PhotoFlavor()
 PHOTO_LOADER = "trainers.photo_model"      # the pyfunc loader module of a model that takes photos
 
 
-def takes_photos(client: MlflowClient, model_uri: str) -> bool:
-    """Whether the model at models:/<...> has the photo interface (models logged before it are bare networks)."""
+def model_interface(client: MlflowClient, model_uri: str) -> str | None:
+    """What the model at models:/<...> takes: "photos" (its pyfunc is the photo model), "network" (a bare
+    mlflow.pytorch network, as models were logged before), or None when its MLmodel cannot be read."""
     from mlflow.models import get_model_info
 
-    with global_tracking_uri(client.tracking_uri):
-        info = get_model_info(model_uri)
-    return info.flavors.get("python_function", {}).get("loader_module") == PHOTO_LOADER
+    try:
+        with global_tracking_uri(client.tracking_uri), no_download_bars():
+            info = get_model_info(model_uri)
+    except (mlflow.exceptions.MlflowException, OSError):
+        return None
+    loader = info.flavors.get("python_function", {}).get("loader_module")
+    return "photos" if loader == PHOTO_LOADER else "network" if "pytorch" in info.flavors else None
 
 
 def photo_model_of(client: MlflowClient, run: Run) -> str:
-    """The run's logged model id if it takes photos; else (a bare network, logged before models took photos)
-    that network logged again with the photo interface, from the run's config.yaml; the run's model_id
-    tag then names the new one."""
+    """The run's logged model id; when that is a bare network (logged before models took photos), the network
+    logged again with the photo interface, from the run's config.yaml (the run's model_id tag then names it).
+    A model whose files cannot be read is left as it is."""
     model_id = run.data.tags["model_id"]
-    if takes_photos(client, f"models:/{model_id}"):
+    if model_interface(client, f"models:/{model_id}") != "network":
         return model_id
     import mlflow.pytorch
 
@@ -557,8 +562,7 @@ class TrialRun:
         # global default experiment and put its files under the working directory).
         experiment_id = self.client.get_run(self.run_id).info.experiment_id
         logged = self.client.create_logged_model(experiment_id, name="model", source_run_id=self.run_id)
-        settings = PhotoSettings(tuple(classes), cfg.model.image_size, cfg.data.align, cfg.data.align_margin,
-                                 cfg.model.name)
+        settings = PhotoSettings.of_trial(cfg, classes)
         network = model.cpu()
         with contextlib.suppress(NotImplementedError):     # an exported graph (logged again) has no train mode
             network = network.eval()

@@ -40,11 +40,12 @@ from orchestrator.results.report.cells import best_configuration, configurations
 from orchestrator.results.report.store import trial_of
 from orchestrator.results.runs import child_runs
 from orchestrator.sweep.spec import PromoteSpec, SweepSpec
-from trainers.tracking import global_tracking_uri, photo_model_of
+from trainers.tracking import global_tracking_uri, model_interface, photo_model_of
 from trainers.errors import UserError
 
 PREVIOUS_ALIAS = "previous"
-# A version tag: its model takes photos (trainers/photo_model.py); versions registered before lack it.
+# A version tag: "true" when its model takes photos (trainers/photo_model.py), "false" on a version registered
+# before models took photos once its run is registered again; absent on older versions.
 PHOTO_TAG = "takes_photos"
 # The spec's metric name -> the trial-run metric that scores the logged model (see the module docstring).
 RUN_METRICS = {"val_macro_f1": "final_val_macro_f1", "val_accuracy": "val_accuracy",
@@ -85,6 +86,10 @@ def promote(spec: SweepSpec, client: MlflowClient, replace: bool = False) -> Pro
     run = chosen.run
     value = run.data.metrics[run_metric]
     version = find_version(client, p.name, run.info.run_id)
+    if version is not None and model_interface(client, f"models:/{p.name}/{version.version}") == "network":
+        # Registered before models took photos: the run is registered again, as a photo model.
+        client.set_model_version_tag(p.name, version.version, PHOTO_TAG, "false")
+        version = None
     if version is None:
         version = register_run(client, spec, chosen)
     else:
@@ -154,10 +159,10 @@ def closest_to_mean(runs: list[Run], run_metric: str, mean: float) -> Run:
 # --- versions ---------------------------------------------------------------------------
 
 def find_version(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
-    """The version already registered from this run that takes photos, if any (the oldest, should there be
-    several); a version registered before models took photos does not count: the run is registered again."""
-    found = client.search_model_versions(f"name = '{name}' and tags.source_run_id = '{run_id}' "
-                                         f"and tags.{PHOTO_TAG} = 'true'")
+    """The version already registered from this run, if any (the oldest, should there be several); one
+    known to be a bare network (tagged takes_photos=false when its run was registered again) does not count."""
+    found = client.search_model_versions(f"name = '{name}' and tags.source_run_id = '{run_id}'")
+    found = [v for v in found if v.tags.get(PHOTO_TAG) != "false"]
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
@@ -186,9 +191,11 @@ def register_run(client: MlflowClient, spec: SweepSpec, chosen: Selection) -> Mo
     photos (a model logged before that is logged again first)."""
     run = chosen.run
     model_id = photo_model_of(client, run)
+    tags = version_tags(spec, chosen)
+    if model_interface(client, f"models:/{model_id}") == "photos":
+        tags[PHOTO_TAG] = "true"
     with global_tracking_uri(client.tracking_uri):
-        version = mlflow.register_model(f"models:/{model_id}", spec.promote.name,
-                                        tags={**version_tags(spec, chosen), PHOTO_TAG: "true"})
+        version = mlflow.register_model(f"models:/{model_id}", spec.promote.name, tags=tags)
     metric = spec.promote.metric
     client.update_model_version(
         spec.promote.name, version.version,
@@ -250,7 +257,7 @@ def crown_if_better(client: MlflowClient, p: PromoteSpec, candidate: ModelVersio
         return True, f"now {p.alias} (there was none)"
     if incumbent.version == candidate.version:
         return False, f"already {p.alias}"
-    if source_run_id(incumbent) == source_run_id(candidate) and incumbent.tags.get(PHOTO_TAG) != "true":
+    if source_run_id(incumbent) == source_run_id(candidate) and incumbent.tags.get(PHOTO_TAG) == "false":
         client.set_registered_model_alias(p.name, p.alias, candidate.version)
         return True, f"now {p.alias}: the run of v{incumbent.version}, registered again to take photos"
     score, what = incumbent_score(client, incumbent, p.metric)

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from orchestrator.results.registry import RegistryError
-from orchestrator.sweep.spec import SweepSpec
+from orchestrator.sweep.spec_types import PromoteSpec
 from trainers.errors import first_line
 from trainers.photo_model import SERVE_MAX_BYTES, output_columns
 from trainers.process.side_files import STORE_DIR
@@ -49,9 +49,10 @@ def existing_store(uri: str | None) -> MlflowClient:
     return MlflowClient(uri)
 
 
-def shipped_model(spec: SweepSpec, client: MlflowClient, model: str | None = None) -> ShippedModel:
-    """--model (models:/name/version or models:/name@alias), else the spec's champion; checked to take photos."""
-    path = f"{spec.promote.name}@{spec.promote.alias}" if model is None else _registry_path(model)
+def shipped_model(client: MlflowClient, model: str | None, promote: PromoteSpec | None) -> ShippedModel:
+    """--model (models:/name/version or models:/name@alias), else the spec's champion (promote.name @
+    promote.alias); checked to take photos."""
+    path = f"{promote.name}@{promote.alias}" if model is None else _registry_path(model)
     try:
         with global_tracking_uri(client.tracking_uri):
             from mlflow.models import get_model_info
@@ -63,8 +64,8 @@ def shipped_model(spec: SweepSpec, client: MlflowClient, model: str | None = Non
     loader = info.flavors.get("python_function", {}).get("loader_module")
     if loader != PHOTO_LOADER:
         raise ServingError(f"models:/{path} takes tensors, not photos (its pyfunc is {loader}): it was registered "
-                           "before models took photos; `make promote` registers the sweep's best run again, as a "
-                           "photo model")
+                           "before models took photos; `make promote` registers the sweep's best run again as a "
+                           "photo model (`make promote ARGS=--replace` if the champion is another run)")
     return ShippedModel(f"models:/{path}", f"models:/{path} (run {info.run_id}, model {info.model_id})")
 
 
