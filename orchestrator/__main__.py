@@ -21,7 +21,7 @@ def _add_spec(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", nargs="?", default="sweeps/demo.yaml", help="the sweep spec (default: %(default)s)")
+    parser.add_argument("spec", nargs="?", default=verbs.DEFAULT_SPEC, help="the sweep spec (default: %(default)s)")
     parser.add_argument("--storage", help="Optuna storage URL shared by workers, e.g. postgresql://user@host/db "
                                           f"(default: sqlite under {STORE_DIR}/)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
@@ -32,12 +32,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_status_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", nargs="?", default="sweeps/demo.yaml", help="the sweep spec (default: %(default)s)")
+    parser.add_argument("spec", nargs="?", default=verbs.DEFAULT_SPEC, help="the sweep spec (default: %(default)s)")
     parser.add_argument("--storage", help=f"Optuna storage URL (default: sqlite under {STORE_DIR}/)")
 
 
 def _add_report_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", nargs="?", default="sweeps/demo.yaml", help="the sweep spec (default: %(default)s)")
+    parser.add_argument("spec", nargs="?", default=verbs.DEFAULT_SPEC, help="the sweep spec (default: %(default)s)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                                f"sqlite under {STORE_DIR}/)")
     parser.add_argument("--out", help="folder for report.md, its CSVs and figures "
@@ -45,7 +45,7 @@ def _add_report_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_registry_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", nargs="?", default="sweeps/demo.yaml", help="the sweep spec (default: %(default)s)")
+    parser.add_argument("spec", nargs="?", default=verbs.DEFAULT_SPEC, help="the sweep spec (default: %(default)s)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI, registry included (default: "
                                                f"$MLFLOW_TRACKING_URI, else sqlite under {STORE_DIR}/)")
 
@@ -81,7 +81,7 @@ def _add_model_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_predict_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", nargs="?", default="sweeps/demo.yaml",
+    parser.add_argument("spec", nargs="?", default=verbs.DEFAULT_SPEC,
                         help="the sweep spec whose champion labels the photos (default: %(default)s)")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="photo files, or folders of them (searched "
                                                                   "recursively; hidden files skipped)")

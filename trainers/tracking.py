@@ -216,18 +216,28 @@ PHOTO_FLAVOR = PhotoFlavor()
 PHOTO_LOADER = "trainers.photo_model"      # the pyfunc loader module of a model that takes photos
 
 
-def model_interface(client: MlflowClient, model_uri: str) -> str | None:
-    """What the model at models:/<...> takes: "photos" (its pyfunc is the photo model), "network" (a bare
-    mlflow.pytorch network, as models were logged before), or None when its MLmodel cannot be read."""
+def model_info(client: MlflowClient, model_uri: str):
+    """MLflow's ModelInfo (flavors, run, model id) of the model at models:/<...> in this store."""
     from mlflow.models import get_model_info
 
+    with global_tracking_uri(client.tracking_uri), no_download_bars():
+        return get_model_info(model_uri)
+
+
+def interface_of(info) -> str | None:
+    """What a model takes: "photos" (its pyfunc is the photo model), "network" (a bare mlflow.pytorch
+    network, as models were logged before), or None (neither)."""
+    if info.flavors.get("python_function", {}).get("loader_module") == PHOTO_LOADER:
+        return "photos"
+    return "network" if "pytorch" in info.flavors else None
+
+
+def model_interface(client: MlflowClient, model_uri: str) -> str | None:
+    """interface_of the model at models:/<...>; None also when its MLmodel cannot be read."""
     try:
-        with global_tracking_uri(client.tracking_uri), no_download_bars():
-            info = get_model_info(model_uri)
+        return interface_of(model_info(client, model_uri))
     except (mlflow.exceptions.MlflowException, OSError):
         return None
-    loader = info.flavors.get("python_function", {}).get("loader_module")
-    return "photos" if loader == PHOTO_LOADER else "network" if "pytorch" in info.flavors else None
 
 
 def photo_model_of(client: MlflowClient, run: Run) -> str:

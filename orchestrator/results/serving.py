@@ -21,7 +21,7 @@ from orchestrator.sweep.spec_types import PromoteSpec
 from trainers.errors import first_line
 from trainers.photo_model import SERVE_MAX_BYTES, output_columns
 from trainers.process.side_files import STORE_DIR
-from trainers.tracking import PHOTO_LOADER, global_tracking_uri, no_download_bars, tracking_uri
+from trainers.tracking import global_tracking_uri, interface_of, model_info, no_download_bars, tracking_uri
 
 # Files read and labelled per call of the model: MTCNN detects up to 32 at once, and 64 decoded photos at
 # the 896 px a 224 px model decodes to are ~150 MB.
@@ -54,16 +54,13 @@ def shipped_model(client: MlflowClient, model: str | None, promote: PromoteSpec 
     promote.alias); checked to take photos."""
     path = f"{promote.name}@{promote.alias}" if model is None else _registry_path(model)
     try:
-        with global_tracking_uri(client.tracking_uri):
-            from mlflow.models import get_model_info
-            info = get_model_info(f"models:/{path}")
+        info = model_info(client, f"models:/{path}")
     except MlflowException as err:
         hint = "run `make sweep` and `make promote` first" if model is None else \
             "give --model models:/<name>/<version> or models:/<name>@<alias> of a registered model"
         raise ServingError(f"no model models:/{path} in {client.tracking_uri} ({first_line(err)}); {hint}") from None
-    loader = info.flavors.get("python_function", {}).get("loader_module")
-    if loader != PHOTO_LOADER:
-        raise ServingError(f"models:/{path} takes tensors, not photos (its pyfunc is {loader}): it was registered "
+    if interface_of(info) != "photos":
+        raise ServingError(f"models:/{path} takes tensors, not photos: it was registered "
                            "before models took photos; `make promote` registers the sweep's best run again as a "
                            "photo model (`make promote ARGS=--replace` if the champion is another run)")
     return ShippedModel(f"models:/{path}", f"models:/{path} (run {info.run_id}, model {info.model_id})")
