@@ -252,7 +252,7 @@ def load_photo_model(data_path: str | Path, device=None) -> PhotoModel:
     settings_file = data_path / SETTINGS_FILE
     if not settings_file.is_file():
         raise PhotoModelError(f"{data_path.parent} has no {SETTINGS_FILE}: it was logged before models took "
-                              "photos; promote a run trained since, or train it again")
+                              "photos; `make promote` registers its run again as a photo model")
     settings = PhotoSettings.from_json(settings_file.read_text())
     check_pickle_free(data_path / NETWORK_FILE)
     device = torch.device(device or detector_device())

@@ -49,13 +49,15 @@ MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FINISHED", "pruned": "FINI
                  "killed": "KILLED"}
 
 
-def tracking_uri(uri: str | None = None) -> str:
-    """The explicit uri, else $MLFLOW_TRACKING_URI, else the local sqlite store under mlruns/."""
+def tracking_uri(uri: str | None = None, create: bool = True) -> str:
+    """The explicit uri, else $MLFLOW_TRACKING_URI, else the local sqlite store under mlruns/ (its folder
+    made unless create is False)."""
     if uri:
         return uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    STORE_DIR.mkdir(parents=True, exist_ok=True)
+    if create:
+        STORE_DIR.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(STORE_DIR / 'mlflow.db').resolve()}"
 
 
@@ -145,6 +147,7 @@ def _timed(method):
 # --- the logged model: the exported network, served as a photo model ------------------------------------
 
 TRAINERS_DIR = Path(__file__).resolve().parent
+PHOTO_LOADER = "trainers.photo_model"      # the pyfunc loader module of a model that takes photos
 # What the photo model imports; pinned to this environment's versions, so `mlflow models serve` with a
 # virtualenv or conda env-manager rebuilds the environment the model was trained in.
 PHOTO_MODEL_PACKAGES = ("torch", "torchvision", "transformers", "facenet-pytorch", "scikit-image", "pillow",
@@ -206,14 +209,13 @@ class PhotoFlavor:
         for name in ("input_example.json", "serving_input_example.json"):
             (root / name).unlink(missing_ok=True)
         mlflow_model.saved_input_example_info = None
-        pyfunc.add_to_model(mlflow_model, loader_module="trainers.photo_model", data="data", code="code",
+        pyfunc.add_to_model(mlflow_model, loader_module=PHOTO_LOADER, data="data", code="code",
                             conda_env="conda.yaml", python_env="python_env.yaml")
         mlflow_model.signature = photo_signature(settings.classes)
         mlflow_model.save(str(root / "MLmodel"))
 
 
 PHOTO_FLAVOR = PhotoFlavor()
-PHOTO_LOADER = "trainers.photo_model"      # the pyfunc loader module of a model that takes photos
 
 
 def model_info(client: MlflowClient, model_uri: str):
@@ -240,13 +242,14 @@ def model_interface(client: MlflowClient, model_uri: str) -> str | None:
         return None
 
 
-def photo_model_of(client: MlflowClient, run: Run) -> str:
-    """The run's logged model id; when that is a bare network (logged before models took photos), the network
-    logged again with the photo interface, from the run's config.yaml (the run's model_id tag then names it).
-    A model whose files cannot be read is left as it is."""
+def photo_model_of(client: MlflowClient, run: Run) -> tuple[str, str | None]:
+    """The run's logged model id and what it takes (model_interface); when that is a bare network (logged
+    before models took photos), the network logged again with the photo interface, from the run's
+    config.yaml (the run's model_id tag then names it). A model whose files cannot be read is left as it is."""
     model_id = run.data.tags["model_id"]
-    if model_interface(client, f"models:/{model_id}") != "network":
-        return model_id
+    interface = model_interface(client, f"models:/{model_id}")
+    if interface != "network":
+        return model_id, interface
     import mlflow.pytorch
 
     from trainers.config import from_dict
@@ -256,7 +259,7 @@ def photo_model_of(client: MlflowClient, run: Run) -> str:
     cfg = from_dict({"data": raw["data"], "model": raw["model"]})
     with global_tracking_uri(client.tracking_uri), no_download_bars():
         network = mlflow.pytorch.load_model(f"models:/{model_id}")
-    return TrialRun(client, run.info.run_id, resumed=True).log_model(network, cfg, cfg.data.classes)
+    return TrialRun(client, run.info.run_id, resumed=True).log_model(network, cfg, cfg.data.classes), "photos"
 
 
 # --- figures: drawn and logged by a helper process while the trial exports its model --------------

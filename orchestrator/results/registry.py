@@ -190,9 +190,9 @@ def register_run(client: MlflowClient, spec: SweepSpec, chosen: Selection) -> Mo
     """A new version of spec.promote.name from the chosen run's logged model (models:/<model_id>), which takes
     photos (a model logged before that is logged again first)."""
     run = chosen.run
-    model_id = photo_model_of(client, run)
+    model_id, interface = photo_model_of(client, run)
     tags = version_tags(spec, chosen)
-    if model_interface(client, f"models:/{model_id}") == "photos":
+    if interface == "photos":
         tags[PHOTO_TAG] = "true"
     with global_tracking_uri(client.tracking_uri):
         version = mlflow.register_model(f"models:/{model_id}", spec.promote.name, tags=tags)

@@ -20,7 +20,6 @@ from orchestrator.results.registry import RegistryError
 from orchestrator.sweep.spec_types import PromoteSpec
 from trainers.errors import first_line
 from trainers.photo_model import SERVE_MAX_BYTES, output_columns
-from trainers.process.side_files import STORE_DIR
 from trainers.tracking import global_tracking_uri, interface_of, model_info, no_download_bars, tracking_uri
 
 # Files read and labelled per call of the model: MTCNN detects up to 32 at once, and 64 decoded photos at
@@ -40,9 +39,7 @@ class ShippedModel:
 
 def existing_store(uri: str | None) -> MlflowClient:
     """A client on the store (tracking_uri rules); a local sqlite store that does not exist is not created."""
-    if not uri and not os.environ.get("MLFLOW_TRACKING_URI"):
-        uri = f"sqlite:///{(STORE_DIR / 'mlflow.db').resolve()}"
-    uri = tracking_uri(uri)
+    uri = tracking_uri(uri, create=False)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise ServingError(f"no MLflow store at {uri.removeprefix('sqlite:///')}: nothing was trained or promoted "
                            "there; run `make sweep` and `make promote` first, or pass --tracking-uri")
