@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from trainers.config import (ConfigError, TrackingConfig, config_hash, from_dict, from_yaml, trial_name, with_overrides,
+from trainers.config import (ConfigError, TrackingConfig, config_hash, from_dict, from_yaml, short_number, trial_name, with_overrides,
                              with_tracking, with_value)
 
 
@@ -85,8 +85,13 @@ def test_overrides_parse_values_as_yaml():
 
 def test_trial_name_is_readable():
     cfg = from_dict({"optim": {"lr": 3e-5}, "train": {"seed": 1}})
-    assert trial_name(cfg) == "vit-adam-lr3e-05-ep3-s1"
-    assert trial_name(from_dict({})) == "vit-adam-lr0.001-ep3-s0"
+    assert trial_name(cfg) == "ep3·adam·3e-5·vit·s1"
+    assert trial_name(from_dict({})) == "ep3·adam·1e-3·vit·s0"
+    assert trial_name(cfg, first=("lr", "model")) == "3e-5·vit·ep3·adam·s1"      # what varies first, seed last
+    odd = from_dict({"optim": {"name": "sgd", "lr": 1e12}, "augment": {"occlusion": 0.25}})
+    assert trial_name(odd) == "ep3·sgd·1e12·vit·occ0.25·s0"
+    assert [short_number(x) for x in (0.001, 1e-5, 2.5e-4, 0.5, 0.1, 1.0, 1e12)] == [
+        "1e-3", "1e-5", "2.5e-4", "0.5", "0.1", "1", "1e12"]
 
 
 def test_errors_carry_the_field_and_what_is_wrong_beside_the_message():

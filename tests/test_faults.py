@@ -160,15 +160,15 @@ def test_a_diverging_trial_finishes_as_diverged_with_its_partial_metrics(in_tmp,
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "diverged" in done.stdout
     trials = {t.user_attrs["name"]: t for t in study(in_tmp, "blowup").get_trials(deepcopy=False)}
-    blown = trials["vit-sgd-lr1e+12-ep2-s0"]
+    blown = trials["sgd·1e12·ep2·vit·s0"]
     assert blown.user_attrs["status"] == "diverged" and blown.user_attrs["attempt"] == 0    # not retried
     run = store(in_tmp).get_run(blown.user_attrs["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["status"] == "diverged"
     metrics = run.data.metrics
     assert metrics["diverged_epoch"] == 1 and metrics["epochs_completed"] == 0
-    assert metrics["data_usable"] > 0 and "train_seconds" in metrics       # what it had, kept
+    assert metrics["data/usable"] > 0 and "time/train_seconds" in metrics       # what it had, kept
     assert "test_macro_f1" not in metrics
-    assert trials["vit-sgd-lr0.001-ep2-s0"].user_attrs["status"] == "finished"
+    assert trials["sgd·1e-3·ep2·vit·s0"].user_attrs["status"] == "finished"
 
 
 def test_four_trials_at_once_share_the_local_sqlite_stores(in_tmp, orchestrate, store, write_spec):

@@ -135,7 +135,7 @@ def one_seed(tmp_path_factory, tiny_trial, tiny_vit):
     }, [0], tiny_vit)
     client, spec, parent = run_sweep(tmp, raw_spec, tiny_trial, skip_group="fine_lr")
     baseline_vit = next(r for r in client.search_runs([client.get_experiment_by_name("r").experiment_id])
-                        if r.info.run_name == "vit-adam-lr0.001-ep1-s0")
+                        if r.data.tags.get("config_hash") == spec.plan[0].hash)
     production = log_production_run(client, "r", baseline_vit.info.run_id)
     path = write_report(spec, client, tmp / "report")
     return client, spec, parent, path, production, baseline_vit
@@ -348,7 +348,7 @@ DELTA_COLUMNS = ("delta_f1", "delta_f1_low", "delta_f1_high", "delta_kind", "dis
 
 def n_test(client: MlflowClient, row: dict) -> str:
     """How many test images the row's run was tested on, as logged."""
-    return str(int(client.get_run(row["runs"]).data.metrics["data_n_test"]))
+    return str(int(client.get_run(row["runs"]).data.metrics["data/n_test"]))
 
 
 def note_under(text: str, table: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainers.config import ConfigError, ModelConfig, OptimConfig, TrainConfig
+from trainers.config import ConfigError, ModelConfig, OptimConfig, TrainConfig, name_parts
 
 from orchestrator.sweep.plan import datasets_to_prepare, estimate_cost, grid_points, resolve_trial, trial_name
 from orchestrator.sweep.spec import SpecError, parse_yaml, load_spec, spec_from_dict
@@ -46,7 +46,7 @@ def paper_at(tmp_path: Path) -> dict:
 
 
 def shared_trial(trials):
-    return next(t for t in trials if t.name == "vit-adam-lr0.001-ep3-s0")
+    return next(t for t in trials if t.name == "vit·ep3·adam·1e-3·s0")
 
 
 # --- expansion ----------------------------------------------------------------------
@@ -84,7 +84,7 @@ def test_the_papers_mitigation_group_uncommented_adds_three_trials_and_shares_th
 def test_shared_trial_belongs_to_baseline_epochs_and_optimizer_lr():
     trials = load_spec(DEMO).plan
     assert shared_trial(trials).groups == SHARED
-    adam_1e5 = next(t for t in trials if t.name == "vit-adam-lr1e-05-ep3-s0")
+    adam_1e5 = next(t for t in trials if t.name == "adam·1e-5·ep3·vit·s0")
     assert adam_1e5.groups == ("optimizer_lr", "fine_lr")
 
 
@@ -96,7 +96,7 @@ def test_seeds_triple_the_trials(tmp_path):
     assert grid_points(spec) == 66
     assert len(trials) == 54
     assert sorted({t.config.train.seed for t in trials}) == [0, 1, 2]
-    assert all(t.groups == SHARED for t in trials if re.fullmatch(r"vit-adam-lr0.001-ep3-s\d", t.name))
+    assert all(t.groups == SHARED for t in trials if re.fullmatch(r"vit·ep3·adam·1e-3·s\d", t.name))
 
 
 def test_expand_is_deterministic_and_hashes_are_stable_across_loads():
@@ -105,21 +105,27 @@ def test_expand_is_deterministic_and_hashes_are_stable_across_loads():
     assert all(re.fullmatch(r"[0-9a-f]{12}", t.hash) for t in first)
 
 
-def test_trial_names_are_readable_and_unique():
+def test_trial_names_lead_with_what_their_experiment_varies_and_differ_where_mlflow_cuts_them():
     trials = load_spec(DEMO).plan
     names = [t.name for t in trials]
-    assert len(set(names)) == len(names)
-    assert all(re.fullmatch(r"(vit|resnet50)-(sgd|rmsprop|adam)-lr[0-9.e-]+-ep\d+(-byclass\+group)?(-occ0.5)?-s\d+", n)
-               for n in names)
-    assert "vit-adam-lr3e-05-ep3-s0" in names
-    assert trial_name(trials[0].config) == trials[0].name
+    # MLflow's runs table shows about 16 characters of a run name: the trials must differ within them.
+    assert len({n[:16] for n in names}) == len(names)
+    for t in trials:     # every part, once, the seed last
+        assert sorted(t.name.split("·")) == sorted(name_parts(t.config).values()) and t.name.endswith("·s0")
+    by_name = {t.name: t for t in trials}
+    assert by_name["ep2·adam·1e-3·vit·s0"].groups == ("epochs",)
+    assert by_name["sgd·1e-2·ep3·vit·s0"].groups == ("optimizer_lr",)
+    assert by_name["adam·3e-5·ep3·vit·s0"].groups == ("fine_lr",)     # an lr reads with its optimizer
+    assert by_name["resnet50·ep3·adam·1e-3·s0"].groups == ("baseline",)
+    assert by_name["byclass+group·occ0.5·ep3·adam·1e-3·vit·s0"].groups == ("mitigation",)
+    assert trial_name(trials[2].config) == "ep2·adam·1e-3·vit·s0"      # the standing order, alone
 
 
 def test_names_that_collide_get_a_hash_suffix(tmp_path):
     raw = demo_core()
     raw["experiments"] = {"splits": {"grid": {"data.split_seed": [0, 1]}}}
     names = [t.name for t in load_spec(write(tmp_path, raw)).plan]
-    assert len(set(names)) == 2 and all(n.startswith("vit-adam-lr0.001-ep3-s0-") for n in names)
+    assert len(set(names)) == 2 and all(n.startswith("ep3·adam·1e-3·vit·s0·") for n in names)
 
 
 def test_resolve_trial_expands_the_preset_and_applies_the_point_over_defaults():
@@ -138,7 +144,7 @@ def test_aliases_and_set_reach_the_trial(tmp_path):
     spec = load_spec(write(tmp_path, raw))
     assert spec.experiments[0].grid == {"optim.name": ("sgd",), "optim.lr": (0.01,)}
     (trial,) = spec.plan
-    assert trial.name == "vit-sgd-lr0.01-ep2-s0"
+    assert trial.name == "sgd·1e-2·ep2·vit·s0"
 
 
 def test_compare_to_names_each_experiments_reference_point_and_defaults_to_the_sweeps_defaults():
@@ -190,26 +196,26 @@ def test_tpe_search_keeps_grid_trials_and_validates_the_space(tmp_path):
 # built): resolving typed sections with dataclasses.replace must not move a trial, or a resumed
 # sweep would run everything again.
 DEMO_PLAN = [
-    ("vit-adam-lr0.001-ep3-s0", "1c376e4d989d"), ("resnet50-adam-lr0.001-ep3-s0", "ea0fd85e7e1e"),
-    ("vit-adam-lr0.001-ep2-s0", "088b60eba2bb"), ("vit-adam-lr0.001-ep4-s0", "eff1f1c0fbcd"),
-    ("vit-adam-lr0.001-ep5-s0", "3f8511ff5877"), ("vit-sgd-lr0.01-ep3-s0", "7f729e8173ef"),
-    ("vit-sgd-lr0.001-ep3-s0", "17f129893a25"), ("vit-sgd-lr1e-05-ep3-s0", "7aa39aa30901"),
-    ("vit-rmsprop-lr0.01-ep3-s0", "06044def3cbd"), ("vit-rmsprop-lr0.001-ep3-s0", "ba68840e4dc5"),
-    ("vit-rmsprop-lr1e-05-ep3-s0", "aff09d58eca2"), ("vit-adam-lr0.01-ep3-s0", "50769876528a"),
-    ("vit-adam-lr1e-05-ep3-s0", "58ae92bd88cc"), ("vit-adam-lr2e-05-ep3-s0", "85758e48c02c"),
-    ("vit-adam-lr3e-05-ep3-s0", "5003e65986ac"), ("vit-adam-lr0.001-ep3-occ0.5-s0", "bc9729aaed1b"),
-    ("vit-adam-lr0.001-ep3-byclass+group-s0", "30381094edf3"),
-    ("vit-adam-lr0.001-ep3-byclass+group-occ0.5-s0", "31e5ecd98ecd"),
+    ("vit·ep3·adam·1e-3·s0", "1c376e4d989d"), ("resnet50·ep3·adam·1e-3·s0", "ea0fd85e7e1e"),
+    ("ep2·adam·1e-3·vit·s0", "088b60eba2bb"), ("ep4·adam·1e-3·vit·s0", "eff1f1c0fbcd"),
+    ("ep5·adam·1e-3·vit·s0", "3f8511ff5877"), ("sgd·1e-2·ep3·vit·s0", "7f729e8173ef"),
+    ("sgd·1e-3·ep3·vit·s0", "17f129893a25"), ("sgd·1e-5·ep3·vit·s0", "7aa39aa30901"),
+    ("rmsprop·1e-2·ep3·vit·s0", "06044def3cbd"), ("rmsprop·1e-3·ep3·vit·s0", "ba68840e4dc5"),
+    ("rmsprop·1e-5·ep3·vit·s0", "aff09d58eca2"), ("adam·1e-2·ep3·vit·s0", "50769876528a"),
+    ("adam·1e-5·ep3·vit·s0", "58ae92bd88cc"), ("adam·2e-5·ep3·vit·s0", "85758e48c02c"),
+    ("adam·3e-5·ep3·vit·s0", "5003e65986ac"), ("occ0.5·ep3·adam·1e-3·vit·s0", "bc9729aaed1b"),
+    ("byclass+group·ep3·adam·1e-3·vit·s0", "30381094edf3"),
+    ("byclass+group·occ0.5·ep3·adam·1e-3·vit·s0", "31e5ecd98ecd"),
 ]
 PAPER_PLAN = [   # data.root: .
-    ("vit-adam-lr0.001-ep3-s0", "e614bcd1d8bf"), ("resnet50-adam-lr0.001-ep3-s0", "0a1fade89c2e"),
-    ("vit-adam-lr0.001-ep2-s0", "8b24f9b0e28a"), ("vit-adam-lr0.001-ep4-s0", "5d71c14e8c3e"),
-    ("vit-adam-lr0.001-ep5-s0", "a01616135bfc"), ("vit-sgd-lr0.01-ep3-s0", "27bd31c8c010"),
-    ("vit-sgd-lr0.001-ep3-s0", "3202d2e5ffd3"), ("vit-sgd-lr1e-05-ep3-s0", "658b2c498419"),
-    ("vit-rmsprop-lr0.01-ep3-s0", "d7ac5e9bbda4"), ("vit-rmsprop-lr0.001-ep3-s0", "07ddf5b85cc1"),
-    ("vit-rmsprop-lr1e-05-ep3-s0", "31c568265fcd"), ("vit-adam-lr0.01-ep3-s0", "a1aa4b647034"),
-    ("vit-adam-lr1e-05-ep3-s0", "1670c84d109e"), ("vit-adam-lr2e-05-ep3-s0", "abfbccfe0858"),
-    ("vit-adam-lr3e-05-ep3-s0", "570c2b363a55"),
+    ("vit·ep3·adam·1e-3·s0", "e614bcd1d8bf"), ("resnet50·ep3·adam·1e-3·s0", "0a1fade89c2e"),
+    ("ep2·adam·1e-3·vit·s0", "8b24f9b0e28a"), ("ep4·adam·1e-3·vit·s0", "5d71c14e8c3e"),
+    ("ep5·adam·1e-3·vit·s0", "a01616135bfc"), ("sgd·1e-2·ep3·vit·s0", "27bd31c8c010"),
+    ("sgd·1e-3·ep3·vit·s0", "3202d2e5ffd3"), ("sgd·1e-5·ep3·vit·s0", "658b2c498419"),
+    ("rmsprop·1e-2·ep3·vit·s0", "d7ac5e9bbda4"), ("rmsprop·1e-3·ep3·vit·s0", "07ddf5b85cc1"),
+    ("rmsprop·1e-5·ep3·vit·s0", "31c568265fcd"), ("adam·1e-2·ep3·vit·s0", "a1aa4b647034"),
+    ("adam·1e-5·ep3·vit·s0", "1670c84d109e"), ("adam·2e-5·ep3·vit·s0", "abfbccfe0858"),
+    ("adam·3e-5·ep3·vit·s0", "570c2b363a55"),
 ]
 
 
@@ -259,7 +265,7 @@ def test_augment_occlusion_is_a_grid_axis_whose_zero_point_is_the_shared_default
     shared = shared_trial(spec.plan)
     assert shared.groups == SHARED[:3] + ("occlusion",) and shared.hash == DEMO_PLAN[0][1]
     occluded = next(t for t in spec.plan if t.config.augment.occlusion == 0.5)
-    assert (occluded.name, occluded.groups) == ("vit-adam-lr0.001-ep3-occ0.5-s0", ("occlusion",))
+    assert (occluded.name, occluded.groups) == ("occ0.5·ep3·adam·1e-3·vit·s0", ("occlusion",))
     assert spec.experiments[-1].compare_to == {"augment.occlusion": 0}
     del raw["experiments"]["occlusion"]["compare_to"]          # the defaults' point: occlusion 0
     assert load_spec(write(tmp_path, raw)).experiments[-1].compare_to == {"augment.occlusion": 0}
@@ -461,7 +467,7 @@ def test_plan_prints_the_table_count_and_cost():
     done = run_cli("plan", "sweeps/demo.yaml")
     assert done.returncode == 0, done.stderr
     assert "22 grid points → 18 unique trials" in done.stdout
-    assert "vit-adam-lr3e-05-ep3-s0" in done.stdout
+    assert "adam·3e-5·ep3·vit·s0" in done.stdout
     assert "estimated cost" in done.stdout
 
 

@@ -470,6 +470,31 @@ def flat_params(cfg: TrialConfig | DataConfig) -> dict[str, str]:
     return out
 
 
+def inapplicable_params(params: dict[str, str]) -> set[str]:
+    """The flat params (flat_params) that cannot change this trial: the ViT's shape on another model, momentum
+    for Adam, the align margin without alignment, the balance settings without balancing, the synthetic
+    source's settings for another source. A run logs none of them, so MLflow's Compare shows what differs."""
+    out = set()
+    if params.get("model.name") != "vit":
+        out |= {k for k in params if k.startswith("model.vit.")}
+    if params.get("optim.name") == "adam":
+        out.add("optim.momentum")
+    if params.get("data.align") == "none":
+        out.add("data.align_margin")
+    if params.get("data.balance") == "False":
+        out |= {"data.balance_max_factor", "data.balance_by"}
+    if params.get("data.source") != "synthetic":
+        out |= {k for k in params if k.startswith("data.synthetic.")}
+    return out & set(params)
+
+
+def applicable_params(cfg: TrialConfig) -> dict[str, str]:
+    """flat_params without the inapplicable ones: what a trial's run logs as its params."""
+    params = flat_params(cfg)
+    dropped = inapplicable_params(params)
+    return {k: v for k, v in params.items() if k not in dropped}
+
+
 def config_hash(cfg: TrialConfig) -> str:
     """Stable 12-hex hash of what determines a trial's result (tracking and device excluded)."""
     body = to_dict(cfg)
@@ -515,15 +540,38 @@ def _drop_default_keys(body: dict, section: str, defaults: Any) -> None:
         body.pop(section)
 
 
-def trial_name(cfg: TrialConfig) -> str:
-    """Readable run name: model-optimizer-lr-epochs[-balance][-occlusion]-seed, e.g. vit-adam-lr3e-05-ep3-s0 or
-    vit-adam-lr0.001-ep3-byclass+group-occ0.5-s0 (the mitigation parts only when they differ from the default:
-    training balanced over other cells than the classes, augment.occlusion on)."""
+NAME_SEPARATOR = "·"
+
+
+def short_number(x: float) -> str:
+    """A learning rate as people write it: 1e-3, 3e-5, 0.5, 1e12 (mantissa without trailing zeros)."""
+    if x == 0 or 0.1 <= abs(x) < 1000:
+        return f"{x:g}"
+    mantissa, exponent = f"{x:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def name_parts(cfg: TrialConfig) -> dict[str, str]:
+    """The parts of a trial's run name, in their standing order: epochs, optimizer, lr, model, the
+    mitigation parts when they differ from the default (training balanced over other cells than the
+    classes, augment.occlusion on), seed."""
     by = cfg.data.balance_by
-    balance = f"-by{'+'.join(by)}" if cfg.data.balance and tuple(by) != DataConfig().balance_by else ""
-    occlusion = f"-occ{cfg.augment.occlusion:g}" if cfg.augment.occlusion else ""
-    return (f"{cfg.model.name}-{cfg.optim.name}-lr{cfg.optim.lr:g}-ep{cfg.train.epochs}{balance}{occlusion}"
-            f"-s{cfg.train.seed}")
+    balanced = cfg.data.balance and tuple(by) != DataConfig().balance_by
+    parts = {"epochs": f"ep{cfg.train.epochs}", "optimizer": cfg.optim.name, "lr": short_number(cfg.optim.lr),
+             "model": cfg.model.name, "balance": f"by{'+'.join(by)}" if balanced else "",
+             "occlusion": f"occ{cfg.augment.occlusion:g}" if cfg.augment.occlusion else "",
+             "seed": f"s{cfg.train.seed}"}
+    return {k: v for k, v in parts.items() if v}
+
+
+def trial_name(cfg: TrialConfig, first: tuple[str, ...] = ()) -> str:
+    """Readable run name, the parts joined by '·': ep3·adam·1e-3·vit·s0, or ep3·adam·1e-3·vit·bygroup·occ0.5·s0.
+    The parts named in `first` (those that vary across a plan; see plan.unique_trials) come first, the
+    seed always last, so names MLflow's runs table cuts at ~16 characters still tell trials apart."""
+    parts = name_parts(cfg)
+    seed = parts.pop("seed")
+    ordered = [parts[k] for k in first if k in parts] + [v for k, v in parts.items() if k not in first]
+    return NAME_SEPARATOR.join([*ordered, seed])
 
 
 def merge(base: dict, override: dict) -> dict:

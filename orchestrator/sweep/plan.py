@@ -13,8 +13,8 @@ import os
 from collections import Counter
 from typing import Iterable, Iterator
 
-from trainers.config import (DataConfig, ModelConfig, TrialConfig, ViTArchConfig, config_hash,
-                             trial_name, validate, with_value)
+from trainers.config import (NAME_SEPARATOR, DataConfig, ModelConfig, TrialConfig, ViTArchConfig, config_hash,
+                             name_parts, trial_name, validate, with_value)
 from trainers.data.sources import IMAGE_SUFFIXES
 from orchestrator.sweep.spec_types import Experiment, PlannedTrial, SweepSpec
 
@@ -66,23 +66,43 @@ def grid(spec: SweepSpec) -> Iterator[tuple[Experiment, dict, int]]:
                 yield exp, point, seed
 
 
-def unique_trials(listed: Iterable[tuple[str, TrialConfig]]) -> list[PlannedTrial]:
-    """(group, config) pairs deduplicated by config hash, in first-seen order, each with every group."""
+# The run-name part (trainers.config.name_parts) each grid axis changes.
+AXIS_PARTS = {"model": "model", "model.name": "model", "train.epochs": "epochs", "optim.name": "optimizer",
+              "optim.lr": "lr", "data.balance": "balance", "data.balance_by": "balance",
+              "augment.occlusion": "occlusion"}
+
+
+def unique_trials(listed: Iterable[tuple[str, TrialConfig]],
+                  axes: dict[str, tuple[str, ...]] | None = None) -> list[PlannedTrial]:
+    """(group, config) pairs deduplicated by config hash, in first-seen order, each with every group.
+    axes: each group's grid axes, whose name parts lead its trials' names (see _unique_names)."""
     found: dict[str, tuple[list[str], TrialConfig]] = {}
     for group, cfg in listed:
         groups, _ = found.setdefault(config_hash(cfg), ([], cfg))
         if group not in groups:
             groups.append(group)
-    names = _unique_names({h: cfg for h, (_, cfg) in found.items()})
+    names = _unique_names(found, axes or {})
     return [PlannedTrial(hash=h, name=names[h], groups=tuple(groups), config=cfg)
             for h, (groups, cfg) in found.items()]
 
 
-def _unique_names(configs: dict[str, TrialConfig]) -> dict[str, str]:
-    """Readable names; where two trials share one (they differ elsewhere), append a short hash."""
-    names = {h: trial_name(cfg) for h, cfg in configs.items()}
+def _unique_names(found: dict[str, tuple[list[str], TrialConfig]],
+                  axes: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """Readable names that lead with what varies: the parts the trial's first group varies, then the other
+    parts that vary across the plan, then the rest (trial_name). MLflow's runs table shows ~16 characters
+    of a name, so ep2·adam·1e-3·vit·s0 and ep4·... differ where it shows them. Where two trials share a
+    name (they differ elsewhere), a short hash is appended."""
+    parts = [name_parts(cfg) for _, cfg in found.values()]
+    keys = dict.fromkeys(k for p in parts for k in p)        # every part, in the standing order
+    varying = tuple(k for k in keys if len({p.get(k) for p in parts}) > 1)
+    names = {}
+    for h, (groups, cfg) in found.items():
+        own = tuple(AXIS_PARTS[a] for a in axes.get(groups[0], ()) if a in AXIS_PARTS)
+        if "lr" in own and "optimizer" not in own:       # a learning rate reads with its optimizer: adam·2e-5
+            own = ("optimizer", *own)
+        names[h] = trial_name(cfg, tuple(dict.fromkeys(own + varying)))
     counts = Counter(names.values())
-    return {h: name if counts[name] == 1 else f"{name}-{h[:6]}" for h, name in names.items()}
+    return {h: name if counts[name] == 1 else f"{name}{NAME_SEPARATOR}{h[:6]}" for h, name in names.items()}
 
 
 def grid_points(spec: SweepSpec) -> int:

@@ -576,7 +576,7 @@ def _plan(spec: SweepSpec, raw: dict) -> tuple[PlannedTrial, ...]:
         listed.append((exp.name, _build_trial(spec, trial_point(exp, point, seed), where)))
     if spec.search.method == "tpe":
         _check_search_space(spec, raw["search"]["space"])
-    return tuple(unique_trials(listed))
+    return tuple(unique_trials(listed, {exp.name: tuple(exp.grid) for exp in spec.experiments}))
 
 
 def _check_search_space(spec: SweepSpec, written: dict) -> None:
