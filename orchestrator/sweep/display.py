@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -16,11 +17,40 @@ COLOURS = {"finished": "green", "diverged": "yellow", "pruned": "cyan", "failed"
            "released": "blue"}
 
 
-def eta_seconds(done_seconds: list[float], left: int, running: int, slots: int) -> float | None:
-    """Mean trial time so far × trials still to run (a running one counts half) / slots."""
-    if not done_seconds:
+@dataclass(frozen=True)
+class Running:
+    """A running trial as the ETA sees it."""
+    elapsed: float
+    epoch: int                    # epochs finished
+    epochs: int
+    cost: float                   # FLOPs per dataset image (plan.trial_flop)
+
+
+def remaining_seconds(trial: Running, seconds_per_flop: float | None) -> float | None:
+    """A running trial's time left: from its own pace once it has finished an epoch, else from its cost at
+    the pace of the trials done so far; None when neither is known."""
+    if trial.epoch > 0:
+        total = trial.elapsed / trial.epoch * trial.epochs
+    elif seconds_per_flop is not None and trial.cost > 0:
+        total = trial.cost * seconds_per_flop
+    else:
         return None
-    return sum(done_seconds) / len(done_seconds) * (left + running / 2) / max(slots, 1)
+    return max(total - trial.elapsed, 0.0)
+
+
+def eta_seconds(done: list[tuple[float, float]], running: list[Running], left: int, slots: int) -> float | None:
+    """Time until the sweep ends: the running trials' time left (remaining_seconds) plus the mean time of the
+    trials done (seconds, cost) for each one still waiting, shared over the slots, and never less than
+    the longest running trial's time left (a ResNet-50 trial in its first epoch holds the end back)."""
+    timed = [(s, c) for s, c in done if s > 0]
+    costed = [(s, c) for s, c in timed if c > 0]
+    seconds_per_flop = sum(s for s, _ in costed) / sum(c for _, c in costed) if costed else None
+    mean = sum(s for s, _ in timed) / len(timed) if timed else None
+    lefts = [remaining_seconds(r, seconds_per_flop) for r in running]
+    if None in lefts or (left and mean is None):
+        return None
+    queued = left * mean if left else 0.0
+    return max((sum(lefts) + queued) / max(slots, 1), max(lefts, default=0.0))
 
 
 def _clock(seconds: float | None) -> str:
@@ -65,8 +95,12 @@ class LiveProgress:
     def summary(self) -> str:
         c = self.counts
         done = sum(v for k, v in c.items() if k not in ("waiting", "running", "failed"))
-        times = [e.seconds for e in self.executor.progress.events if e.status in ("finished", "diverged", "pruned")]
-        eta = eta_seconds(times, c.get("waiting", 0), c.get("running", 0), len(self.executor.slots))
+        timed = [(e.seconds, e.cost) for e in self.executor.progress.events
+                 if e.status in ("finished", "diverged", "pruned")]
+        now = time.monotonic()
+        running = [Running(now - s.started, s.epoch, s.epochs, s.cost)
+                   for s in self.executor.progress.slots.values() if s.trial]
+        eta = eta_seconds(timed, running, c.get("waiting", 0), len(self.executor.slots))
         return (f"done {done} · running {c.get('running', 0)} · failed {c.get('failed', 0)} · "
                 f"left {c.get('waiting', 0)} · ETA {_clock(eta)}")
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from orchestrator.sweep.ledger import HEARTBEAT_SECONDS, Claim, Ledger
+from orchestrator.sweep.plan import trial_flop
 from trainers.config import TrialConfig, to_dict
 from trainers.errors import UserError, one_line
 from trainers.process.children import child_env
@@ -77,6 +78,7 @@ class SlotState:
     epochs: int = 0
     started: float = 0.0
     run_id: str = ""              # its MLflow run, once the trainer has opened it
+    cost: float = 0.0             # its FLOPs per dataset image (plan.trial_flop), to weigh the ETA
 
 
 @dataclass
@@ -85,6 +87,7 @@ class TrialEvent:
     status: str                   # finished / diverged / pruned / failed / retried / released
     seconds: float
     detail: str = ""
+    cost: float = 0.0             # as SlotState.cost; 0 for a trial that did not run here
 
 
 @dataclass
@@ -278,12 +281,13 @@ class Executor:
         started = time.monotonic()
         state = self.progress.slots[slot.name]
         state.trial, state.epoch, state.epochs, state.started = name, 0, cfg.train.epochs, started
+        state.cost = trial_flop(cfg, 1)
         process.send(Run(to_dict(cfg), str(log), claim.attempt, f"{self.host}/{slot.name}"))
         done = self._watch(claim, process, state)
         if done.status == "error" and state.run_id:     # a trainer that died left its run RUNNING
             self.hooks.close_run(state.run_id, "KILLED" if self.stopping.is_set() else "FAILED")
         state.trial, state.run_id = "", ""
-        self._record(claim, name, done, time.monotonic() - started)
+        self._record(claim, name, done, time.monotonic() - started, state.cost)
 
     def _watch(self, claim: Claim, process: TrainerProcess, state: SlotState) -> Done:
         """Follow the trainer's messages until its `done`, sending heartbeats; an error if it died."""
@@ -326,13 +330,13 @@ class Executor:
             if prune:
                 process.send(Stop("pruned by the median rule"))
 
-    def _record(self, claim: Claim, name: str, done: Done, seconds: float) -> None:
+    def _record(self, claim: Claim, name: str, done: Done, seconds: float, cost: float = 0.0) -> None:
         """Tell the ledger how the trial ended, and the display."""
         with self.ledger_lock:
             if done.status != "error":
                 value = done.metrics.get("val_macro_f1", 0.0) if done.status == "finished" else 0.0
                 self.ledger.finish(claim, done.status, value, done.run_id)
-                event = TrialEvent(name, done.status, seconds, _metrics_line(done.metrics))
+                event = TrialEvent(name, done.status, seconds, _metrics_line(done.metrics), cost)
                 self.progress.train_seconds += done.train_seconds
             elif self.stopping.is_set():
                 self.ledger.release(claim)
