@@ -24,9 +24,10 @@ def confusion_png(cm: np.ndarray, classes: tuple[str, ...], path: Path, title: s
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(sub)
-        # Class names read horizontally on the rows (rotated, long ones ran into the axis label), slanted below.
+        # Class names read horizontally on both axes (rotated, long ones ran into each other and the axis
+        # label); with many classes, the columns' names are slanted so they do not overlap.
         ax.tick_params(axis="y", rotation=0)
-        ax.tick_params(axis="x", rotation=30)
+        ax.tick_params(axis="x", rotation=0 if len(classes) <= 8 else 30)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
