@@ -94,12 +94,38 @@ def _gpu_list(text: str | None) -> list[int] | None:
 
 
 def _write_report(spec: SweepSpec, tracking: str | None, out: str | None = None) -> None:
-    """Write the sweep's report from MLflow and say where it is."""
+    """Write the sweep's report from MLflow, say where it is, and link to the runs in MLflow's UI."""
+    from orchestrator.results.links import sweep_links
     from orchestrator.results.report import write_report
     from trainers.tracking import store_client
 
-    path = write_report(spec, store_client(tracking), out)
-    print(f"report: {path}\nbrowse the runs with `make ui` (MLflow UI on http://127.0.0.1:5000)")
+    client = store_client(tracking)
+    path = write_report(spec, client, out)
+    print(f"report: {path} (also logged to the sweep's parent run)")
+    _print_links(client, sweep_links(client, spec.name))
+
+
+def _print_links(client, links: list[str]) -> None:
+    """Deep links into MLflow's UI, with how to open it when the store is local."""
+    from orchestrator.results.links import LOCAL_UI, ui_base
+
+    if links and ui_base(client.tracking_uri) == LOCAL_UI:
+        print("MLflow UI (`make ui`, then open):")
+    for link in links:
+        print(f"  {link}")
+
+
+def _refresh_report(spec: SweepSpec, client) -> None:
+    """After promote or production: the parent run's report written again, so it shows what just changed.
+    A report that cannot be written now (e.g. the sweep's runs are in another store) is left as it was."""
+    from orchestrator.results.report import ReportError, write_report
+
+    try:
+        path = write_report(spec, client)
+    except ReportError as err:
+        print(f"report not refreshed: {err}")
+        return
+    print(f"report: {path} (refreshed; also logged to the sweep's parent run)")
 
 
 def promote(args: argparse.Namespace) -> int:
@@ -107,9 +133,14 @@ def promote(args: argparse.Namespace) -> int:
     from orchestrator.results.registry import promote as promote_best
     from trainers.tracking import store_client
 
+    from orchestrator.results.links import version_link
+
     spec = load_spec(args.spec)
-    result = promote_best(spec, store_client(args.tracking_uri), replace=args.replace)
+    client = store_client(args.tracking_uri)
+    result = promote_best(spec, client, replace=args.replace)
     print(result.message)
+    _refresh_report(spec, client)
+    _print_links(client, [f"version: {version_link(client, spec.promote.name, str(result.version))}"])
     return 0
 
 
@@ -123,7 +154,8 @@ def production(args: argparse.Namespace) -> int:
     asked = [name.strip() for text in args.runs or [] for name in text.split(",") if name.strip()]
     out = console()
     outcomes, skipped, selected = [], 0, 1
-    for step in production_steps(spec, store_client(args.tracking_uri), asked):
+    client = store_client(args.tracking_uri)
+    for step in production_steps(spec, client, asked):
         if isinstance(step, Outcome):
             outcomes.append(step)
             # One run evaluated now gets its tables below; every other outcome gets its line here.
@@ -134,7 +166,22 @@ def production(args: argparse.Namespace) -> int:
         skipped += isinstance(step, Skipped)
         out.print(Text(str(step)))
     _print_production(spec, outcomes)
+    if any(o.evaluated_now for o in outcomes):
+        _refresh_report(spec, client)
+        _print_links(client, _production_links(client, outcomes))
     return _production_status(outcomes, skipped, args.fail_on_drift)
+
+
+def _production_links(client, outcomes: list[Outcome]) -> list[str]:
+    """A link to each production run evaluated now."""
+    from orchestrator.results.links import run_link
+
+    links = []
+    for o in outcomes:
+        if o.evaluated_now:
+            run = client.get_run(o.run_id)
+            links.append(f"production run {o.name}: {run_link(client, run.info.experiment_id, run.info.run_id)}")
+    return links
 
 
 def _print_production(spec: SweepSpec, outcomes: list[Outcome]) -> None:

@@ -119,14 +119,14 @@ def test_sweep_on_bad_images_finishes_and_counts_every_skip_by_reason(in_tmp, or
     (run,) = child_runs(store(in_tmp), "baddata")
     assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
     metrics = run.data.metrics
-    assert {k: v for k, v in metrics.items() if k.startswith("data_skipped_")} == {
-        "data_skipped_empty": 1, "data_skipped_not_an_image": 1, "data_skipped_too_large": 1,
-        "data_skipped_truncated": 1, "data_skipped_unreadable": 2}
+    assert {k: v for k, v in metrics.items() if k.startswith("data/skipped_")} == {
+        "data/skipped_empty": 1, "data/skipped_not_an_image": 1, "data/skipped_too_large": 1,
+        "data/skipped_truncated": 1, "data/skipped_unreadable": 2}
     # Folder names become metric keys with anything MLflow refuses replaced by '_'.
-    assert {k: v for k, v in metrics.items() if k.startswith("data_dropped_")} == {
-        "data_dropped_kh_ng_r___unsorted_": UNKNOWN_IMAGES, "data_dropped_neutral": 0}
-    assert metrics["data_listed"] == 82 and metrics["data_usable"] == 76      # 76 used + 6 skipped
-    assert metrics["data_n_train"] + metrics["data_n_val"] + metrics["data_n_test"] == 76
+    assert {k: v for k, v in metrics.items() if k.startswith("data/dropped_")} == {
+        "data/dropped_kh_ng_r___unsorted_": UNKNOWN_IMAGES, "data/dropped_neutral": 0}
+    assert metrics["data/listed"] == 82 and metrics["data/usable"] == 76      # 76 used + 6 skipped
+    assert metrics["data/n_train"] + metrics["data/n_val"] + metrics["data/n_test"] == 76
 
     report = data_report(store(in_tmp), in_tmp, run.info.run_id)
     assert report["skipped"] == {"empty": 1, "not_an_image": 1, "too_large": 1, "truncated": 1, "unreadable": 2}

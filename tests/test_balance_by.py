@@ -238,7 +238,7 @@ def test_the_data_line_the_prepare_table_and_data_report_json_carry_the_cells(gl
     logged = json.loads(Path(run.client.download_artifacts(run.run_id, "data_report.json", str(tmp_path)))
                         .read_text())
     assert logged["balance"] == data.report.balance
-    assert run.client.get_run(run.run_id).data.metrics["data_n_train_balanced"] == sum(c["after"] for c in cells)
+    assert run.client.get_run(run.run_id).data.metrics["data/n_train_balanced"] == sum(c["after"] for c in cells)
 
 
 def test_prepare_prints_the_training_balance_cells_not_the_production_ones(tmp_path, write_spec, capsys):

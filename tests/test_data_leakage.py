@@ -76,8 +76,8 @@ def test_split_mode_is_tagged_on_the_trial_run_and_in_its_data_report(tmp_path, 
     assert run.data.tags["data_split_mode"] == mode
     report = json.loads(Path(client.download_artifacts(run_id, "data_report.json", str(tmp_path))).read_text())
     assert report["split_mode"] == mode and report["digest"] == run.data.tags["data_digest"]
-    assert report["warnings"] == [] and run.data.metrics["data_warnings"] == 0
-    subjects_logged = {k: v for k, v in run.data.metrics.items() if k.startswith("data_subjects_")}
+    assert report["warnings"] == [] and run.data.metrics["data/warnings"] == 0
+    subjects_logged = {k: v for k, v in run.data.metrics.items() if k.startswith("data/subjects_")}
     assert sum(subjects_logged.values()) == (10 if subjects else 0)
 
 
@@ -118,7 +118,7 @@ def reported(tmp_path_factory, tiny_vit):
     production = client.create_run(ensure_experiment(client, "leak-production"), run_name="production",
                                    tags={"role": "production", "model_version": "1", "source_run_id": run_id})
     for key, value in {**duplicates, "production_align_failure_rate": 0.05,
-                       "data_usable": float(len(production_data.labels))}.items():
+                       "data/usable": float(len(production_data.labels))}.items():
         client.log_metric(production.info.run_id, key, value)
     client.set_terminated(production.info.run_id)
     path = write_report(spec, client, tmp / "report")

@@ -186,6 +186,8 @@ def test_production_run_logs_metrics_slices_drift_and_the_degradation_table(swee
     source = client.get_run(runs["vit-good"]).data.tags
     assert run.data.tags["evaluated_as"] == "champion" and run.data.tags["groups"] == "baseline,mitigation"
     assert run.data.tags["config_hash"] == source["config_hash"] and run.data.tags["sweep"] == "t"
+    # The run links to the model it evaluated (MLflow's run page shows it among the run's inputs).
+    assert [m.model_id for m in run.inputs.model_inputs] == [source["model_id"]]
     assert run.data.tags["data_digest"] == prepare_data(spec.production, 32).digest
     m = run.data.metrics
     expected = {"production_accuracy", "production_macro_f1", "production_align_failure_rate",
@@ -197,10 +199,10 @@ def test_production_run_logs_metrics_slices_drift_and_the_degradation_table(swee
     expected |= {f"production_{k}_{c}" for k in ("precision", "recall", "f1") for c in DEFAULT_CLASSES}
     expected |= {f"{prefix}_{attr}_{value}_{k}" for prefix in ("slice", "test_slice")
                  for attr, values in (("group", "ab"), ("occluded", "01")) for value in values for k in SLICE_NAMES}
-    assert {k for k in m if not k.startswith("data_")} == expected        # exactly these names, as logged
+    assert {k for k in m if not k.startswith("data/")} == expected        # exactly these names, as logged
     assert set(run.data.params) == {"model.image_size"} | {f"production.{k}" for k in PRODUCTION_PARAMS}
     # Production images are never trained on: no balance copies are counted for them.
-    assert run.data.params["production.balance"] == "False" and "data_n_train_balanced" not in m
+    assert run.data.params["production.balance"] == "False" and "data/n_train_balanced" not in m
     assert run.data.params["production.classes"] == ",".join(DEFAULT_CLASSES)
     assert run.data.params["production.synthetic.n_images"] == "480" and run.data.params["model.image_size"] == "32"
     assert m["slice_group_a_count"] + m["slice_group_b_count"] == 480
@@ -224,7 +226,7 @@ def test_each_slice_sits_beside_its_test_slice_with_a_confusion_artifact(sweep, 
     source = client.get_run(runs["vit-good"]).data.metrics
     assert result.slice_note == ""                       # every test image's attributes were found by its key
     # The test side of each attribute partitions the champion's test split, as the production side does production.
-    assert m["test_slice_group_a_count"] + m["test_slice_group_b_count"] == source["data_n_test"]
+    assert m["test_slice_group_a_count"] + m["test_slice_group_b_count"] == source["data/n_test"]
     for attr, values in (("group", "ab"), ("occluded", "01")):
         for value in values:
             low, high = m[f"slice_{attr}_{value}_macro_f1_ci_low"], m[f"slice_{attr}_{value}_macro_f1_ci_high"]

@@ -67,7 +67,7 @@ def log_trial(client: MlflowClient, spec, parent: str, index: int, test: Predict
     for key, value in flat_params(planned.config).items():
         client.log_param(run_id, key, value)
     cm = metrics.confusion_matrix(test.labels, test.predicted, len(test.classes))
-    for key, value in {**metrics.flat("test", cm, test.classes), "data_n_test": len(test.keys)}.items():
+    for key, value in {**metrics.flat("test", cm, test.classes), "data/n_test": len(test.keys)}.items():
         client.log_metric(run_id, key, value)
     log_file(client, run_id, folder, ARTIFACT, test)
     client.set_terminated(run_id)

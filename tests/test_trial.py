@@ -61,16 +61,16 @@ def test_two_epochs_log_params_metrics_and_artifacts(tmp_path, model, tiny_trial
         assert m[f"test_{k}_ci_low"] <= m[f"test_{k}"] <= m[f"test_{k}_ci_high"]
     assert outcome.metrics == {k: pytest.approx(m[k]) for k in ("val_macro_f1", "val_accuracy", "train_loss",
                                                                 "test_loss", "test_accuracy", "test_macro_f1")}
-    assert m["data_n_train"] + m["data_n_val"] + m["data_n_test"] == 240
+    assert m["data/n_train"] + m["data/n_val"] + m["data/n_test"] == 240
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"config.yaml", "curves.png", "confusion_matrix.png", "confusion_matrix.json",
             "per_class.csv", "data_report.json"} <= artifacts
     local = Path(client.download_artifacts(outcome.run_id, "confusion_matrix.json", str(tmp_path)))
     counts = np.array(json.loads(local.read_text())["counts"])
-    assert counts.sum() == m["data_n_test"]
+    assert counts.sum() == m["data/n_test"]
     assert np.trace(counts) / counts.sum() == pytest.approx(m["test_accuracy"])
     saved = read_predictions(client.download_artifacts(outcome.run_id, "test_predictions.csv.gz", str(tmp_path)))
-    assert len(saved.keys) == m["data_n_test"] and saved.classes == tuple(CLASSES)
+    assert len(saved.keys) == m["data/n_test"] and saved.classes == tuple(CLASSES)
     assert np.array_equal(metrics.confusion_matrix(saved.labels, saved.predicted, len(CLASSES)), counts)
     assert np.allclose(saved.probs.sum(1), 1, atol=1e-4)
     png = Path(client.download_artifacts(outcome.run_id, "curves.png", str(tmp_path)))

@@ -29,7 +29,7 @@ from mlflow import MlflowClient
 from mlflow.tracking._tracking_service import utils as mlflow_utils
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, Run, RunTag, ViewType
 
-from trainers.config import TrialConfig, config_hash, flat_params, to_dict, trial_name
+from trainers.config import TrialConfig, applicable_params, config_hash, short_number, to_dict, trial_name
 from trainers.data.dataset import PreparedData
 from trainers.data.split import SPLIT_NAMES
 from trainers.metrics import flat
@@ -80,7 +80,8 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name),
+                                        tags=EXPERIMENT_KIND)
     except mlflow.exceptions.MlflowException:
         # Another process created it between our lookup and create.
         return client.get_experiment_by_name(name).experiment_id
@@ -124,12 +125,41 @@ def global_tracking_uri(uri: str):
             mlflow.set_tracking_uri(uri_before)
 
 
-def _metrics(values: dict[str, float], step: int = 0) -> list[Metric]:
-    """MLflow metrics of the given values; NaN is kept (an undefined metric, e.g. a class without images,
-    is logged as NaN and shown as n/a, never dropped or turned into 0), an infinity is left out."""
+def metric_key(name: str) -> str:
+    """A metric's name in MLflow: the data counters under data/ and the timings under time/, which MLflow's UI
+    groups into chart sections of their own, out of the way of the scores (data_n_test -> data/n_test,
+    train_seconds -> time/train_seconds); every other name as it is."""
+    if name.startswith("data_"):
+        return "data/" + name.removeprefix("data_")
+    if name.endswith("_seconds"):
+        return "time/" + name
+    return name
+
+
+def logged_metric(metrics: dict[str, float], name: str, default=None):
+    """A run's metric by its name in the code (metric_key), also from runs logged before the data/ and time/
+    names."""
+    return metrics.get(metric_key(name), metrics.get(name, default))
+
+
+def _metrics(values: dict[str, float], step: int = 0, model_id: str | None = None) -> list[Metric]:
+    """MLflow metrics of the given values, named by metric_key; NaN is kept (an undefined metric, e.g. a class
+    without images, is logged as NaN and shown as n/a, never dropped or turned into 0), an infinity is left
+    out. With model_id they are also the logged model's metrics."""
     ts = int(1000 * time.time())
-    return [Metric(k, float(v), ts, step) for k, v in values.items()
+    return [Metric(metric_key(k), float(v), ts, step, model_id=model_id) for k, v in values.items()
             if v is not None and (np.isfinite(v) or np.isnan(v))]
+
+
+def describe(cfg: TrialConfig, status: str, metrics: dict[str, float] | None = None) -> str:
+    """A trial run's one-line description (MLflow shows it on the run page and as a tooltip):
+    'vit · adam · lr 1e-3 · 3 epochs · seed 0 · finished · val macro F1 0.818 · test macro F1 0.827'."""
+    parts = [cfg.model.name, cfg.optim.name, f"lr {short_number(cfg.optim.lr)}", f"{cfg.train.epochs} epochs",
+             f"seed {cfg.train.seed}", status]
+    for key, label in (("final_val_macro_f1", "val macro F1"), ("test_macro_f1", "test macro F1")):
+        if metrics and key in metrics and np.isfinite(metrics[key]):
+            parts.append(f"{label} {metrics[key]:.3f}")
+    return " · ".join(parts)
 
 
 def _timed(method):
@@ -262,6 +292,15 @@ def photo_model_of(client: MlflowClient, run: Run) -> tuple[str, str | None]:
     return TrialRun(client, run.info.run_id, resumed=True).log_model(network, cfg, cfg.data.classes), "photos"
 
 
+def link_model(client: MlflowClient, run_id: str, model_id: str | None) -> None:
+    """Record a logged model as the run's input (MLflow's run page links to it): a production run names the
+    model it evaluated. Nothing when there is no model id (a run logged without one)."""
+    from mlflow.entities import LoggedModelInput
+
+    if model_id:
+        client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
+
+
 # --- figures: drawn and logged by a helper process while the trial exports its model --------------
 
 FIGURE_TIMEOUT_SECONDS = 300     # two PNGs take well under a second; a helper this late is hung
@@ -380,18 +419,51 @@ def find_parent_run(client: MlflowClient, sweep: str) -> Run | None:
     return runs[0] if runs else None
 
 
-def open_parent_run(client: MlflowClient, sweep: str, description: str = "") -> str:
-    """Reuse the sweep's parent run (a resumed sweep keeps one parent), else create it."""
+def open_parent_run(client: MlflowClient, sweep: str, description: str = "",
+                    tags: dict[str, str] | None = None) -> str:
+    """Reuse the sweep's parent run (a resumed sweep keeps one parent), else create it (with tags, e.g. its
+    source) and set up its experiment for comparing trials (describe_experiment)."""
     found = find_parent_run(client, sweep)
     if found is not None:
         if found.info.status != "RUNNING":
             client.update_run(found.info.run_id, status="RUNNING")
         return found.info.run_id
     experiment_id = ensure_experiment(client, sweep)
-    tags = {"role": "sweep", "sweep": sweep}
+    tags = {"role": "sweep", "sweep": sweep, **(tags or {})}
     if description:
         tags["mlflow.note.content"] = description
-    return client.create_run(experiment_id, run_name=sweep, tags=tags).info.run_id
+    run_id = client.create_run(experiment_id, run_name=sweep, tags=tags).info.run_id
+    describe_experiment(client, experiment_id, description, run_id)
+    return run_id
+
+
+# MLflow's UI opens an experiment in its GenAI mode unless the experiment says it trains models.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# A saved view of the runs table is an experiment tag mlflow.sharedViewState.<id> (listed under Views, and
+# opened by ?viewStateShareKey=<id>); this one shows what tells trials apart, best validation F1 first.
+COMPARE_VIEW = "fer-compare"
+COMPARE_COLUMNS = ("metrics.`val_macro_f1`", "metrics.`test_macro_f1`", "metrics.`test_accuracy`",
+                   "params.`model.name`", "params.`optim.name`", "params.`optim.lr`", "params.`train.epochs`",
+                   "params.`train.seed`", "tags.`groups`", "tags.`status`")
+
+
+def compare_view(parent_run_id: str) -> str:
+    """The saved view's tag value: its name and the runs table's state (columns, order, the parent open)."""
+    state = {"searchFilter": "", "orderByKey": "metrics.`val_macro_f1`", "orderByAsc": False, "startTime": "ALL",
+             "lifecycleFilter": "Active", "modelVersionFilter": "All Runs", "datasetsFilter": [],
+             "selectedColumns": list(COMPARE_COLUMNS), "runsExpanded": {parent_run_id: True}}
+    now = int(1000 * time.time())
+    return json.dumps({"name": "Compare trials", "createdAt": now, "updatedAt": now, "state": json.dumps(state)})
+
+
+def describe_experiment(client: MlflowClient, experiment_id: str, description: str, parent_run_id: str) -> None:
+    """The experiment's description, the tag that opens it in MLflow's model-training view, and the saved
+    view that compares its trials."""
+    tags = {**EXPERIMENT_KIND, f"mlflow.sharedViewState.{COMPARE_VIEW}": compare_view(parent_run_id)}
+    if description:
+        tags["mlflow.note.content"] = description
+    for key, value in tags.items():
+        client.set_experiment_tag(experiment_id, key, value)
 
 
 class SweepParent:
@@ -414,9 +486,14 @@ class SweepParent:
         return cls(uri, run_id)
 
     @classmethod
-    def open(cls, uri: str, sweep: str, description: str = "") -> SweepParent:
+    def open(cls, uri: str, sweep: str, description: str = "", tags: dict[str, str] | None = None) -> SweepParent:
         """Reuse the sweep's latest parent run in this store, else create it."""
-        return cls(uri, open_parent_run(MlflowClient(uri), sweep, description))
+        return cls(uri, open_parent_run(MlflowClient(uri), sweep, description, tags))
+
+    def log_axes(self, params: dict[str, str]) -> None:
+        """The sweep's axes as the parent's params; a parent reused with other axes keeps its first ones."""
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            MlflowClient(self.uri).log_batch(self.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
 
     def log_texts(self, files: dict[str, str]) -> None:
         """Text artifacts such as spec.yaml and plan.csv, by file name."""
@@ -427,7 +504,8 @@ class SweepParent:
     def finish(self, counts: dict[str, int], interrupted: bool) -> None:
         """Tag the parent with the trial counts (one batched call) and close it."""
         client = MlflowClient(self.uri)
-        client.log_batch(self.run_id, tags=[RunTag(f"trials_{key}", str(value)) for key, value in counts.items()])
+        client.log_batch(self.run_id, tags=[RunTag(f"trials_{key}", str(value)) for key, value in counts.items()],
+                         metrics=_metrics({f"trials_{key}": value for key, value in counts.items()}))
         unfinished = counts.get("waiting", 0) + counts.get("running", 0)
         client.set_terminated(self.run_id, "KILLED" if interrupted or unfinished else "FINISHED")
 
@@ -439,11 +517,13 @@ class SweepParent:
 class TrialRun:
     """One trial's MLflow run: create or resume, then log through explicit run ids."""
 
-    def __init__(self, client: MlflowClient, run_id: str, resumed: bool):
-        self.client, self.run_id, self.resumed = client, run_id, resumed
+    def __init__(self, client: MlflowClient, run_id: str, resumed: bool, cfg: TrialConfig | None = None):
+        self.client, self.run_id, self.resumed, self.cfg = client, run_id, resumed, cfg
         self.seconds = 0.0           # spent in MLflow calls, the model's export and upload excluded
         self.model_seconds = 0.0     # torch.export of the model and its upload
         self._figures: tuple[FigureHelper, FigureJob] | None = None     # drawing in the helper, and its job
+        self.summary: dict[str, float] = {}      # the final metrics (log_result), for the description
+        self.model_id: str | None = None         # the logged model the final metrics belong to
 
     @classmethod
     def open(cls, cfg: TrialConfig, resume_run_id: str | None = None) -> TrialRun:
@@ -454,16 +534,16 @@ class TrialRun:
             try:
                 client.get_run(resume_run_id)
                 client.update_run(resume_run_id, status="RUNNING")
-                return cls(client, resume_run_id, resumed=True)
+                return cls(client, resume_run_id, resumed=True, cfg=cfg)
             except mlflow.exceptions.MlflowException:
                 pass  # the run was deleted or the store changed: start a fresh one
         experiment_id = ensure_experiment(client, t.experiment)
         tags = {"config_hash": config_hash(cfg), "model": cfg.model.name, "optimizer": cfg.optim.name,
-                "status": "running", **t.tags}
+                "status": "running", "mlflow.note.content": describe(cfg, "running"), **t.tags}
         if t.parent_run_id:
             tags["mlflow.parentRunId"] = t.parent_run_id
         run = client.create_run(experiment_id, run_name=t.run_name or trial_name(cfg), tags=tags)
-        return cls(client, run.info.run_id, resumed=False)
+        return cls(client, run.info.run_id, resumed=False, cfg=cfg)
 
     # --- logging -------------------------------------------------------------------------
 
@@ -472,7 +552,7 @@ class TrialRun:
         """Params and resolved config (once: a resumed run keeps what it logged), data counts, digest and
         split mode (tag data_split_mode), and data_report.json."""
         if not self.resumed:
-            params = [Param(k, v[:6000]) for k, v in flat_params(cfg).items()]
+            params = [Param(k, v[:6000]) for k, v in applicable_params(cfg).items()]
             for i in range(0, len(params), 100):   # the store takes at most 100 params per batch
                 self.client.log_batch(self.run_id, params=params[i:i + 100])
             self.client.log_text(self.run_id, yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
@@ -528,7 +608,15 @@ class TrialRun:
             cm = result.test["confusion"]
             confusion = {"classes": list(data.classes), "counts": cm.tolist()}
             self.client.log_text(self.run_id, json.dumps(confusion), "confusion_matrix.json")
-        self.client.log_batch(self.run_id, metrics=_metrics(summary, step=len(result.history)))
+        if result.status == "finished" and cfg.tracking.log_model:
+            # The model is made now, so the final metrics are its metrics too (MLflow's model page shows them).
+            experiment_id = self.client.get_run(self.run_id).info.experiment_id
+            self.model_id = self.client.create_logged_model(experiment_id, name="model",
+                                                            source_run_id=self.run_id).model_id
+        # Step 0: a metric with one value per run is drawn as one bar per run in MLflow's chart view (the
+        # per-epoch curves keep step = epoch).
+        self.client.log_batch(self.run_id, metrics=_metrics(summary, model_id=self.model_id))
+        self.summary = summary
         if result.history or cm is not None:
             job = FigureJob(self.client.tracking_uri, self.run_id, os.getcwd(), title, result.history,
                             list(data.classes), None if cm is None else cm.tolist(),
@@ -572,16 +660,20 @@ class TrialRun:
         from trainers.photo_model import PhotoSettings
 
         # Create the logged model in the run's own experiment (log_model alone would use the
-        # global default experiment and put its files under the working directory).
-        experiment_id = self.client.get_run(self.run_id).info.experiment_id
-        logged = self.client.create_logged_model(experiment_id, name="model", source_run_id=self.run_id)
+        # global default experiment and put its files under the working directory), unless log_result did.
+        model_id = self.model_id
+        if model_id is None:
+            experiment_id = self.client.get_run(self.run_id).info.experiment_id
+            model_id = self.client.create_logged_model(experiment_id, name="model",
+                                                       source_run_id=self.run_id).model_id
+        self.client.log_model_params(model_id, applicable_params(cfg))
         settings = PhotoSettings.of_trial(cfg, classes)
         network = model.cpu()
         with contextlib.suppress(NotImplementedError):     # an exported graph (logged again) has no train mode
             network = network.eval()
         with global_tracking_uri(self.client.tracking_uri):
             info = Model.log(artifact_path=None, name="model", flavor=PHOTO_FLAVOR, run_id=self.run_id,
-                             model_id=logged.model_id, pytorch_model=network, settings=settings,
+                             model_id=model_id, pytorch_model=network, settings=settings,
                              validate_serving_input=False)   # a JSON round trip of images adds nothing
         self.client.set_tag(self.run_id, "model_id", info.model_id)
         return info.model_id
@@ -598,7 +690,10 @@ class TrialRun:
             self._figures = None
         self.client.log_batch(self.run_id, metrics=_metrics({"mlflow_seconds": self.seconds,
                                                               "model_log_seconds": self.model_seconds}))
-        self.client.set_tag(self.run_id, "status", status)
+        tags = [RunTag("status", status)]
+        if self.cfg is not None:
+            tags.append(RunTag("mlflow.note.content", describe(self.cfg, status, self.summary)))
+        self.client.log_batch(self.run_id, tags=tags)
         self.client.set_terminated(self.run_id, MLFLOW_STATUS[status])
 
 

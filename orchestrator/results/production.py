@@ -48,7 +48,7 @@ from trainers.predictions import ARTIFACT as PREDICTIONS
 from trainers.predictions import PRODUCTION_ARTIFACT as PRODUCTION_PREDICTIONS
 from trainers.predictions import Predictions, PredictionsError, read_predictions
 from trainers.errors import first_line
-from trainers.tracking import ensure_experiment, global_tracking_uri, no_download_bars
+from trainers.tracking import ensure_experiment, global_tracking_uri, link_model, metric_key, no_download_bars
 
 if TYPE_CHECKING:
     import torch
@@ -94,6 +94,11 @@ class Candidate:
         if self.version is not None:
             return f"{self.version.name}/{self.version.version}"
         return self.run.data.tags["model_id"]
+
+    @property
+    def model_id(self) -> str | None:
+        """The logged model evaluated: the registered version's, else the run's (None when it has none)."""
+        return getattr(self.version, "model_id", None) or self.run.data.tags.get("model_id")
 
 
 @dataclass(frozen=True)
@@ -346,11 +351,13 @@ def log_production_run(client: MlflowClient, spec: SweepSpec, candidate: Candida
         now = int(1000 * time.time())
         values = {**result.metrics, **data.report.metrics()}
         # NaN is logged (an undefined metric, e.g. a class absent from a slice, reads "n/a"), not dropped.
-        metrics = [Metric(k, float(v), now, 0) for k, v in values.items() if v is not None and not np.isinf(v)]
+        metrics = [Metric(metric_key(k), float(v), now, 0) for k, v in values.items()
+                   if v is not None and not np.isinf(v)]
         client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
         for i in range(0, len(metrics), 1000):   # the store takes at most 1000 metrics per batch
             client.log_batch(run_id, metrics=metrics[i:i + 1000])
         _log_tables(client, run_id, data.classes, result)
+        link_model(client, run_id, candidate.model_id)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / PRODUCTION_PREDICTIONS
             path.write_bytes(evaluated.predictions.to_bytes())

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import functools
+import getpass
+import subprocess
 import io
 import json
 import time
@@ -43,6 +45,28 @@ def child_run_tags(sweep: str, groups: str, trial_number: int) -> dict[str, str]
     return {"role": "trial", "sweep": sweep, "groups": groups, "optuna_trial": str(trial_number)}
 
 
+@functools.lru_cache(maxsize=8)
+def source_tags(spec_path: str) -> dict[str, str]:
+    """MLflow's Source and User columns: the spec that ran, the project's git commit (when run from a git
+    checkout) and the user."""
+    tags = {"mlflow.source.name": spec_path, "mlflow.source.type": "LOCAL", "mlflow.user": getpass.getuser()}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return tags
+    if commit.returncode == 0 and commit.stdout.strip():
+        tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    return tags
+
+
+def sweep_axes(spec: SweepSpec) -> dict[str, str]:
+    """The parent run's params: each experiment's grid axes with their values, the seeds and the trial count."""
+    params = {f"grid.{exp.name}.{axis}": ",".join(map(str, values))
+              for exp in spec.experiments for axis, values in exp.grid.items()}
+    return {**params, "seeds": ",".join(map(str, spec.seeds)), "trials": str(len(spec.plan)),
+            "search": spec.search.method, "promote.metric": spec.promote.metric}
+
+
 @dataclass(frozen=True)
 class SweepContext:
     """What every trial of this sweep shares: where it logs and under which parent."""
@@ -60,7 +84,8 @@ class SweepContext:
         groups = ",".join(planned.groups) if planned else claim.attrs.get("groups", "")
         tracking = TrackingConfig(uri=self.tracking_uri, experiment=self.spec.name, run_name=name,
                                   parent_run_id=self.parent_run_id,
-                                  tags=child_run_tags(self.spec.name, groups, claim.number))
+                                  tags={**child_run_tags(self.spec.name, groups, claim.number),
+                                        **source_tags(self.spec.path)})
         return with_tracking(cfg, tracking, slot.threads)
 
     def hooks(self, search: TpeTrials | None) -> SweepHooks:
@@ -186,7 +211,8 @@ def start(spec: SweepSpec, storage: str | None, tracking: str | None, enqueue: b
     parent = SweepParent.rejoin(uri, known)
     fresh = parent is None
     if fresh:
-        parent = SweepParent.open(uri, spec.name, spec.description)
+        parent = SweepParent.open(uri, spec.name, spec.description, source_tags(spec.path))
+        parent.log_axes(sweep_axes(spec))
     parent.log_texts({"spec.yaml": Path(spec.path).read_text(encoding="utf-8"), "plan.csv": plan_csv(trials)})
     added = ledger.enqueue(longest_first(trials))
     if fresh:

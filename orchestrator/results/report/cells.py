@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from orchestrator.results.report.tables import Stat, summarize, value_text
 from orchestrator.sweep.plan import PlannedTrial, experiment_points, resolve_trial
 from orchestrator.sweep.spec import Experiment, SweepSpec, same_value
-from trainers.config import ModelConfig, TrialConfig, flat_params
+from trainers.config import ModelConfig, TrialConfig, applicable_params, inapplicable_params
 
 # Params that say where or how a trial ran, not what it computed (config_hash leaves them out too);
 # runs that differ only in these and the seed are replicates of one configuration.
@@ -50,8 +50,9 @@ class Trial:
 
     def replicate_key(self) -> frozenset:
         """What the run computed, seed aside: runs with equal keys are replicates of one configuration."""
+        dropped = inapplicable_params(self.params)    # runs logged before they were left out still match
         return frozenset((k, v) for k, v in self.params.items()
-                         if k not in NOT_RESULT_PARAMS and (k, v) not in DEFAULT_ONLY_PARAMS)
+                         if k not in NOT_RESULT_PARAMS and (k, v) not in DEFAULT_ONLY_PARAMS and k not in dropped)
 
 
 def stat_of(trials: list[Trial], metric: str) -> Stat | None:
@@ -189,7 +190,7 @@ def runs_of_model(spec: SweepSpec, model: str, trials: list[Trial]) -> list[Tria
     if model not in spec.models:
         return [t for t in trials if t.params.get("model.name") == model]
     cfg = resolve_trial(spec, {"model": model})
-    logged = {k: v for k, v in flat_params(cfg).items() if k.startswith("model.")}
+    logged = {k: v for k, v in applicable_params(cfg).items() if k.startswith("model.")}
     return [t for t in trials if all(t.params.get(k) == v for k, v in logged.items())]
 
 

@@ -11,7 +11,7 @@ from orchestrator.results.drift import drift_verdict
 from orchestrator.results.production_tables import (SLICE_HEADERS, SliceRow, auc_text, change_text, most_confused,
                                                     slice_cells, slice_finding, slice_record, slices_from_json,
                                                     taken_for, with_interval)
-from orchestrator.results.report.cells import Trial, best_configuration, configurations, runs_of_model
+from orchestrator.results.report.cells import Cell, Trial, best_configuration, configurations, runs_of_model
 from orchestrator.results.report.groups import per_class_table
 from orchestrator.results.report.references import study, sweep_block
 from orchestrator.results.report.store import ProductionRun, SweepRuns
@@ -30,8 +30,9 @@ TABLE_12_ROWS = (("accuracy", "accuracy", "accuracy"), ("macro_f1", "macro F1", 
 TABLE_13_METRICS = (("recall", "accuracy"), ("f1", "f1"))
 
 
-def best_model_section(report: Report, spec: SweepSpec, trials: list[Trial]) -> None:
-    """Table 11: per-class metrics of the best configuration of the promoted model by the promote metric."""
+def best_model_section(report: Report, spec: SweepSpec, trials: list[Trial]) -> Cell | None:
+    """Table 11: per-class metrics of the best configuration of the promoted model by the promote metric;
+    returns that configuration (None when there is none)."""
     promote = spec.promote
     metric = promote.metric
     report.text(f"## Best {promote.model} by {metric} (Table 11)")
@@ -39,7 +40,7 @@ def best_model_section(report: Report, spec: SweepSpec, trials: list[Trial]) -> 
     best = best_configuration(configs, metric)
     if best is None:
         report.text(f"Best {promote.model}: no finished {promote.model} trial with {metric}.")
-        return
+        return None
     score = best.stat(metric).mean
     p = best.finished[0].params
     block = sweep_block(spec, "per_class", skip_model_grids=True)
@@ -51,6 +52,7 @@ def best_model_section(report: Report, spec: SweepSpec, trials: list[Trial]) -> 
                 + (" The study's values are those of its own best model, picked by test F1." if block else ""))
     per_class_table(report, "best_per_class", best,
                     lambda m, cls: study(block, f"test_{m}", {"class": cls}, partial=True))
+    return best
 
 
 def production_section(report: Report, store: SweepRuns, spec: SweepSpec, champion: str | None) -> None:

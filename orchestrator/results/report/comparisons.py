@@ -17,6 +17,7 @@ from orchestrator.results.report.tables import LABELS, Delta, summarize, value_t
 from orchestrator.sweep.spec import Experiment
 from trainers.predictions import ARTIFACT, Predictions
 from trainers.stats import N_RESAMPLES, paired_differences
+from trainers.tracking import logged_metric
 
 METRICS = ("macro_f1", "accuracy")
 NOT_COMPARABLE = "not comparable (different test images)"
@@ -161,7 +162,8 @@ def value_note(cells: list[Cell], names: str = "test acc, test F1") -> str | Non
     seeds = sorted({len(c.finished) for c in cells if len(c.finished) > 1})
     parts = []
     if single:
-        sizes = sorted({int(t.metrics["data_n_test"]) for t in single if "data_n_test" in t.metrics})
+        sizes = sorted({int(logged_metric(t.metrics, "data_n_test")) for t in single
+                        if logged_metric(t.metrics, "data_n_test") is not None})
         over = f"its {sizes[0]} test images" if len(sizes) == 1 else "its test images"
         parts.append(f"one run, [95% bootstrap interval over {over} ({N_RESAMPLES:,} resamples)]")
     if seeds:

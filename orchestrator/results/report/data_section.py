@@ -11,6 +11,7 @@ import json
 from orchestrator.results.report.cells import Trial
 from orchestrator.results.report.store import ProductionRun, SweepRuns
 from orchestrator.results.report.tables import Report, Table
+from trainers.tracking import logged_metric
 
 DATA_REPORT = "data_report.json"
 SPLITS = ("train", "val", "test")
@@ -121,7 +122,7 @@ def production_table(training: dict, metrics: dict[str, float]) -> Table:
     table = Table("data_production", ["measure", "training", "production"])
     train_rate = training.get("align_failures", 0) / max(training.get("usable", 0), 1)
     prod_rate = metrics.get("production_align_failure_rate")
-    prod_images = metrics.get("data_usable")
+    prod_images = logged_metric(metrics, "data_usable")
     table.rows.append(["images", str(training.get("usable", "—")), "—" if prod_images is None else f"{prod_images:.0f}"])
     table.rows.append(["alignment failure rate", percent(train_rate), percent(prod_rate)])
     pairs = metrics.get("production_duplicates_train")

@@ -8,7 +8,7 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
-from orchestrator.results.report.cells import Trial
+from orchestrator.results.report.cells import Cell, Trial
 from orchestrator.results.report.champion import best_model_section, production_section
 from orchestrator.results.report.data_section import data_section
 from orchestrator.results.report.groups import experiment_section, other_groups_section
@@ -70,10 +70,25 @@ def write_report(spec: SweepSpec, client: MlflowClient, out_dir: Path | str | No
         for exp in spec.experiments:
             experiment_section(report, store, spec, plan, exp, trials)
         other_groups_section(report, spec, trials)
-        best_model_section(report, spec, trials)
+        best = best_model_section(report, spec, trials)
         production_section(report, store, spec, champion)
         mitigation_sections(report, store, spec, plan, trials)
         path = out / "report.md"
         path.write_text("\n\n".join(report.blocks) + "\n", encoding="utf-8")
         store.log_report(parent_run_id, [path, *report.files])
+        store.log_summary(parent_run_id, *parent_summary(trials, best))
     return path
+
+
+def parent_summary(trials: list[Trial], best: Cell | None) -> tuple[dict[str, float], dict[str, str]]:
+    """The parent run's summary for MLflow's runs table: the trial counts by status and, when there is one,
+    the best configuration's runs (tag best_run) and its mean validation and test macro F1."""
+    metrics = {f"trials_{status}": float(n) for status, n in Counter(t.status for t in trials).items()}
+    tags = {}
+    if best is not None:
+        tags["best_run"] = ", ".join(t.name for t in best.finished)
+        for key in ("val_macro_f1", "test_macro_f1", "test_accuracy"):
+            stat = best.stat(key)
+            if stat is not None:
+                metrics[f"best_{key}"] = stat.mean
+    return metrics, tags

@@ -8,12 +8,13 @@ import csv
 import functools
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from mlflow import MlflowClient
-from mlflow.entities import Run
+from mlflow.entities import Metric, Run, RunTag
 from mlflow.exceptions import MlflowException
 
 from orchestrator.results.report.cells import Trial
@@ -174,6 +175,12 @@ class SweepRuns:
         """The report's files as artifacts of the parent run, under report/."""
         for file in files:
             self.client.log_artifact(parent_run_id, str(file), artifact_path="report")
+
+    def log_summary(self, parent_run_id: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
+        """The sweep's summary on its parent run (step 0: MLflow's charts draw one value per run)."""
+        now = int(1000 * time.time())
+        self.client.log_batch(parent_run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                              tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
 
 
 def read_degradation(path: Path) -> list[dict]:
