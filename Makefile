@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) -m pytest -q -s tests/bench
 
 ui: $(STAMP)
+	@echo "MLflow UI: http://$(HOST):$(PORT)/#/experiments?workflowType=machine_learning (sweep, report, promote and production print links to a sweep's runs)"
 	MLFLOW_DISABLE_TELEMETRY=$${MLFLOW_DISABLE_TELEMETRY:-true} $(PY) -m mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host $(HOST) --port $(PORT)
 
 promote: $(STAMP)

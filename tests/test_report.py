@@ -353,7 +353,7 @@ def n_test(client: MlflowClient, row: dict) -> str:
 
 def note_under(text: str, table: str) -> str:
     """The Markdown between the last row and the CSV link of each view of a table (Table 9 has two)."""
-    views = text.split(f"<sub>data: [{table}.csv]")[:-1]
+    views = text.split(f"*data: [{table}.csv]")[:-1]
     return "\n".join(view.rsplit("|", 1)[1] for view in views)
 
 

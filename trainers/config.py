@@ -471,14 +471,12 @@ def flat_params(cfg: TrialConfig | DataConfig) -> dict[str, str]:
 
 
 def inapplicable_params(params: dict[str, str]) -> set[str]:
-    """The flat params (flat_params) that cannot change this trial: the ViT's shape on another model, momentum
-    for Adam, the align margin without alignment, the balance settings without balancing, the synthetic
+    """The flat params (flat_params) that cannot change this trial: the ViT's shape on another model, the
+    align margin without alignment, the balance settings without balancing, the synthetic
     source's settings for another source. A run logs none of them, so MLflow's Compare shows what differs."""
     out = set()
     if params.get("model.name") != "vit":
         out |= {k for k in params if k.startswith("model.vit.")}
-    if params.get("optim.name") == "adam":
-        out.add("optim.momentum")
     if params.get("data.align") == "none":
         out.add("data.align_margin")
     if params.get("data.balance") == "False":

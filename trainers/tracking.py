@@ -376,6 +376,9 @@ def close_dead_run(uri: str, run_id: str, status: str) -> None:
         print(f"warning: could not close run {run_id}: {err}", file=sys.stderr)
 
 
+# The metrics a run logs first (MLflow's Compare page plots the first one by default).
+SCORES_FIRST = ("val_macro_f1", "val_accuracy", "val_loss", "train_macro_f1", "train_accuracy", "train_loss")
+
 OUTCOME_METRICS = ("val_macro_f1", "val_accuracy", "train_loss", "test_loss", "test_accuracy", "test_macro_f1")
 
 
@@ -523,6 +526,7 @@ class TrialRun:
         self.model_seconds = 0.0     # torch.export of the model and its upload
         self._figures: tuple[FigureHelper, FigureJob] | None = None     # drawing in the helper, and its job
         self.summary: dict[str, float] = {}      # the final metrics (log_result), for the description
+        self._pending: dict[str, float] = {}     # data counters not logged yet (see log_setup)
         self.model_id: str | None = None         # the logged model the final metrics belong to
 
     @classmethod
@@ -556,7 +560,9 @@ class TrialRun:
             for i in range(0, len(params), 100):   # the store takes at most 100 params per batch
                 self.client.log_batch(self.run_id, params=params[i:i + 100])
             self.client.log_text(self.run_id, yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
-        self.client.log_batch(self.run_id, metrics=_metrics(data.report.metrics()))
+        # The counters wait for the first epoch's scores: MLflow's Compare page plots the metric a run
+        # logged first (val_macro_f1 then, not data/listed).
+        self._pending = data.report.metrics()
         self.client.set_tag(self.run_id, "data_digest", data.digest)
         self.client.set_tag(self.run_id, "data_split_mode", data.report.split_mode)
         report = {**data.report.__dict__, "digest": data.digest}
@@ -583,8 +589,16 @@ class TrialRun:
 
     @_timed
     def on_epoch(self, epoch: int, values: dict[str, float]) -> None:
-        """Per-epoch metrics with step = epoch, one batched call."""
-        self.client.log_batch(self.run_id, metrics=_metrics(values, step=epoch))
+        """Per-epoch metrics with step = epoch, the scores first, one batched call; then the data counters."""
+        ordered = {k: values[k] for k in SCORES_FIRST if k in values} | values
+        self.client.log_batch(self.run_id, metrics=_metrics(ordered, step=epoch))
+        self._log_pending()
+
+    def _log_pending(self) -> None:
+        """The data counters held back by log_setup, once."""
+        if self._pending:
+            pending, self._pending = self._pending, {}
+            self.client.log_batch(self.run_id, metrics=_metrics(pending))
 
     @_timed
     def log_result(self, cfg: TrialConfig, data: PreparedData, result: TrialResult,
@@ -617,6 +631,7 @@ class TrialRun:
         # per-epoch curves keep step = epoch).
         self.client.log_batch(self.run_id, metrics=_metrics(summary, model_id=self.model_id))
         self.summary = summary
+        self._log_pending()
         if result.history or cm is not None:
             job = FigureJob(self.client.tracking_uri, self.run_id, os.getcwd(), title, result.history,
                             list(data.classes), None if cm is None else cm.tolist(),
@@ -688,6 +703,7 @@ class TrialRun:
             with contextlib.suppress(Exception):
                 self._figures[0].result(timeout=10)
             self._figures = None
+        self._log_pending()         # a trial that failed before its first epoch still says what data it had
         self.client.log_batch(self.run_id, metrics=_metrics({"mlflow_seconds": self.seconds,
                                                               "model_log_seconds": self.model_seconds}))
         tags = [RunTag("status", status)]

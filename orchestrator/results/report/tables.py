@@ -164,7 +164,8 @@ class Table:
         lines = ["| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
         lines += ["| " + " | ".join(row) + " |" for row in self.rows]
         notes = "".join(f"\n\n{note}" for note in self.notes)
-        return "\n".join(lines) + notes + f"\n\n<sub>data: [{self.name}.csv]({self.name}.csv)</sub>"
+        # Plain Markdown (MLflow's artifact viewer shows HTML tags such as <sub> as text).
+        return "\n".join(lines) + notes + f"\n\n*data: [{self.name}.csv]({self.name}.csv)*"
 
     def write(self, folder: Path) -> Path:
         columns: dict[str, None] = {}
