@@ -106,11 +106,13 @@ def _write_report(spec: SweepSpec, tracking: str | None, out: str | None = None)
 
 
 def _print_links(client, links: list[str]) -> None:
-    """Deep links into MLflow's UI, with how to open it when the store is local."""
-    from orchestrator.results.links import LOCAL_UI, ui_base
+    """Deep links into MLflow's UI, after how to start it when the store is not a server."""
+    from orchestrator.results.links import ui_command
 
-    if links and ui_base(client.tracking_uri) == LOCAL_UI:
-        print("MLflow UI (`make ui`, then open):")
+    if not links:
+        return
+    command = ui_command(client.tracking_uri)
+    print(f"MLflow UI ({command}, then open):" if command else "MLflow UI:")
     for link in links:
         print(f"  {link}")
 
@@ -118,12 +120,13 @@ def _print_links(client, links: list[str]) -> None:
 def _refresh_report(spec: SweepSpec, client) -> None:
     """After promote or production: the parent run's report written again, so it shows what just changed.
     A report that cannot be written now (e.g. the sweep's runs are in another store) is left as it was."""
-    from orchestrator.results.report import ReportError, write_report
+    from orchestrator.results.report import write_report
+    from trainers.errors import first_line
 
     try:
         path = write_report(spec, client)
-    except ReportError as err:
-        print(f"report not refreshed: {err}")
+    except Exception as err:       # what was promoted or evaluated stands; `report` can write it later
+        print(f"report not refreshed ({first_line(err)}); `python -m orchestrator report {spec.path}` writes it")
         return
     print(f"report: {path} (refreshed; also logged to the sweep's parent run)")
 

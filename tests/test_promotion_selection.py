@@ -98,7 +98,9 @@ def test_a_candidate_trained_on_other_data_keeps_the_champion_until_replace_is_p
     path.write_text(yaml.safe_dump(spec_raw("new", "fer")))
     assert main(["promote", str(path), "--tracking-uri", client.tracking_uri, "--replace"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("fer v2 from run lr0.001-seed1") and out.count("\n") == 1
+    lines = out.splitlines()      # the outcome in one line; then the refreshed report and the version's link
+    assert lines[0].startswith("fer v2 from run lr0.001-seed1") and lines[1].startswith("report: ")
+    assert lines[-1].strip() == "version: http://127.0.0.1:5000/#/models/fer/versions/2"
     assert "now champion, replacing v1 (mean val_macro_f1 over 3 seed(s) 0.7233), which is now previous; " \
            "--replace promoted it although v2 was trained on different data" in out
     assert aliases(client, "fer") == {"champion": 2, PREVIOUS_ALIAS: 1}

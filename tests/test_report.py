@@ -289,7 +289,10 @@ def test_report_verb_writes_the_report_or_says_there_are_no_runs(one_seed, tmp_p
     spec_file.write_text(yaml.safe_dump({**sweep_spec("r", {"baseline": {"grid": {"model": ["vit"]}}}, [0], tiny_vit)}))
     assert main(["report", str(spec_file), "--tracking-uri", client.tracking_uri, "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
-    assert str(tmp_path / "o" / "report.md") in out and "make ui" in out
+    assert str(tmp_path / "o" / "report.md") in out
+    # Links into the UI, and how to serve it over this store (not the default one `make ui` serves).
+    assert f"mlflow ui --backend-store-uri {client.tracking_uri} --port 5000" in out
+    assert "&viewStateShareKey=fer-compare" in out and "#/compare-runs?runs=" in out
     empty = f"sqlite:///{tmp_path / 'empty.db'}"
     assert main(["report", str(spec_file), "--tracking-uri", empty]) == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]   # MLflow logs creating the empty store first

@@ -121,11 +121,19 @@ def test_trial_names_lead_with_what_their_experiment_varies_and_differ_where_mlf
     assert trial_name(trials[2].config) == "ep2·adam·1e-3·vit·s0"      # the standing order, alone
 
 
-def test_names_that_collide_get_a_hash_suffix(tmp_path):
+def test_other_grid_axes_name_their_trials_by_key_and_value(tmp_path):
     raw = demo_core()
-    raw["experiments"] = {"splits": {"grid": {"data.split_seed": [0, 1]}}}
+    raw["experiments"] = {"splits": {"grid": {"data.split_seed": [0, 1], "train.batch_size": [16]}}}
     names = [t.name for t in load_spec(write(tmp_path, raw)).plan]
-    assert len(set(names)) == 2 and all(n.startswith("ep3·adam·1e-3·vit·s0·") for n in names)
+    assert names == ["split_seed0·batch_size16·ep3·adam·1e-3·vit·s0", "split_seed1·batch_size16·ep3·adam·1e-3·vit·s0"]
+
+
+def test_names_that_collide_get_a_hash_suffix(tmp_path):
+    raw = demo_core()      # two presets of one architecture: the name says vit for both
+    raw["models"]["vit_wide"] = {**raw["models"]["vit"], "vit": {**raw["models"]["vit"]["vit"], "hidden_size": 128}}
+    raw["experiments"] = {"widths": {"grid": {"model": ["vit", "vit_wide"]}}}
+    names = [t.name for t in load_spec(write(tmp_path, raw)).plan]
+    assert len(set(names)) == 2 and all(n.startswith("vit·ep3·adam·1e-3·s0·") for n in names)
 
 
 def test_resolve_trial_expands_the_preset_and_applies_the_point_over_defaults():

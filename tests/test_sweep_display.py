@@ -21,3 +21,9 @@ def test_a_trial_past_its_first_epoch_is_timed_by_its_own_pace():
 def test_no_estimate_before_anything_can_be_timed():
     assert eta_seconds([], [Running(5.0, 0, 3, 1.0)], left=4, slots=2) is None
     assert eta_seconds([], [], left=0, slots=2) == 0.0
+
+
+def test_a_trial_resumed_from_its_checkpoint_is_timed_by_this_attempts_epochs():
+    # Resumed at epoch 7 of 10 (a checkpoint), it finished epoch 8 in 60 s: two epochs of 60 s are left.
+    trial = Running(elapsed=60.0, epoch=8, epochs=10, cost=1.0, resumed_at=7)
+    assert remaining_seconds(trial, None) == 120.0

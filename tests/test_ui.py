@@ -31,7 +31,7 @@ PAGE_SECONDS = 90          # the UI's first load on a busy 2-core machine takes 
 
 def _browser_missing() -> str | None:
     try:
-        import playwright.sync_api  # noqa: F401
+        import playwright.sync_api  # noqa: F401  (only whether it imports)
     except ImportError:
         return "playwright is not installed (pip install playwright; .ci/run does)"
     if not Path(CHROMIUM).exists():
@@ -95,7 +95,8 @@ def test_runs_carry_what_the_ui_shows(swept, store):
     # The parent: the axes as params, the best run and its scores, the counts; the report refreshed by promote.
     parent = client.get_run(parent.info.run_id)
     assert parent.data.params["grid.optimizer_lr.optim.lr"] == "0.001,0.01"
-    assert parent.data.metrics["trials_finished"] == 4 and "best_val_macro_f1" in parent.data.metrics
+    assert parent.data.metrics["trials_finished"] == 4 and parent.data.metrics["trials_failed"] == 0
+    assert "best_config_val_macro_f1" in parent.data.metrics
     assert parent.data.tags["best_run"] in {r.info.run_name for r in children}
     report = [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
     assert "report/report.md" in report

@@ -542,31 +542,69 @@ NAME_SEPARATOR = "·"
 
 
 def short_number(x: float) -> str:
-    """A learning rate as people write it: 1e-3, 3e-5, 0.5, 1e12 (mantissa without trailing zeros)."""
+    """A number as a name shows it, to 3 significant digits: 1e-3, 3e-5, 3.16e-4, 0.5, 1e12."""
     if x == 0 or 0.1 <= abs(x) < 1000:
-        return f"{x:g}"
-    mantissa, exponent = f"{x:e}".split("e")
+        return f"{x:.3g}"
+    mantissa, exponent = f"{x:.2e}".split("e")
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
-def name_parts(cfg: TrialConfig) -> dict[str, str]:
+def name_parts(cfg: TrialConfig, axes: tuple[str, ...] = ()) -> dict[str, str]:
     """The parts of a trial's run name, in their standing order: epochs, optimizer, lr, model, the
     mitigation parts when they differ from the default (training balanced over other cells than the
-    classes, augment.occlusion on), seed."""
+    classes, augment.occlusion on), then one part per other grid axis named in `axes` (its last key and
+    value: batch_size64, image_size112), seed."""
     by = cfg.data.balance_by
     balanced = cfg.data.balance and tuple(by) != DataConfig().balance_by
     parts = {"epochs": f"ep{cfg.train.epochs}", "optimizer": cfg.optim.name, "lr": short_number(cfg.optim.lr),
              "model": cfg.model.name, "balance": f"by{'+'.join(by)}" if balanced else "",
-             "occlusion": f"occ{cfg.augment.occlusion:g}" if cfg.augment.occlusion else "",
-             "seed": f"s{cfg.train.seed}"}
+             "occlusion": f"occ{cfg.augment.occlusion:g}" if cfg.augment.occlusion else ""}
+    for axis in axes:
+        if axis not in NAMED_AXES and axis != "train.seed" and value_at(cfg, axis) is not None:
+            parts[axis] = f"{axis.rsplit('.', 1)[-1]}{_name_value(value_at(cfg, axis))}"
+    parts["seed"] = f"s{cfg.train.seed}"
     return {k: v for k, v in parts.items() if v}
 
 
-def trial_name(cfg: TrialConfig, first: tuple[str, ...] = ()) -> str:
+# The grid axes name_parts always names, and the part each gives.
+NAMED_AXES = {"model": "model", "model.name": "model", "train.epochs": "epochs", "optim.name": "optimizer",
+              "optim.lr": "lr", "data.balance": "balance", "data.balance_by": "balance",
+              "augment.occlusion": "occlusion"}
+
+
+def leading_parts(axes: tuple[str, ...]) -> tuple[str, ...]:
+    """The name parts that grid (or search) axes put first, in the axes' order; a learning rate reads with
+    its optimizer before it (adam·2e-5) when the optimizer is not an axis itself."""
+    named = [NAMED_AXES.get(a, a) for a in axes]
+    parts = []
+    for part in named:
+        parts += ["optimizer", "lr"] if part == "lr" and "optimizer" not in named else [part]
+    return tuple(dict.fromkeys(parts))
+
+
+def value_at(cfg: TrialConfig, path: str):
+    """The config's value at a dotted path (model.vit.patch_size); None where there is none."""
+    value = cfg
+    for key in path.split("."):
+        value = getattr(value, key, None)
+    return value
+
+
+def _name_value(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    if isinstance(value, float):
+        return short_number(value)
+    if isinstance(value, (tuple, list)):
+        return "+".join(map(str, value))
+    return str(value)
+
+
+def trial_name(cfg: TrialConfig, first: tuple[str, ...] = (), axes: tuple[str, ...] = ()) -> str:
     """Readable run name, the parts joined by '·': ep3·adam·1e-3·vit·s0, or ep3·adam·1e-3·vit·bygroup·occ0.5·s0.
     The parts named in `first` (those that vary across a plan; see plan.unique_trials) come first, the
     seed always last, so names MLflow's runs table cuts at ~16 characters still tell trials apart."""
-    parts = name_parts(cfg)
+    parts = name_parts(cfg, axes)
     seed = parts.pop("seed")
     ordered = [parts[k] for k in first if k in parts] + [v for k, v in parts.items() if k not in first]
     return NAME_SEPARATOR.join([*ordered, seed])

@@ -125,7 +125,7 @@ def global_tracking_uri(uri: str):
             mlflow.set_tracking_uri(uri_before)
 
 
-def metric_key(name: str) -> str:
+def mlflow_name(name: str) -> str:
     """A metric's name in MLflow: the data counters under data/ and the timings under time/, which MLflow's UI
     groups into chart sections of their own, out of the way of the scores (data_n_test -> data/n_test,
     train_seconds -> time/train_seconds); every other name as it is."""
@@ -137,17 +137,17 @@ def metric_key(name: str) -> str:
 
 
 def logged_metric(metrics: dict[str, float], name: str, default=None):
-    """A run's metric by its name in the code (metric_key), also from runs logged before the data/ and time/
+    """A run's metric by its name in the code (mlflow_name), also from runs logged before the data/ and time/
     names."""
-    return metrics.get(metric_key(name), metrics.get(name, default))
+    return metrics.get(mlflow_name(name), metrics.get(name, default))
 
 
 def _metrics(values: dict[str, float], step: int = 0, model_id: str | None = None) -> list[Metric]:
-    """MLflow metrics of the given values, named by metric_key; NaN is kept (an undefined metric, e.g. a class
+    """MLflow metrics of the given values, named by mlflow_name; NaN is kept (an undefined metric, e.g. a class
     without images, is logged as NaN and shown as n/a, never dropped or turned into 0), an infinity is left
     out. With model_id they are also the logged model's metrics."""
     ts = int(1000 * time.time())
-    return [Metric(metric_key(k), float(v), ts, step, model_id=model_id) for k, v in values.items()
+    return [Metric(mlflow_name(k), float(v), ts, step, model_id=model_id) for k, v in values.items()
             if v is not None and (np.isfinite(v) or np.isnan(v))]
 
 
@@ -369,9 +369,15 @@ def close_dead_run(uri: str, run_id: str, status: str) -> None:
     match; a run already closed is left alone, and a retry reopens it."""
     client = MlflowClient(uri)
     try:
-        if client.get_run(run_id).info.status == "RUNNING":
+        run = client.get_run(run_id)
+        if run.info.status == "RUNNING":
             client.set_terminated(run_id, status)
-            client.set_tag(run_id, "status", "failed" if status == "FAILED" else "killed")
+            word = "failed" if status == "FAILED" else "killed"
+            tags = [RunTag("status", word)]
+            note = run.data.tags.get("mlflow.note.content", "")
+            if note.endswith(" · running"):          # the description's status, as describe() wrote it
+                tags.append(RunTag("mlflow.note.content", f"{note.removesuffix(' · running')} · {word}"))
+            client.log_batch(run_id, tags=tags)
     except Exception as err:   # the store may be unreachable; the retry will reopen the run anyway
         print(f"warning: could not close run {run_id}: {err}", file=sys.stderr)
 
@@ -430,6 +436,8 @@ def open_parent_run(client: MlflowClient, sweep: str, description: str = "",
     if found is not None:
         if found.info.status != "RUNNING":
             client.update_run(found.info.run_id, status="RUNNING")
+        # An experiment from before the comparison view gets it (setting the tags again changes nothing).
+        describe_experiment(client, found.info.experiment_id, description, found.info.run_id)
         return found.info.run_id
     experiment_id = ensure_experiment(client, sweep)
     tags = {"role": "sweep", "sweep": sweep, **(tags or {})}
@@ -469,6 +477,9 @@ def describe_experiment(client: MlflowClient, experiment_id: str, description: s
         client.set_experiment_tag(experiment_id, key, value)
 
 
+TRIAL_STATUSES = ("waiting", "running", "finished", "diverged", "pruned", "failed")
+
+
 class SweepParent:
     """The sweep's parent run as the runner uses it: opened or rejoined, given the spec and plan, closed."""
 
@@ -494,9 +505,13 @@ class SweepParent:
         return cls(uri, open_parent_run(MlflowClient(uri), sweep, description, tags))
 
     def log_axes(self, params: dict[str, str]) -> None:
-        """The sweep's axes as the parent's params; a parent reused with other axes keeps its first ones."""
-        with contextlib.suppress(mlflow.exceptions.MlflowException):
-            MlflowClient(self.uri).log_batch(self.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+        """The sweep's axes as the parent's params. MLflow params cannot change: a parent reused after the
+        spec changed keeps the values it has and gains the new keys."""
+        client = MlflowClient(self.uri)
+        logged = client.get_run(self.run_id).data.params
+        new = [Param(k, v[:6000]) for k, v in params.items() if k not in logged]
+        for i in range(0, len(new), 100):      # the store takes at most 100 params per batch
+            client.log_batch(self.run_id, params=new[i:i + 100])
 
     def log_texts(self, files: dict[str, str]) -> None:
         """Text artifacts such as spec.yaml and plan.csv, by file name."""
@@ -507,8 +522,9 @@ class SweepParent:
     def finish(self, counts: dict[str, int], interrupted: bool) -> None:
         """Tag the parent with the trial counts (one batched call) and close it."""
         client = MlflowClient(self.uri)
-        client.log_batch(self.run_id, tags=[RunTag(f"trials_{key}", str(value)) for key, value in counts.items()],
-                         metrics=_metrics({f"trials_{key}": value for key, value in counts.items()}))
+        every = {status: counts.get(status, 0) for status in TRIAL_STATUSES} | counts   # 0s replace old counts
+        client.log_batch(self.run_id, tags=[RunTag(f"trials_{key}", str(value)) for key, value in every.items()],
+                         metrics=_metrics({f"trials_{key}": value for key, value in every.items()}))
         unfinished = counts.get("waiting", 0) + counts.get("running", 0)
         client.set_terminated(self.run_id, "KILLED" if interrupted or unfinished else "FINISHED")
 
@@ -527,6 +543,7 @@ class TrialRun:
         self._figures: tuple[FigureHelper, FigureJob] | None = None     # drawing in the helper, and its job
         self.summary: dict[str, float] = {}      # the final metrics (log_result), for the description
         self._pending: dict[str, float] = {}     # data counters not logged yet (see log_setup)
+        self._model_logged = False
         self.model_id: str | None = None         # the logged model the final metrics belong to
 
     @classmethod
@@ -538,6 +555,7 @@ class TrialRun:
             try:
                 client.get_run(resume_run_id)
                 client.update_run(resume_run_id, status="RUNNING")
+                client.set_tag(resume_run_id, "mlflow.note.content", describe(cfg, "running"))
                 return cls(client, resume_run_id, resumed=True, cfg=cfg)
             except mlflow.exceptions.MlflowException:
                 pass  # the run was deleted or the store changed: start a fresh one
@@ -691,6 +709,7 @@ class TrialRun:
                              model_id=model_id, pytorch_model=network, settings=settings,
                              validate_serving_input=False)   # a JSON round trip of images adds nothing
         self.client.set_tag(self.run_id, "model_id", info.model_id)
+        self._model_logged = True
         return info.model_id
 
     @_timed
@@ -706,6 +725,10 @@ class TrialRun:
         self._log_pending()         # a trial that failed before its first epoch still says what data it had
         self.client.log_batch(self.run_id, metrics=_metrics({"mlflow_seconds": self.seconds,
                                                               "model_log_seconds": self.model_seconds}))
+        if self.model_id is not None and not self._model_logged:     # made for a model that never came
+            with contextlib.suppress(mlflow.exceptions.MlflowException):
+                from mlflow.entities import LoggedModelStatus
+                self.client.finalize_logged_model(self.model_id, LoggedModelStatus.FAILED)
         tags = [RunTag("status", status)]
         if self.cfg is not None:
             tags.append(RunTag("mlflow.note.content", describe(self.cfg, status, self.summary)))

@@ -8,17 +8,30 @@ from urllib.parse import quote
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
+from orchestrator.results.report.store import safe_uri
 from trainers.tracking import COMPARE_VIEW, find_parent_run
+from trainers.tracking import tracking_uri as tracking_uri_of
 
 LOCAL_UI = "http://127.0.0.1:5000"      # `make ui` over the local store
 ML_VIEW = "workflowType=machine_learning"
 
 
 def ui_base(tracking_uri: str) -> str:
-    """The UI over this store: a tracking server is its own UI; a local store's is `make ui`."""
+    """The UI over this store: a tracking server is its own UI; another store's is served on LOCAL_UI
+    (ui_command says how)."""
     if tracking_uri.startswith(("http://", "https://")):
         return tracking_uri.rstrip("/")
     return LOCAL_UI
+
+
+def ui_command(tracking_uri: str) -> str | None:
+    """How to serve the UI the links point at: `make ui` for the default store under mlruns/, mlflow ui
+    over any other store (its password left out), None for a tracking server (already serving)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return None
+    if tracking_uri == tracking_uri_of(None, create=False):
+        return "`make ui`"
+    return f"`mlflow ui --backend-store-uri {safe_uri(tracking_uri)} --port 5000`"
 
 
 def run_link(client: MlflowClient, experiment_id: str, run_id: str) -> str:

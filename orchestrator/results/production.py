@@ -48,7 +48,7 @@ from trainers.predictions import ARTIFACT as PREDICTIONS
 from trainers.predictions import PRODUCTION_ARTIFACT as PRODUCTION_PREDICTIONS
 from trainers.predictions import Predictions, PredictionsError, read_predictions
 from trainers.errors import first_line
-from trainers.tracking import ensure_experiment, global_tracking_uri, link_model, metric_key, no_download_bars
+from trainers.tracking import ensure_experiment, global_tracking_uri, link_model, mlflow_name, no_download_bars
 
 if TYPE_CHECKING:
     import torch
@@ -351,7 +351,7 @@ def log_production_run(client: MlflowClient, spec: SweepSpec, candidate: Candida
         now = int(1000 * time.time())
         values = {**result.metrics, **data.report.metrics()}
         # NaN is logged (an undefined metric, e.g. a class absent from a slice, reads "n/a"), not dropped.
-        metrics = [Metric(metric_key(k), float(v), now, 0) for k, v in values.items()
+        metrics = [Metric(mlflow_name(k), float(v), now, 0) for k, v in values.items()
                    if v is not None and not np.isinf(v)]
         client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
         for i in range(0, len(metrics), 1000):   # the store takes at most 1000 metrics per batch

@@ -24,24 +24,26 @@ class Running:
     epoch: int                    # epochs finished
     epochs: int
     cost: float                   # FLOPs per dataset image (plan.trial_flop)
+    resumed_at: int = 0           # epochs a checkpoint had done before this attempt began
 
 
 def remaining_seconds(trial: Running, seconds_per_flop: float | None) -> float | None:
     """A running trial's time left: from its own pace once it has finished an epoch, else from its cost at
     the pace of the trials done so far; None when neither is known."""
-    if trial.epoch > 0:
-        total = trial.elapsed / trial.epoch * trial.epochs
-    elif seconds_per_flop is not None and trial.cost > 0:
-        total = trial.cost * seconds_per_flop
-    else:
-        return None
-    return max(total - trial.elapsed, 0.0)
+    ran = trial.epoch - trial.resumed_at          # epochs this attempt has done
+    if ran > 0:
+        return trial.elapsed / ran * (trial.epochs - trial.epoch)
+    if seconds_per_flop is not None and trial.cost > 0:
+        left = 1 - trial.resumed_at / max(trial.epochs, 1)
+        return max(trial.cost * seconds_per_flop * left - trial.elapsed, 0.0)
+    return None
 
 
 def eta_seconds(done: list[tuple[float, float]], running: list[Running], left: int, slots: int) -> float | None:
     """Time until the sweep ends: the running trials' time left (remaining_seconds) plus the mean time of the
-    trials done (seconds, cost) for each one still waiting, shared over the slots, and never less than
-    the longest running trial's time left (a ResNet-50 trial in its first epoch holds the end back)."""
+    trials finished (seconds, cost: only those that ran every epoch) for each one still waiting, shared
+    over the slots, and never less than the longest running trial's time left (a ResNet-50 trial in its
+    first epoch holds the end back)."""
     timed = [(s, c) for s, c in done if s > 0]
     costed = [(s, c) for s, c in timed if c > 0]
     seconds_per_flop = sum(s for s, _ in costed) / sum(c for _, c in costed) if costed else None
@@ -95,10 +97,9 @@ class LiveProgress:
     def summary(self) -> str:
         c = self.counts
         done = sum(v for k, v in c.items() if k not in ("waiting", "running", "failed"))
-        timed = [(e.seconds, e.cost) for e in self.executor.progress.events
-                 if e.status in ("finished", "diverged", "pruned")]
+        timed = [(e.seconds, e.cost) for e in self.executor.progress.events if e.status == "finished"]
         now = time.monotonic()
-        running = [Running(now - s.started, s.epoch, s.epochs, s.cost)
+        running = [Running(now - s.started, s.epoch, s.epochs, s.cost, s.resumed_at or 0)
                    for s in self.executor.progress.slots.values() if s.trial]
         eta = eta_seconds(timed, running, c.get("waiting", 0), len(self.executor.slots))
         return (f"done {done} · running {c.get('running', 0)} · failed {c.get('failed', 0)} · "

@@ -79,6 +79,7 @@ class SlotState:
     started: float = 0.0
     run_id: str = ""              # its MLflow run, once the trainer has opened it
     cost: float = 0.0             # its FLOPs per dataset image (plan.trial_flop), to weigh the ETA
+    resumed_at: int | None = None  # epochs done before this attempt (a checkpoint's), from its first epoch
 
 
 @dataclass
@@ -281,7 +282,7 @@ class Executor:
         started = time.monotonic()
         state = self.progress.slots[slot.name]
         state.trial, state.epoch, state.epochs, state.started = name, 0, cfg.train.epochs, started
-        state.cost = trial_flop(cfg, 1)
+        state.cost, state.resumed_at = trial_flop(cfg, 1), None
         process.send(Run(to_dict(cfg), str(log), claim.attempt, f"{self.host}/{slot.name}"))
         done = self._watch(claim, process, state)
         if done.status == "error" and state.run_id:     # a trainer that died left its run RUNNING
@@ -322,6 +323,8 @@ class Executor:
             with self.ledger_lock:
                 self.ledger.set_run_id(claim.trial_id, message.run_id)
         elif isinstance(message, Epoch):
+            if state.resumed_at is None:
+                state.resumed_at = message.epoch - 1
             state.epoch = message.epoch
             if self.hooks.search is None:
                 return

@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Iterable, Iterator
 
 from trainers.config import (NAME_SEPARATOR, DataConfig, ModelConfig, TrialConfig, ViTArchConfig, config_hash,
-                             name_parts, trial_name, validate, with_value)
+                             leading_parts, name_parts, trial_name, validate, with_value)
 from trainers.data.sources import IMAGE_SUFFIXES
 from orchestrator.sweep.spec_types import Experiment, PlannedTrial, SweepSpec
 
@@ -66,12 +66,6 @@ def grid(spec: SweepSpec) -> Iterator[tuple[Experiment, dict, int]]:
                 yield exp, point, seed
 
 
-# The run-name part (trainers.config.name_parts) each grid axis changes.
-AXIS_PARTS = {"model": "model", "model.name": "model", "train.epochs": "epochs", "optim.name": "optimizer",
-              "optim.lr": "lr", "data.balance": "balance", "data.balance_by": "balance",
-              "augment.occlusion": "occlusion"}
-
-
 def unique_trials(listed: Iterable[tuple[str, TrialConfig]],
                   axes: dict[str, tuple[str, ...]] | None = None) -> list[PlannedTrial]:
     """(group, config) pairs deduplicated by config hash, in first-seen order, each with every group.
@@ -92,15 +86,14 @@ def _unique_names(found: dict[str, tuple[list[str], TrialConfig]],
     parts that vary across the plan, then the rest (trial_name). MLflow's runs table shows ~16 characters
     of a name, so ep2·adam·1e-3·vit·s0 and ep4·... differ where it shows them. Where two trials share a
     name (they differ elsewhere), a short hash is appended."""
-    parts = [name_parts(cfg) for _, cfg in found.values()]
+    grid_axes = tuple(dict.fromkeys(a for group_axes in axes.values() for a in group_axes))
+    parts = [name_parts(cfg, grid_axes) for _, cfg in found.values()]
     keys = dict.fromkeys(k for p in parts for k in p)        # every part, in the standing order
     varying = tuple(k for k in keys if len({p.get(k) for p in parts}) > 1)
     names = {}
     for h, (groups, cfg) in found.items():
-        own = tuple(AXIS_PARTS[a] for a in axes.get(groups[0], ()) if a in AXIS_PARTS)
-        if "lr" in own and "optimizer" not in own:       # a learning rate reads with its optimizer: adam·2e-5
-            own = ("optimizer", *own)
-        names[h] = trial_name(cfg, tuple(dict.fromkeys(own + varying)))
+        own = leading_parts(axes.get(groups[0], ()))
+        names[h] = trial_name(cfg, tuple(dict.fromkeys(own + varying)), grid_axes)
     counts = Counter(names.values())
     return {h: name if counts[name] == 1 else f"{name}{NAME_SEPARATOR}{h[:6]}" for h, name in names.items()}
 

@@ -17,7 +17,8 @@ from orchestrator.sweep.executor import Executor, Slot, SweepHooks, make_slots, 
 from orchestrator.sweep.ledger import Claim, Ledger, default_storage
 from orchestrator.sweep.plan import PlannedTrial, count_images, datasets_to_prepare, resolve_trial, trial_flop
 from orchestrator.sweep.spec import SweepSpec
-from trainers.config import TrackingConfig, TrialConfig, config_hash, from_dict, to_dict, trial_name, with_tracking
+from trainers.config import (NAME_SEPARATOR, TrackingConfig, TrialConfig, config_hash, from_dict, to_dict,
+                             leading_parts, trial_name, with_tracking)
 from trainers.data.balance import balance_text
 from trainers.errors import UserError
 from trainers.process.side_files import STORE_DIR
@@ -45,13 +46,21 @@ def child_run_tags(sweep: str, groups: str, trial_number: int) -> dict[str, str]
     return {"role": "trial", "sweep": sweep, "groups": groups, "optuna_trial": str(trial_number)}
 
 
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+
+
 @functools.lru_cache(maxsize=8)
 def source_tags(spec_path: str) -> dict[str, str]:
     """MLflow's Source and User columns: the spec that ran, the project's git commit (when run from a git
     checkout) and the user."""
-    tags = {"mlflow.source.name": spec_path, "mlflow.source.type": "LOCAL", "mlflow.user": getpass.getuser()}
+    tags = {"mlflow.source.name": spec_path, "mlflow.source.type": "LOCAL"}
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):     # no user name for this uid (a container run with an arbitrary uid)
+        pass
+    try:        # the commit of this code, when it runs from a git checkout
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=PROJECT_DIR)
     except (OSError, subprocess.TimeoutExpired):
         return tags
     if commit.returncode == 0 and commit.stdout.strip():
@@ -94,6 +103,11 @@ class SweepContext:
                           functools.partial(finished_trial_run, self.tracking_uri, self.parent_run_id))
 
 
+def tpe_name(number: int, cfg: TrialConfig, space: tuple[str, ...]) -> str:
+    """A sampled trial's run name: tpe<n> and what the search varies first, tpe3·adam·3.16e-4·ep3·vit·s0."""
+    return f"tpe{number}{NAME_SEPARATOR}{trial_name(cfg, leading_parts(space), space)}"
+
+
 class TpeTrials:
     """`search: tpe`: new trials sampled by Optuna's TPE, pruned by the median rule on val macro F1."""
 
@@ -121,7 +135,7 @@ class TpeTrials:
                 else:
                     point[path] = trial.suggest_categorical(path, list(choice))
             cfg = resolve_trial(self.spec, point)
-            attrs = {"config_hash": config_hash(cfg), "name": f"tpe{trial.number}-{trial_name(cfg)}",
+            attrs = {"config_hash": config_hash(cfg), "name": tpe_name(trial.number, cfg, tuple(self.spec.search.space)),
                      "groups": "tpe", "attempt": 0, "tpe": True, "config": json.dumps(to_dict(cfg))}
             if attrs["config_hash"] in known:
                 trial.set_user_attr("tpe", True)

@@ -48,11 +48,17 @@ class Trial:
     def classes(self) -> list[str]:
         return [c for c in self.params.get("data.classes", "").split(",") if c]
 
+    @property
+    def applicable_params(self) -> dict[str, str]:
+        """Its params without those that cannot apply to it, which runs logged before they were left out
+        still have: old and new runs of one configuration compare equal."""
+        dropped = inapplicable_params(self.params)
+        return {k: v for k, v in self.params.items() if k not in dropped}
+
     def replicate_key(self) -> frozenset:
         """What the run computed, seed aside: runs with equal keys are replicates of one configuration."""
-        dropped = inapplicable_params(self.params)    # runs logged before they were left out still match
-        return frozenset((k, v) for k, v in self.params.items()
-                         if k not in NOT_RESULT_PARAMS and (k, v) not in DEFAULT_ONLY_PARAMS and k not in dropped)
+        return frozenset((k, v) for k, v in self.applicable_params.items()
+                         if k not in NOT_RESULT_PARAMS and (k, v) not in DEFAULT_ONLY_PARAMS)
 
 
 def stat_of(trials: list[Trial], metric: str) -> Stat | None:

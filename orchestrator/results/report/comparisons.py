@@ -86,7 +86,7 @@ def same_data(a: Trial, b: Trial) -> bool:
     answering the same test images; over_images then requires the same keys with the same labels."""
     if a.data_digest and a.data_digest == b.data_digest:
         return True
-    source = [{k: v for k, v in t.params.items() if k.startswith(TEST_SET_PARAMS)} for t in (a, b)]
+    source = [{k: v for k, v in t.applicable_params.items() if k.startswith(TEST_SET_PARAMS)} for t in (a, b)]
     return bool(source[0]) and source[0] == source[1]
 
 

@@ -51,7 +51,8 @@ def trial_data_reports(store: SweepRuns, trials: list[Trial]) -> list[tuple[Tria
     firsts: dict[tuple, Trial] = {}
     for t in trials:
         if t.finished:
-            key = sorted((k, v) for k, v in t.params.items() if k.startswith("data.") or k == "model.image_size")
+            key = sorted((k, v) for k, v in t.applicable_params.items()
+                         if k.startswith("data.") or k == "model.image_size")
             firsts.setdefault(tuple(key), t)
     out = []
     for t in firsts.values():

@@ -76,19 +76,20 @@ def write_report(spec: SweepSpec, client: MlflowClient, out_dir: Path | str | No
         path = out / "report.md"
         path.write_text("\n\n".join(report.blocks) + "\n", encoding="utf-8")
         store.log_report(parent_run_id, [path, *report.files])
-        store.log_summary(parent_run_id, *parent_summary(trials, best))
+        store.log_summary(parent_run_id, *parent_summary(best))
     return path
 
 
-def parent_summary(trials: list[Trial], best: Cell | None) -> tuple[dict[str, float], dict[str, str]]:
-    """The parent run's summary for MLflow's runs table: the trial counts by status and, when there is one,
-    the best configuration's runs (tag best_run) and its mean validation and test macro F1."""
-    metrics = {f"trials_{status}": float(n) for status, n in Counter(t.status for t in trials).items()}
-    tags = {}
+def parent_summary(best: Cell | None) -> tuple[dict[str, float], dict[str, str]]:
+    """The parent run's summary for MLflow's runs table, when there is a best configuration (Table 11's):
+    its runs (tag best_run) and its mean validation and test scores (best_config_val_macro_f1, ...; a
+    trial's own best_val_macro_f1 is its best epoch, another number). The trial counts are the sweep's
+    (trials_<status>, logged when it ends)."""
+    metrics, tags = {}, {}
     if best is not None:
         tags["best_run"] = ", ".join(t.name for t in best.finished)
         for key in ("val_macro_f1", "test_macro_f1", "test_accuracy"):
             stat = best.stat(key)
             if stat is not None:
-                metrics[f"best_{key}"] = stat.mean
+                metrics[f"best_config_{key}"] = stat.mean
     return metrics, tags
