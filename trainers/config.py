@@ -560,8 +560,9 @@ def name_parts(cfg: TrialConfig, axes: tuple[str, ...] = ()) -> dict[str, str]:
              "model": cfg.model.name, "balance": f"by{'+'.join(by)}" if balanced else "",
              "occlusion": f"occ{cfg.augment.occlusion:g}" if cfg.augment.occlusion else ""}
     for axis in axes:
-        if axis not in NAMED_AXES and axis != "train.seed" and value_at(cfg, axis) is not None:
-            parts[axis] = f"{axis.rsplit('.', 1)[-1]}{_name_value(value_at(cfg, axis))}"
+        value = value_at(cfg, axis)
+        if axis not in NAMED_AXES and axis != "train.seed" and value is not None:
+            parts[axis] = f"{axis.rsplit('.', 1)[-1]}{_name_value(value)}"
     parts["seed"] = f"s{cfg.train.seed}"
     return {k: v for k, v in parts.items() if v}
 

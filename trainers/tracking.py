@@ -645,9 +645,7 @@ class TrialRun:
             self.client.log_text(self.run_id, json.dumps(confusion), "confusion_matrix.json")
         if result.status == "finished" and cfg.tracking.log_model:
             # The model is made now, so the final metrics are its metrics too (MLflow's model page shows them).
-            experiment_id = self.client.get_run(self.run_id).info.experiment_id
-            self.model_id = self.client.create_logged_model(experiment_id, name="model",
-                                                            source_run_id=self.run_id).model_id
+            self.model_id = self._new_logged_model()
         # Step 0: a metric with one value per run is drawn as one bar per run in MLflow's chart view (the
         # per-epoch curves keep step = epoch).
         self.client.log_batch(self.run_id, metrics=_metrics(summary, model_id=self.model_id))
@@ -682,6 +680,12 @@ class TrialRun:
         except OSError:
             log_figures(job)
 
+    def _new_logged_model(self) -> str:
+        """A logged model of this run, in the run's own experiment (Model.log alone would use the global
+        default experiment and put its files under the working directory); its id."""
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        return self.client.create_logged_model(experiment_id, name="model", source_run_id=self.run_id).model_id
+
     def log_model(self, model, cfg: TrialConfig, classes: tuple[str, ...]) -> str:
         """Log the trained model (the exported network; its pyfunc takes photos, see PHOTO_FLAVOR); returns its model id."""
         start = time.perf_counter()
@@ -695,13 +699,7 @@ class TrialRun:
 
         from trainers.photo_model import PhotoSettings
 
-        # Create the logged model in the run's own experiment (log_model alone would use the
-        # global default experiment and put its files under the working directory), unless log_result did.
-        model_id = self.model_id
-        if model_id is None:
-            experiment_id = self.client.get_run(self.run_id).info.experiment_id
-            model_id = self.client.create_logged_model(experiment_id, name="model",
-                                                       source_run_id=self.run_id).model_id
+        model_id = self.model_id or self._new_logged_model()       # log_result made it, unless logged again
         self.client.log_model_params(model_id, applicable_params(cfg))
         settings = PhotoSettings.of_trial(cfg, classes)
         network = model.cpu()
