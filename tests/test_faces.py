@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -59,6 +60,25 @@ def faces_and_coffee(tmp_path) -> Path:
     return root
 
 
+def to_per_image_layout(cache: Path) -> None:
+    """Rewrite every aligned set as caches written before set files held the images: one object per image
+    (objects/ab/<key>.npy, a .fallback beside a centre crop, a .skip holding why an image is unusable)."""
+    for manifest_path in list(cache.glob("aligned/*/sets/*.json")):
+        manifest = json.loads(manifest_path.read_text())
+        objects = manifest_path.parent.parent / "objects"
+        images = np.load(manifest_path.with_suffix(".npy"))
+        for key, image, fell_back in zip(manifest["keys"], images, manifest["fallback"]):
+            (objects / key[:2]).mkdir(parents=True, exist_ok=True)
+            np.save(objects / key[:2] / f"{key}.npy", image)
+            if fell_back:
+                (objects / key[:2] / f"{key}.fallback").touch()
+        for key, reason in manifest["skips"].items():
+            (objects / key[:2]).mkdir(parents=True, exist_ok=True)
+            (objects / key[:2] / f"{key}.skip").write_text(reason)
+    for sets in list(cache.glob("aligned/*/sets")):
+        shutil.rmtree(sets)
+
+
 def test_a_non_face_falls_back_is_counted_and_the_second_preparation_detects_nothing(tmp_path):
     cfg = data_cfg(tmp_path, source="imagefolder", root=str(faces_and_coffee(tmp_path)),
                    classes=["anger", "happiness"], align="mtcnn")
@@ -75,12 +95,14 @@ def test_a_non_face_falls_back_is_counted_and_the_second_preparation_detects_not
     assert again.fallback.tolist() == [False, True] and again.report.align_failures == 1
     assert np.array_equal(np.asarray(again.images), np.asarray(first.images))
 
-    # Without the stacked set, each image comes from its own cached object, flag included.
-    for sets in (tmp_path / "cache" / "aligned").glob("*/sets"):
-        shutil.rmtree(sets)
+    # A cache of the per-image layout (one .npy per image, a .fallback beside it) is read, flag included,
+    # and moved into the set file: one copy is left.
+    to_per_image_layout(tmp_path / "cache")
     objects = prepare_data(cfg, 64)
     assert align.DETECTOR_STATS.images == detected and objects.report.decoded == 0
     assert objects.report.align_failures == 1
+    assert np.array_equal(np.asarray(objects.images), np.asarray(first.images))
+    assert not list((tmp_path / "cache" / "aligned").glob("*/objects"))
 
     # Another margin is another cache entry: aligned afresh.
     wider = prepare_data(data_cfg(tmp_path, source="imagefolder", root=cfg.root, classes=["anger", "happiness"],

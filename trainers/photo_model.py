@@ -24,7 +24,7 @@ import numpy as np
 
 from trainers.config import SOURCES_WITH_FACE_BOXES
 from trainers.data.align import Aligned, MtcnnAligner, build_aligner, detector_device
-from trainers.data.dataset import crop_to_box
+from trainers.data.aligning import crop_to_box
 from trainers.data.images import ImageSkipped, decode_image_bytes, decode_side
 from trainers.errors import UserError
 

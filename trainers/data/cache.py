@@ -1,19 +1,29 @@
-"""Content-addressed cache of decoded, aligned images as uint8 arrays.
+"""Content-addressed cache of decoded, aligned images as uint8 arrays: each image stored once.
 
 Layout under ``cache_dir``:
   digests/<root>.json                  path -> (size, mtime_ns, sha256): unchanged files are not re-read
-  aligned/<settings>/objects/ab/<sha>.npy   one aligned image (or ``.skip`` holding why it is unusable);
-                                            a ``.fallback`` beside it: no face found, a centre crop
-  aligned/<settings>/sets/<key>.npy    a whole dataset stacked, for a load that decodes nothing
-Keys hash the image bytes plus the aligner settings, so every trial of every sweep reuses them.
+  aligned/<settings>/sets/<key>.npy    a dataset's aligned images, one row each: the storage itself
+  aligned/<settings>/sets/<key>.json   its manifest: per row the image's cache key and whether the aligner
+                                       fell back (no face, a centre crop); the unusable keys and why
+  aligned/<settings>/sets/.partial-<pid>-<key>.npy|.jsonl   a set being written: rows appended chunk by
+                                       chunk, each chunk journalled once its rows are on disk, so a
+                                       preparation killed half way leaves every finished chunk reusable
+Keys hash the image bytes plus the aligner settings, so every trial of every sweep reuses them. A set
+missing from the cache is built from the rows of every other set (and of an unfinished one) that hold
+its images, aligning only the rest: an image is aligned once, and stored in one file.
+Caches written before sets held the images (objects/ab/<key>.npy, .skip, .fallback per image) are still
+read; the objects a new set takes in are then removed.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -97,41 +107,238 @@ class DigestIndex:
             self.dirty = False
 
 
+# Bytes before a set file's first row: numpy's format-1.0 header, which pads to 128 for any shape we write.
+NPY_HEADER = 128
+PARTIAL = ".partial-"
+
+
+def npy_header(shape: tuple[int, ...]) -> bytes:
+    """The .npy header of a C-ordered uint8 array of ``shape``, always NPY_HEADER bytes."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
+    if len(buf.getvalue()) != NPY_HEADER:
+        raise ValueError(f"an .npy header of {len(buf.getvalue())} bytes for shape {shape}; expected {NPY_HEADER}")
+    return buf.getvalue()
+
+
 class AlignedStore:
     """Aligned uint8 images keyed by content digest, for one set of aligner settings."""
 
     def __init__(self, cache_dir: Path, settings: dict):
         self.settings = {**settings, "cache_version": CACHE_VERSION}
         self.root = cache_dir / "aligned" / short_hash(self.settings)
-
-    def _object(self, digest: str, suffix: str) -> Path:
-        return self.root / "objects" / digest[:2] / f"{digest}{suffix}"
-
-    def get(self, digest: str) -> np.ndarray | str | None:
-        """The cached array, the recorded skip reason, or None when not cached."""
-        try:
-            return np.load(self._object(digest, ".npy"), allow_pickle=False)
-        except (FileNotFoundError, ValueError, OSError):
-            pass
-        try:
-            return self._object(digest, ".skip").read_text().strip() or None
-        except OSError:
-            return None
-
-    def put(self, digest: str, array: np.ndarray, fallback: bool = False) -> None:
-        """Store one aligned image; ``fallback``: the aligner found no face and centre-cropped."""
-        if fallback:   # the flag first: whoever sees the array also sees its flag
-            atomic_write_bytes(self._object(digest, ".fallback"), b"")
-        save_array(self._object(digest, ".npy"), array)
-
-    def fell_back(self, digest: str) -> bool:
-        """Whether the stored image is a centre crop because no face was found."""
-        return self._object(digest, ".fallback").exists()
-
-    def put_skip(self, digest: str, reason: str) -> None:
-        """Remember that these bytes are unusable, so they are not decoded again."""
-        atomic_write_bytes(self._object(digest, ".skip"), reason.encode())
+        self.sets = self.root / "sets"
+        size = int(settings["size"])
+        self.row_shape = (size, size, 3)
 
     def set_paths(self, key: str) -> tuple[Path, Path]:
         """Where a stacked dataset and its manifest live."""
-        return self.root / "sets" / f"{key}.npy", self.root / "sets" / f"{key}.json"
+        return self.sets / f"{key}.npy", self.sets / f"{key}.json"
+
+    def legacy_object(self, digest: str, suffix: str) -> Path:
+        """Where a cache of the per-image layout kept one image (.npy), its skip reason or its fallback flag."""
+        return self.root / "objects" / digest[:2] / f"{digest}{suffix}"
+
+    def legacy_get(self, digest: str) -> tuple[np.ndarray | str, bool] | None:
+        """An image of the per-image layout and its fallback flag, or its skip reason; None when not there."""
+        try:
+            image = np.load(self.legacy_object(digest, ".npy"), allow_pickle=False)
+            if image.shape == self.row_shape and image.dtype == np.uint8:
+                return image, self.legacy_object(digest, ".fallback").exists()
+        except (FileNotFoundError, ValueError, OSError):
+            pass
+        try:
+            reason = self.legacy_object(digest, ".skip").read_text().strip()
+        except OSError:
+            return None
+        return (reason, False) if reason else None
+
+    def forget_legacy(self, digests: list[str]) -> None:
+        """Remove per-image objects now held by a set file, and their folders once empty."""
+        folders = set()
+        for digest in digests:
+            for suffix in (".npy", ".fallback", ".skip"):
+                self.legacy_object(digest, suffix).unlink(missing_ok=True)
+            folders.add(self.legacy_object(digest, ".npy").parent)
+        for folder in sorted(folders) + [self.root / "objects"]:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass        # not empty: other objects are still there
+
+
+@dataclass(frozen=True)
+class CachedRow:
+    """Where one aligned image is stored: a set file (finished or being written) and its row."""
+    path: Path
+    row: int
+    fallback: bool
+
+
+@dataclass
+class RowIndex:
+    """Every cached image's row and every key known to be unusable, read from the sets' manifests."""
+    rows: dict[str, CachedRow] = field(default_factory=dict)
+    skips: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, store: AlignedStore) -> "RowIndex":
+        """Finished sets first, then the journals of unfinished ones (a killed preparation's chunks)."""
+        index = cls()
+        try:
+            names = sorted(os.listdir(store.sets))
+        except OSError:
+            return index
+        for name in names:
+            if name.endswith(".json") and not name.startswith("."):
+                index._add_manifest(store.sets / name)
+        for name in names:
+            if name.startswith(PARTIAL) and name.endswith(".jsonl"):
+                index._add_journal(store.sets / name)
+        return index
+
+    def _add_manifest(self, path: Path) -> None:
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        if not isinstance(manifest, dict) or "keys" not in manifest:
+            return          # a set of the per-image layout: its images are in its objects
+        self._add_rows(path.with_suffix(".npy"), 0, manifest["keys"], manifest["fallback"], manifest["skips"])
+
+    def _add_journal(self, path: Path) -> None:
+        row = 0
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            return
+        for line in lines:
+            try:
+                chunk = json.loads(line)
+            except ValueError:
+                break       # the line a kill cut short: its rows may be incomplete
+            self._add_rows(path.with_suffix(".npy"), row, chunk["keys"], chunk["fallback"], chunk["skips"])
+            row += len(chunk["keys"])
+
+    def _add_rows(self, data: Path, first: int, keys: list, fallback: list, skips: dict) -> None:
+        for i, (key, fell_back) in enumerate(zip(keys, fallback)):
+            self.rows.setdefault(key, CachedRow(data, first + i, bool(fell_back)))
+        for key, reason in skips.items():
+            self.skips.setdefault(key, reason)
+
+
+class RowReader:
+    """Reads single rows of set files with pread: nothing is memory-mapped, so resident memory stays flat."""
+
+    def __init__(self, row_shape: tuple[int, ...]):
+        self.row_shape = row_shape
+        self.row_bytes = int(np.prod(row_shape))
+        self._files: dict[Path, int | None] = {}
+
+    def read(self, cached: CachedRow) -> np.ndarray | None:
+        """The row's image, or None when its file is gone or shorter than the row (then it is aligned again)."""
+        fd = self._files.get(cached.path, -1)
+        if fd == -1:
+            try:
+                fd = os.open(cached.path, os.O_RDONLY)
+            except OSError:
+                fd = None
+            self._files[cached.path] = fd
+        if fd is None:
+            return None
+        data = os.pread(fd, self.row_bytes, NPY_HEADER + cached.row * self.row_bytes)
+        if len(data) != self.row_bytes:
+            return None
+        return np.frombuffer(data, dtype=np.uint8).reshape(self.row_shape).copy()
+
+    def close(self) -> None:
+        for fd in self._files.values():
+            if fd is not None:
+                os.close(fd)
+        self._files.clear()
+
+
+def read_row_chunks(path: Path, rows: int, row_shape: tuple[int, ...], chunk: int,
+                    offset: int = NPY_HEADER) -> Iterator[np.ndarray]:
+    """A set file's rows, ``chunk`` at a time, read (not mapped), so a pass over it keeps memory flat."""
+    row_bytes = int(np.prod(row_shape))
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        for start in range(0, rows, chunk):
+            n = min(chunk, rows - start)
+            data = handle.read(n * row_bytes)
+            if len(data) != n * row_bytes:
+                raise OSError(f"{path} ends at row {start + len(data) // row_bytes} of {rows}")
+            yield np.frombuffer(data, dtype=np.uint8).reshape((n, *row_shape))
+
+
+class SetWriter:
+    """A set file written row chunk by row chunk under a partial name, journalled, then renamed into place.
+
+    Each chunk's rows reach the file before its journal line does, so whatever the journal lists is on disk
+    whenever the process dies; a torn last line is ignored by RowIndex. Two processes writing the same set
+    use different partial names and the same final one: the later rename replaces identical content.
+    """
+
+    def __init__(self, store: AlignedStore, key: str):
+        self.store, self.key, self.rows = store, key, 0
+        store.sets.mkdir(parents=True, exist_ok=True)
+        stem = store.sets / f"{PARTIAL}{os.getpid()}-{key}"
+        self.data, self.journal = stem.with_suffix(".npy"), stem.with_suffix(".jsonl")
+        self._data = open(self.data, "wb")
+        self._data.write(npy_header((0, *store.row_shape)))
+        self._journal = open(self.journal, "w", encoding="utf-8")
+
+    def append(self, images: list[np.ndarray], keys: list[str], fallback: list[bool], skips: dict[str, str]) -> None:
+        """Rows for ``keys`` (in order), then the journal line that makes them reusable."""
+        for image in images:
+            self._data.write(np.ascontiguousarray(image, dtype=np.uint8).data)
+        self._data.flush()
+        self._journal.write(json.dumps({"keys": keys, "fallback": fallback, "skips": skips}) + "\n")
+        self._journal.flush()
+        self.rows += len(images)
+
+    def finish(self, manifest: dict) -> None:
+        """The header gets the row count; manifest first, then the data under its final name, journal last."""
+        self._data.seek(0)
+        self._data.write(npy_header((self.rows, *self.store.row_shape)))
+        self._data.close()
+        final, manifest_path = self.store.set_paths(self.key)
+        atomic_write_bytes(manifest_path, json.dumps(manifest).encode())
+        os.replace(self.data, final)
+        self._journal.close()
+        self.journal.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Stop without finishing: the partial files stay, for the next preparation to reuse."""
+        self._data.close()
+        self._journal.close()
+
+
+def remove_stale_partials(store: AlignedStore, index: RowIndex) -> None:
+    """Remove partial sets of processes no longer running whose every row a finished set now holds."""
+    try:
+        names = os.listdir(store.sets)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(PARTIAL) and name.endswith(".jsonl")):
+            continue
+        journal = store.sets / name
+        pid = name[len(PARTIAL):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        data = journal.with_suffix(".npy")
+        if not any(row.path == data for row in index.rows.values()):
+            data.unlink(missing_ok=True)
+            journal.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

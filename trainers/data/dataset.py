@@ -6,32 +6,27 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from trainers.config import METADATA_FILE, DataConfig
 from trainers.data.align import Aligner, build_aligner
+from trainers.data.aligning import AlignedSet, AlignJob, align_workers, build_set
 from trainers.data.audit import AuditResult, audit_splits, near_duplicate_pairs, perceptual_hashes
 from trainers.data.balance import CLASS_COLUMN, balance_cells, balance_summary
-from trainers.data.cache import (AlignedStore, DigestIndex, atomic_write_bytes, relative_posix, save_array,
-                                 short_hash)
-from trainers.data.images import ImageSkipped, decode_image, decode_side
+from trainers.data.cache import (AlignedStore, DigestIndex, npy_header, read_row_chunks, relative_posix,
+                                 save_array, short_hash)
 from trainers.data.importers import IMPORTERS
 from trainers.data.sources import Listing, Sample, list_imagefolder
 from trainers.data.split import (SPLIT_NAMES, TRAIN, VAL, assign_splits, count_per_split, distinct_per_split,
                                  missing_class_warnings, partial_subjects_warning, split_mode, stratified_split)
 from trainers.data.synthetic import write_synthetic
-from trainers.progress import progress
 from trainers.errors import UserError
 
-# Images decoded and aligned per step; MTCNN batches equal-sized ones within it.
-# At most 64 x 896 x 896 x 3 bytes (~150 MB) of decoded pixels are held at once.
-ALIGN_CHUNK = 64
+# Rows a pass over a set file (hashing, subsetting) reads at once: ~150 MB at 224 px.
+HASH_ROWS = 1024
 
 
 class DataError(UserError, ValueError):
@@ -133,8 +128,9 @@ def list_samples(cfg: DataConfig, root: Path) -> Listing:
         raise DataError(str(err)) from None
 
 
-def prepare_data(cfg: DataConfig, image_size: int) -> PreparedData:
-    """Decode and align every image once (cached), split deterministically, audit the splits for leaks."""
+def prepare_data(cfg: DataConfig, image_size: int, workers: int | None = None) -> PreparedData:
+    """Decode and align every image once (cached), split deterministically, audit the splits for leaks.
+    workers: processes that align (align_workers decides when None)."""
     root = dataset_root(cfg)
     listing = list_samples(cfg, root)
     cache_dir = Path(cfg.cache_dir)
@@ -144,7 +140,8 @@ def prepare_data(cfg: DataConfig, image_size: int) -> PreparedData:
     samples, keys, skipped = _digest_samples(listing, index, aligner)
     index.save()
     set_key = short_hash(keys)
-    aligned = _load_aligned(AlignJob(store, aligner, samples, keys, image_size), set_key)
+    workers = align_workers(aligner) if workers is None else workers
+    aligned = _load_aligned(AlignJob(store, aligner, samples, keys, image_size), set_key, workers)
     skipped.update(aligned.reasons)
     samples = [s for s, k in zip(samples, aligned.keep) if k]
     pairs = _near_duplicates(store, set_key, aligned.images, cfg.duplicate_distance)
@@ -167,114 +164,16 @@ def _digest_samples(listing: Listing, index: DigestIndex, aligner: Aligner
     return samples, keys, skipped
 
 
-@dataclass
-class AlignJob:
-    """The readable samples to align and the store their results go to: what every alignment step shares."""
-    store: AlignedStore
-    aligner: Aligner
-    samples: list[Sample]
-    keys: list[str]             # per sample: its cache key (_digest_samples)
-    image_size: int
-
-
-@dataclass
-class AlignedSet:
-    """Aligned images of the kept samples, which samples were kept, and why others were not."""
-    images: np.ndarray          # K x S x S x 3 uint8 (memory-mapped on a cache hit)
-    keep: list[bool]            # per listed-and-readable sample
-    fallback: list[bool]        # per kept image: the aligner found no face
-    decoded: int                # images decoded (and aligned) this time
-    reasons: Counter            # skip reason -> images
-
-
-def _load_aligned(job: AlignJob, set_key: str) -> AlignedSet:
-    """Stacked images for usable samples; the whole set comes from one file when seen before."""
+def _load_aligned(job: AlignJob, set_key: str, workers: int) -> AlignedSet:
+    """The set's aligned images: mapped from its file when seen before, else built (build_set)."""
     set_array, set_manifest = job.store.set_paths(set_key)
-    if set_array.exists() and set_manifest.exists():
+    try:
         manifest = json.loads(set_manifest.read_text())
         images = np.load(set_array, mmap_mode="r", allow_pickle=False)
-        return AlignedSet(images, manifest["keep"], manifest.get("fallback", [False] * len(images)), 0,
-                          Counter(manifest["reasons"]))
-    results: list = [None] * len(job.samples)
-    flags = [False] * len(job.samples)
-    decoded = 0
-    label = "aligning faces" if job.aligner.settings["align"] != "none" else "decoding images"
-    for i, result, fallback, fresh in progress(_align_samples(job), len(job.samples), label):
-        results[i], flags[i] = result, fallback
-        decoded += fresh
-    keep = [not isinstance(r, str) for r in results]
-    arrays = [r for r in results if not isinstance(r, str)]
-    fallback = [f for f, k in zip(flags, keep) if k]
-    reasons = Counter(r for r in results if isinstance(r, str))
-    stacked = np.stack(arrays) if arrays else np.zeros((0, job.image_size, job.image_size, 3), np.uint8)
-    save_array(set_array, stacked)
-    atomic_write_bytes(set_manifest, json.dumps({"keep": keep, "reasons": reasons, "fallback": fallback}).encode())
-    return AlignedSet(stacked, keep, fallback, decoded, reasons)
-
-
-def _align_samples(job: AlignJob) -> Iterator[tuple[int, np.ndarray | str, bool, bool]]:
-    """(index, aligned image or skip reason, fell back, aligned now) per sample, cached ones first found."""
-    store, keys = job.store, job.keys
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        pending: list[int] = []
-        for i, hit in enumerate(pool.map(store.get, keys)):
-            if hit is None:
-                pending.append(i)
-            else:
-                yield i, hit, not isinstance(hit, str) and store.fell_back(keys[i]), False
-            if len(pending) == ALIGN_CHUNK:
-                yield from _align_chunk(pool, job, pending)
-                pending = []
-        yield from _align_chunk(pool, job, pending)
-
-
-def _align_chunk(pool: Executor, job: AlignJob, chunk: list[int]
-                 ) -> Iterator[tuple[int, np.ndarray | str, bool, bool]]:
-    """Decode a chunk in threads, align it in one call (batched detection), store each result."""
-    if not chunk:
-        return
-    decoded = list(pool.map(lambda i: _decode_region(job.samples[i], job.image_size, job.aligner.box_context),
-                            chunk))
-    good = [(i, rgb) for i, rgb in zip(chunk, decoded) if not isinstance(rgb, str)]
-    for i, reason in zip(chunk, decoded):
-        if isinstance(reason, str):
-            job.store.put_skip(job.keys[i], reason)
-            yield i, reason, False, True
-    faces = job.aligner.align([rgb for _, rgb in good])
-    for (i, _), face in zip(good, faces):
-        job.store.put(job.keys[i], face.image, face.fallback)
-        yield i, face.image, face.fallback, True
-
-
-def _decode_region(sample: Sample, image_size: int, box_context: float) -> np.ndarray | str:
-    """The decoded image (cropped to the sample's face box, widened by box_context), or why it is unusable."""
-    try:
-        rgb = decode_image(sample.path, max_side=decode_side(image_size))
-    except ImageSkipped as skip:
-        return skip.reason
-    if sample.box is None:
-        return rgb
-    return crop_to_box(rgb, sample.box, _stored_size(sample.path), box_context)
-
-
-def crop_to_box(rgb: np.ndarray, box: tuple[int, int, int, int], stored_size: tuple[int, int],
-                context: float) -> np.ndarray:
-    """The part of rgb inside box (x, y, w, h in the file's pixels, rgb possibly shrunk), widened by context."""
-    sx, sy = rgb.shape[1] / stored_size[0], rgb.shape[0] / stored_size[1]
-    x, y, w, h = box
-    x0, x1 = max(0, round((x - context * w) * sx)), min(rgb.shape[1], round((x + w + context * w) * sx))
-    y0, y1 = max(0, round((y - context * h) * sy)), min(rgb.shape[0], round((y + h + context * h) * sy))
-    if x1 - x0 < 2 or y1 - y0 < 2:
-        return rgb        # a box outside the picture: align the whole image rather than lose it
-    return np.ascontiguousarray(rgb[y0:y1, x0:x1])
-
-
-def _stored_size(path: Path) -> tuple[int, int]:
-    """Width and height as decode_image sees them (after the EXIF rotation), from the header alone."""
-    with Image.open(path) as im:
-        width, height = im.size
-        rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)   # orientations that swap the axes
-    return (height, width) if rotated else (width, height)
+    except (OSError, ValueError):
+        return build_set(job, set_key, workers)
+    return AlignedSet(images, manifest["keep"], manifest.get("fallback", [False] * len(images)), 0,
+                      Counter(manifest["reasons"]))
 
 
 def _near_duplicates(store: AlignedStore, set_key: str, images: np.ndarray, max_distance: int) -> np.ndarray:
@@ -286,11 +185,29 @@ def _near_duplicates(store: AlignedStore, set_key: str, images: np.ndarray, max_
         hashes_path = set_array.with_suffix(".phash256.npy")
         hashes = _load_if_exists(hashes_path)
         if hashes is None or len(hashes) != len(images):
-            hashes = perceptual_hashes(images)
+            hashes = _hashes_of(set_array, images)
             save_array(hashes_path, hashes)
         pairs = near_duplicate_pairs(hashes, max_distance)
         save_array(pairs_path, pairs)
     return pairs
+
+
+def _hashes_of(set_array: Path, images: np.ndarray) -> np.ndarray:
+    """Perceptual hashes of a set file's rows, read a chunk at a time (a pass over a mapping would keep
+    the whole set resident)."""
+    if len(images) == 0:
+        return perceptual_hashes(images)
+    chunks = read_row_chunks(set_array, len(images), images.shape[1:], HASH_ROWS, _data_offset(set_array))
+    return np.concatenate([perceptual_hashes(chunk) for chunk in chunks])
+
+
+def _data_offset(path: Path) -> int:
+    """Bytes before an .npy file's first row (a set of the per-image layout was written by np.save)."""
+    with open(path, "rb") as handle:
+        major, _ = np.lib.format.read_magic(handle)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        read(handle)
+        return handle.tell()
 
 
 def _load_if_exists(path: Path) -> np.ndarray | None:
@@ -414,17 +331,18 @@ def _split_warnings(cfg: DataConfig, rows: Rows, mode: str) -> list[str]:
 
 
 def _subset(store: AlignedStore, set_key: str, images: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, str]:
-    """The rows ``kept`` of a stacked set, as their own cached file (copied in slices, never whole in memory)."""
+    """The rows ``kept`` (ascending) of a stacked set, as their own cached file (read in chunks, never whole)."""
     key = f"{set_key}-{short_hash(kept.tolist())}"
     path = store.set_paths(key)[0]
     if not path.exists():
+        source = store.set_paths(set_key)[0]
         tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(kept), *images.shape[1:]))
-        for start in range(0, len(kept), 1024):
-            out[start:start + 1024] = images[kept[start:start + 1024]]
-        out.flush()
-        del out
+        with open(tmp, "wb") as out:
+            out.write(npy_header((len(kept), *images.shape[1:])))
+            chunks = read_row_chunks(source, len(images), images.shape[1:], HASH_ROWS, _data_offset(source))
+            for start, chunk in zip(range(0, len(images), HASH_ROWS), chunks):
+                rows = kept[(kept >= start) & (kept < start + len(chunk))] - start
+                out.write(np.ascontiguousarray(chunk[rows]).data)
         os.replace(tmp, path)
     return np.load(path, mmap_mode="r", allow_pickle=False), key
 

@@ -1,0 +1,291 @@
+"""Building a dataset's aligned set file: rows streamed to disk chunk by chunk, never all in memory.
+
+Each chunk of samples takes what the cache already holds (a row of another set, a row a killed preparation
+journalled, an object of the per-image layout) and aligns the rest: in this process (a GPU's batched
+detection, or align: none), or in one worker process per core on CPU, each with its own detector.
+Chunks reach the file in sample order whichever worker finishes first, so the rows are the same whatever
+the number of workers (a worker's MTCNN runs on one thread: a pixel may differ by one level from a run on
+several, as float sums change order); the rows' perceptual hashes (the leakage audit's) are computed on
+the way, so the set is never read back whole.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from trainers.data.align import Aligner, build_aligner, detector_device
+from trainers.data.audit import perceptual_hashes
+from trainers.data.cache import AlignedStore, RowIndex, RowReader, SetWriter, remove_stale_partials, save_array
+from trainers.data.images import ImageSkipped, decode_image, decode_side
+from trainers.data.sources import Sample
+from trainers.errors import UserError
+from trainers.progress import progress
+
+# Images decoded and aligned per step; MTCNN batches equal-sized ones within it.
+# At most 64 x 896 x 896 x 3 bytes (~150 MB) of decoded pixels are held at once per worker.
+ALIGN_CHUNK = 64
+# Chunks handed to each worker before the oldest is waited for: keeps every worker busy while the
+# file is written in order, and bounds what waits in memory to a few chunks per worker.
+CHUNKS_AHEAD = 2
+# FER_ALIGN_WORKERS=N sets how many processes align on CPU (default: the cores this process may use).
+WORKERS_ENV = "FER_ALIGN_WORKERS"
+
+# One result per sample: (sample position, image or skip reason, fell back, where it came from).
+ALIGNED, CACHED, LEGACY = "aligned", "cached", "legacy"
+
+
+@dataclass
+class AlignJob:
+    """The readable samples to align and the store their results go to: what every alignment step shares."""
+    store: AlignedStore
+    aligner: Aligner
+    samples: list[Sample]
+    keys: list[str]             # per sample: its cache key
+    image_size: int
+
+
+@dataclass
+class AlignedSet:
+    """Aligned images of the kept samples, which samples were kept, and why others were not."""
+    images: np.ndarray          # K x S x S x 3 uint8, memory-mapped from the set file
+    keep: list[bool]            # per listed-and-readable sample
+    fallback: list[bool]        # per kept image: the aligner found no face
+    decoded: int                # images decoded (and aligned) this time
+    reasons: Counter            # skip reason -> images
+
+
+@dataclass
+class _Written:
+    """What the set file holds so far, for its manifest."""
+    keep: list[bool] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)           # per row
+    fallback: list[bool] = field(default_factory=list)      # per row
+    skips: dict[str, str] = field(default_factory=dict)     # unusable key -> reason
+    reasons: Counter = field(default_factory=Counter)
+    decoded: int = 0
+    hashes: list[np.ndarray] = field(default_factory=list)  # per chunk of rows: their perceptual hashes
+    legacy: list[str] = field(default_factory=list)         # keys taken from per-image objects
+
+
+def align_workers(aligner: Aligner) -> int:
+    """Processes that align: one per usable core for MTCNN on CPU (FER_ALIGN_WORKERS overrides), else 1."""
+    if aligner.settings["align"] == "none":
+        return 1            # decoding and a resize: threads in this process already use every core
+    configured = os.environ.get(WORKERS_ENV, "").strip()
+    if configured:
+        if not configured.isdigit() or int(configured) < 1:
+            raise UserError(f"{WORKERS_ENV}={configured!r}: set it to a whole number of processes >= 1, "
+                            "or unset it to use one per core")
+        return int(configured)
+    if detector_device() != "cpu":
+        return 1            # one process feeds the GPU batched detections
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def build_set(job: AlignJob, set_key: str, workers: int) -> AlignedSet:
+    """Write the set file of job's samples, reusing cached rows, aligning the rest; return it mapped."""
+    index = RowIndex.load(job.store)
+    reader = RowReader(job.store.row_shape)
+    writer = SetWriter(job.store, set_key)
+    written = _Written()
+    label = "aligning faces" if job.aligner.settings["align"] != "none" else "decoding images"
+    try:
+        uncached = sum(k not in index.rows and k not in index.skips for k in job.keys)
+        with _aligner_pool(job, workers if uncached > ALIGN_CHUNK else 1) as submit:
+            results = _results(job, index, reader, submit, CHUNKS_AHEAD * workers)
+            chunk: list[tuple] = []
+            for result in progress(results, len(job.samples), label):
+                chunk.append(result)
+                if len(chunk) == ALIGN_CHUNK:
+                    _append(writer, written, chunk)
+                    chunk = []
+            _append(writer, written, chunk)
+        writer.finish({"keep": written.keep, "reasons": written.reasons, "fallback": written.fallback,
+                       "keys": written.keys, "skips": written.skips})
+    except BaseException:
+        writer.close()
+        raise
+    finally:
+        reader.close()
+    return _finished(job.store, set_key, written)
+
+
+def _finished(store: AlignedStore, set_key: str, written: _Written) -> AlignedSet:
+    """The set just written, mapped; its hashes kept beside it; what it made redundant removed."""
+    set_array = store.set_paths(set_key)[0]
+    hashes = np.concatenate(written.hashes) if written.hashes else np.zeros((0, 32), np.uint8)
+    save_array(set_array.with_suffix(".phash256.npy"), hashes)
+    if written.legacy:
+        store.forget_legacy(written.legacy)
+        print(f"cache: {len(written.legacy)} aligned images moved from one file each into {set_array.name} "
+              f"({store.root})", file=sys.stderr)
+    remove_stale_partials(store, RowIndex.load(store))
+    images = np.load(set_array, mmap_mode="r", allow_pickle=False)
+    return AlignedSet(images, written.keep, written.fallback, written.decoded, written.reasons)
+
+
+def _append(writer: SetWriter, written: _Written, chunk: list[tuple]) -> None:
+    """One chunk of results, in sample order: kept images to the file, the rest counted with their reason."""
+    images, keys, fallback, skips = [], [], [], {}
+    for i, value, fell_back, source, key in chunk:
+        written.decoded += source == ALIGNED
+        if source == LEGACY:
+            written.legacy.append(key)
+        if isinstance(value, str):
+            written.keep.append(False)
+            written.reasons[value] += 1
+            skips[key] = value
+            continue
+        written.keep.append(True)
+        images.append(value)
+        keys.append(key)
+        fallback.append(bool(fell_back))
+    if not images and not skips:
+        return
+    writer.append(images, keys, fallback, skips)
+    written.keys += keys
+    written.fallback += fallback
+    written.skips.update(skips)
+    if images:
+        written.hashes.append(perceptual_hashes(np.stack(images)))
+
+
+def _results(job: AlignJob, index: RowIndex, reader: RowReader, submit: Callable, ahead: int) -> Iterator[tuple]:
+    """(position, image or reason, fell back, source, key) per sample, in sample order.
+
+    Up to ``ahead`` chunks are being aligned while the oldest is written out."""
+    waiting: deque = deque()
+    for start in range(0, len(job.samples), ALIGN_CHUNK):
+        positions = range(start, min(start + ALIGN_CHUNK, len(job.samples)))
+        found = {i: _cached(job, index, reader, i) for i in positions}
+        pending = [i for i in positions if found[i] is None]
+        todo = submit([(str(job.samples[i].path), job.samples[i].box) for i in pending]) if pending else None
+        waiting.append((positions, found, pending, todo))
+        while len(waiting) > ahead:
+            yield from _merged(job, *waiting.popleft())
+    while waiting:
+        yield from _merged(job, *waiting.popleft())
+
+
+def _merged(job: AlignJob, positions: range, found: dict, pending: list[int], todo) -> Iterator[tuple]:
+    aligned = dict(zip(pending, todo.result())) if todo is not None else {}
+    for i in positions:
+        key = job.keys[i]
+        if i in aligned:
+            value, fell_back = aligned[i]
+            yield i, value, fell_back, ALIGNED, key
+        else:
+            value, fell_back, source = found[i]
+            yield i, value, fell_back, source, key
+
+
+def _cached(job: AlignJob, index: RowIndex, reader: RowReader, i: int) -> tuple | None:
+    """(image or reason, fell back, source) for a sample the cache holds; None when it must be aligned."""
+    key = job.keys[i]
+    row = index.rows.get(key)
+    if row is not None:
+        image = reader.read(row)
+        if image is not None:
+            return image, row.fallback, CACHED
+    if key in index.skips:
+        return index.skips[key], False, CACHED
+    legacy = job.store.legacy_get(key)
+    return None if legacy is None else (*legacy, LEGACY)
+
+
+class _Now:
+    """A result computed when asked for: this process's alignment, in the order results are written."""
+
+    def __init__(self, fn: Callable, *args):
+        self.fn, self.args = fn, args
+
+    def result(self):
+        return self.fn(*self.args)
+
+
+@contextmanager
+def _aligner_pool(job: AlignJob, workers: int) -> Iterator[Callable]:
+    """submit(items) -> an object whose result() is align_items' list: in worker processes, or here."""
+    settings, size, context = job.aligner.settings, job.image_size, job.aligner.box_context
+    if workers <= 1:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as threads:
+            yield lambda items: _Now(align_items, items, size, context, job.aligner, threads)
+        return
+    # spawn: a fork of a process whose torch threads are running can deadlock in the child.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_start) as pool:
+        yield lambda items: pool.submit(align_items, items, size, context, settings)
+
+
+def _worker_start() -> None:
+    """One torch thread per worker process: the processes, not threads, share out the cores."""
+    import torch
+    torch.set_num_threads(1)
+
+
+_WORKER_ALIGNERS: dict[str, Aligner] = {}
+
+
+def align_items(items: list[tuple[str, tuple | None]], image_size: int, box_context: float,
+                aligner: Aligner | dict, threads: Executor | None = None) -> list[tuple[np.ndarray | str, bool]]:
+    """(aligned image or skip reason, fell back) per (path, face box) item. ``aligner`` is an Aligner, or
+    in a worker process its settings (the worker builds it once)."""
+    if isinstance(aligner, dict):
+        name = repr(sorted(aligner.items()))
+        if name not in _WORKER_ALIGNERS:
+            _WORKER_ALIGNERS[name] = build_aligner(aligner["align"], int(aligner["size"]),
+                                                   float(aligner.get("margin", 0.0)))
+        aligner = _WORKER_ALIGNERS[name]
+    decode = lambda item: decode_region(Path(item[0]), item[1], image_size, box_context)   # noqa: E731
+    decoded = list(threads.map(decode, items) if threads is not None else map(decode, items))
+    good = [rgb for rgb in decoded if not isinstance(rgb, str)]
+    faces = iter(aligner.align(good))
+    out: list[tuple[np.ndarray | str, bool]] = []
+    for rgb in decoded:
+        if isinstance(rgb, str):
+            out.append((rgb, False))
+        else:
+            face = next(faces)
+            out.append((face.image, face.fallback))
+    return out
+
+
+def decode_region(path: Path, box: tuple | None, image_size: int, box_context: float) -> np.ndarray | str:
+    """The decoded image (cropped to its face box, widened by box_context), or why it is unusable."""
+    try:
+        rgb = decode_image(path, max_side=decode_side(image_size))
+    except ImageSkipped as skip:
+        return skip.reason
+    if box is None:
+        return rgb
+    return crop_to_box(rgb, box, _stored_size(path), box_context)
+
+
+def crop_to_box(rgb: np.ndarray, box: tuple[int, int, int, int], stored_size: tuple[int, int],
+                context: float) -> np.ndarray:
+    """The part of rgb inside box (x, y, w, h in the file's pixels, rgb possibly shrunk), widened by context."""
+    sx, sy = rgb.shape[1] / stored_size[0], rgb.shape[0] / stored_size[1]
+    x, y, w, h = box
+    x0, x1 = max(0, round((x - context * w) * sx)), min(rgb.shape[1], round((x + w + context * w) * sx))
+    y0, y1 = max(0, round((y - context * h) * sy)), min(rgb.shape[0], round((y + h + context * h) * sy))
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return rgb        # a box outside the picture: align the whole image rather than lose it
+    return np.ascontiguousarray(rgb[y0:y1, x0:x1])
+
+
+def _stored_size(path: Path) -> tuple[int, int]:
+    """Width and height as decode_image sees them (after the EXIF rotation), from the header alone."""
+    with Image.open(path) as im:
+        width, height = im.size
+        rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)   # orientations that swap the axes
+    return (height, width) if rotated else (width, height)
