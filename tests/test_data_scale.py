@@ -75,6 +75,16 @@ def test_the_streamed_set_holds_each_image_as_aligned_alone_and_stores_it_once(t
     noise_folder(tmp_path / "faces", 160, seed=0)
     grown = prepare_data(data_cfg(tmp_path / "faces", cache), SIZE)
     assert grown.report.decoded == 10 and grown.report.usable == 160
+    # ... and its former set goes: every image of it is in the new one. Asked for again, it is rebuilt
+    # from the new one's rows, aligning nothing.
+    finished, partial = set_files(cache)
+    assert len(finished) == 1 and not partial
+    for extra in (tmp_path / "faces" / "anger").glob("015[1-9].png"):
+        extra.unlink()
+    for extra in (tmp_path / "faces" / "happiness").glob("01[56]?.png"):
+        extra.unlink()
+    former = prepare_data(data_cfg(tmp_path / "faces", cache), SIZE)
+    assert former.report.decoded == 0 and np.array_equal(np.asarray(former.images), np.asarray(data.images))
 
 
 CHILD = textwrap.dedent('''
@@ -165,7 +175,7 @@ def test_worker_processes_align_what_one_process_does(tmp_path, monkeypatch):
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(face).save(folder / f"{i:03d}.jpg", quality=92)
     monkeypatch.setattr(aligning, "ALIGN_CHUNK", 4)        # three chunks, so two workers share them
-    one = prepare_data(data_cfg(root, tmp_path / "one", align="mtcnn"), 48, workers=1)
+    one = prepare_data(data_cfg(root, tmp_path / "one", align="mtcnn"), 48, workers=0)    # this process
     two = prepare_data(data_cfg(root, tmp_path / "two", align="mtcnn"), 48, workers=2)
     assert one.report.decoded == two.report.decoded == 12
     # Same rows in the same order. A worker runs MTCNN on one thread, this process on two: float sums in
@@ -179,7 +189,9 @@ def test_align_workers_reads_its_setting_and_refuses_a_bad_one(monkeypatch):
     mtcnn = aligning.build_aligner("mtcnn", 48, 0.1)
     monkeypatch.setenv(aligning.WORKERS_ENV, "3")
     assert aligning.align_workers(mtcnn) == 3
-    assert aligning.align_workers(aligning.build_aligner("none", 48, 0.1)) == 1
+    assert aligning.align_workers(aligning.build_aligner("none", 48, 0.1)) == 0
+    monkeypatch.setenv(aligning.WORKERS_ENV, "0")
+    assert aligning.align_workers(mtcnn) == 0
     monkeypatch.setenv(aligning.WORKERS_ENV, "many")
     with pytest.raises(UserError, match="FER_ALIGN_WORKERS='many': set it to a whole number"):
         aligning.align_workers(mtcnn)

@@ -25,7 +25,8 @@ from PIL import Image
 
 from trainers.data.align import Aligner, build_aligner, detector_device
 from trainers.data.audit import perceptual_hashes
-from trainers.data.cache import AlignedStore, RowIndex, RowReader, SetWriter, remove_stale_partials, save_array
+from trainers.data.cache import (AlignedStore, RowIndex, RowReader, SetWriter, remove_contained_sets,
+                                 remove_stale_partials, save_array)
 from trainers.data.images import ImageSkipped, decode_image, decode_side
 from trainers.data.sources import Sample
 from trainers.errors import UserError
@@ -37,7 +38,8 @@ ALIGN_CHUNK = 64
 # Chunks handed to each worker before the oldest is waited for: keeps every worker busy while the
 # file is written in order, and bounds what waits in memory to a few chunks per worker.
 CHUNKS_AHEAD = 2
-# FER_ALIGN_WORKERS=N sets how many processes align on CPU (default: the cores this process may use).
+# FER_ALIGN_WORKERS=N sets how many worker processes align on CPU (default: one per core this process may
+# use; 0 aligns in this process, as on a GPU or a single core).
 WORKERS_ENV = "FER_ALIGN_WORKERS"
 
 # One result per sample: (sample position, image or skip reason, fell back, where it came from).
@@ -78,18 +80,20 @@ class _Written:
 
 
 def align_workers(aligner: Aligner) -> int:
-    """Processes that align: one per usable core for MTCNN on CPU (FER_ALIGN_WORKERS overrides), else 1."""
+    """Worker processes that align: one per usable core for MTCNN on CPU (FER_ALIGN_WORKERS overrides);
+    0, this process, for align: none, on a GPU and on one core."""
     if aligner.settings["align"] == "none":
-        return 1            # decoding and a resize: threads in this process already use every core
+        return 0            # decoding and a resize: threads in this process already use every core
     configured = os.environ.get(WORKERS_ENV, "").strip()
     if configured:
-        if not configured.isdigit() or int(configured) < 1:
-            raise UserError(f"{WORKERS_ENV}={configured!r}: set it to a whole number of processes >= 1, "
-                            "or unset it to use one per core")
+        if not configured.isdigit():
+            raise UserError(f"{WORKERS_ENV}={configured!r}: set it to a whole number of worker processes "
+                            "(0: align in this process), or unset it to use one per core")
         return int(configured)
     if detector_device() != "cpu":
-        return 1            # one process feeds the GPU batched detections
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return 0            # this process feeds the GPU batched detections
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores if cores > 1 else 0
 
 
 def build_set(job: AlignJob, set_key: str, workers: int) -> AlignedSet:
@@ -101,7 +105,8 @@ def build_set(job: AlignJob, set_key: str, workers: int) -> AlignedSet:
     label = "aligning faces" if job.aligner.settings["align"] != "none" else "decoding images"
     try:
         uncached = sum(k not in index.rows and k not in index.skips for k in job.keys)
-        with _aligner_pool(job, workers if uncached > ALIGN_CHUNK else 1) as submit:
+        workers = workers if uncached > ALIGN_CHUNK else 0      # a chunk or less: not worth starting processes
+        with _aligner_pool(job, workers) as submit:
             results = _results(job, index, reader, submit, CHUNKS_AHEAD * workers)
             chunk: list[tuple] = []
             for result in progress(results, len(job.samples), label):
@@ -129,6 +134,9 @@ def _finished(store: AlignedStore, set_key: str, written: _Written) -> AlignedSe
         store.forget_legacy(written.legacy)
         print(f"cache: {len(written.legacy)} aligned images moved from one file each into {set_array.name} "
               f"({store.root})", file=sys.stderr)
+    for other in remove_contained_sets(store, set_key):
+        print(f"cache: set {other} removed: every image of it is in {set_array.name} ({store.root})",
+              file=sys.stderr)
     remove_stale_partials(store, RowIndex.load(store))
     images = np.load(set_array, mmap_mode="r", allow_pickle=False)
     return AlignedSet(images, written.keep, written.fallback, written.decoded, written.reasons)
@@ -215,9 +223,9 @@ class _Now:
 
 @contextmanager
 def _aligner_pool(job: AlignJob, workers: int) -> Iterator[Callable]:
-    """submit(items) -> an object whose result() is align_items' list: in worker processes, or here."""
+    """submit(items) -> an object whose result() is align_items' list: in worker processes, or here (0)."""
     settings, size, context = job.aligner.settings, job.image_size, job.aligner.box_context
-    if workers <= 1:
+    if workers < 1:
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as threads:
             yield lambda items: _Now(align_items, items, size, context, job.aligner, threads)
         return

@@ -334,6 +334,34 @@ def remove_stale_partials(store: AlignedStore, index: RowIndex) -> None:
             journal.unlink(missing_ok=True)
 
 
+def remove_contained_sets(store: AlignedStore, key: str) -> list[str]:
+    """Remove the other finished sets whose every image set ``key`` holds (a dataset that grew leaves its
+    former set behind): one copy of each image stays, and the former set, if asked for again, is rebuilt
+    from this one's rows without aligning anything. Returns the keys removed."""
+    holder = _manifest_keys(store.set_paths(key)[1])
+    removed = []
+    for name in sorted(os.listdir(store.sets)):
+        other = name[:-len(".json")]
+        if not name.endswith(".json") or name.startswith(".") or other == key:
+            continue
+        keys = _manifest_keys(store.sets / name)
+        if keys is None or holder is None or not keys <= holder:
+            continue
+        for path in store.sets.glob(f"{other}[.-]*"):
+            path.unlink(missing_ok=True)
+        removed.append(other)
+    return removed
+
+
+def _manifest_keys(path: Path) -> set[str] | None:
+    """The image keys a finished set holds; None for a set of the per-image layout or an unreadable one."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return set(manifest["keys"]) if isinstance(manifest, dict) and "keys" in manifest else None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

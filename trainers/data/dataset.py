@@ -130,7 +130,7 @@ def list_samples(cfg: DataConfig, root: Path) -> Listing:
 
 def prepare_data(cfg: DataConfig, image_size: int, workers: int | None = None) -> PreparedData:
     """Decode and align every image once (cached), split deterministically, audit the splits for leaks.
-    workers: processes that align (align_workers decides when None)."""
+    workers: worker processes that align, 0 for this process (align_workers decides when None)."""
     root = dataset_root(cfg)
     listing = list_samples(cfg, root)
     cache_dir = Path(cfg.cache_dir)
