@@ -8,7 +8,7 @@ from rich.text import Text
 from orchestrator.results.production_tables import (DEGRADATION_HEADERS, MIN_SLICE_COUNT, OUTCOME_HEADERS,
                                                     SLICE_HEADERS, Outcome, ProductionResult, auc_text,
                                                     degradation_cells, outcome_cells, slice_cells, slice_finding)
-from orchestrator.sweep.plan import grid_points
+from orchestrator.sweep.plan import PlannedTrial, grid_points
 from orchestrator.sweep.spec import SweepSpec
 from trainers.config import DataConfig
 from trainers.data.balance import balance_text, value_text
@@ -20,16 +20,32 @@ def console() -> Console:
     return console if console.is_terminal else Console(width=200)
 
 
+# A plan of up to TABLE_WHOLE trials is listed whole; a longer one, its first TABLE_HEAD and last TABLE_TAIL
+# trials, with one row counting those between. rich lays out ~700 rows a second (10^4 rows: 15 s,
+# 10^5: 2.5 min), and a table that long is not read anyway; the count line below it gives the total.
+TABLE_WHOLE, TABLE_HEAD, TABLE_TAIL = 60, 20, 10
+
+
 def trial_table(spec: SweepSpec) -> Table:
-    """One row per unique trial of the plan."""
+    """One row per unique trial of the plan (past TABLE_WHOLE trials, the first and last ones)."""
     table = Table(title=f"{spec.name}: {len(spec.plan)} trials")
     for column in ("#", "hash", "name", "groups", "model", "epochs", "optimizer", "lr", "seed"):
         table.add_column(column, justify="right" if column in ("#", "epochs", "lr", "seed") else "left")
-    for i, trial in enumerate(spec.plan, 1):
-        c = trial.config
-        table.add_row(str(i), trial.hash, trial.name, ", ".join(trial.groups), c.model.name,
-                      str(c.train.epochs), c.optim.name, f"{c.optim.lr:g}", str(c.train.seed))
+    cut = len(spec.plan) > TABLE_WHOLE
+    for i, trial in enumerate(spec.plan[:TABLE_HEAD] if cut else spec.plan, 1):
+        table.add_row(*_trial_row(i, trial))
+    if cut:
+        table.add_row("…", "", f"{len(spec.plan) - TABLE_HEAD - TABLE_TAIL:,} more trials", style="dim")
+        tail = len(spec.plan) - TABLE_TAIL
+        for i, trial in enumerate(spec.plan[tail:], tail + 1):
+            table.add_row(*_trial_row(i, trial))
     return table
+
+
+def _trial_row(number: int, trial: PlannedTrial) -> tuple[str, ...]:
+    c = trial.config
+    return (str(number), trial.hash, trial.name, ", ".join(trial.groups), c.model.name, str(c.train.epochs),
+            c.optim.name, f"{c.optim.lr:g}", str(c.train.seed))
 
 
 def count_line(spec: SweepSpec) -> str:

@@ -50,6 +50,20 @@ def write_sweep_spec(folder: Path, name: str, experiments: dict, **extra) -> Pat
     return path
 
 
+def write_grid_spec(folder: Path, lrs: int, batch_sizes: int, epochs: int) -> Path:
+    """demo.yaml's data (synthetic), models and defaults with one experiment, a grid of lrs learning rates x
+    batch_sizes batch sizes x epochs epoch counts: (100, 10, 10) makes 10^4 points, each its own trial."""
+    demo = yaml.safe_load((REPO / "sweeps" / "demo.yaml").read_text())
+    grid = {"optim.lr": [1e-5 * (i + 1) for i in range(lrs)],        # 1e-5 ... 1e-3 for 100
+            "train.batch_size": [8 * (i + 1) for i in range(batch_sizes)],
+            "train.epochs": [i + 1 for i in range(epochs)]}
+    spec = {"name": "grid", "data": demo["data"], "models": demo["models"], "defaults": demo["defaults"],
+            "experiments": {"grid": {"grid": grid}}}
+    path = folder / f"grid{lrs * batch_sizes * epochs}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
 def child_env() -> dict:
     """The environment for a child sweep: this repo importable, no tracking URI left by other tests."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -106,6 +120,12 @@ def tiny_trial():
 def write_spec():
     """write_sweep_spec(folder, name, experiments, **extra): a tiny sweep spec written to folder/name.yaml."""
     return write_sweep_spec
+
+
+@pytest.fixture(scope="session")
+def grid_spec():
+    """write_grid_spec(folder, lrs, batch_sizes, epochs): a spec of one lr x batch size x epochs grid."""
+    return write_grid_spec
 
 
 @pytest.fixture(scope="session")

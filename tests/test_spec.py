@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainers.config import ConfigError, ModelConfig, OptimConfig, TrainConfig, name_parts
+from trainers.config import ConfigError, ModelConfig, OptimConfig, TrainConfig, name_parts, trial_name
 
-from orchestrator.sweep.plan import datasets_to_prepare, estimate_cost, grid_points, resolve_trial, trial_name
+from orchestrator.sweep.plan import datasets_to_prepare, estimate_cost, grid_points, resolve_trial
 from orchestrator.sweep.spec import SpecError, parse_yaml, load_spec, spec_from_dict
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -180,11 +181,18 @@ def _yaml_where(err: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """typing.get_type_hints of a config dataclass, read once per class (it compiles each string annotation
+    on every call: ~200 us for TrialConfig, paid by every with_value a sweep plan makes). Shared: read only."""
+    return typing.get_type_hints(cls)
+
+
 def build(cls: type, raw: Any, prefix: str, source: str):
     """The dataclass ``cls`` from a plain mapping; fields are named ``<prefix><name>`` in errors."""
     if not isinstance(raw, dict):
         raise ConfigError(source, prefix.rstrip(".") or "config", f"must be a mapping, got {describe(raw)}")
-    hints = typing.get_type_hints(cls)
+    hints = field_types(cls)
     unknown = sorted(set(raw) - set(hints))
     if unknown:
         raise _unknown_key(cls, unknown[0], prefix, source)
@@ -254,7 +262,7 @@ def describe(value: Any) -> str:
 def with_value(cfg: Any, path: str, value: Any, source: str, prefix: str = ""):
     """``cfg`` with the dotted field ``path`` set to ``value`` through the builder; a mapping merges into a section."""
     head, _, rest = path.partition(".")
-    hints = typing.get_type_hints(type(cfg))
+    hints = field_types(type(cfg))
     if head not in hints:
         raise _unknown_key(type(cfg), head, prefix, source)
     current, name = getattr(cfg, head), f"{prefix}{head}"
@@ -445,6 +453,8 @@ def validate_augment(a: AugmentConfig, source: str) -> None:
 def to_dict(cfg: Any) -> dict:
     """The config as plain YAML-friendly data (tuples become lists)."""
     def plain(v):
+        if isinstance(v, (str, int, float, type(None))):     # most leaves: skip the slower checks below
+            return v
         if dataclasses.is_dataclass(v):
             return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, (tuple, list)):
@@ -495,17 +505,36 @@ def applicable_params(cfg: TrialConfig) -> dict[str, str]:
 
 def config_hash(cfg: TrialConfig) -> str:
     """Stable 12-hex hash of what determines a trial's result (tracking and device excluded)."""
-    body = to_dict(cfg)
-    body.pop("tracking")
-    body["train"].pop("device")
-    body["train"].pop("checkpoint_dir")
-    body["train"].pop("num_threads")
-    body["data"].pop("cache_dir")
-    _drop_inert_data_keys(body["data"])
-    _drop_default_keys(body, "augment", AugmentConfig())
-    if not body["train"]["deterministic"]:      # hashes from before the option existed still match
-        body["train"].pop("deterministic")
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hash_of_pieces([hash_piece(name, getattr(cfg, name)) for name in HASHED_SECTIONS])
+
+
+# The sections config_hash covers (tracking never changes a result), in the sorted order of the JSON keys.
+HASHED_SECTIONS = ("augment", "data", "model", "optim", "train")
+
+
+def hash_piece(section: str, value: Any) -> str:
+    """One section's share of config_hash: '"<section>":<its JSON>', or '' when it is left out (augment at
+    its defaults). It depends on that section alone, so a plan works it out once per section value."""
+    body = to_dict(value)
+    if section == "train":
+        for key in ("device", "checkpoint_dir", "num_threads"):
+            body.pop(key)
+        if not body["deterministic"]:      # hashes from before the option existed still match
+            body.pop("deterministic")
+    elif section == "data":
+        body.pop("cache_dir")
+        _drop_inert_data_keys(body)
+    elif section == "augment":
+        body = _non_default_keys(body, AugmentConfig())
+        if not body:
+            return ""
+    return f'"{section}":{json.dumps(body, sort_keys=True, separators=(",", ":"))}'
+
+
+def hash_of_pieces(pieces: list[str]) -> str:
+    """config_hash from the sections' hash_piece texts, in HASHED_SECTIONS order: the text is the one
+    json.dumps(sort_keys=True) gives for {section: body, ...}, hashed."""
+    text = "{" + ",".join(filter(None, pieces)) + "}"      # '' pieces: sections left out
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -514,28 +543,26 @@ def trial_dir(cfg: TrialConfig) -> Path:
     return Path(cfg.train.checkpoint_dir) / config_hash(cfg)
 
 
+DATA_DEFAULTS = to_dict(DataConfig())     # read, never changed: _drop_inert_data_keys compares with it
+
+
 def _drop_inert_data_keys(data: dict) -> None:
     """Leave out data keys that cannot change this trial, so hashes from before they existed still match."""
-    defaults = to_dict(DataConfig())
     if data["align"] == "none":
         data.pop("align_margin")
     for key in ("use_dataset_split", "duplicate_distance", "dedupe"):
-        if data[key] == defaults[key]:
+        if data[key] == DATA_DEFAULTS[key]:
             data.pop(key)
     if not data.get("dedupe"):
         data.pop("duplicate_distance", None)   # the audit only counts unless dedupe removes
-    if data["balance_by"] == defaults["balance_by"] or not data["balance"]:
+    if data["balance_by"] == DATA_DEFAULTS["balance_by"] or not data["balance"]:
         data.pop("balance_by")
 
 
-def _drop_default_keys(body: dict, section: str, defaults: Any) -> None:
-    """Leave out a section's keys at their defaults, and the section when none is left: a section (or key)
-    added later keeps the hashes of the trials from before it existed."""
-    kept = {k: v for k, v in body[section].items() if v != getattr(defaults, k)}
-    if kept:
-        body[section] = kept
-    else:
-        body.pop(section)
+def _non_default_keys(body: dict, defaults: Any) -> dict:
+    """A section's keys not at their defaults: a section (or key) added later, left out while at its
+    defaults, keeps the hashes of the trials from before it existed."""
+    return {k: v for k, v in body.items() if v != getattr(defaults, k)}
 
 
 NAME_SEPARATOR = "·"
@@ -554,17 +581,55 @@ def name_parts(cfg: TrialConfig, axes: tuple[str, ...] = ()) -> dict[str, str]:
     mitigation parts when they differ from the default (training balanced over other cells than the
     classes, augment.occlusion on), then one part per other grid axis named in `axes` (its last key and
     value: batch_size64, image_size112), seed."""
-    by = cfg.data.balance_by
-    balanced = cfg.data.balance and tuple(by) != DataConfig().balance_by
-    parts = {"epochs": f"ep{cfg.train.epochs}", "optimizer": cfg.optim.name, "lr": short_number(cfg.optim.lr),
-             "model": cfg.model.name, "balance": f"by{'+'.join(by)}" if balanced else "",
-             "occlusion": f"occ{cfg.augment.occlusion:g}" if cfg.augment.occlusion else ""}
+    return join_name_parts({name: section_name_parts(name, getattr(cfg, name), axes) for name in NAMED_SECTIONS},
+                           axes)
+
+
+# The sections a name reads, and the section of each standing part, in the standing order.
+NAMED_SECTIONS = ("data", "model", "optim", "train", "augment", "tracking")
+STANDING_PARTS = {"epochs": "train", "optimizer": "optim", "lr": "optim", "model": "model", "balance": "data",
+                  "occlusion": "augment"}
+
+
+def section_name_parts(section: str, value: Any, axes: tuple[str, ...] = ()) -> dict[str, str]:
+    """The name parts (name_parts) one section gives, empty ones too: they depend on that section alone,
+    so a plan works them out once per section value."""
+    if section == "train":
+        parts = {"epochs": f"ep{value.epochs}", "seed": f"s{value.seed}"}
+    elif section == "optim":
+        parts = {"optimizer": value.name, "lr": short_number(value.lr)}
+    elif section == "model":
+        parts = {"model": value.name}
+    elif section == "data":
+        balanced = value.balance and tuple(value.balance_by) != DataConfig.balance_by    # the field's default
+        parts = {"balance": f"by{'+'.join(value.balance_by)}" if balanced else ""}
+    elif section == "augment":
+        parts = {"occlusion": f"occ{value.occlusion:g}" if value.occlusion else ""}
+    else:                       # tracking: only an axis in it would give a part
+        parts = {}
     for axis in axes:
-        value = value_at(cfg, axis)
-        if axis not in NAMED_AXES and axis != "train.seed" and value is not None:
-            parts[axis] = f"{axis.rsplit('.', 1)[-1]}{_name_value(value)}"
-    parts["seed"] = f"s{cfg.train.seed}"
-    return {k: v for k, v in parts.items() if v}
+        head, _, rest = axis.partition(".")
+        if head != section or axis in NAMED_AXES or axis == "train.seed":
+            continue
+        found = value_at(value, rest) if rest else value
+        if found is not None:
+            parts[axis] = f"{axis.rsplit('.', 1)[-1]}{_name_value(found)}"
+    return parts
+
+
+def join_name_parts(pieces: dict[str, dict[str, str]], axes: tuple[str, ...] = ()) -> dict[str, str]:
+    """name_parts from each section's section_name_parts: the standing parts, the axes' parts, the seed,
+    in that order, the empty ones left out."""
+    parts = {}
+    for key, section in STANDING_PARTS.items():
+        if pieces[section][key]:
+            parts[key] = pieces[section][key]
+    for axis in axes:
+        part = pieces.get(axis.partition(".")[0], {}).get(axis)
+        if part:
+            parts[axis] = part
+    parts["seed"] = pieces["train"]["seed"]
+    return parts
 
 
 # The grid axes name_parts always names, and the part each gives.
@@ -605,10 +670,14 @@ def trial_name(cfg: TrialConfig, first: tuple[str, ...] = (), axes: tuple[str, .
     """Readable run name, the parts joined by '·': ep3·adam·1e-3·vit·s0, or ep3·adam·1e-3·vit·bygroup·occ0.5·s0.
     The parts named in `first` (those that vary across a plan; see plan.unique_trials) come first, the
     seed always last, so names MLflow's runs table cuts at ~16 characters still tell trials apart."""
-    parts = name_parts(cfg, axes)
-    seed = parts.pop("seed")
-    ordered = [parts[k] for k in first if k in parts] + [v for k, v in parts.items() if k not in first]
-    return NAME_SEPARATOR.join([*ordered, seed])
+    return name_from_parts(name_parts(cfg, axes), first)
+
+
+def name_from_parts(parts: dict[str, str], first: tuple[str, ...] = ()) -> str:
+    """trial_name from a trial's name_parts: the parts in `first` first, the rest in order, the seed last."""
+    ordered = [parts[k] for k in first if k in parts and k != "seed"]
+    ordered += [v for k, v in parts.items() if k not in first and k != "seed"]
+    return NAME_SEPARATOR.join([*ordered, parts["seed"]])
 
 
 def merge(base: dict, override: dict) -> dict:

@@ -15,10 +15,10 @@ def progress(items: Iterable[T], total: int, description: str) -> Iterator[T]:
         from rich.progress import track
         yield from track(items, total=total, description=description, console=None, transient=True)
         return
-    start, next_mark = time.monotonic(), 0.1
+    start, next_tenth = time.monotonic(), 1      # in whole tenths: 0.1 added up thrice is past 0.3
     for i, item in enumerate(items, 1):
         yield item
-        if total and i / total >= next_mark:
+        if total and i * 10 >= next_tenth * total:
             print(f"{description}: {i}/{total} ({time.monotonic() - start:.1f}s)", file=sys.stderr, flush=True)
-            while next_mark <= i / total:
-                next_mark += 0.1
+            while next_tenth * total <= i * 10:
+                next_tenth += 1
