@@ -27,10 +27,16 @@ SIZES = [int(n) for n in os.environ.get("FER_BENCH_SCALE", "4000,32000").split("
 ALIGN_FACES = int(os.environ.get("FER_BENCH_ALIGN_FACES", "192"))
 
 PREPARE = textwrap.dedent('''
-    import json, resource, sys, time
+    import json, re, sys, time
     from trainers.config import from_dict
     from trainers.data.dataset import prepare_data
     from trainers.data.synthetic import write_synthetic
+
+    def peak_rss_mb():
+        # VmHWM: this process's own high-water mark. getrusage's ru_maxrss would also count the parent's
+        # memory, which a vfork()ed child carries across exec on Linux.
+        status = open("/proc/self/status").read()
+        return int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) / 1024
 
     if __name__ == "__main__":
         n, cache, draw_only = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "draw"
@@ -43,7 +49,7 @@ PREPARE = textwrap.dedent('''
         data = prepare_data(cfg, 112)
         print(json.dumps({"seconds": time.perf_counter() - started, "images": len(data.images),
                           "raw_bytes": int(data.images.nbytes),
-                          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                          "peak_rss_mb": peak_rss_mb()}))
 ''')
 
 

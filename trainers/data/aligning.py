@@ -137,7 +137,7 @@ def _finished(store: AlignedStore, set_key: str, written: _Written) -> AlignedSe
     for other in remove_contained_sets(store, set_key):
         print(f"cache: set {other} removed: every image of it is in {set_array.name} ({store.root})",
               file=sys.stderr)
-    remove_stale_partials(store, RowIndex.load(store))
+    remove_stale_partials(store, set_key, set(written.keys))
     images = np.load(set_array, mmap_mode="r", allow_pickle=False)
     return AlignedSet(images, written.keep, written.fallback, written.decoded, written.reasons)
 

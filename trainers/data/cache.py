@@ -315,8 +315,9 @@ class SetWriter:
         self._journal.close()
 
 
-def remove_stale_partials(store: AlignedStore, index: RowIndex) -> None:
-    """Remove partial sets of processes no longer running whose every row a finished set now holds."""
+def remove_stale_partials(store: AlignedStore, finished: str, held: set[str]) -> None:
+    """Remove the partial sets of processes no longer running whose rows the set just ``finished`` holds:
+    its own (a killed preparation of the same data), or one whose every journalled key is in ``held``."""
     try:
         names = os.listdir(store.sets)
     except OSError:
@@ -324,14 +325,19 @@ def remove_stale_partials(store: AlignedStore, index: RowIndex) -> None:
     for name in names:
         if not (name.startswith(PARTIAL) and name.endswith(".jsonl")):
             continue
-        journal = store.sets / name
-        pid = name[len(PARTIAL):].split("-", 1)[0]
+        pid, _, key = name[len(PARTIAL):-len(".jsonl")].partition("-")
         if not pid.isdigit() or _alive(int(pid)):
             continue
-        data = journal.with_suffix(".npy")
-        if not any(row.path == data for row in index.rows.values()):
-            data.unlink(missing_ok=True)
+        journal = store.sets / name
+        if key == finished or _journal_keys(journal) <= held:
+            journal.with_suffix(".npy").unlink(missing_ok=True)
             journal.unlink(missing_ok=True)
+
+
+def _journal_keys(journal: Path) -> set[str]:
+    index = RowIndex()
+    index._add_journal(journal)
+    return set(index.rows)
 
 
 def remove_contained_sets(store: AlignedStore, key: str) -> list[str]:

@@ -256,21 +256,27 @@ def _finish(cfg: DataConfig, gathered: Gathered) -> PreparedData:
     report = _report(cfg, gathered, rows, audit, len(removed))
     report.split_mode = mode
     report.warnings = _split_warnings(cfg, rows, mode)
-    report.balance = _balance(cfg, rows)
+    attrs = _attr_dicts(rows.samples)
+    report.balance = _balance(cfg, rows, attrs)
     paths = [_rel(s.path, root, Path(cfg.cache_dir)) for s in rows.samples]
     digest = short_hash({"content": f"{store.root.name}/{rows.content_key}", "paths": paths,
                          "labels": rows.labels.tolist(), "split": rows.splits.tolist()})
     return PreparedData(images=rows.images, labels=rows.labels, splits=rows.splits, classes=tuple(cfg.classes),
                         paths=paths, subjects=[s.subject for s in rows.samples],
-                        attrs=[dict(s.attrs) for s in rows.samples], digest=digest, root=str(root),
+                        attrs=attrs, digest=digest, root=str(root),
                         report=report, fallback=rows.fallback)
 
 
-def _balance(cfg: DataConfig, rows: Rows) -> dict:
+def _attr_dicts(samples: list[Sample]) -> list[dict[str, str]]:
+    """Each sample's attributes as a dict, one dict per distinct combination (read, never written)."""
+    shared: dict[tuple, dict[str, str]] = {}
+    return [shared.setdefault(s.attrs, dict(s.attrs)) for s in samples]
+
+
+def _balance(cfg: DataConfig, rows: Rows, attrs: list[dict[str, str]]) -> dict:
     """The training split's balance cells before and after (as the train loop will draw them); {} when off."""
     if not cfg.balance:
         return {}
-    attrs = [dict(s.attrs) for s in rows.samples]
     columns = sorted({name for a in attrs for name in a})
     missing = [c for c in cfg.balance_by if c != CLASS_COLUMN and c not in columns]
     if missing:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ CLASS_ALIASES: dict[str, str] = {
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sample:
     """One listed image: absolute path, class index, optional subject and metadata attributes.
 
@@ -147,14 +148,16 @@ def _attach_metadata(root: Path, samples: list[Sample]) -> list[Sample]:
     if not rows:
         return samples
     attached = []
+    shared: dict[tuple, tuple] = {}     # one tuple per distinct attribute combination: a few, for 10^5 images
     for sample in samples:
-        row = rows.get(str(sample.path))
+        row = rows.pop(str(sample.path), None)
         if row is None:
             attached.append(sample)
             continue
         subject = row.get("subject") or None
         attrs = tuple(sorted((name, value) for name, value in row.items() if name != "subject"))
-        attached.append(Sample(path=sample.path, label=sample.label, subject=subject, attrs=attrs))
+        attached.append(Sample(path=sample.path, label=sample.label, subject=subject,
+                               attrs=shared.setdefault(attrs, attrs)))
     return attached
 
 
@@ -174,6 +177,8 @@ def _read_metadata(root: Path) -> dict[str, dict[str, str]]:
             )
         rows = {}
         for raw in reader:
-            row = {(key or "").strip(): (value or "").strip() for key, value in raw.items() if key is not None}
+            # Interned: a column's values repeat (group a, occluded 0), and subjects repeat per image.
+            row = {sys.intern((key or "").strip()): sys.intern((value or "").strip())
+                   for key, value in raw.items() if key is not None}
             rows[os.path.normpath(os.path.join(root, row.pop("path")))] = row
     return rows
