@@ -17,6 +17,7 @@ distinct faces stay >= 32 bits apart and re-saved or resized copies within 16.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,21 +59,27 @@ def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
 
     Pigeonhole: cut the bits into max_distance + 1 bands; two hashes that close
     agree exactly on at least one band, so only images sharing a band value
-    are compared (multi-index hashing), not all N^2 / 2 pairs.
+    are compared (multi-index hashing), not all N^2 / 2 pairs. Candidates are
+    checked as they are found, at most N at a time, so memory stays O(N) however
+    many images share a band value.
     """
-    bits = np.unpackbits(np.ascontiguousarray(hashes.T), axis=0)   # 256 x N: one row per bit
     words = np.ascontiguousarray(hashes).view(np.uint64)    # popcount over 4 words, not 32 bytes
-    edges = np.linspace(0, len(bits), max_distance + 2).astype(int)
+    edges = np.linspace(0, HASH_BYTES * 8, max_distance + 2).astype(int)
     found = [np.zeros((0, 2), dtype=np.int64)]
     for lo, hi in zip(edges[:-1], edges[1:]):
-        keys = np.zeros(len(hashes), dtype=np.int64)
-        for row in bits[lo:hi]:
-            keys = (keys << 1) | row
-        candidates = _same_key_pairs(keys)
-        close = hamming(words[candidates[:, 0]], words[candidates[:, 1]]) <= max_distance
-        found.append(candidates[close])
+        for candidates in _same_key_pairs(_band_keys(hashes, lo, hi)):
+            close = hamming(words[candidates[:, 0]], words[candidates[:, 1]]) <= max_distance
+            found.append(candidates[close])
     pairs = np.concatenate(found)
     return np.unique(np.sort(pairs, axis=1), axis=0)
+
+
+def _band_keys(hashes: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Bits lo..hi-1 of each packed hash (most significant bit first) as one integer per hash."""
+    first = lo // 8
+    bits = np.unpackbits(np.ascontiguousarray(hashes[:, first:(hi - 1) // 8 + 1]), axis=1)
+    bits = bits[:, lo - 8 * first:hi - 8 * first].astype(np.int64)
+    return bits @ (np.int64(1) << np.arange(hi - lo - 1, -1, -1, dtype=np.int64))
 
 
 def near_duplicates_between(hashes_a: np.ndarray, hashes_b: np.ndarray, max_distance: int) -> np.ndarray:
@@ -96,19 +103,18 @@ def audit_splits(pairs: np.ndarray, splits: np.ndarray) -> AuditResult:
     return AuditResult(pairs=dict(sorted(counts.items())), later_copies=np.unique(later))
 
 
-def _same_key_pairs(keys: np.ndarray) -> np.ndarray:
-    """Every pair (i, j) with keys[i] == keys[j], without a Python loop over groups."""
+def _same_key_pairs(keys: np.ndarray) -> Iterator[np.ndarray]:
+    """Every pair (i, j) with keys[i] == keys[j], at most len(keys) at a time, without a Python loop over
+    groups: step k pairs each position of the sorted keys with the one k further on."""
     order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
-    out = []
     alive = np.arange(len(keys) - 1)            # positions whose next neighbour may share their key
     step = 1
     while len(alive):
         alive = alive[alive + step < len(keys)]
         alive = alive[sorted_keys[alive] == sorted_keys[alive + step]]
-        out.append(np.stack([order[alive], order[alive + step]], axis=1))
+        yield np.stack([order[alive], order[alive + step]], axis=1)
         step += 1
-    return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
 
 
 def _small_grey(image: np.ndarray) -> np.ndarray:
