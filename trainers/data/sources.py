@@ -148,21 +148,19 @@ def _attach_metadata(root: Path, samples: list[Sample]) -> list[Sample]:
     if not rows:
         return samples
     attached = []
-    shared: dict[tuple, tuple] = {}     # one tuple per distinct attribute combination: a few, for 10^5 images
     for sample in samples:
         row = rows.pop(str(sample.path), None)
         if row is None:
             attached.append(sample)
             continue
-        subject = row.get("subject") or None
-        attrs = tuple(sorted((name, value) for name, value in row.items() if name != "subject"))
-        attached.append(Sample(path=sample.path, label=sample.label, subject=subject,
-                               attrs=shared.setdefault(attrs, attrs)))
+        attached.append(Sample(path=sample.path, label=sample.label, subject=row[0], attrs=row[1]))
     return attached
 
 
-def _read_metadata(root: Path) -> dict[str, dict[str, str]]:
-    """Rows of root/metadata.csv keyed by absolute image path; {} when there is no such file."""
+def _read_metadata(root: Path) -> dict[str, tuple[str | None, tuple[tuple[str, str], ...]]]:
+    """(subject, sorted attribute pairs) per row of root/metadata.csv, keyed by absolute image path; {} when
+    there is no such file. Values are interned and each distinct attribute tuple is one object: a dataset of
+    10^5 images has a few combinations, and repeats its subjects."""
     csv_path = root / METADATA_FILE
     if not csv_path.is_file():
         return {}
@@ -175,10 +173,12 @@ def _read_metadata(root: Path) -> dict[str, dict[str, str]]:
             raise ValueError(
                 f"{csv_path}: needs a 'path' column (relative image paths); found columns: {found}"
             )
-        rows = {}
+        rows, shared = {}, {}
         for raw in reader:
-            # Interned: a column's values repeat (group a, occluded 0), and subjects repeat per image.
             row = {sys.intern((key or "").strip()): sys.intern((value or "").strip())
                    for key, value in raw.items() if key is not None}
-            rows[os.path.normpath(os.path.join(root, row.pop("path")))] = row
+            path = row.pop("path")
+            attrs = tuple(sorted((name, value) for name, value in row.items() if name != "subject"))
+            rows[os.path.normpath(os.path.join(root, path))] = (row.get("subject") or None,
+                                                                shared.setdefault(attrs, attrs))
     return rows
