@@ -192,6 +192,17 @@ def test_align_workers_reads_its_setting_and_refuses_a_bad_one(monkeypatch):
     assert aligning.align_workers(aligning.build_aligner("none", 48, 0.1)) == 0
     monkeypatch.setenv(aligning.WORKERS_ENV, "0")
     assert aligning.align_workers(mtcnn) == 0
+    # Unset: one per core, as many as the memory available holds (a worker's MTCNN peaks at ~1.2 GB), and
+    # none when only one would fit: this process's threads then use every core.
+    monkeypatch.delenv(aligning.WORKERS_ENV)
+    monkeypatch.setattr(aligning, "detector_device", lambda: "cpu")
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(aligning, "_available_memory", lambda: 64 * aligning.WORKER_MEMORY)
+    assert aligning.align_workers(mtcnn) == (cores if cores > 1 else 0)
+    monkeypatch.setattr(aligning, "_available_memory", lambda: 2 * aligning.WORKER_MEMORY + 1)
+    assert aligning.align_workers(mtcnn) == (2 if cores > 1 else 0)
+    monkeypatch.setattr(aligning, "_available_memory", lambda: aligning.WORKER_MEMORY)
+    assert aligning.align_workers(mtcnn) == 0
     monkeypatch.setenv(aligning.WORKERS_ENV, "many")
     with pytest.raises(UserError, match="FER_ALIGN_WORKERS='many': set it to a whole number"):
         aligning.align_workers(mtcnn)
