@@ -75,10 +75,7 @@ def test_the_streamed_set_holds_each_image_as_aligned_alone_and_stores_it_once(t
     noise_folder(tmp_path / "faces", 160, seed=0)
     grown = prepare_data(data_cfg(tmp_path / "faces", cache), SIZE)
     assert grown.report.decoded == 10 and grown.report.usable == 160
-    # ... and its former set goes: every image of it is in the new one. Asked for again, it is rebuilt
-    # from the new one's rows, aligning nothing.
-    finished, partial = set_files(cache)
-    assert len(finished) == 1 and not partial
+    # The former dataset, asked for again, is still a set of its own: nothing decoded.
     for extra in (tmp_path / "faces" / "anger").glob("015[1-9].png"):
         extra.unlink()
     for extra in (tmp_path / "faces" / "happiness").glob("01[56]?.png"):
@@ -183,6 +180,66 @@ def test_worker_processes_align_what_one_process_does(tmp_path, monkeypatch):
     diff = np.abs(np.asarray(one.images, np.int16) - np.asarray(two.images, np.int16))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
     assert one.fallback.tolist() == two.fallback.tolist() and not one.fallback.all()
+
+
+ORPHAN_CHILD = textwrap.dedent('''
+    import sys
+    from trainers.config import from_dict
+    from trainers.data import aligning
+    from trainers.data.dataset import prepare_data
+
+    if __name__ == "__main__":
+        aligning.ALIGN_CHUNK = 2
+        cfg = from_dict({"data": {"source": "imagefolder", "root": sys.argv[1], "cache_dir": sys.argv[2],
+                                  "classes": ["anger", "happiness"], "align": "mtcnn"}}).data
+        prepare_data(cfg, 48, workers=2)
+''')
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers die with their parent on Linux")
+def test_alignment_workers_die_with_a_killed_preparation(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent / "bench"))
+    from test_alignment_speed import shifted_faces
+    root = tmp_path / "faces"
+    for i, face in enumerate(shifted_faces(400, 256)):
+        folder = root / ("anger" if i % 2 else "happiness")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(face).save(folder / f"{i:03d}.jpg", quality=92)
+    script = tmp_path / "orphans.py"
+    script.write_text(ORPHAN_CHILD)
+    child = subprocess.Popen([sys.executable, str(script), str(root), str(tmp_path / "cache")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while journalled(tmp_path / "cache") < 4 and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = [pid for pid in children_of(child.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert child.poll() is None and len(workers) == 2, "the workers must be aligning when the kill comes"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    deadline = time.monotonic() + 20
+    while any(map(running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if running(pid)]
+
+
+def running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie (an init that does not reap would leave one)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_align_workers_reads_its_setting_and_refuses_a_bad_one(monkeypatch):

@@ -60,9 +60,10 @@ def faces_and_coffee(tmp_path) -> Path:
     return root
 
 
-def to_per_image_layout(cache: Path) -> None:
+def to_per_image_layout(cache: Path, keep_sets: bool = False) -> None:
     """Rewrite every aligned set as caches written before set files held the images: one object per image
-    (objects/ab/<key>.npy, a .fallback beside a centre crop, a .skip holding why an image is unusable)."""
+    (objects/ab/<key>.npy, a .fallback beside a centre crop, a .skip holding why an image is unusable),
+    and with keep_sets the stacked set too, its manifest without the rows' keys."""
     for manifest_path in list(cache.glob("aligned/*/sets/*.json")):
         manifest = json.loads(manifest_path.read_text())
         objects = manifest_path.parent.parent / "objects"
@@ -75,8 +76,11 @@ def to_per_image_layout(cache: Path) -> None:
         for key, reason in manifest["skips"].items():
             (objects / key[:2]).mkdir(parents=True, exist_ok=True)
             (objects / key[:2] / f"{key}.skip").write_text(reason)
-    for sets in list(cache.glob("aligned/*/sets")):
-        shutil.rmtree(sets)
+        if keep_sets:
+            manifest_path.write_text(json.dumps({k: manifest[k] for k in ("keep", "reasons", "fallback")}))
+    if not keep_sets:
+        for sets in list(cache.glob("aligned/*/sets")):
+            shutil.rmtree(sets)
 
 
 def test_a_non_face_falls_back_is_counted_and_the_second_preparation_detects_nothing(tmp_path):
@@ -103,6 +107,14 @@ def test_a_non_face_falls_back_is_counted_and_the_second_preparation_detects_not
     assert objects.report.align_failures == 1
     assert np.array_equal(np.asarray(objects.images), np.asarray(first.images))
     assert not list((tmp_path / "cache" / "aligned").glob("*/objects"))
+
+    # A set stacked by that layout is read as it is; its manifest gains its keys, the objects go.
+    to_per_image_layout(tmp_path / "cache", keep_sets=True)
+    stacked = prepare_data(cfg, 64)
+    assert stacked.report.decoded == 0 and stacked.report.align_failures == 1
+    assert not list((tmp_path / "cache" / "aligned").glob("*/objects"))
+    manifest, = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("aligned/*/sets/*.json")]
+    assert len(manifest["keys"]) == 2
 
     # Another margin is another cache entry: aligned afresh.
     wider = prepare_data(data_cfg(tmp_path, source="imagefolder", root=cfg.root, classes=["anger", "happiness"],

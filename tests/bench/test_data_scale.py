@@ -84,6 +84,7 @@ def test_two_worker_processes_align_about_twice_as_fast_as_one(tmp_path, monkeyp
     if (os.cpu_count() or 1) < 2:
         pytest.skip("one core: nothing to share out")
     monkeypatch.setattr(align, "detector_device", lambda: "cpu")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")          # the spawned workers too: a CPU figure
     root = tmp_path / "photos"
     for i, face in enumerate(shifted_faces(ALIGN_FACES, 256)):
         folder = root / ("anger" if i % 2 else "happiness")

@@ -10,12 +10,15 @@ the way, so the set is never read back whole.
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
 import sys
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +28,11 @@ from PIL import Image
 
 from trainers.data.align import Aligner, build_aligner, detector_device
 from trainers.data.audit import perceptual_hashes
-from trainers.data.cache import (AlignedStore, RowIndex, RowReader, SetWriter, remove_contained_sets,
-                                 remove_stale_partials, save_array)
+from trainers.data.cache import AlignedStore, RowIndex, RowReader, SetWriter, remove_stale_partials, save_array
 from trainers.data.images import ImageSkipped, decode_image, decode_side
 from trainers.data.sources import Sample
 from trainers.errors import UserError
+from trainers.process.children import PR_SET_PDEATHSIG
 from trainers.progress import progress
 
 # Images decoded and aligned per step; MTCNN batches equal-sized ones within it.
@@ -151,9 +154,6 @@ def _finished(store: AlignedStore, set_key: str, written: _Written) -> AlignedSe
         store.forget_legacy(written.legacy)
         print(f"cache: {len(written.legacy)} aligned images moved from one file each into {set_array.name} "
               f"({store.root})", file=sys.stderr)
-    for other in remove_contained_sets(store, set_key):
-        print(f"cache: set {other} removed: every image of it is in {set_array.name} ({store.root})",
-              file=sys.stderr)
     remove_stale_partials(store, set_key, set(written.keys))
     images = np.load(set_array, mmap_mode="r", allow_pickle=False)
     return AlignedSet(images, written.keep, written.fallback, written.decoded, written.reasons)
@@ -247,13 +247,28 @@ def _aligner_pool(job: AlignJob, workers: int) -> Iterator[Callable]:
             yield lambda items: _Now(align_items, items, size, context, job.aligner, threads)
         return
     # spawn: a fork of a process whose torch threads are running can deadlock in the child.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_start) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_start, initargs=(os.getpid(),))
+    try:
         yield lambda items: pool.submit(align_items, items, size, context, settings)
+    except BrokenProcessPool:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise UserError(f"an alignment worker process died (out of memory?); set {WORKERS_ENV} to fewer than "
+                        f"{workers} worker processes (0: align in this process) and prepare again: what was "
+                        "aligned is kept") from None
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)    # Ctrl-C, an error: do not align what is queued
+        raise
+    pool.shutdown(wait=True)
 
 
-def _worker_start() -> None:
-    """One torch thread per worker process: the processes, not threads, share out the cores."""
+def _worker_start(parent: int) -> None:
+    """Die with the preparing process, even when it is SIGKILLed; one torch thread per worker process (the
+    processes, not threads, share out the cores)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
     import torch
     torch.set_num_threads(1)
 

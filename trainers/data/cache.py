@@ -5,7 +5,7 @@ Layout under ``cache_dir``:
   aligned/<settings>/sets/<key>.npy    a dataset's aligned images, one row each: the storage itself
   aligned/<settings>/sets/<key>.json   its manifest: per row the image's cache key and whether the aligner
                                        fell back (no face, a centre crop); the unusable keys and why
-  aligned/<settings>/sets/.partial-<pid>-<key>.npy|.jsonl   a set being written: rows appended chunk by
+  aligned/<settings>/sets/.partial-<pid>-<token>-<key>.npy|.jsonl   a set being written: rows appended chunk by
                                        chunk, each chunk journalled once its rows are on disk, so a
                                        preparation killed half way leaves every finished chunk reusable
 Keys hash the image bytes plus the aligner settings, so every trial of every sweep reuses them. A set
@@ -16,10 +16,12 @@ read; the objects a new set takes in are then removed.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
 import os
+import secrets
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,9 +204,11 @@ class RowIndex:
             manifest = json.loads(path.read_text())
         except (OSError, ValueError):
             return
-        if not isinstance(manifest, dict) or "keys" not in manifest:
-            return          # a set of the per-image layout: its images are in its objects
-        self._add_rows(path.with_suffix(".npy"), 0, manifest["keys"], manifest["fallback"], manifest["skips"])
+        if not isinstance(manifest, dict) or "keys" not in manifest or not path.with_suffix(".npy").exists():
+            return          # a set of the per-image layout (its images are in its objects), or one being renamed
+        keys = manifest["keys"]
+        self._add_rows(path.with_suffix(".npy"), 0, keys, manifest.get("fallback", [False] * len(keys)),
+                       manifest.get("skips", {}))
 
     def _add_journal(self, path: Path) -> None:
         row = 0
@@ -239,10 +243,7 @@ class RowReader:
         """The row's image, or None when its file is gone or shorter than the row (then it is aligned again)."""
         fd = self._files.get(cached.path, -1)
         if fd == -1:
-            try:
-                fd = os.open(cached.path, os.O_RDONLY)
-            except OSError:
-                fd = None
+            fd = _open_rows(cached.path)
             self._files[cached.path] = fd
         if fd is None:
             return None
@@ -256,6 +257,18 @@ class RowReader:
             if fd is not None:
                 os.close(fd)
         self._files.clear()
+
+
+def _open_rows(path: Path) -> int | None:
+    """A descriptor on a set file; a partial one its writer has since renamed is read under its final name
+    (the rename keeps the rows where they were)."""
+    for candidate in (path, path.with_name(path.name.rpartition("-")[2])) if path.name.startswith(PARTIAL) \
+            else (path,):
+        try:
+            return os.open(candidate, os.O_RDONLY)
+        except OSError:
+            continue
+    return None
 
 
 def read_row_chunks(path: Path, rows: int, row_shape: tuple[int, ...], chunk: int,
@@ -283,11 +296,14 @@ class SetWriter:
     def __init__(self, store: AlignedStore, key: str):
         self.store, self.key, self.rows = store, key, 0
         store.sets.mkdir(parents=True, exist_ok=True)
-        stem = store.sets / f"{PARTIAL}{os.getpid()}-{key}"
+        # A name no other writer has (pids repeat across containers and hosts sharing a cache), made
+        # exclusively; the journal stays locked while this writer lives, which is how others tell it is.
+        stem = store.sets / f"{PARTIAL}{os.getpid()}-{secrets.token_hex(4)}-{key}"
         self.data, self.journal = stem.with_suffix(".npy"), stem.with_suffix(".jsonl")
-        self._data = open(self.data, "wb")
+        self._journal = open(self.journal, "x", encoding="utf-8")
+        fcntl.flock(self._journal.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._data = open(self.data, "xb")
         self._data.write(npy_header((0, *store.row_shape)))
-        self._journal = open(self.journal, "w", encoding="utf-8")
 
     def append(self, images: list[np.ndarray], keys: list[str], fallback: list[bool], skips: dict[str, str]) -> None:
         """Rows for ``keys`` (in order), then the journal line that makes them reusable."""
@@ -311,13 +327,16 @@ class SetWriter:
 
     def close(self) -> None:
         """Stop without finishing: the partial files stay, for the next preparation to reuse."""
-        self._data.close()
-        self._journal.close()
+        for handle in (self._data, self._journal):
+            try:
+                handle.close()
+            except OSError:
+                pass        # e.g. a full disk refusing the last flush: the error being raised says more
 
 
 def remove_stale_partials(store: AlignedStore, finished: str, held: set[str]) -> None:
-    """Remove the partial sets of processes no longer running whose rows the set just ``finished`` holds:
-    its own (a killed preparation of the same data), or one whose every journalled key is in ``held``."""
+    """Remove the partial sets no writer holds any more whose rows the set just ``finished`` holds: its own
+    (a killed preparation of the same data), or one whose every journalled key is in ``held``."""
     try:
         names = os.listdir(store.sets)
     except OSError:
@@ -325,54 +344,20 @@ def remove_stale_partials(store: AlignedStore, finished: str, held: set[str]) ->
     for name in names:
         if not (name.startswith(PARTIAL) and name.endswith(".jsonl")):
             continue
-        pid, _, key = name[len(PARTIAL):-len(".jsonl")].partition("-")
-        if not pid.isdigit() or _alive(int(pid)):
-            continue
         journal = store.sets / name
-        if key == finished or _journal_keys(journal) <= held:
-            journal.with_suffix(".npy").unlink(missing_ok=True)
-            journal.unlink(missing_ok=True)
+        key = name[:-len(".jsonl")].rpartition("-")[2]
+        if key != finished and not _journal_keys(journal) <= held:
+            continue
+        try:
+            with open(journal, "rb") as handle:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)   # held: its writer is alive
+                journal.with_suffix(".npy").unlink(missing_ok=True)
+                journal.unlink(missing_ok=True)
+        except OSError:
+            continue
 
 
 def _journal_keys(journal: Path) -> set[str]:
     index = RowIndex()
     index._add_journal(journal)
     return set(index.rows)
-
-
-def remove_contained_sets(store: AlignedStore, key: str) -> list[str]:
-    """Remove the other finished sets whose every image set ``key`` holds (a dataset that grew leaves its
-    former set behind): one copy of each image stays, and the former set, if asked for again, is rebuilt
-    from this one's rows without aligning anything. Returns the keys removed."""
-    holder = _manifest_keys(store.set_paths(key)[1])
-    removed = []
-    for name in sorted(os.listdir(store.sets)):
-        other = name[:-len(".json")]
-        if not name.endswith(".json") or name.startswith(".") or other == key:
-            continue
-        keys = _manifest_keys(store.sets / name)
-        if keys is None or holder is None or not keys <= holder:
-            continue
-        for path in store.sets.glob(f"{other}[.-]*"):
-            path.unlink(missing_ok=True)
-        removed.append(other)
-    return removed
-
-
-def _manifest_keys(path: Path) -> set[str] | None:
-    """The image keys a finished set holds; None for a set of the per-image layout or an unreadable one."""
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return set(manifest["keys"]) if isinstance(manifest, dict) and "keys" in manifest else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,8 @@ from trainers.data.align import Aligner, build_aligner
 from trainers.data.aligning import AlignedSet, AlignJob, align_workers, build_set
 from trainers.data.audit import AuditResult, audit_splits, near_duplicate_pairs, perceptual_hashes
 from trainers.data.balance import CLASS_COLUMN, balance_cells, balance_summary
-from trainers.data.cache import (AlignedStore, DigestIndex, npy_header, read_row_chunks, relative_posix,
-                                 save_array, short_hash)
+from trainers.data.cache import (NPY_HEADER, AlignedStore, DigestIndex, atomic_write_bytes, npy_header,
+                                 read_row_chunks, relative_posix, save_array, short_hash)
 from trainers.data.importers import IMPORTERS
 from trainers.data.sources import Listing, Sample, list_imagefolder
 from trainers.data.split import (SPLIT_NAMES, TRAIN, VAL, assign_splits, count_per_split, distinct_per_split,
@@ -172,8 +173,30 @@ def _load_aligned(job: AlignJob, set_key: str, workers: int) -> AlignedSet:
         images = np.load(set_array, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError):
         return build_set(job, set_key, workers)
+    if "keys" not in manifest:
+        _adopt_legacy_set(job, set_key, manifest)
     return AlignedSet(images, manifest["keep"], manifest.get("fallback", [False] * len(images)), 0,
                       Counter(manifest["reasons"]))
+
+
+def _adopt_legacy_set(job: AlignJob, set_key: str, manifest: dict) -> None:
+    """A set stacked by the per-image layout: its manifest gains its rows' keys (so other sets can take them
+    from it) and the unusable keys' reasons, and the per-image copies of its images go."""
+    set_array, manifest_path = job.store.set_paths(set_key)
+    if _data_offset(set_array) != NPY_HEADER or len(manifest["keep"]) != len(job.keys):
+        return
+    keep = manifest["keep"]
+    keys = [k for k, kept in zip(job.keys, keep) if kept]
+    skips = {}
+    for key in (k for k, kept in zip(job.keys, keep) if not kept):
+        legacy = job.store.legacy_get(key)
+        if legacy is not None and isinstance(legacy[0], str):
+            skips[key] = legacy[0]
+    manifest.update(keys=keys, skips=skips, fallback=manifest.get("fallback", [False] * len(keys)))
+    atomic_write_bytes(manifest_path, json.dumps(manifest).encode())
+    job.store.forget_legacy(job.keys)
+    print(f"cache: {set_array.name} now lists its images; their per-image copies were removed ({job.store.root})",
+          file=sys.stderr)
 
 
 def _near_duplicates(store: AlignedStore, set_key: str, images: np.ndarray, max_distance: int) -> np.ndarray:
