@@ -172,6 +172,7 @@ def test_worker_processes_align_what_one_process_does(tmp_path, monkeypatch):
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(face).save(folder / f"{i:03d}.jpg", quality=92)
     monkeypatch.setattr(aligning, "ALIGN_CHUNK", 4)        # three chunks, so two workers share them
+    monkeypatch.setattr(aligning, "WORKERS_FROM", 1)       # workers even for 12 images
     one = prepare_data(data_cfg(root, tmp_path / "one", align="mtcnn"), 48, workers=0)    # this process
     two = prepare_data(data_cfg(root, tmp_path / "two", align="mtcnn"), 48, workers=2)
     assert one.report.decoded == two.report.decoded == 12
@@ -190,6 +191,7 @@ ORPHAN_CHILD = textwrap.dedent('''
 
     if __name__ == "__main__":
         aligning.ALIGN_CHUNK = 2
+        aligning.WORKERS_FROM = 1
         cfg = from_dict({"data": {"source": "imagefolder", "root": sys.argv[1], "cache_dir": sys.argv[2],
                                   "classes": ["anger", "happiness"], "align": "mtcnn"}}).data
         prepare_data(cfg, 48, workers=2)

@@ -24,7 +24,8 @@ from trainers.data import align
 from trainers.data.dataset import prepare_data
 
 SIZES = [int(n) for n in os.environ.get("FER_BENCH_SCALE", "4000,32000").split(",")]
-ALIGN_FACES = int(os.environ.get("FER_BENCH_ALIGN_FACES", "192"))
+# Enough photos that the workers' start (~5 s: each imports torch and builds MTCNN) weighs little.
+ALIGN_FACES = int(os.environ.get("FER_BENCH_ALIGN_FACES", "1024"))
 
 PREPARE = textwrap.dedent('''
     import json, re, sys, time
@@ -101,5 +102,5 @@ def test_two_worker_processes_align_about_twice_as_fast_as_one(tmp_path, monkeyp
         who = f"{workers} worker process{'es' * (workers > 1)}" if workers else "this process, torch threads"
         print(f"\nalign {ALIGN_FACES} 256-px photos, {who}: {rates[workers]:.1f} images/s")
     speedup = rates[2] / rates[1]
-    print(f"2 workers / 1: {speedup:.2f}x   goal >= 1.6x")
+    print(f"2 workers / 1: {speedup:.2f}x   goal >= 1.6x   (2 workers / this process alone: {rates[2] / rates[0]:.2f}x)")
     assert speedup >= 1.6

@@ -14,7 +14,7 @@ import numpy as np
 
 from trainers.config import METADATA_FILE, DataConfig
 from trainers.data.align import Aligner, build_aligner
-from trainers.data.aligning import AlignedSet, AlignJob, align_workers, build_set
+from trainers.data.aligning import AlignedSet, AlignJob, build_set
 from trainers.data.audit import AuditResult, audit_splits, near_duplicate_pairs, perceptual_hashes
 from trainers.data.balance import CLASS_COLUMN, balance_cells, balance_summary
 from trainers.data.cache import (NPY_HEADER, AlignedStore, DigestIndex, atomic_write_bytes, npy_header,
@@ -141,7 +141,6 @@ def prepare_data(cfg: DataConfig, image_size: int, workers: int | None = None) -
     samples, keys, skipped = _digest_samples(listing, index, aligner)
     index.save()
     set_key = short_hash(keys)
-    workers = align_workers(aligner) if workers is None else workers
     aligned = _load_aligned(AlignJob(store, aligner, samples, keys, image_size), set_key, workers)
     skipped.update(aligned.reasons)
     samples = [s for s, k in zip(samples, aligned.keep) if k]
@@ -165,7 +164,7 @@ def _digest_samples(listing: Listing, index: DigestIndex, aligner: Aligner
     return samples, keys, skipped
 
 
-def _load_aligned(job: AlignJob, set_key: str, workers: int) -> AlignedSet:
+def _load_aligned(job: AlignJob, set_key: str, workers: int | None) -> AlignedSet:
     """The set's aligned images: mapped from its file when seen before, else built (build_set)."""
     set_array, set_manifest = job.store.set_paths(set_key)
     try:
