@@ -40,6 +40,17 @@ def noise_folder(root: Path, n: int, seed: int = 0) -> list[Path]:
     return paths
 
 
+def photo_folder(root: Path, n: int) -> Path:
+    """n photos of a face (the astronaut, shifted and mirrored) at 256 px, in two class folders."""
+    sys.path.insert(0, str(Path(__file__).parent / "bench"))
+    from test_alignment_speed import shifted_faces
+    for i, face in enumerate(shifted_faces(n, 256)):
+        folder = root / ("anger" if i % 2 else "happiness")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(face).save(folder / f"{i:03d}.jpg", quality=92)
+    return root
+
+
 def data_cfg(root: Path, cache: Path, **data):
     return from_dict({"data": {"source": "imagefolder", "root": str(root), "classes": ["anger", "happiness"],
                                "cache_dir": str(cache), **data}}).data
@@ -164,13 +175,7 @@ def test_two_processes_preparing_the_same_data_at_once_both_finish_with_one_set(
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_worker_processes_align_what_one_process_does(tmp_path, monkeypatch):
-    sys.path.insert(0, str(Path(__file__).parent / "bench"))
-    from test_alignment_speed import shifted_faces
-    root = tmp_path / "faces"
-    for i, face in enumerate(shifted_faces(12, 256)):
-        folder = root / ("anger" if i % 2 else "happiness")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(face).save(folder / f"{i:03d}.jpg", quality=92)
+    root = photo_folder(tmp_path / "faces", 12)
     monkeypatch.setattr(aligning, "ALIGN_CHUNK", 4)        # three chunks, so two workers share them
     monkeypatch.setattr(aligning, "WORKERS_FROM", 1)       # workers even for 12 images
     one = prepare_data(data_cfg(root, tmp_path / "one", align="mtcnn"), 48, workers=0)    # this process
@@ -212,13 +217,7 @@ def children_of(pid: int) -> list[int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers die with their parent on Linux")
 def test_alignment_workers_die_with_a_killed_preparation(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent / "bench"))
-    from test_alignment_speed import shifted_faces
-    root = tmp_path / "faces"
-    for i, face in enumerate(shifted_faces(400, 256)):
-        folder = root / ("anger" if i % 2 else "happiness")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(face).save(folder / f"{i:03d}.jpg", quality=92)
+    root = photo_folder(tmp_path / "faces", 400)
     script = tmp_path / "orphans.py"
     script.write_text(ORPHAN_CHILD)
     child = subprocess.Popen([sys.executable, str(script), str(root), str(tmp_path / "cache")],
