@@ -56,9 +56,14 @@ def test_leaving_the_loop_early_stops_the_reader_thread_and_closes_the_file(memm
 def test_rows_are_announced_to_the_kernel_only_for_a_whole_mapped_file(memmapped):
     with rows_file(memmapped) as fd:
         assert fd is not None
-    for other in (np.array(memmapped), memmapped[10:]):       # in memory; a view whose offset is not the file's
+    # In memory; a view whose offset is not the file's; a reversed view (its rows' offsets would be negative).
+    for other in (np.array(memmapped), memmapped[10:], memmapped[::-1]):
         with rows_file(other) as fd:
             assert fd is None
+    os.remove(memmapped.filename)           # moved away since it was mapped: the mapping still reads, no hint
+    with rows_file(memmapped) as fd:
+        assert fd is None
+    assert len(list(batches(memmapped, np.arange(50), 8, CPU))) == 7
 
 
 class FailingImages:
@@ -75,8 +80,16 @@ class FailingImages:
 
 
 def test_a_failed_read_in_the_reader_is_raised_in_the_training_loop(memmapped):
+    failing = FailingImages(memmapped)
     seen = []
     with pytest.raises(OSError, match="read error"):
-        for pos, _ in batches(FailingImages(memmapped), np.arange(len(memmapped)), 4, CPU):
-            seen.append(pos)
+        for rows in train.prefetched((failing[np.arange(i, i + 4)] for i in range(0, 40, 4)), 2):
+            seen.append(rows)
     assert len(seen) == 2 and not reader_threads()
+    # An array in memory on CPU is gathered in the loop's own thread: nothing to wait for, no core taken.
+    seen = []
+    with pytest.raises(OSError, match="read error"):
+        for pos, _ in batches(FailingImages(np.array(memmapped)), np.arange(len(memmapped)), 4, CPU):
+            seen.append(pos)
+            assert not reader_threads()
+    assert len(seen) == 2

@@ -91,7 +91,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 # --- batches --------------------------------------------------------------------------
 
 # Host batches gathered ahead of the step by batches()'s reader thread; 0 gathers in the caller's thread.
-# Two waiting ViT batches (32 at 224 px) hold 2 x 32 x 224 x 224 x 3 bytes = 9.6 MB; the reader holds one more.
+# Two waiting training batches (256 at 224 px) hold 2 x 256 x 224 x 224 x 3 bytes = 77 MB, evaluation's
+# (512) 154 MB; the reader holds one more, pinned on CUDA.
 PREFETCH_BATCHES = 2
 
 
@@ -117,10 +118,18 @@ def resident_images(images: np.ndarray, device: torch.device) -> torch.Tensor | 
 def rows_file(images: np.ndarray) -> Iterator[int | None]:
     """A read-only descriptor of the .npy file a whole memory-mapped set maps; None for any other array."""
     path = getattr(images, "filename", None)
-    if path is None or not hasattr(os, "posix_fadvise") or os.path.getsize(path) != images.offset + images.nbytes:
+    # A C-ordered array as large as the file's data is the file's own row layout (not a reversed view).
+    whole = path is not None and hasattr(os, "posix_fadvise") and images.flags.c_contiguous
+    try:
+        fd = os.open(path, os.O_RDONLY) if whole else None
+        if fd is not None and os.fstat(fd).st_size != images.offset + images.nbytes:
+            os.close(fd)
+            fd = None
+    except OSError:
+        fd = None       # the file was moved or removed since it was mapped: the mapping still reads
+    if fd is None:
         yield None      # in memory, a view of part of a file, or no posix_fadvise (not Linux)
         return
-    fd = os.open(path, os.O_RDONLY)
     try:
         yield fd
     finally:
@@ -138,8 +147,11 @@ def gather_rows(images: np.ndarray, rows: np.ndarray, fd: int | None = None) -> 
     sort = np.argsort(rows, kind="stable")
     if fd is not None:
         row_bytes = images.strides[0]
-        for row in rows[sort].tolist():
-            os.posix_fadvise(fd, images.offset + row * row_bytes, row_bytes, os.POSIX_FADV_WILLNEED)
+        try:
+            for row in rows[sort].tolist():
+                os.posix_fadvise(fd, images.offset + row * row_bytes, row_bytes, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass        # a hint only: the rows are read below either way
     block = np.empty((len(rows),) + images.shape[1:], dtype=np.uint8)
     block[sort] = images[rows[sort]]
     return block
@@ -208,9 +220,11 @@ def batches(images: np.ndarray, order: np.ndarray, batch_size: int, device: torc
         for pos in positions:
             yield pos, resident[order_dev[int(pos[0]):int(pos[-1]) + 1]]
         return
-    # The file closes after the reader thread has stopped (closing() joins it first).
+    # The file closes after the reader thread has stopped (closing() joins it first). An array in memory on
+    # CPU has nothing to wait for: no thread copies it (it would take a core from the step).
     with rows_file(images) as fd, closing(prefetched(
-            ((pos, _host_batch(images, order[pos], fd, pin)) for pos in positions), PREFETCH_BATCHES)) as ready:
+            ((pos, _host_batch(images, order[pos], fd, pin)) for pos in positions),
+            PREFETCH_BATCHES if fd is not None or pin else 0)) as ready:
         for pos, x in ready:
             yield pos, x.to(device, non_blocking=True)
 
