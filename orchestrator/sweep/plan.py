@@ -13,10 +13,9 @@ import os
 from collections import Counter
 from typing import Any, Callable, Iterable, Iterator
 
-from trainers.config import (HASHED_SECTIONS, NAME_SEPARATOR, NAMED_SECTIONS, ConfigError, DataConfig, ModelConfig,
+from trainers.config import (HASHED_SECTIONS, NAME_SEPARATOR, NAMED_SECTIONS, SECTION_VALIDATORS, ConfigError, DataConfig, ModelConfig,
                              TrialConfig, ViTArchConfig, hash_of_pieces, hash_piece, join_name_parts, leading_parts,
-                             name_from_parts, section_name_parts, validate, validate_augment, validate_data,
-                             validate_model, validate_optim, validate_train, with_value)
+                             name_from_parts, section_name_parts, validate, with_value)
 from trainers.data.sources import IMAGE_SUFFIXES
 from orchestrator.sweep.spec_types import Experiment, PlannedTrial, SweepSpec
 
@@ -46,11 +45,6 @@ def resolve_trial(spec: SweepSpec, point: dict) -> TrialConfig:
             cfg = with_value(cfg, path, value, spec.path)
     validate(cfg, spec.path)
     return cfg
-
-
-# A trial's sections, each checked by its own validator (trainers.config.validate runs them in this order).
-SECTION_VALIDATORS = {"data": validate_data, "model": validate_model, "optim": validate_optim,
-                      "train": validate_train, "augment": validate_augment}
 
 
 class TrialBuilder:
