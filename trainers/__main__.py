@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--log-file", type=Path, help="this trial's log, attached to its run at the end")
     sub.add_parser("serve", help="run trials sent on stdin, one JSON message a line (used by the sweep executor)")
     args = parser.parse_args(argv)
-    return run_verb(args) if args.verb == "run" else serve_verb()
+    try:
+        return run_verb(args) if args.verb == "run" else serve_verb()
+    except KeyboardInterrupt:     # before or after the trial (which says more when it is interrupted)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 def run_verb(args) -> int:

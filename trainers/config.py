@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 import yaml
 
 from trainers.process.side_files import STORE_DIR
-from trainers.errors import UserError
+from trainers.errors import UserError, first_line
 
 # The study's six expressions, in its table order.
 DEFAULT_CLASSES = ("anger", "disgust", "fear", "happiness", "sadness", "surprise")
@@ -36,6 +37,12 @@ ALIGNERS = ("none", "mtcnn")
 MODEL_NAMES = ("vit", "resnet50")
 OPTIMIZERS = ("sgd", "rmsprop", "adam")
 DEVICES = ("auto", "cpu", "cuda")
+# Seeds (train.seed, data.split_seed, data.synthetic.seed and a spec's seeds) are 0 ... 2^64 - 1: numpy's
+# generators refuse a negative seed and torch.manual_seed one past 2^64 - 1, each only once a trial runs.
+MAX_SEED = 2**64 - 1
+# Input size bounds: one image at 1024 px is 1024^2 x 3 bytes = 3 MB in the prepared cache and 12 MB as
+# a float32 tensor (a batch of 256: 3.2 GB before the model's activations); 16 px is the smallest patch.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 1024
 
 
 class ConfigError(UserError, ValueError):
@@ -152,6 +159,92 @@ class TrialConfig:
     tracking: TrackingConfig = TrackingConfig()
 
 
+# --- reading YAML ---------------------------------------------------------------------
+
+# An alias (*a) stands for its anchor's whole value, so nine lines of nine aliases each stand for
+# 9^9 ~ 3.9e8 values: a file under 1 KB (an "alias bomb") that takes gigabytes and minutes once anything
+# walks or prints it. A spec or config as written holds hundreds of values (a 10^4-point grid written
+# out: ~10^4), so a document holding more than 10^6 once its aliases are expanded is refused unbuilt.
+MAX_YAML_VALUES = 1_000_000
+# The composer recurses once per level, so a few hundred levels overflow Python's stack (a RecursionError,
+# not a YAML error); configs nest ~4 levels.
+MAX_YAML_DEPTH = 100
+
+
+class YAMLLimitError(yaml.MarkedYAMLError):
+    """A document past one of LimitedLoader's limits; ``problem`` says which and what to do."""
+
+
+class LimitedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data only) that refuses, naming the line, an alias bomb, nesting past
+    MAX_YAML_DEPTH and a value Python cannot read (a 5,000-digit integer, the date 2024-13-45)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise YAMLLimitError(problem=f"nests more than {MAX_YAML_DEPTH} levels deep",
+                                     problem_mark=self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_document(self, node):
+        past = _node_past(node, MAX_YAML_VALUES)
+        if past is not None:
+            raise YAMLLimitError(problem=f"this value holds more than {MAX_YAML_VALUES:,} values once its "
+                                         "aliases (*name) are expanded, as a YAML alias bomb does; use aliases "
+                                         "for small repeated parts only", problem_mark=past.start_mark)
+        return super().construct_document(node)
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except ValueError as err:    # int() past 4,300 digits, datetime() of a 13th month: not YAML errors
+            kind = node.tag.rpartition(":")[2]
+            raise YAMLLimitError(problem=f"cannot be read as {kind}: {first_line(err).partition(':')[0]}",
+                                 problem_mark=node.start_mark) from None
+
+
+def limited_load(text: str):
+    """One YAML document through LimitedLoader: plain data only, within its limits (YAMLLimitError)."""
+    loader = LimitedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _node_past(root: yaml.Node, limit: int) -> yaml.Node | None:
+    """The first node (the innermost) that holds more than ``limit`` values with its aliases expanded, each
+    scalar, list, mapping and key counting one, else None; a value that contains itself holds endlessly
+    many. Each distinct node is counted once: time linear in the text, however far the aliases expand."""
+    sizes: dict[int, int] = {}
+    past: list[yaml.Node] = []
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = limit + 1      # while it is counted: an alias to it from inside repeats it endlessly
+        children = node.value if isinstance(node, yaml.SequenceNode) else \
+            [part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else ()
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        if total > limit and not past:
+            past.append(node)
+        sizes[id(node)] = min(total, limit + 1)
+        return sizes[id(node)]
+    size(root)
+    return past[0] if past else None
+
+
 # --- building -------------------------------------------------------------------------
 
 def from_dict(raw: dict | None, source: str = "config") -> TrialConfig:
@@ -162,12 +255,14 @@ def from_dict(raw: dict | None, source: str = "config") -> TrialConfig:
 
 
 def from_yaml(path: str | Path) -> TrialConfig:
-    """Read a YAML file (safe loader) into a validated TrialConfig."""
+    """Read a YAML file (LimitedLoader: plain data only) into a validated TrialConfig."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = limited_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(str(path), "", "file not found") from None
+    except YAMLLimitError as err:
+        raise ConfigError(str(path), "", f"is refused ({_yaml_where(err)})") from None
     except yaml.YAMLError as err:
         raise ConfigError(str(path), "", f"not valid YAML ({_yaml_where(err)})") from None
     if raw is not None and not isinstance(raw, dict):
@@ -243,7 +338,7 @@ def _scalar(tp: Any, value: Any, path: str, source: str):
             try:
                 value = float(value)
             except ValueError:
-                raise ConfigError(source, path, f"must be a number, got '{value}'") from None
+                raise ConfigError(source, path, f"must be a number, got {short_repr(value)}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(source, path, f"must be a number, got {describe(value)}")
         return float(value)
@@ -256,7 +351,30 @@ def describe(value: Any) -> str:
     """A value as error messages show it: int 5, str 'x', nothing (null)."""
     if value is None:
         return "nothing (null)"
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {short_repr(value)}"
+
+
+# An error message shows at most this many characters of a value, enough to recognise it. reprlib stops
+# at 20 items a level and 3 levels, so a list that YAML aliases repeat 10^8 times is cut as it is written,
+# never written whole first (~1 ms, where repr takes minutes and gigabytes).
+SHOWN_CHARS = 200
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 3, SHOWN_CHARS, SHOWN_CHARS, SHOWN_CHARS
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = _SHORT.maxfrozenset = 20
+
+
+def short_repr(value: Any) -> str:
+    """repr(value) for an error message: at most SHOWN_CHARS characters, however large the value."""
+    return _cut(_SHORT.repr(value))
+
+
+def short_list(values: tuple | list) -> str:
+    """Values as a message lists them, 'vit, resnet50' (text unquoted), at most SHOWN_CHARS characters."""
+    return _cut(", ".join(v[:SHOWN_CHARS] if isinstance(v, str) else short_repr(v) for v in values[:SHOWN_CHARS]))
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
 
 
 def with_value(cfg: Any, path: str, value: Any, source: str, prefix: str = ""):
@@ -293,7 +411,7 @@ def validate(cfg: TrialConfig, source: str = "config") -> None:
 
 def _one_of(source: str, path: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(source, path, f"must be one of {', '.join(allowed)}; got '{value}'")
+        raise ConfigError(source, path, f"must be one of {', '.join(allowed)}; got {short_repr(value)}")
 
 
 def validate_data(d: DataConfig, source: str) -> None:
@@ -311,17 +429,18 @@ def validate_data(d: DataConfig, source: str) -> None:
                           f"({', '.join(SOURCES_WITH_SPLITS)}); data.source is '{d.source}'")
     if not 0 <= d.duplicate_distance <= 64:
         raise ConfigError(source, "data.duplicate_distance",
-                          f"must be in [0, 64] bits of 256; got {d.duplicate_distance}")
+                          f"must be in [0, 64] bits of 256; got {short_repr(d.duplicate_distance)}")
     if len(d.classes) < 2:
         raise ConfigError(source, "data.classes", "needs at least two classes")
     lowered = [c.lower() for c in d.classes]
     if len(set(lowered)) != len(lowered):
         dup = next(c for c in lowered if lowered.count(c) > 1)
-        raise ConfigError(source, "data.classes", f"lists '{dup}' more than once")
+        raise ConfigError(source, "data.classes", f"lists {short_repr(dup)} more than once")
     if d.balance_max_factor < 1:
         raise ConfigError(source, "data.balance_max_factor", f"must be at least 1; got {d.balance_max_factor:g}")
     _validate_balance_by(d, source)
     _validate_split(d.split, source)
+    check_seed(source, "data.split_seed", d.split_seed)
     if d.split[2] == 0 and not d.use_dataset_split:
         raise ConfigError(source, "data.split", "gives the test split no images (its ratio is 0), so no test "
                           "metric could be computed; give test a share, e.g. [0.7, 0.2, 0.1]")
@@ -346,7 +465,7 @@ def _validate_balance_by(d: DataConfig, source: str) -> None:
         raise ConfigError(source, path, "must name at least one column, e.g. [class] or [class, group]")
     repeated = next((c for c in d.balance_by if d.balance_by.count(c) > 1), None)
     if repeated:
-        raise ConfigError(source, path, f"lists '{repeated}' more than once")
+        raise ConfigError(source, path, f"lists {short_repr(repeated)} more than once")
     if "subject" in d.balance_by:
         # The split keeps each subject in one split, so per-subject cells would only even out the
         # training identities (hundreds of cells), not the attribute mix the test and production see.
@@ -356,8 +475,8 @@ def _validate_balance_by(d: DataConfig, source: str) -> None:
     unknown = [c for c in d.balance_by if c != CLASS_COLUMN and columns is not None and c not in columns]
     if unknown:
         known = ", ".join((CLASS_COLUMN, *columns))
-        raise ConfigError(source, path, f"names '{unknown[0]}', which is not a column of {_columns_origin(d)}; "
-                          f"choose from: {known}")
+        raise ConfigError(source, path, f"names {short_repr(unknown[0])}, which is not a column of "
+                          f"{_columns_origin(d)}; choose from: {known}")
 
 
 def _metadata_columns(d: DataConfig) -> tuple[str, ...] | None:
@@ -387,28 +506,41 @@ def _columns_origin(d: DataConfig) -> str:
     return str(csv_path)
 
 
+def check_seed(source: str, path: str, seed: int) -> None:
+    """A seed (the field at path) must be in 0 ... MAX_SEED: numpy and torch refuse a negative one."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(source, path, f"must be a seed from 0 to 2^64 - 1 (numpy and torch refuse others); "
+                                        f"got {short_repr(seed)}")
+
+
 def _validate_synthetic(s: SyntheticConfig, source: str) -> None:
+    check_seed(source, "data.synthetic.seed", s.seed)
     _one_of(source, "data.synthetic.variant", s.variant, ("train", "production"))
     if s.n_images < 60:
-        raise ConfigError(source, "data.synthetic.n_images", f"must be at least 60 (10 per class); got {s.n_images}")
-    if s.draw_size < 32:
-        raise ConfigError(source, "data.synthetic.draw_size", f"must be at least 32; got {s.draw_size}")
+        raise ConfigError(source, "data.synthetic.n_images",
+                          f"must be at least 60 (10 per class); got {short_repr(s.n_images)}")
+    if not 32 <= s.draw_size <= MAX_IMAGE_SIZE:
+        raise ConfigError(source, "data.synthetic.draw_size", f"must be 32 to {MAX_IMAGE_SIZE} pixels (an image "
+                          f"takes size x size x 3 bytes, 3 MB at 1024); got {short_repr(s.draw_size)}")
 
 
 def validate_model(m: ModelConfig, source: str) -> None:
     """The model section (fields named model.*); an explicit ViT shape must fit the image size."""
     _one_of(source, "model.name", m.name, MODEL_NAMES)
-    if m.image_size < 16:
-        raise ConfigError(source, "model.image_size", f"must be at least 16 pixels; got {m.image_size}")
+    if not MIN_IMAGE_SIZE <= m.image_size <= MAX_IMAGE_SIZE:
+        raise ConfigError(source, "model.image_size", f"must be {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels, as "
+                          "each image takes size x size x 3 bytes in the cache and 4 times that in a batch "
+                          f"(3 MB and 12 MB at 1024); got {short_repr(m.image_size)}")
     if m.name != "vit" or m.pretrained is not None:
         return
     a = m.vit
     if a.patch_size <= 0 or m.image_size % a.patch_size:
         raise ConfigError(source, "model.vit.patch_size",
-                          f"must divide model.image_size ({m.image_size}); got {a.patch_size}")
+                          f"must divide model.image_size ({m.image_size}); got {short_repr(a.patch_size)}")
     if a.hidden_size <= 0 or a.num_attention_heads <= 0 or a.hidden_size % a.num_attention_heads:
         raise ConfigError(source, "model.vit.num_attention_heads",
-                          f"must divide model.vit.hidden_size ({a.hidden_size}); got {a.num_attention_heads}")
+                          f"must divide model.vit.hidden_size ({short_repr(a.hidden_size)}); "
+                          f"got {short_repr(a.num_attention_heads)}")
     if a.num_hidden_layers <= 0 or a.intermediate_size <= 0:
         raise ConfigError(source, "model.vit.num_hidden_layers", "and intermediate_size must be positive")
 
@@ -432,10 +564,11 @@ def validate_train(t: TrainConfig, source: str) -> None:
     """The training section (fields named train.*)."""
     for name in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(t, name) < 1:
-            raise ConfigError(source, f"train.{name}", f"must be at least 1; got {getattr(t, name)}")
+            raise ConfigError(source, f"train.{name}", f"must be at least 1; got {short_repr(getattr(t, name))}")
     _one_of(source, "train.device", t.device, DEVICES)
+    check_seed(source, "train.seed", t.seed)
     if t.num_threads < 0:
-        raise ConfigError(source, "train.num_threads", f"must not be negative; got {t.num_threads}")
+        raise ConfigError(source, "train.num_threads", f"must not be negative; got {short_repr(t.num_threads)}")
 
 
 def validate_augment(a: AugmentConfig, source: str) -> None:
@@ -701,12 +834,12 @@ def with_overrides(raw: dict, assignments: list[str], source: str = "--set") -> 
     for item in assignments:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ConfigError(source, "", f"expected key=value, got '{item}'")
+            raise ConfigError(source, "", f"expected key=value, got {short_repr(item)}")
         nested: dict = {}
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(text)
+        node[parts[-1]] = limited_load(text)
         out = merge(out, nested)
     return out

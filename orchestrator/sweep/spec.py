@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from trainers.config import (MODEL_NAMES, ConfigError, DataConfig, ModelConfig, TrialConfig, build, describe,
+from trainers.config import (MODEL_NAMES, ConfigError, DataConfig, LimitedLoader, ModelConfig, TrialConfig,
+                             YAMLLimitError, build, check_seed, describe, short_list, short_repr,
                              validate_augment, validate_data, validate_model, validate_optim, validate_train)
 from trainers.progress import progress
 from orchestrator.sweep.plan import TrialBuilder, grid, grid_points, resolve_trial, trial_point, unique_trials
@@ -58,8 +59,8 @@ class DuplicateKeyError(yaml.YAMLError):
         self.path, self.mark = path, mark
 
 
-class SpecLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but a key given twice is an error and 1e-3 is a float."""
+class SpecLoader(LimitedLoader):
+    """The config's loader (safe, no alias bombs), but a key given twice is an error and 1e-3 is a float."""
 
     def construct_document(self, node):
         _reject_duplicate_keys(node, "", set())
@@ -114,6 +115,8 @@ def load_spec(path: str | Path) -> SweepSpec:
     except DuplicateKeyError as err:
         raise SpecError(source, err.path, f"is given twice ({_at(err.mark)}); "
                                           "each key may appear once, rename or remove one") from None
+    except YAMLLimitError as err:
+        raise SpecError(source, "", f"is refused {_yaml_problem(err)}") from None
     except yaml.YAMLError as err:
         raise SpecError(source, "", f"not valid YAML {_yaml_problem(err)}") from None
     return spec_from_dict(raw, source)
@@ -160,6 +163,7 @@ def spec_from_dict(raw: dict, source: str = "spec") -> SweepSpec:
         promote=_parse_promote(raw.get("promote"), models, source),
         execution=_parse_execution(raw.get("execution"), source), production_evaluate=production_evaluate,
     )
+    _check_plan_size(spec)
     spec = dataclasses.replace(spec, plan=_plan(spec, raw))
     # After the plan: a grid value that makes no valid trial is named as such first, not as a compare_to miss.
     return dataclasses.replace(spec, experiments=tuple(
@@ -216,7 +220,7 @@ def _reject_repeats(values: list, field: str, source: str) -> None:
             repeated = value in unhashable
             unhashable.append(value)
         if repeated:
-            _fail(source, field, f"lists {value!r} more than once")
+            _fail(source, field, f"lists {short_repr(value)} more than once")
 
 
 def _parse_name(value: Any, source: str) -> str:
@@ -270,7 +274,7 @@ def run_selector_problem(name: str, experiments: tuple[Experiment, ...]) -> str 
         return None
     close = difflib.get_close_matches(name, [CHAMPION_RUNS, ALL_RUNS, *names], n=1)
     hint = f"did you mean {close[0]}? " if close else ""
-    return (f"names '{name}', which is not {CHAMPION_RUNS}, {ALL_RUNS} or an experiment of this spec; {hint}"
+    return (f"names {short_repr(name)}, which is not {CHAMPION_RUNS}, {ALL_RUNS} or an experiment of this spec; {hint}"
             f"experiments: {', '.join(names) or 'none'}")
 
 
@@ -320,6 +324,9 @@ def _parse_seeds(value: Any, source: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not value or not all(_is_int(s) for s in value):
         _fail(source, "seeds", f"must be a non-empty list of integers, e.g. [0, 1, 2]; got {describe(value)}")
     _reject_repeats(value, "seeds", source)
+    with _located(source):
+        for i, seed in enumerate(value):
+            check_seed(source, f"seeds[{i}]", seed)
     return tuple(value)
 
 
@@ -413,8 +420,8 @@ def _parse_compare_to(value: Any, grid: dict[str, tuple], field: str, source: st
             _fail(source, key_field, f"{why}; name one value per grid axis")
         found = next((v for v in grid[path] if same_value(chosen, v)), None)
         if found is None:
-            _fail(source, key_field, f"is {chosen!r}, not a value of the grid's {path} "
-                                     f"({', '.join(map(str, grid[path]))}); pick one of them")
+            _fail(source, key_field, f"is {short_repr(chosen)}, not a value of the grid's {path} "
+                                     f"({short_list(grid[path])}); pick one of them")
         point[path] = found
     missing = [axis for axis in axes if axis not in point]
     if missing:
@@ -549,17 +556,17 @@ def _parse_promote(value: Any, models: dict, source: str) -> PromoteSpec:
     with _located(source):
         spec = build(PromoteSpec, promote, "promote.", source)
     if spec.metric not in PROMOTE_METRICS:
-        _fail(source, "promote.metric", f"must be one of {', '.join(PROMOTE_METRICS)}; got '{spec.metric}'")
+        _fail(source, "promote.metric", f"must be one of {', '.join(PROMOTE_METRICS)}; got {short_repr(spec.metric)}")
     choices = dict.fromkeys([*models, *MODEL_NAMES])
     if spec.model not in choices:
         _fail(source, "promote.model",
-              f"must be a model preset or architecture ({', '.join(choices)}); got '{spec.model}'")
+              f"must be a model preset or architecture ({', '.join(choices)}); got {short_repr(spec.model)}")
     if not REGISTERED_NAME.fullmatch(spec.name) or not spec.name.strip():
         _fail(source, "promote.name", f"names the registered model: no / or :, not '.' or '..' (e.g. fer-vit); "
-                                         f"got '{spec.name}'")
+                                         f"got {short_repr(spec.name)}")
     if not ALIAS_NAME.fullmatch(spec.alias):
         _fail(source, "promote.alias",
-              f"must use letters, digits, _ and - and not be 'latest' or v<n>; got '{spec.alias}'")
+              f"must use letters, digits, _ and - and not be 'latest' or v<n>; got {short_repr(spec.alias)}")
     return spec
 
 
@@ -569,7 +576,8 @@ def _parse_execution(value: Any, source: str) -> ExecutionSpec:
             "null (every visible GPU) or a list of GPU indices like [0, 1]")
     _check_values(execution, "execution", source, {
         "jobs": (lambda n: _is_int(n) and n >= 1, "an integer >= 1"),
-        "max_retries": (lambda n: _is_int(n) and n >= 0, "an integer >= 0"), "gpus": gpus})
+        "max_retries": (lambda n: _is_int(n) and n >= 0, "an integer >= 0"), "gpus": gpus,
+        "max_trials": (lambda n: _is_int(n) and n >= 1, "an integer >= 1")})
     with _located(source):
         spec = build(ExecutionSpec, execution, "execution.", source)
     if spec.gpus is not None:
@@ -578,6 +586,20 @@ def _parse_execution(value: Any, source: str) -> ExecutionSpec:
 
 
 # --- every trial the spec produces ----------------------------------------------------
+
+def _check_plan_size(spec: SweepSpec) -> None:
+    """Refuse a plan past execution.max_trials from the axes' lengths alone, before a point is built."""
+    points, limit = grid_points(spec), spec.execution.max_trials
+    sampled = spec.search.n_trials if spec.search.method == "tpe" else 0
+    allows = f"more than execution.max_trials allows ({limit:,})"
+    if points > limit:
+        _fail(spec.path, "experiments", f"make {points:,} trials (grid points x seeds), {allows}; "
+                                        "shrink the grids, or raise execution.max_trials to plan them all")
+    if points + sampled > limit:
+        _fail(spec.path, "search.n_trials", f"is {sampled:,}: with the grids' {points:,} points that makes "
+                                            f"{points + sampled:,} trials, {allows}; lower it, or raise "
+                                            "execution.max_trials")
+
 
 def _plan(spec: SweepSpec, raw: dict) -> tuple[PlannedTrial, ...]:
     """Build every grid point's trial (naming the spec entry that fails) into the plan's unique trials."""
@@ -628,8 +650,8 @@ def _experiment_locator(exp: Experiment, written: dict, point: dict) -> Callable
             for key in written.get(section) or {}:
                 if canonical_axis(key) != "model":
                     entries.append((canonical_axis(key), f"experiments.{exp.name}.{section}.{key}"))
-        shown = ", ".join(f"{path}={value!r}" for path, value in point.items())
-        return _locator(entries, f"experiments.{exp.name} at {shown}")(field)
+        values = ", ".join(f"{path}={short_repr(value)}" for path, value in point.items())
+        return _locator(entries, f"experiments.{exp.name} at {values}")(field)
     return locate
 
 
@@ -657,7 +679,7 @@ def _check_data_root(data: DataConfig, source: str, where: Callable[[str], str])
     root = Path(data.root).expanduser()
     relative = "" if root.is_absolute() else f" (relative to {Path.cwd()})"
     if not root.exists():
-        _fail(source, where("data.root"), f"folder '{data.root}' does not exist{relative}; "
+        _fail(source, where("data.root"), f"folder {short_repr(data.root)} does not exist{relative}; "
                                           "point it at your dataset folder")
     if not root.is_dir():
-        _fail(source, where("data.root"), f"'{data.root}' is a file, not a folder{relative}")
+        _fail(source, where("data.root"), f"{short_repr(data.root)} is a file, not a folder{relative}")

@@ -43,6 +43,10 @@ class ExecutionSpec:
     jobs: int = 1                 # parallel trials (CPU) or slots when no GPU list is given
     gpus: tuple[int, ...] | None = None   # None: every visible GPU, else these indices
     max_retries: int = 2
+    # The most trials (grid points x seeds, plus TPE's n_trials) a spec may plan; a larger plan is refused
+    # from the axes' lengths, before a point is built. 10^4 trials plan in seconds (tests/test_plan_scale.py)
+    # and take ~55 h of start-up alone (20 s each); 10^6 would take minutes and gigabytes just to plan.
+    max_trials: int = 10_000
 
 
 @dataclass(frozen=True)
