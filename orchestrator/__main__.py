@@ -95,6 +95,13 @@ def _add_predict_options(parser: argparse.ArgumentParser) -> None:
                     "arguments or no model."
 
 
+def _add_prepare_options(parser: argparse.ArgumentParser) -> None:
+    _add_spec(parser)
+    parser.add_argument("--refresh", action="store_true",
+                        help="decode again the images the cache holds as unusable (after a decoder upgrade); "
+                             "files that could not be read are never cached and are always read again")
+
+
 def _add_serve_options(parser: argparse.ArgumentParser) -> None:
     _add_registry_options(parser)
     _add_model_option(parser)
@@ -107,7 +114,7 @@ def _add_serve_options(parser: argparse.ArgumentParser) -> None:
 ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "plan": _add_spec, "sweep": _add_run_options, "worker": _add_run_options, "status": _add_status_options,
     "report": _add_report_options, "promote": _add_promote_options, "production": _add_production_options,
-    "prepare": _add_spec, "predict": _add_predict_options, "serve": _add_serve_options,
+    "prepare": _add_prepare_options, "predict": _add_predict_options, "serve": _add_serve_options,
 }
 
 
@@ -124,13 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the command line and run one verb; a bad spec or config is one line on stderr, exit 2."""
+    """Parse the command line and run one verb; a bad spec or config is one line on stderr, exit 2; Ctrl-C
+    is one line, exit 130 (a verb that has more to say, as sweep does, says it itself)."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except UserError as err:
         print("error: " + one_line(err), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ the way, so the set is never read back whole.
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import io
 import multiprocessing
 import os
 import signal
@@ -29,7 +31,8 @@ from PIL import Image
 from trainers.data.align import Aligner, build_aligner, detector_device
 from trainers.data.audit import perceptual_hashes
 from trainers.data.cache import AlignedStore, RowIndex, RowReader, SetWriter, remove_stale_partials, save_array
-from trainers.data.images import ImageSkipped, decode_image, decode_side
+from trainers.data.images import (DECODE_REASONS, ImageSkipped, Unread, decode_image_bytes, decode_side,
+                                  read_image_file)
 from trainers.data.sources import Sample
 from trainers.errors import UserError
 from trainers.process.children import PR_SET_PDEATHSIG
@@ -65,7 +68,9 @@ class AlignJob:
     aligner: Aligner
     samples: list[Sample]
     keys: list[str]             # per sample: its cache key
+    digests: list[str]          # per sample: the SHA-256 of its file, which the bytes decoded must have
     image_size: int
+    refresh: bool = False       # decode again what the cache holds as unusable
 
 
 @dataclass
@@ -122,7 +127,10 @@ def _available_memory() -> int:
 def build_set(job: AlignJob, set_key: str, workers: int | None) -> AlignedSet:
     """Write the set file of job's samples, reusing cached rows, aligning the rest; return it mapped.
     workers: worker processes that align, 0 for this process; None: align_workers decides."""
+    job.store.check_room(len(job.samples))
     index = RowIndex.load(job.store)
+    if job.refresh:
+        index.skips.clear()
     reader = RowReader(job.store.row_shape)
     writer = SetWriter(job.store, set_key)
     written = _Written()
@@ -167,7 +175,8 @@ def _finished(store: AlignedStore, set_key: str, written: _Written) -> AlignedSe
 
 
 def _append(writer: SetWriter, written: _Written, chunk: list[tuple]) -> None:
-    """One chunk of results, in sample order: kept images to the file, the rest counted with their reason."""
+    """One chunk of results, in sample order: kept images to the file, the rest counted with their reason
+    (and cached with it when decoding the bytes failed, not reading the file)."""
     images, keys, fallback, skips = [], [], [], {}
     for i, value, fell_back, source, key in chunk:
         written.decoded += source == ALIGNED
@@ -175,8 +184,9 @@ def _append(writer: SetWriter, written: _Written, chunk: list[tuple]) -> None:
             written.legacy.append(key)
         if isinstance(value, str):
             written.keep.append(False)
-            written.reasons[value] += 1
-            skips[key] = value
+            written.reasons[str(value)] += 1
+            if not isinstance(value, Unread):
+                skips[key] = value
             continue
         written.keep.append(True)
         images.append(value)
@@ -201,7 +211,8 @@ def _results(job: AlignJob, index: RowIndex, reader: RowReader, submit: Callable
         positions = range(start, min(start + ALIGN_CHUNK, len(job.samples)))
         found = {i: _cached(job, index, reader, i) for i in positions}
         pending = [i for i in positions if found[i] is None]
-        todo = submit([(str(job.samples[i].path), job.samples[i].box) for i in pending]) if pending else None
+        items = [(str(job.samples[i].path), job.samples[i].box, job.digests[i]) for i in pending]
+        todo = submit(items) if pending else None
         waiting.append((positions, found, pending, todo))
         while len(waiting) > ahead:
             yield from _merged(job, *waiting.popleft())
@@ -232,7 +243,9 @@ def _cached(job: AlignJob, index: RowIndex, reader: RowReader, i: int) -> tuple 
     if key in index.skips:
         return index.skips[key], False, CACHED
     legacy = job.store.legacy_get(key)
-    return None if legacy is None else (*legacy, LEGACY)
+    if legacy is None or (isinstance(legacy[0], str) and (job.refresh or legacy[0] not in DECODE_REASONS)):
+        return None
+    return (*legacy, LEGACY)
 
 
 class _Now:
@@ -283,17 +296,17 @@ def _worker_start(parent: int) -> None:
 _WORKER_ALIGNERS: dict[str, Aligner] = {}
 
 
-def align_items(items: list[tuple[str, tuple | None]], image_size: int, box_context: float,
+def align_items(items: list[tuple[str, tuple | None, str]], image_size: int, box_context: float,
                 aligner: Aligner | dict, threads: Executor | None = None) -> list[tuple[np.ndarray | str, bool]]:
-    """(aligned image or skip reason, fell back) per (path, face box) item. ``aligner`` is an Aligner, or
-    in a worker process its settings (the worker builds it once)."""
+    """(aligned image or skip reason, fell back) per (path, face box, digest) item. ``aligner`` is an Aligner,
+    or in a worker process its settings (the worker builds it once)."""
     if isinstance(aligner, dict):
         name = repr(sorted(aligner.items()))
         if name not in _WORKER_ALIGNERS:
             _WORKER_ALIGNERS[name] = build_aligner(aligner["align"], int(aligner["size"]),
                                                    float(aligner.get("margin", 0.0)))
         aligner = _WORKER_ALIGNERS[name]
-    decode = lambda item: decode_region(Path(item[0]), item[1], image_size, box_context)   # noqa: E731
+    decode = lambda item: decode_region(Path(item[0]), item[1], item[2], image_size, box_context)   # noqa: E731
     decoded = list(threads.map(decode, items) if threads is not None else map(decode, items))
     good = [rgb for rgb in decoded if not isinstance(rgb, str)]
     faces = iter(aligner.align(good))
@@ -307,15 +320,24 @@ def align_items(items: list[tuple[str, tuple | None]], image_size: int, box_cont
     return out
 
 
-def decode_region(path: Path, box: tuple | None, image_size: int, box_context: float) -> np.ndarray | str:
-    """The decoded image (cropped to its face box, widened by box_context), or why it is unusable."""
+def decode_region(path: Path, box: tuple | None, digest: str, image_size: int, box_context: float
+                  ) -> np.ndarray | str:
+    """The decoded image (cropped to its face box, widened by box_context), or why it is unusable: an Unread
+    reason when the file could not be read, or was replaced after its digest was taken (the bytes are not the
+    ones its cache key names)."""
     try:
-        rgb = decode_image(path, max_side=decode_side(image_size))
+        data = read_image_file(path)
+    except ImageSkipped as skip:
+        return Unread(skip.reason)
+    if hashlib.sha256(data).hexdigest() != digest:
+        return Unread("vanished")
+    try:
+        rgb = decode_image_bytes(data, max_side=decode_side(image_size))[0]
     except ImageSkipped as skip:
         return skip.reason
     if box is None:
         return rgb
-    return crop_to_box(rgb, box, _stored_size(path), box_context)
+    return crop_to_box(rgb, box, _stored_size(data), box_context)
 
 
 def crop_to_box(rgb: np.ndarray, box: tuple[int, int, int, int], stored_size: tuple[int, int],
@@ -330,9 +352,9 @@ def crop_to_box(rgb: np.ndarray, box: tuple[int, int, int, int], stored_size: tu
     return np.ascontiguousarray(rgb[y0:y1, x0:x1])
 
 
-def _stored_size(path: Path) -> tuple[int, int]:
+def _stored_size(data: bytes) -> tuple[int, int]:
     """Width and height as decode_image sees them (after the EXIF rotation), from the header alone."""
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(data)) as im:
         width, height = im.size
         rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)   # orientations that swap the axes
     return (height, width) if rotated else (width, height)

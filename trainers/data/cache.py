@@ -29,6 +29,9 @@ from typing import Iterator
 
 import numpy as np
 
+from trainers.data.images import DECODE_REASONS, checked_stat, read_image_file
+from trainers.process.free_space import MIN_FREE_ENV, DiskFullError, free_mb, min_free_mb, shown
+
 CACHE_VERSION = 1
 
 
@@ -84,20 +87,15 @@ class DigestIndex:
             self.entries = {}
         self.dirty = False
 
-    def digest(self, path: Path) -> str | None:
-        """The file's content hash, or None when it cannot be read."""
+    def digest(self, path: Path) -> str:
+        """The file's content hash; ImageSkipped (a read reason, never recorded) when it is not a regular file
+        within the size limit or cannot be read."""
         key = relative_posix(path, self.root) or str(path)
-        try:
-            st = path.stat()
-        except OSError:
-            return None
+        st = checked_stat(path)
         known = self.entries.get(key)
         if known and known[0] == st.st_size and known[1] == st.st_mtime_ns:
             return known[2]
-        try:
-            sha = hashlib.sha256(path.read_bytes()).hexdigest()
-        except OSError:
-            return None
+        sha = hashlib.sha256(read_image_file(path)).hexdigest()
         self.entries[key] = [st.st_size, st.st_mtime_ns, sha]
         self.dirty = True
         return sha
@@ -128,6 +126,7 @@ class AlignedStore:
 
     def __init__(self, cache_dir: Path, settings: dict):
         self.settings = {**settings, "cache_version": CACHE_VERSION}
+        self.cache_dir = cache_dir
         self.root = cache_dir / "aligned" / short_hash(self.settings)
         self.sets = self.root / "sets"
         size = int(settings["size"])
@@ -136,6 +135,20 @@ class AlignedStore:
     def set_paths(self, key: str) -> tuple[Path, Path]:
         """Where a stacked dataset and its manifest live."""
         return self.sets / f"{key}.npy", self.sets / f"{key}.json"
+
+    def check_room(self, rows: int) -> None:
+        """Refuse a set of ``rows`` images before any is written when it would leave its disk under the
+        free-space reserve: filling the disk half way would end the preparation with a raw error instead."""
+        need_mb = (NPY_HEADER + rows * int(np.prod(self.row_shape))) / 2**20
+        free, reserve = free_mb(self.sets), min_free_mb()
+        if free - need_mb >= reserve:
+            return
+        size = self.row_shape[0]
+        raise DiskFullError(
+            f"data.cache_dir {shown(self.cache_dir)}: the set of {rows} images at {size} px needs {need_mb:,.1f} MB "
+            f"({rows} x {size} x {size} x 3 bytes) and {reserve} MB is kept free ({MIN_FREE_ENV} sets that "
+            f"reserve), but its disk has only {free:,} MB free; free some space, or set data.cache_dir to a "
+            "folder on a disk with room")
 
     def legacy_object(self, digest: str, suffix: str) -> Path:
         """Where a cache of the per-image layout kept one image (.npy), its skip reason or its fallback flag."""
@@ -228,7 +241,10 @@ class RowIndex:
         for i, (key, fell_back) in enumerate(zip(keys, fallback)):
             self.rows.setdefault(key, CachedRow(data, first + i, bool(fell_back)))
         for key, reason in skips.items():
-            self.skips.setdefault(key, reason)
+            # Only what decoding the bytes gave is trusted: earlier versions also recorded a file that could
+            # not be read ('unreadable') under its content's key, which the next preparation reads again.
+            if reason in DECODE_REASONS:
+                self.skips.setdefault(key, reason)
 
 
 class RowReader:

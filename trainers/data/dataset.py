@@ -19,6 +19,7 @@ from trainers.data.audit import AuditResult, audit_splits, near_duplicate_pairs,
 from trainers.data.balance import CLASS_COLUMN, balance_cells, balance_summary
 from trainers.data.cache import (NPY_HEADER, AlignedStore, DigestIndex, atomic_write_bytes, npy_header,
                                  read_row_chunks, relative_posix, save_array, short_hash)
+from trainers.data.images import DECODE_REASONS, READ_REASONS, ImageSkipped
 from trainers.data.importers import IMPORTERS
 from trainers.data.sources import Listing, Sample, list_imagefolder
 from trainers.data.split import (SPLIT_NAMES, TRAIN, VAL, assign_splits, count_per_split, distinct_per_split,
@@ -129,19 +130,22 @@ def list_samples(cfg: DataConfig, root: Path) -> Listing:
         raise DataError(str(err)) from None
 
 
-def prepare_data(cfg: DataConfig, image_size: int, workers: int | None = None) -> PreparedData:
+def prepare_data(cfg: DataConfig, image_size: int, workers: int | None = None, refresh: bool = False
+                 ) -> PreparedData:
     """Decode and align every image once (cached), split deterministically, audit the splits for leaks.
-    workers: worker processes that align, 0 for this process (align_workers decides when None)."""
+    workers: worker processes that align, 0 for this process (align_workers decides when None).
+    refresh: decode again the images the cache holds as unusable (after a decoder upgrade, say)."""
     root = dataset_root(cfg)
     listing = list_samples(cfg, root)
     cache_dir = Path(cfg.cache_dir)
     aligner = build_aligner(cfg.align, image_size, cfg.align_margin)
     store = AlignedStore(cache_dir, aligner.settings)
     index = DigestIndex(cache_dir, root)
-    samples, keys, skipped = _digest_samples(listing, index, aligner)
+    samples, keys, digests, skipped = _digest_samples(listing, index, aligner)
     index.save()
     set_key = short_hash(keys)
-    aligned = _load_aligned(AlignJob(store, aligner, samples, keys, image_size), set_key, workers)
+    job = AlignJob(store, aligner, samples, keys, digests, image_size, refresh)
+    aligned = _load_aligned(job, set_key, workers)
     skipped.update(aligned.reasons)
     samples = [s for s, k in zip(samples, aligned.keep) if k]
     pairs = _near_duplicates(store, set_key, aligned.images, cfg.duplicate_distance)
@@ -149,19 +153,22 @@ def prepare_data(cfg: DataConfig, image_size: int, workers: int | None = None) -
 
 
 def _digest_samples(listing: Listing, index: DigestIndex, aligner: Aligner
-                    ) -> tuple[list[Sample], list[str], Counter]:
-    """Usable samples and their cache keys: the file's SHA-256, plus the face box when one is given."""
+                    ) -> tuple[list[Sample], list[str], list[str], Counter]:
+    """Readable samples, their cache keys (the file's SHA-256, plus the face box when one is given) and
+    digests; the rest counted by why they could not be read (not cached: they are read again next time)."""
     skipped: Counter = Counter(listing.skipped)
-    samples, keys = [], []
+    samples, keys, digests = [], [], []
     for sample in listing.samples:
-        digest = index.digest(sample.path)
-        if digest is None:
-            skipped["unreadable"] += 1
+        try:
+            digest = index.digest(sample.path)
+        except ImageSkipped as skip:
+            skipped[skip.reason] += 1
             continue
         samples.append(sample)
+        digests.append(digest)
         keys.append(digest if sample.box is None else hashlib.sha256(
             f"{digest}:{list(sample.box)}:{aligner.box_context}".encode()).hexdigest())
-    return samples, keys, skipped
+    return samples, keys, digests, skipped
 
 
 def _load_aligned(job: AlignJob, set_key: str, workers: int | None) -> AlignedSet:
@@ -174,6 +181,11 @@ def _load_aligned(job: AlignJob, set_key: str, workers: int | None) -> AlignedSe
         return build_set(job, set_key, workers)
     if "keys" not in manifest:
         _adopt_legacy_set(job, set_key, manifest)
+    unusable = set(manifest["reasons"])
+    # A set is reused as it is only when every image it left out failed to decode; one that could not
+    # be read (or, from earlier versions, 'unreadable') is read again, taking the other rows from this set.
+    if not unusable <= set(DECODE_REASONS) or (job.refresh and unusable):
+        return build_set(job, set_key, workers)
     return AlignedSet(images, manifest["keep"], manifest.get("fallback", [False] * len(images)), 0,
                       Counter(manifest["reasons"]))
 
@@ -267,7 +279,7 @@ def _finish(cfg: DataConfig, gathered: Gathered) -> PreparedData:
     """Label, split and audit the gathered samples; drop removed duplicates; name the result by its digest."""
     samples, root, store = gathered.samples, gathered.root, gathered.store
     labels = np.array([s.label for s in samples], dtype=np.int64)
-    _check_classes(cfg, root, labels)
+    _check_classes(cfg, gathered, labels)
     splits, mode = _assign(cfg, labels, samples)
     audit = audit_splits(gathered.pairs, splits)
     rows = Rows(samples, labels, splits, np.array(gathered.aligned.fallback, dtype=bool), gathered.aligned.images,
@@ -319,15 +331,37 @@ def _without(rows: Rows, removed: np.ndarray, store: AlignedStore) -> Rows:
                 content_key)
 
 
-def _check_classes(cfg: DataConfig, root: Path, labels: np.ndarray) -> None:
+def _check_classes(cfg: DataConfig, gathered: Gathered, labels: np.ndarray) -> None:
+    """Every class has a usable image; when one has none although files were listed for it, say why they
+    were skipped (by reason, over the whole dataset) rather than to add images."""
+    root, listed = gathered.root, Counter(s.label for s in gathered.listing.samples)
+    skipped = _by_reason(gathered.skipped)
     if not len(labels):
-        raise DataError(f"no usable image found under '{root}' for classes {', '.join(cfg.classes)}; "
-                        f"check data.root ({ROOT_HINTS.get(cfg.source, 'the dataset folder')}) and data.classes")
+        why = f": all {sum(listed.values())} listed files were skipped ({skipped}); {_skip_advice(gathered)}" \
+            if listed else f"; check data.root ({ROOT_HINTS.get(cfg.source, 'the dataset folder')}) and data.classes"
+        raise DataError(f"no usable image found under '{root}' for classes {', '.join(cfg.classes)}{why}")
     counts = np.bincount(labels, minlength=len(cfg.classes))
-    empty = [c for c, n in zip(cfg.classes, counts) if n == 0]
-    if empty:
-        raise DataError(f"class '{empty[0]}' has no usable image under '{root}'; "
+    empty = [k for k, n in enumerate(counts) if n == 0]
+    if not empty:
+        return
+    name, files = cfg.classes[empty[0]], listed[empty[0]]
+    if not files:
+        raise DataError(f"class '{name}' has no usable image under '{root}'; "
                         "add images for it or remove it from data.classes")
+    raise DataError(f"class '{name}' has no usable image under '{root}': its {files} listed files were all "
+                    f"skipped (skipped in all classes: {skipped}); {_skip_advice(gathered)}")
+
+
+def _by_reason(counts: Counter) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()) if n)
+
+
+def _skip_advice(gathered: Gathered) -> str:
+    """What to do about skipped files: reading failures may pass next time; decoding failures will not."""
+    if any(gathered.skipped[reason] for reason in READ_REASONS if reason != "too_large"):
+        return ("make sure the files are in place and readable (a moved folder, a disconnected mount, "
+                "permissions) and prepare again: files that could not be read are read again")
+    return "replace them with images that decode, or remove the class from data.classes"
 
 
 def _assign(cfg: DataConfig, labels: np.ndarray, samples: list[Sample]) -> tuple[np.ndarray, str]:

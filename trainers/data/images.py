@@ -2,10 +2,14 @@
 
 Every way an image can be unusable maps to one of SKIP_REASONS, so the cache
 can skip it, count it and carry on; odd modes (alpha, 16-bit, float, CMYK,
-palette, grayscale) are converted rather than rejected.
+palette, grayscale) are converted rather than rejected. A file is read whole
+first (only a regular file, only up to a size limit) and then decoded from
+memory, so a failure is either of reading the file (READ_REASONS: the same
+bytes may read fine next time) or of its bytes (DECODE_REASONS: they never will).
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
@@ -17,7 +21,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-SKIP_REASONS = ("empty", "truncated", "not_an_image", "unreadable", "too_large")
+from trainers.errors import UserError
+
+# What decoding bytes that were read can fail with: properties of the bytes, which a cache may keep.
+DECODE_REASONS = ("empty", "truncated", "not_an_image", "corrupt", "too_large")
+# What reading a file can fail with: a broken or looping link or no permission (unreadable), a device, FIFO
+# or socket (not_a_file), over MAX_FILE_MB (too_large), gone or replaced since it was listed (vanished),
+# an I/O error of the disk or network mount (io_error). None is a property of the bytes.
+READ_REASONS = ("unreadable", "not_a_file", "too_large", "vanished", "io_error")
+SKIP_REASONS = tuple(dict.fromkeys(DECODE_REASONS + READ_REASONS))
+
+# A file is read whole before decoding, so this bounds the memory one decode takes: 64 MB holds any camera
+# JPEG (a 50 MP one is ~25 MB) and a 20 MP uncompressed RGB TIFF. FER_MAX_IMAGE_MB changes it.
+MAX_FILE_MB = 64
+MAX_FILE_ENV = "FER_MAX_IMAGE_MB"
 
 # 250 MP is ~16,000 x 16,000: larger than any camera photo, and a full RGBA
 # decode of it already needs 1 GB, so anything bigger is refused from its header.
@@ -59,19 +76,71 @@ class ImageSkipped(Exception):
         self.detail = detail
 
 
+class Unread(str):
+    """A skip reason from reading a file rather than decoding its bytes (one of READ_REASONS): counted like
+    any reason, never cached, as the file may read fine next time."""
+
+
 def decode_image(path: Path, max_side: int = 1024) -> np.ndarray:
     """Return the image at ``path`` as H x W x 3 uint8 RGB, long side <= max_side; raise ImageSkipped if unusable."""
-    path = Path(path)
-    _check_regular_nonempty(path)
-    return _decode(path, max_side, MAX_PIXELS, lambda: _head_of(path))[0]
+    return decode_image_bytes(read_image_file(Path(path)), max_side)[0]
 
 
-def decode_image_bytes(data: bytes, max_side: int = 1024, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, int]:
-    """decode_image for an encoded image held in memory (an upload, a request); also the long side of the
-    full-size upright image, so positions found in the decoded copy can be given in the sender's pixels."""
+def decode_image_bytes(data: bytes, max_side: int = 1024, max_pixels: int | None = None) -> tuple[np.ndarray, int]:
+    """decode_image for an encoded image held in memory (a file read, an upload); also the long side of the
+    full-size upright image, so positions found in the decoded copy can be given in the sender's pixels.
+    max_pixels: MAX_PIXELS when None."""
     if not data:
         raise ImageSkipped("empty", "no bytes")
-    return _decode(io.BytesIO(data), max_side, max_pixels, lambda: bytes(data[:16]))
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    return _decode(io.BytesIO(data), max_side, limit, lambda: bytes(data[:16]))
+
+
+def max_file_bytes() -> int:
+    """The largest image file read: MAX_FILE_MB, or FER_MAX_IMAGE_MB when set."""
+    text = os.environ.get(MAX_FILE_ENV, "").strip()
+    if not text:
+        return MAX_FILE_MB * 2**20
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"{MAX_FILE_ENV}={text!r}: set it to a whole number of MB (the largest image file "
+                        f"read), or unset it for {MAX_FILE_MB} MB")
+    return int(text) * 2**20
+
+
+def checked_stat(path: Path) -> os.stat_result:
+    """The stat of a regular file of at most max_file_bytes(); ImageSkipped (a read reason) otherwise.
+    Follows links, as reading does: a link to a regular file, inside the folder or not, is that file."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise _read_failure(path, exc) from exc
+    _check_regular_and_size(info)
+    return info
+
+
+def read_image_file(path: Path) -> bytes:
+    """The bytes of the regular file at path (at most max_file_bytes()); ImageSkipped with a read reason when
+    it is something else or cannot be read. A FIFO or device is never opened, and a file swapped for one
+    after the check is opened without blocking and refused."""
+    checked_stat(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise _read_failure(path, exc) from exc
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            info = os.fstat(fd)
+            _check_regular_and_size(info)
+            # One byte more than its size: a file still growing is read on, up to one byte over the limit.
+            data = handle.read(info.st_size + 1)
+            limit = max_file_bytes()
+            if len(data) > info.st_size:
+                data += handle.read(limit + 1 - len(data))
+        except OSError as exc:
+            raise ImageSkipped("io_error", f"cannot read: {exc.strerror or exc}") from exc
+    if len(data) > limit:
+        raise ImageSkipped("too_large", f"grew past {limit // 2**20} MB while being read")
+    return data
 
 
 def decode_side(image_size: int) -> int:
@@ -112,17 +181,29 @@ def centre_square(rgb: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8).copy()
 
 
-def _check_regular_nonempty(path: Path) -> None:
-    """Reject what is not a readable, non-empty regular file before Pillow sees it."""
-    try:
-        info = os.stat(path)  # follows symlinks: dangling links and loops fail here
-    except OSError as exc:
-        raise ImageSkipped("unreadable", f"cannot stat: {exc.strerror or exc}") from exc
-    # A FIFO or device named .jpg would block open() forever; a directory cannot be decoded.
+def _check_regular_and_size(info: os.stat_result) -> None:
+    # A FIFO blocks its reader until a writer comes, /dev/zero never ends: only regular files are read.
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageSkipped("unreadable", "a folder, not a file")
     if not stat.S_ISREG(info.st_mode):
-        raise ImageSkipped("unreadable", "not a regular file")
-    if info.st_size == 0:
-        raise ImageSkipped("empty", "zero-byte file")
+        raise ImageSkipped("not_a_file", "not a regular file (a device, FIFO or socket)")
+    limit = max_file_bytes()
+    if info.st_size > limit:
+        raise ImageSkipped("too_large", f"{info.st_size / 2**20:.0f} MB is over {limit // 2**20} MB "
+                                        f"({MAX_FILE_ENV} sets the limit)")
+
+
+def _read_failure(path: Path, exc: OSError) -> ImageSkipped:
+    """Why a path could not be stat'ed or opened: a broken or looping link and no permission are the folder's
+    state (unreadable); a path no longer there was moved or deleted since it was listed (vanished)."""
+    why = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        if os.path.lexists(path):
+            return ImageSkipped("unreadable", f"a link to nothing ({why})")
+        return ImageSkipped("vanished", f"no longer there ({why})")
+    if exc.errno in (errno.ELOOP, errno.EACCES, errno.EPERM):
+        return ImageSkipped("unreadable", why)
+    return ImageSkipped("io_error", why)
 
 
 @contextmanager
@@ -204,18 +285,8 @@ def _classify(exc: Exception, head) -> ImageSkipped:
         return ImageSkipped("not_an_image", "not a format Pillow can read")
     if isinstance(exc, EOFError) or "truncated" in message.lower():
         return ImageSkipped("truncated", message)
-    if isinstance(exc, OSError):
-        return ImageSkipped("unreadable", message)
-    return ImageSkipped("unreadable", f"corrupt image data ({type(exc).__name__}: {message})")
-
-
-def _head_of(path: Path) -> bytes:
-    """The first 16 bytes of a file (empty when it cannot be read)."""
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(16)
-    except OSError:
-        return b""
+    # The bytes are in memory: an OSError here is Pillow's word for bad data, not a failed read.
+    return ImageSkipped("corrupt", f"corrupt image data ({type(exc).__name__}: {message})")
 
 
 def _has_image_signature(head: bytes) -> bool:
