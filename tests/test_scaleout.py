@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -216,13 +217,20 @@ def study_trials(storage: str, sweep: str) -> list:
     return Ledger(storage, sweep, 1).study.get_trials(deepcopy=False)
 
 
+def at_once(work, items) -> list:
+    """work(item) for every item, each in its own thread, all at the same time."""
+    with ThreadPoolExecutor(len(items)) as pool:
+        return list(pool.map(work, items))
+
+
+def open_runs(server: Server, sweep: str) -> list:
+    """The sweep's trial runs MLflow still shows RUNNING."""
+    return [r for r in sweep_runs(server, sweep)[1] if r.info.status == "RUNNING"]
+
+
 # --- the tests ------------------------------------------------------------------------------------
 
 def test_ledgers_opened_at_once_on_a_fresh_database_claim_each_trial_once(storage):
-    def at_once(work, items) -> list:
-        with ThreadPoolExecutor(len(items)) as pool:
-            return list(pool.map(work, items))
-
     def drain(ledger: Ledger) -> list[str]:
         got = []
         while (claim := ledger.claim()) is not None:
@@ -321,8 +329,132 @@ def test_a_worker_killed_mid_trial_has_its_trial_finished_by_the_other(tmp_path,
     assert orphan.data.tags["config_hash"] == killed
 
 
+def test_sweeps_started_at_the_same_moment_queue_each_grid_point_once(tmp_path, storage, tiny_vit):
+    plan = load_spec(write_spec(tmp_path, "together", [1e-4 * (i + 1) for i in range(8)], 1, tiny_vit)).plan
+    ledgers = at_once(lambda _: Ledger(storage, "together", 1), range(4))    # four `sweep` commands...
+    ready = threading.Barrier(len(ledgers))
+
+    def enqueue(ledger: Ledger) -> int:
+        ready.wait()                                                           # ...queueing at one moment
+        return ledger.enqueue(plan)
+
+    added = at_once(enqueue, ledgers)
+    queued = sorted(t.user_attrs["config_hash"] for t in study_trials(storage, "together"))
+    assert queued == sorted(t.hash for t in plan) and sum(added) == len(plan), added
+
+
+def test_a_stalled_worker_whose_trial_was_taken_over_cannot_finish_it_too(tmp_path, storage, mlflow_server,
+                                                                          trainer_processes, tiny_vit):
+    a, b = tmp_path / "host-a", tmp_path / "host-b"
+    spec_a = write_spec(a, "stall", [1e-3], epochs=4, tiny_vit=tiny_vit)
+    spec_b = write_spec(b, "stall", [1e-3], epochs=4, tiny_vit=tiny_vit)
+    sweep = start(b, "sweep", spec_b, storage, mlflow_server)
+    (planned,) = load_spec(spec_b).plan
+    assert wait_for_training_on(b, "stall", storage, sweep, epochs=4) == planned.hash
+    # The whole host freezes (a paused VM, a swapping machine): alive, but no heartbeat for the grace period.
+    frozen = [sweep.pid, *trainer_processes(b)]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        worker = start(a, "worker", spec_a, storage, mlflow_server)
+        finish(worker, a, "worker")      # reaps the frozen trial and runs it again
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    out = finish(sweep, b, "sweep")      # thawed: its trainer ends the trial it was training
+
+    first, retry = sorted(study_trials(storage, "stall"), key=lambda t: t.number)
+    assert (first.state, first.user_attrs["status"]) == (TrialState.FAIL, "retried")
+    assert (retry.state, retry.user_attrs["status"]) == (TrialState.COMPLETE, "finished")
+    _, children = sweep_runs(mlflow_server, "stall")
+    (kept,) = [r for r in children if r.info.status == "FINISHED"]        # one finished run, the retry's
+    assert kept.info.run_id == retry.user_attrs["run_id"] and kept.data.tags["status"] == "finished"
+    (late,) = [r for r in children if r.info.status != "FINISHED"]         # the frozen worker's
+    assert late.info.status == "KILLED" and late.data.tags["status"] == "superseded"
+    warnings = [line for line in out.splitlines() if line.startswith("warning:") and "superseded" in line]
+    assert len(warnings) == 1 and late.info.run_id in warnings[0], out[-3000:]
+
+
+def test_a_worker_killed_right_after_opening_its_run_leaves_no_run_running(tmp_path, storage, mlflow_server,
+                                                                           tiny_vit):
+    a, b = tmp_path / "host-a", tmp_path / "host-b"
+    spec_a = write_spec(a, "opened", [1e-3, 2e-3], epochs=2, tiny_vit=tiny_vit)
+    spec_b = write_spec(b, "opened", [1e-3, 2e-3], epochs=2, tiny_vit=tiny_vit)
+    sweep = start(a, "sweep", spec_a, storage, mlflow_server)
+    worker = start(b, "worker", spec_b, storage, mlflow_server)
+    killed = wait_for_run_request_on(b, "opened", worker, sweep)
+    # Frozen as its trainer starts the trial: the trainer opens the run, but its `started` is never read.
+    worker.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + 120
+    while not [r for r in open_runs(mlflow_server, "opened") if r.data.tags["config_hash"] == killed]:
+        assert time.monotonic() < deadline, "the trainer never opened its run"
+        time.sleep(0.05)
+    worker.kill()                        # the host is gone; its trainer dies with it
+    worker.wait()
+    finish(sweep, a, "sweep")
+
+    assert not open_runs(mlflow_server, "opened")
+    _, children = sweep_runs(mlflow_server, "opened")
+    (dead,) = [r for r in children if r.data.tags["config_hash"] == killed and r.info.status != "FINISHED"]
+    assert dead.info.status == "KILLED" and dead.data.tags["status"] == "killed"
+    assert sorted(r.data.tags["config_hash"] for r in children if r.info.status == "FINISHED") == sorted(
+        t.hash for t in load_spec(spec_a).plan)
+
+
+def wait_for_run_request_on(host: Path, sweep: str, *procs: subprocess.Popen, timeout: float = 180) -> str:
+    """The config hash of the first trial this host's trainer was sent (its log's attempt line is written)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            assert proc.poll() is None, f"a process exited early with {proc.returncode}"
+        for log in (host / "mlruns" / "sweeps" / sweep).glob("*/log.txt"):
+            if "--- attempt 1" in log.read_text():
+                return log.parent.name
+        time.sleep(0.01)
+    pytest.fail(f"{host.name} was never sent a trial")
+
+
+def test_a_run_left_open_after_its_result_was_recorded_is_closed_as_recorded(tmp_path, storage, mlflow_server,
+                                                                             tiny_vit):
+    """A worker killed between recording a trial's result in the ledger and closing its MLflow run."""
+    from trainers.tracking import CLAIM_TAG, SweepParent
+
+    spec = write_spec(tmp_path, "between", [1e-3, 2e-3], epochs=1, tiny_vit=tiny_vit)
+    ledger = Ledger(storage, "between", 1)
+    ledger.enqueue(load_spec(spec).plan)
+    parent = SweepParent.open(mlflow_server.url, "between")
+    ledger.set_parent_run(parent.run_id)
+    client = MlflowClient(mlflow_server.url)
+    left_open = {}
+    while (claim := ledger.claim()) is not None:
+        run = client.create_run(client.get_run(parent.run_id).info.experiment_id, tags={
+            "mlflow.parentRunId": parent.run_id, "role": "trial", CLAIM_TAG: claim.token,
+            "config_hash": claim.config_hash, "status": "running"})
+        assert ledger.finish(claim, "finished", 0.5, run.info.run_id)
+        left_open[claim.config_hash] = run.info.run_id          # ...and the worker died here
+
+    joined = start(tmp_path, "worker", spec, storage, mlflow_server)    # nothing to run: it only tidies up
+    finish(joined, tmp_path, "worker")
+    assert not open_runs(mlflow_server, "between")
+    for run_id in left_open.values():
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
+
+
+def test_a_password_in_the_storage_url_is_warned_about_once(tmp_path, storage, capsys, tiny_vit):
+    spec = write_spec(tmp_path, "secret", [1e-3], epochs=1, tiny_vit=tiny_vit)
+    Ledger(storage, "secret", 1)
+    with_password = storage.replace("postgres@", "postgres:hunter2@")     # trust auth ignores it
+    capsys.readouterr()
+    assert main(["status", str(spec), "--storage", with_password]) == 0
+    assert main(["status", str(spec), "--storage", with_password]) == 0
+    shown = capsys.readouterr()
+    assert shown.err.count("warning: the storage URL holds a password") == 1, shown.err
+    assert "hunter2" not in shown.err + shown.out
+
+
 def wait_for_training_on(host: Path, sweep: str, storage: str, *procs: subprocess.Popen,
-                         timeout: float = 180) -> str:
+                         timeout: float = 180, epochs: int = EPOCHS) -> str:
     """The config hash of a trial this host is training, once it has logged a first epoch and the
     ledger knows its MLflow run (its other epochs, test and logging leave seconds before it is done)."""
     deadline = time.monotonic() + timeout
@@ -332,7 +464,7 @@ def wait_for_training_on(host: Path, sweep: str, storage: str, *procs: subproces
             assert proc.poll() is None, f"a process exited early with {proc.returncode}"
         for log in (host / "mlruns" / "sweeps" / sweep).glob("*/log.txt"):
             text = log.read_text()
-            if f"epoch 1/{EPOCHS}" not in text or f"epoch {EPOCHS}/{EPOCHS}" in text:
+            if f"epoch 1/{epochs}" not in text or f"epoch {epochs}/{epochs}" in text:
                 continue
             ledger = ledger or Ledger(storage, sweep, 1)
             if any(t.user_attrs.get("config_hash") == log.parent.name and t.user_attrs.get("run_id")
@@ -403,7 +535,7 @@ def test_the_compose_stack_keeps_its_ports_on_loopback_and_reserves_gpus_for_wor
     assert "${POSTGRES_USER}" in str(services["postgres"]["healthcheck"])   # for the container's shell
     assert any(v.endswith(":/var/lib/postgresql/data") for v in services["postgres"]["volumes"])
     server = " ".join(services["mlflow"]["command"])
-    assert "--backend-store-uri postgresql://fer:" in server and "@postgres:5432/mlflow" in server
+    assert "--backend-store-uri postgresql://fer@postgres:5432/mlflow" in server
     assert "--serve-artifacts" in server and "--artifacts-destination /mlartifacts" in server
     assert any(v.endswith(":/mlartifacts") for v in services["mlflow"]["volumes"])
     assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
@@ -412,12 +544,20 @@ def test_the_compose_stack_keeps_its_ports_on_loopback_and_reserves_gpus_for_wor
     worker = services["worker"]
     command = worker["command"].split()
     assert command[:5] == ["python", "-m", "orchestrator", "worker", "sweeps/demo.yaml"]
-    assert command[command.index("--storage") + 1] == (
-        f"postgresql://fer:{example['POSTGRES_PASSWORD']}@postgres:5432/optuna")
+    assert command[command.index("--storage") + 1] == "postgresql://fer@postgres:5432/optuna"
     assert command[command.index("--tracking-uri") + 1] == "http://mlflow:5000"
     (gpus,) = worker["deploy"]["resources"]["reservations"]["devices"]
     assert gpus["driver"] == "nvidia" and "gpu" in gpus["capabilities"] and gpus["count"] == "all"
     assert worker["build"]["dockerfile"] == "docker/Dockerfile" and worker["stop_signal"] == "SIGINT"
+
+    # The password reaches the server and the worker in their environment, never on a command line
+    # (every user of the machine reads those in `ps`), also when FER_STORAGE names another machine's database.
+    joining = stack({**example, "FER_STORAGE": "postgresql://fer@192.168.1.10:5432/optuna"})["services"]
+    for services_of in (services, joining):
+        for name in ("mlflow", "worker"):
+            assert services_of[name]["environment"]["PGPASSWORD"] == example["POSTGRES_PASSWORD"]
+            assert example["POSTGRES_PASSWORD"] not in str(services_of[name]["command"])
+    assert "# FER_STORAGE=postgresql://fer@" in (REPO / "docker" / "env.example").read_text()
 
     # Nothing binds beyond loopback unless docker/.env says so: with the template, or with no settings.
     for env in (example, {"POSTGRES_USER": "u", "POSTGRES_PASSWORD": "p"}):

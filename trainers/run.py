@@ -6,7 +6,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 from trainers.config import TrialConfig, trial_dir
 from trainers.data.dataset import DataError, PreparedData, prepare_data
@@ -20,7 +20,7 @@ from trainers.train import Checkpoint, StopTrial, run_training, seed_everything
 @dataclass
 class TrialOutcome:
     run_id: str
-    status: str                      # finished / diverged / pruned
+    status: str                      # finished / diverged / pruned, or superseded (settle said not kept)
     metrics: dict[str, float]        # final validation and test numbers
     train_seconds: float
 
@@ -31,6 +31,11 @@ class Supervisor(Protocol):
 
     def send(self, message: Message) -> None: ...
     def stop_requested(self) -> str | None: ...
+
+
+# (status, run id, final metrics) -> kept: asked before a claimed trial's run is closed; False when the
+# sweep's ledger did not record the result (another worker took the trial over): the run ends superseded.
+Settle = Callable[[str, str, dict[str, float]], bool]
 
 
 class EpochReporter:
@@ -93,8 +98,9 @@ def require_val_and_test(data: PreparedData) -> None:
 
 
 def run_trial(cfg: TrialConfig, log_file: Path | None = None, supervisor: Supervisor | None = None,
-              reuse_data: bool = False) -> TrialOutcome:
-    """Prepare data and model (failing before any run is created), then train and log one run."""
+              reuse_data: bool = False, settle: Settle | None = None) -> TrialOutcome:
+    """Prepare data and model (failing before any run is created), then train and log one run; with
+    settle, the run is closed FINISHED only when the sweep kept the result."""
     with contextlib.suppress(OSError):      # without one, the figures are drawn here
         start_figure_helper()                # it imports matplotlib while this trial trains
     data = load_data(cfg, reuse_data)
@@ -118,15 +124,20 @@ def run_trial(cfg: TrialConfig, log_file: Path | None = None, supervisor: Superv
         run.wait_figures()
         if log_file is not None and log_file.exists():
             run.log_file(log_file)
+        metrics = _final_metrics(result)
+        kept = settle is None or settle(result.status, run.run_id, metrics)
     except KeyboardInterrupt:
         run.finish("killed")
         raise
     except BaseException:
         run.finish("failed")   # the checkpoint stays: a retry resumes this run from its last epoch
         raise
-    run.finish(result.status)
+    status = result.status if kept else "superseded"
+    if not kept:
+        print("superseded: another worker took this trial over; this run is closed as KILLED", flush=True)
+    run.finish(status)
     shutil.rmtree(directory, ignore_errors=True)
-    return TrialOutcome(run.run_id, result.status, _final_metrics(result), result.train_seconds)
+    return TrialOutcome(run.run_id, status, metrics, result.train_seconds)
 
 
 def _final_metrics(result) -> dict[str, float]:

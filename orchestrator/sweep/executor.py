@@ -2,11 +2,15 @@
 
 Each slot (a GPU, or a CPU job) claims a trial from the ledger, sends it as a `run` message to its
 `python -m trainers serve` process pinned with CUDA_VISIBLE_DEVICES, sends heartbeats while it runs,
-follows its `started` and `epoch` messages (and sends `stop` when TPE prunes it), and records its
-`done`. A process that dies is replaced, its run closed by the sweep's run closer; its trial is retried.
+follows its `started` and `epoch` messages (and sends `stop` when TPE prunes it), records its result in
+the ledger when it sends `finishing` (the verdict tells it whether the result was kept, which it is only
+while the claim is still the trial's), and then its `done`. A process that dies is replaced, its run
+closed by the sweep's run closer; its trial is retried. The claim's token tags the trial's MLflow run from
+the moment it is created, so a worker reaping a dead worker's trial finds and closes that run.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import shutil
@@ -25,7 +29,10 @@ from orchestrator.sweep.plan import trial_flop
 from trainers.config import TrialConfig, to_dict
 from trainers.errors import UserError, one_line
 from trainers.process.children import child_env
-from trainers.process.protocol import Done, Epoch, Message, ProtocolError, Run, Started, Stop, decode, encode
+from trainers.process.free_space import DiskFullError
+from trainers.process.protocol import (Done, Epoch, Finishing, Message, ProtocolError, Run, Started, Stop, Verdict,
+                                       decode, encode)
+from trainers.tracking import CLAIM_TAG
 
 STOP_GRACE_SECONDS = 60  # after Ctrl-C, a trial has this long to close its run before it is killed
 
@@ -80,12 +87,13 @@ class SlotState:
     run_id: str = ""              # its MLflow run, once the trainer has opened it
     cost: float = 0.0             # its FLOPs per dataset image (plan.trial_flop), to weigh the ETA
     resumed_at: int | None = None  # epochs done before this attempt (a checkpoint's), from its first epoch
+    committed: Finishing | None = None  # the result the ledger recorded for this attempt (a kept `finishing`)
 
 
 @dataclass
 class TrialEvent:
     name: str
-    status: str                   # finished / diverged / pruned / failed / retried / released
+    status: str                   # finished / diverged / pruned / failed / retried / released / superseded
     seconds: float
     detail: str = ""
     cost: float = 0.0             # as SlotState.cost; 0 for a trial that did not run here
@@ -120,7 +128,7 @@ class TrainerProcess:
                 return
         self.answers.put(None)       # end of output: the process exited
 
-    def send(self, message: Run | Stop) -> None:
+    def send(self, message: Run | Stop | Verdict) -> None:
         """Write one message; a process that already exited is noticed by its end of output instead."""
         if isinstance(message, Run):
             self.jobs += 1
@@ -173,11 +181,17 @@ def stop_trainers(ready: dict[str, TrainerProcess]) -> None:
 class SweepHooks:
     """What the executor asks of its sweep."""
     trial_config: Callable[[Claim, Slot], TrialConfig]   # a claim's whole config, tracking and threads set
-    close_run: Callable[[str, str], None]                # (run id, KILLED or FAILED): a dead trainer's run
+    close_run: Callable[[str, str], None]                # (run id, status word): a dead trainer's run, closed
+                                                         # killed / failed, or as the ledger recorded it
     search: NewTrials | None = None                      # TPE: samples new trials and prunes on epochs
     # config hash -> (run id, metrics) of the sweep's finished run of it, or None: a trial MLflow already holds
     # finished (its ledger entry lost to a kill) is recorded from there, not run again.
     finished_run: Callable[[str], tuple[str, dict[str, float]] | None] | None = None
+    # Raises DiskFullError when a folder the sweep writes is under the free-space reserve (preflight.py).
+    check_room: Callable[[], None] | None = None
+    # The sweep's trial runs MLflow shows RUNNING, {run id: claim tag}: those of reaped or settled claims are
+    # closed (a worker killed before the ledger learnt its run, or between the ledger's record and MLflow's).
+    open_runs: Callable[[], dict[str, str]] | None = None
 
 
 class Executor:
@@ -192,6 +206,7 @@ class Executor:
         self.ledger_lock = threading.Lock()
         self.host = os.environ.get("FER_WORKER_NAME") or socket.gethostname()    # shown by `status`
         self.ready = dict(ready or {})       # trainer processes started ahead (start_trainers), by slot
+        self.disk_full: DiskFullError | None = None     # why the sweep stopped early, for run_sweep to raise
 
     # --- the loop of one slot ------------------------------------------------------------------
 
@@ -218,6 +233,8 @@ class Executor:
         process: TrainerProcess | None = self.ready.pop(slot.name, None)
         try:
             while not self.stopping.is_set():
+                if self._stop_if_disk_full():
+                    return
                 try:
                     claim = self._claim(slot)
                 except Exception as err:     # e.g. a locked or unreachable store: try again shortly
@@ -227,6 +244,7 @@ class Executor:
                     continue
                 if claim is None:
                     if self._drained():
+                        self._close_settled_runs()
                         return
                     time.sleep(1.0)
                     continue
@@ -253,10 +271,49 @@ class Executor:
                 claim = self.hooks.search.new_claim()
             if claim is not None:
                 self.ledger.storage.set_trial_user_attr(claim.trial_id, "worker", f"{self.host}/{slot.name}")
-        for trial in reaped:     # a dead worker's runs: KILLED (a retry on its host reopens the run)
-            if trial.user_attrs.get("run_id"):
-                self.hooks.close_run(trial.user_attrs["run_id"], "KILLED")
+        if reaped:
+            self._close_reaped_runs(reaped)
         return claim
+
+    def _close_reaped_runs(self, reaped: list) -> None:
+        """A dead worker's runs: KILLED (a retry on its host reopens the run). Found by the run id the ledger
+        has and by the claim tag, which the run carries from its creation, before the ledger learns its id."""
+        runs = {t.user_attrs["run_id"] for t in reaped if t.user_attrs.get("run_id")}
+        claims = {t.user_attrs["claim"] for t in reaped if t.user_attrs.get("claim")}
+        if claims and self.hooks.open_runs is not None:
+            runs |= {run_id for run_id, claim in self.hooks.open_runs().items() if claim in claims}
+        for run_id in runs:
+            self.hooks.close_run(run_id, "killed")
+
+    def _close_settled_runs(self) -> None:
+        """Once nothing is left to run: close every run still open whose claim the ledger has settled, as the
+        ledger says (a worker killed between recording a result and closing its run leaves one open)."""
+        if self.hooks.open_runs is None:
+            return
+        open_runs = self.hooks.open_runs()
+        if not open_runs:
+            return
+        with self.ledger_lock:
+            settled = self.ledger.settled_claims()
+        for run_id, claim in open_runs.items():
+            if claim in settled:
+                self.hooks.close_run(run_id, settled[claim])
+
+    def _stop_if_disk_full(self) -> bool:
+        """Whether a folder the sweep writes is under the free-space reserve (hooks.check_room) with trials left.
+        Then, as on Ctrl-C, no trial is claimed and running ones are interrupted and handed back, while the
+        writes that close their runs and trials still fit; run_sweep then raises disk_full."""
+        if self.hooks.check_room is None:
+            return False
+        try:
+            self.hooks.check_room()
+        except DiskFullError as err:
+            if self._drained():       # nothing left to run: the sweep ends as it would have
+                return True
+            self.disk_full = self.disk_full or err
+            self.stopping.set()
+            return True
+        return False
 
     def _drained(self) -> bool:
         """Nothing waiting and nothing running anywhere (another worker's crash could queue a retry)."""
@@ -274,21 +331,28 @@ class Executor:
             return
         name = cfg.tracking.run_name
         found = self.hooks.finished_run(claim.config_hash) if self.hooks.finished_run else None
-        if found is not None:
-            self._record(claim, name, Done("finished", found[0], found[1]), 0.0)
+        if found is not None:       # a retry of a point already finished (its ledger entry lost to a kill)
+            committed = self._commit(claim, Finishing(claim.token, "finished", found[0], found[1]))
+            if committed is not None:       # (else a reaper took this claim over: the run is recorded there)
+                self._record(claim, name, Done("finished", found[0], found[1]), 0.0, committed=committed)
             return
+        tags = {**cfg.tracking.tags, CLAIM_TAG: claim.token}
+        cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, tags=tags))
         log = self.workdir / claim.config_hash / "log.txt"
         log.parent.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         state = self.progress.slots[slot.name]
         state.trial, state.epoch, state.epochs, state.started = name, 0, cfg.train.epochs, started
-        state.cost, state.resumed_at = trial_flop(cfg, 1), None
-        process.send(Run(to_dict(cfg), str(log), claim.attempt, f"{self.host}/{slot.name}"))
+        state.cost, state.resumed_at, state.committed = trial_flop(cfg, 1), None, None
+        process.send(Run(to_dict(cfg), str(log), claim.attempt, f"{self.host}/{slot.name}", claim.token))
         done = self._watch(claim, process, state)
+        if done.status == "error":      # a trial that failed on a full disk is handed back, and the sweep stops
+            self._stop_if_disk_full()
         if done.status == "error" and state.run_id:     # a trainer that died left its run RUNNING
-            self.hooks.close_run(state.run_id, "KILLED" if self.stopping.is_set() else "FAILED")
+            word = state.committed.status if state.committed else "killed" if self.stopping.is_set() else "failed"
+            self.hooks.close_run(state.run_id, word)
         state.trial, state.run_id = "", ""
-        self._record(claim, name, done, time.monotonic() - started, state.cost)
+        self._record(claim, name, done, time.monotonic() - started, state.cost, state.committed)
 
     def _watch(self, claim: Claim, process: TrainerProcess, state: SlotState) -> Done:
         """Follow the trainer's messages until its `done`, sending heartbeats; an error if it died."""
@@ -302,15 +366,19 @@ class Executor:
                 return _lost(process, answer)
             if isinstance(answer, Done):
                 return answer
-            if answer:
+            if isinstance(answer, Finishing):
+                # Once the trainer is interrupted, it closes its run KILLED whatever it hears: keep nothing.
+                state.committed = None if interrupted else self._commit(claim, answer)
+                process.send(Verdict(state.committed is not None))
+            elif answer:
                 self._follow(claim, process, state, answer)
             now = time.monotonic()
             if now - last_beat >= HEARTBEAT_SECONDS:
                 with self.ledger_lock:
                     self.ledger.beat(claim.trial_id)
                 last_beat = now
-            if self.stopping.is_set() and not interrupted:
-                process.interrupt()
+            if self.stopping.is_set() and not interrupted and state.committed is None:
+                process.interrupt()      # (a trial whose result is recorded only has its run to close)
                 interrupted = now
             elif interrupted and now - interrupted > STOP_GRACE_SECONDS:
                 process.kill()       # it ignored the interrupt; its checkpoint still allows a resume
@@ -333,17 +401,29 @@ class Executor:
             if prune:
                 process.send(Stop("pruned by the median rule"))
 
-    def _record(self, claim: Claim, name: str, done: Done, seconds: float, cost: float = 0.0) -> None:
-        """Tell the ledger how the trial ended, and the display."""
+    def _commit(self, claim: Claim, ending: Finishing) -> Finishing | None:
+        """Record a trial's result in the ledger; the result, or None when this claim was taken over (or the
+        `finishing` names another claim)."""
+        value = ending.metrics.get("val_macro_f1", 0.0) if ending.status == "finished" else 0.0
         with self.ledger_lock:
-            if done.status != "error":
-                value = done.metrics.get("val_macro_f1", 0.0) if done.status == "finished" else 0.0
-                self.ledger.finish(claim, done.status, value, done.run_id)
-                event = TrialEvent(name, done.status, seconds, _metrics_line(done.metrics), cost)
+            kept = ending.claim == claim.token and self.ledger.finish(claim, ending.status, value, ending.run_id)
+        return ending if kept else None
+
+    def _record(self, claim: Claim, name: str, done: Done, seconds: float, cost: float = 0.0,
+                committed: Finishing | None = None) -> None:
+        """Tell the ledger how the trial ended, unless it recorded the result already (committed); and the display."""
+        with self.ledger_lock:
+            if committed is not None:
+                event = TrialEvent(name, committed.status, seconds, _metrics_line(committed.metrics), cost)
                 self.progress.train_seconds += done.train_seconds
             elif self.stopping.is_set():
                 self.ledger.release(claim)
                 event = TrialEvent(name, "released", seconds, "interrupted; resumes on the next run")
+            elif done.status == "superseded":
+                print(f"warning: trial {name} ({claim.config_hash}) was taken over by another worker after this "
+                      f"one's heartbeats stopped; its late result is not kept: run {done.run_id} closed as KILLED, "
+                      "status superseded", file=sys.stderr, flush=True)
+                event = TrialEvent(name, "superseded", seconds, "result not kept: another worker took the trial over")
             else:
                 retried = self.ledger.fail(claim, done.error, done.retriable)
                 event = TrialEvent(name, "retried" if retried else "failed", seconds, done.error)

@@ -1,9 +1,16 @@
 """The messages a trainer process exchanges over its stdin/stdout pipe: one JSON object a line.
 
-executor -> trainer (`python -m trainers serve`):  run (a trial's whole config, its log, the attempt),
-                                                   stop (end the trial after its current epoch)
+executor -> trainer (`python -m trainers serve`):  run (a trial's whole config, its log, the attempt, the
+                                                   claim), stop (end the trial after its current epoch),
+                                                   verdict (the answer to finishing)
 trainer -> executor:  started (the trial's MLflow run is open), epoch (one finished epoch's metrics),
+                      finishing (the trial ended: may its run be closed with this status?),
                       done (how the trial ended)
+
+A claimed trial ends in two steps, so that a worker whose claim was taken over (its heartbeats stopped,
+another worker re-queued the trial) never closes a second run as FINISHED: the trainer logs everything,
+sends `finishing`, and closes its run as the `verdict` says, FINISHED when the ledger recorded the result
+under this claim, KILLED (status superseded) when the claim is no longer the trial's.
 trainer -> figure helper: figures (draw a run's figures and log them); helper -> trainer: figures_done
 
 Every line carries the protocol version; `decode` refuses another version, or a line that is not a
@@ -16,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from typing import ClassVar, Union
 
-VERSION = 1
+VERSION = 2
 
 
 class ProtocolError(ValueError):
@@ -31,6 +38,8 @@ class Run:
     log: str                      # the trial's log file: the trainer's own output goes there
     attempt: int = 0              # 0 for the first attempt, n for the n-th retry
     worker: str = ""              # host/slot, for the attempt's header line in the log
+    claim: str = ""               # the ledger claim's token; when set, the trainer asks (finishing) before
+                                  # closing its run; empty: it closes it on its own (no ledger behind it)
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,24 @@ class Started:
 
 
 @dataclass(frozen=True)
+class Finishing:
+    """The trial ended with `status` (finished / diverged / pruned), all logged but its run still open."""
+    kind: ClassVar[str] = "finishing"
+    claim: str                    # the token of the `run` it answers
+    status: str
+    run_id: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The answer to `finishing`: kept, the ledger recorded the result (close the run with its status);
+    not kept, the claim was taken over or the sweep is stopping (close it KILLED)."""
+    kind: ClassVar[str] = "verdict"
+    kept: bool
+
+
+@dataclass(frozen=True)
 class Epoch:
     """One finished epoch and its metrics (train_loss, val_loss, val_macro_f1, lr, epoch_seconds, ...)."""
     kind: ClassVar[str] = "epoch"
@@ -58,7 +85,8 @@ class Epoch:
 
 @dataclass(frozen=True)
 class Done:
-    """How the trial ended: finished / diverged / pruned, or error (retriable or not) with its message."""
+    """How the trial ended: finished / diverged / pruned; superseded (its verdict said not kept); or error
+    (retriable or not) with its message."""
     kind: ClassVar[str] = "done"
     status: str
     run_id: str | None = None
@@ -92,8 +120,9 @@ class FiguresDone:
     error: str = ""
 
 
-Message = Union[Run, Stop, Started, Epoch, Done, FigureJob, FiguresDone]
-MESSAGES: dict[str, type] = {cls.kind: cls for cls in (Run, Stop, Started, Epoch, Done, FigureJob, FiguresDone)}
+Message = Union[Run, Stop, Verdict, Started, Epoch, Finishing, Done, FigureJob, FiguresDone]
+MESSAGES: dict[str, type] = {cls.kind: cls for cls in (Run, Stop, Verdict, Started, Epoch, Finishing, Done, FigureJob,
+                                                       FiguresDone)}
 
 
 def encode(message: Message) -> str:

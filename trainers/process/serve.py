@@ -2,11 +2,13 @@
 
 It reads trainers.process.protocol messages on stdin (a thread keeps reading while a trial runs, so a
 `stop` reaches it between epochs), runs each `run` with its output sent to the trial's log, and answers
-`started`, `epoch` and `done` on its original stdout, which nothing else writes to. It saves the ~6 s
-of imports a fresh process costs. `execute` runs one trial for both verbs.
+`started`, `epoch`, `finishing` (a claimed trial, before its run is closed) and `done` on its original
+stdout, which nothing else writes to. It saves the ~6 s of imports a fresh process costs. `execute` runs
+one trial for both verbs.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import queue
@@ -17,33 +19,32 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TextIO
 
-import yaml
 
 from trainers.errors import UserError, one_line
 from trainers.process.children import die_with_parent, output_to
-from trainers.process.protocol import Done, Message, ProtocolError, Run, Stop, decode, encode
+from trainers.process.protocol import Done, Finishing, Message, ProtocolError, Run, Stop, Verdict, decode, encode
 
 if TYPE_CHECKING:
     from trainers.config import TrialConfig
-    from trainers.run import Supervisor
+    from trainers.run import Settle, Supervisor
 
 
 def read_trial(config: Path, overrides: list[str]) -> TrialConfig:
     """A trial config from a YAML file with `--set` overrides; OSError, yaml.YAMLError or ConfigError."""
-    from trainers.config import from_dict, with_overrides
+    from trainers.config import from_dict, limited_load, with_overrides
 
-    raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    raw = limited_load(config.read_text(encoding="utf-8")) or {}
     return from_dict(with_overrides(raw, overrides), str(config))
 
 
 def execute(cfg: TrialConfig, log_file: Path | None = None, supervisor: Supervisor | None = None,
-            reuse_data: bool = False) -> Done:
+            reuse_data: bool = False, settle: Settle | None = None) -> Done:
     """Run one trial; returns how it ended (status error, retriable or not, when it raised)."""
     from trainers.run import run_trial
 
     started = time.perf_counter()
     try:
-        outcome = run_trial(cfg, log_file, supervisor, reuse_data)
+        outcome = run_trial(cfg, log_file, supervisor, reuse_data, settle)
     except Exception as err:
         return _failure(err)
     return Done(outcome.status, outcome.run_id, outcome.metrics, outcome.train_seconds,
@@ -64,11 +65,13 @@ def _failure(err: Exception) -> Done:
 
 class Pipe:
     """The trainer's end of the protocol: a thread reads stdin (runs are queued, a stop is noted for the
-    running trial); answers go to `answers`, a copy of the original stdout, one whole line at a time."""
+    running trial, a verdict goes to the trial waiting for it); answers go to `answers`, a copy of the
+    original stdout, one whole line at a time."""
 
     def __init__(self, requests: TextIO, answers: TextIO):
         self.answers = answers
         self.runs: queue.Queue[Run | None] = queue.Queue()
+        self.verdicts: queue.Queue[bool] = queue.Queue()
         self.stop_reason: str | None = None
         self.lock = threading.Lock()         # the reader thread may answer while a trial sends epochs
         threading.Thread(target=self._read, args=(requests,), daemon=True).start()
@@ -86,7 +89,10 @@ class Pipe:
             elif isinstance(message, Run):
                 self.stop_reason = None      # a stop read before this run was meant for the trial before
                 self.runs.put(message)
+            elif isinstance(message, Verdict):
+                self.verdicts.put(message.kept)
         self.runs.put(None)                  # stdin closed: the sweep is done with this process
+        self.verdicts.put(False)             # no sweep left to record a result: never claim it finished
 
     def _give_up(self, err: ProtocolError) -> NoReturn:
         """The other end speaks another version: answer the run in hand (or the next) with an error that
@@ -107,6 +113,11 @@ class Pipe:
     def stop_requested(self) -> str | None:
         """Why the executor asked the running trial to stop, or None."""
         return self.stop_reason
+
+    def settle(self, claim: str, status: str, run_id: str, metrics: dict[str, float]) -> bool:
+        """Ask the executor to record how the claimed trial ended; True when its ledger kept the result."""
+        self.send(Finishing(claim, status, run_id, metrics))
+        return self.verdicts.get()
 
 
 def serve_verb() -> int:
@@ -146,7 +157,8 @@ def _serve_run(request: Run, pipe: Pipe) -> Done:
             cfg = from_dict(request.config, "the sweep's trial config")
         except ConfigError as err:
             return Done("error", error=one_line(err), retriable=False)
-        return execute(cfg, log, pipe, reuse_data=True)
+        settle = functools.partial(pipe.settle, request.claim) if request.claim else None
+        return execute(cfg, log, pipe, reuse_data=True, settle=settle)
 
 
 def _import_trial_modules() -> None:
