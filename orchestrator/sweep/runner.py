@@ -4,27 +4,36 @@ from __future__ import annotations
 import csv
 import functools
 import getpass
+import math
 import subprocess
+import sys
 import io
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
+from orchestrator.results.runs import child_runs
 from orchestrator.sweep.executor import Executor, Slot, SweepHooks, make_slots, start_trainers, stop_trainers
-from orchestrator.sweep.ledger import Claim, Ledger, default_storage
+from orchestrator.sweep.ledger import (Claim, Ledger, Recorded, default_storage, recorded_trial, take_host_lock,
+                                       unrecorded)
 from orchestrator.sweep.plan import PlannedTrial, count_images, datasets_to_prepare, resolve_trial, trial_flop
+from orchestrator.sweep.preflight import OutputFolder, check_sweep_room, sweep_folders
 from orchestrator.sweep.spec import SweepSpec
 from trainers.config import (NAME_SEPARATOR, TrackingConfig, TrialConfig, config_hash, from_dict, to_dict,
                              leading_parts, trial_name, with_tracking)
 from trainers.data.balance import balance_text
-from trainers.errors import UserError
+from trainers.errors import UserError, first_line
 from trainers.process.side_files import STORE_DIR
-from trainers.tracking import SweepParent, close_dead_run, finished_trial_run, tracking_uri
+from trainers.tracking import (SweepParent, close_dead_run, finished_trial_run, open_trial_runs, store_client,
+                               tracking_uri)
 
 WORK_DIR = STORE_DIR / "sweeps"
+ENDED = ("finished", "diverged", "pruned")      # a trial run's status tags that end its grid point for good
 START_POLL_SECONDS = 2.0    # how often a worker started before its sweep looks for it
 
 
@@ -97,10 +106,13 @@ class SweepContext:
                                         **source_tags(self.spec.path)})
         return with_tracking(cfg, tracking, slot.threads)
 
-    def hooks(self, search: TpeTrials | None) -> SweepHooks:
-        """What the executor needs from this sweep: configs, the run closer for dead trainers, TPE."""
+    def hooks(self, search: TpeTrials | None, folders: list[OutputFolder]) -> SweepHooks:
+        """What the executor needs from this sweep: configs, the run closer for dead trainers (and the lister
+        of open runs it closes from), TPE, and the free-space check of the folders it writes."""
         return SweepHooks(self.trial_config, functools.partial(close_dead_run, self.tracking_uri), search,
-                          functools.partial(finished_trial_run, self.tracking_uri, self.parent_run_id))
+                          functools.partial(finished_trial_run, self.tracking_uri, self.parent_run_id),
+                          functools.partial(check_sweep_room, folders),
+                          open_runs=functools.partial(open_trial_runs, self.tracking_uri, self.parent_run_id))
 
 
 def tpe_name(number: int, cfg: TrialConfig, space: tuple[str, ...]) -> str:
@@ -126,7 +138,7 @@ class TpeTrials:
             trial = self.ledger.study.ask()
             if "config_hash" in trial.user_attrs:      # ask() handed out a queued retry: run it as queued
                 attrs = dict(trial.user_attrs)
-                return Claim(trial._trial_id, trial.number, attrs["config_hash"], attrs.get("attempt", 0), attrs)
+                return self.ledger.hold(trial._trial_id, trial.number, attrs)
             point = {"train.seed": self.spec.seeds[0]}
             for path, choice in self.spec.search.space.items():
                 if isinstance(choice, dict):
@@ -144,7 +156,7 @@ class TpeTrials:
                 continue
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
-            return Claim(trial._trial_id, trial.number, attrs["config_hash"], 0, attrs)
+            return self.ledger.hold(trial._trial_id, trial.number, attrs)
         return None
 
     def report(self, claim: Claim, epoch: int, value: float) -> bool:
@@ -203,12 +215,8 @@ def _by_reason(counts: dict[str, int]) -> str:
     return f" ({', '.join(f'{k} {v}' for k, v in counts.items())})" if counts else ""
 
 
-def start(spec: SweepSpec, storage: str | None, tracking: str | None, enqueue: bool) -> tuple[Ledger, SweepContext]:
-    """Open the ledger (recovering a crashed run's trials) and the parent run; queue the plan."""
-    ledger = open_ledger(spec, storage)
-    if not ledger.hold_host_lock():
-        raise SweepError(f"another orchestrator on this host is using {ledger.url}; wait for it to finish, "
-                         "or join it from another host with `python -m orchestrator worker --storage ...`")
+def start(spec: SweepSpec, ledger: Ledger, tracking: str | None, enqueue: bool) -> SweepContext:
+    """Recover a crashed run's trials, open (or join) the parent run, and queue the plan."""
     recovered = ledger.recover_orphans() if ledger.url.startswith("sqlite") else 0
     if recovered:
         print(f"resuming: {recovered} trial(s) interrupted last time are queued again")
@@ -221,27 +229,76 @@ def start(spec: SweepSpec, storage: str | None, tracking: str | None, enqueue: b
         if parent is None:
             raise SweepError(f"sweep '{spec.name}' logs to parent run {known}, which {uri} does not have; "
                              "pass the --tracking-uri the sweep was started with")
-        return ledger, SweepContext(spec, uri, parent.run_id, {t.hash: t for t in trials})
+        return SweepContext(spec, uri, parent.run_id, {t.hash: t for t in trials})
     parent = SweepParent.rejoin(uri, known)
     fresh = parent is None
-    if fresh:
+    if fresh:       # a new sweep, or a ledger lost: the sweep's newest parent run is reused if there is one
         parent = SweepParent.open(uri, spec.name, spec.description, source_tags(spec.path))
         parent.log_axes(sweep_axes(spec))
     parent.log_texts({"spec.yaml": Path(spec.path).read_text(encoding="utf-8"), "plan.csv": plan_csv(trials)})
-    added = ledger.enqueue(longest_first(trials))
+    queue_plan(spec, ledger, functools.partial(ended_runs, uri, spec.name, parent.run_id))
     if fresh:
         ledger.set_parent_run(parent.run_id)    # after the queue is full: a worker waiting for it sees every trial
+    return SweepContext(spec, uri, parent.run_id, {t.hash: t for t in trials})
+
+
+def queue_plan(spec: SweepSpec, ledger: Ledger, ended: Callable[[], dict[str, Recorded]]) -> None:
+    """Record in the ledger the trials MLflow holds as ended (read by `ended`) that it lacks: a lost ledger
+    is rebuilt. Then queue the rest of the plan, each trial with its cost."""
+    trials = list(spec.plan)
+    latest = ledger.latest_by_hash()
+    # MLflow is read when the ledger is empty (new, lost or emptied; a TPE sweep may plan no point) or
+    # lacks a planned point or holds one failed. A resumed sweep's ledger holds them all, and reading
+    # every run of a large sweep takes seconds.
+    if not latest or any(t.hash not in latest or latest[t.hash].state == TrialState.FAIL for t in trials):
+        rebuilt = ledger.reconcile(ended())
+        if rebuilt:
+            print(f"ledger: {rebuilt} trial(s) that ended in MLflow were missing from {ledger.safe_url}; "
+                  "recorded from their runs, they do not run again")
+    added = ledger.enqueue(trials, trial_costs(trials))
     done = len(trials) - added
     print(f"sweep '{spec.name}': {len(trials)} planned trials, {added} to run, {done} already done or queued")
-    return ledger, SweepContext(spec, uri, parent.run_id, {t.hash: t for t in trials})
 
 
-def longest_first(trials: list[PlannedTrial]) -> list[PlannedTrial]:
-    """The queue's order: costliest trials first, so the sweep does not end on one long trial alone."""
+def ended_runs(uri: str, sweep: str, parent_run_id: str | None) -> dict[str, Recorded]:
+    """Config hash -> the newest run that ended for good (FINISHED: finished, diverged or pruned) under the
+    sweep's parent run (parent_run_id, else its newest) in the store at uri, as the ledger records a trial."""
+    ended: dict[str, Recorded] = {}
+    for run in child_runs(store_client(uri), sweep, parent_run_id):    # oldest first: a newer one replaces it
+        tags = run.data.tags
+        if run.info.status != "FINISHED" or tags.get("status") not in ENDED or not tags.get("config_hash"):
+            continue
+        # The value the executor records: the final validation macro F1 of a finished trial, else 0.
+        value = run.data.metrics.get("val_macro_f1", 0.0) if tags["status"] == "finished" else 0.0
+        ended[tags["config_hash"]] = Recorded(run.info.run_id, tags["status"], value if math.isfinite(value) else 0.0,
+                                              run.info.run_name or "", tags.get("groups", ""))
+    return ended
+
+
+def status_points(spec: SweepSpec, ledger: Ledger | None) -> dict[str, FrozenTrial]:
+    """The latest trial of each grid point as `sweep` will leave the ledger once it rebuilt it from MLflow: the
+    ledger's (None: it holds no study of the sweep) and, for each point only MLflow holds as ended, a trial
+    made in memory from its run (number -1). `status` reads: no trial is written, no store created."""
+    latest = ledger.latest_by_hash() if ledger is not None else {}
+    uri = tracking_uri(create=False)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return latest
+    try:
+        ended = ended_runs(uri, spec.name, ledger.parent_run() if ledger is not None else None)
+    except Exception as err:       # an unreachable store: the ledger alone is still worth showing
+        print(f"warning: the sweep's runs in MLflow could not be read ({first_line(err)}); showing the ledger "
+              "alone", file=sys.stderr)
+        return latest
+    return {**latest, **{h: recorded_trial(h, run) for h, run in unrecorded(latest, ended).items()}}
+
+
+def trial_costs(trials: list[PlannedTrial]) -> dict[str, float]:
+    """Each planned trial's cost (FLOPs), by config hash: the ledger claims the costliest first, so the sweep
+    does not end on one long trial alone."""
     datas = {t.config.data for t in trials}
     # With one dataset its size cancels out: only count images (a walk of the folder) to weigh several.
     images = {d: (count_images(d) or 1) if len(datas) > 1 else 1 for d in datas}
-    return sorted(trials, key=lambda t: trial_flop(t.config, images[t.config.data]), reverse=True)
+    return {t.hash: trial_flop(t.config, images[t.config.data]) for t in trials}
 
 
 def wait_for_start(ledger: Ledger, sweep: str) -> str:
@@ -263,14 +320,18 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, tracking: str | None 
             from orchestrator.sweep.executor import visible_gpus
             jobs = None if visible_gpus() else spec.execution.jobs
     slots = make_slots(gpus, jobs)
-    ready = start_trainers(slots)      # their imports overlap the ledger, the parent run and the data
+    url = storage or default_storage()
+    take_host_lock(url)         # before any trainer process starts: a second sweep here is refused at once
+    ledger = open_ledger(spec, url)
+    ready = start_trainers(slots)      # their imports overlap the parent run and the data
     try:
-        ledger, ctx = start(spec, storage, tracking, enqueue)
+        ctx = start(spec, ledger, tracking, enqueue)
     except BaseException:
         stop_trainers(ready)
         raise
     search = TpeTrials(spec, ledger) if spec.search.method == "tpe" else None
-    executor = Executor(ledger, slots, WORK_DIR / spec.name, ctx.hooks(search), ready)
+    hooks = ctx.hooks(search, sweep_folders(spec, storage, tracking))
+    executor = Executor(ledger, slots, WORK_DIR / spec.name, hooks, ready)
     try:
         prepare_datasets(spec)
     except BaseException:       # bad data or Ctrl-C before any trial: close the parent, keep the queue
@@ -281,6 +342,8 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, tracking: str | None 
     counts = dict(ledger.counts())
     if enqueue:     # the process that started the sweep closes its parent run; workers only join
         SweepParent(ctx.tracking_uri, ctx.parent_run_id).finish(counts, interrupted)
+    if executor.disk_full is not None:      # stopped while closing the runs and trials still fitted
+        raise executor.disk_full
     return SweepOutcome(counts, ctx.parent_run_id, time.perf_counter() - started,
                         executor.progress.train_seconds, interrupted)
 

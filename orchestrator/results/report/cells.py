@@ -29,7 +29,7 @@ class Trial:
     """One child run, as the report needs it."""
     run_id: str
     name: str
-    status: str                   # finished | diverged | failed | pruned | running
+    status: str                   # finished | diverged | failed | pruned | running | duplicate (a seed run again)
     groups: tuple[str, ...]
     config_hash: str              # the planned trial it ran ("" for a run without the tag)
     params: dict[str, str]
@@ -59,6 +59,18 @@ class Trial:
         """What the run computed, seed aside: runs with equal keys are replicates of one configuration."""
         return frozenset((k, v) for k, v in self.applicable_params.items()
                          if k not in NOT_RESULT_PARAMS and (k, v) not in DEFAULT_ONLY_PARAMS)
+
+
+def without_duplicate_seeds(trials: list[Trial]) -> list[Trial]:
+    """The runs (oldest first), each finished run that a newer finished run of the same config hash and seed
+    supersedes marked 'duplicate': a trial run twice (its ledger lost, its worker taken for dead) is one
+    seed, not two, and the newer run stands."""
+    def key(trial: Trial) -> tuple:
+        return trial.config_hash or trial.replicate_key(), trial.seed
+
+    newest = {key(t): t.run_id for t in trials if t.finished}
+    return [t if not t.finished or newest[key(t)] == t.run_id else dataclasses.replace(t, status="duplicate")
+            for t in trials]
 
 
 def stat_of(trials: list[Trial], metric: str) -> Stat | None:
@@ -201,9 +213,10 @@ def runs_of_model(spec: SweepSpec, model: str, trials: list[Trial]) -> list[Tria
 
 
 def configurations(trials: list[Trial]) -> list[Cell]:
-    """The runs grouped by what they computed (replicates over seeds together), first run first."""
+    """The runs grouped by what they computed (replicates over seeds together, a seed's duplicates not counted),
+    first run first."""
     found: dict[frozenset, Cell] = {}
-    for trial in trials:
+    for trial in without_duplicate_seeds(trials):
         found.setdefault(trial.replicate_key(), Cell(())).trials.append(trial)
     return list(found.values())
 

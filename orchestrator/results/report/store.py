@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import functools
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,19 +16,14 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Run, RunTag
 from mlflow.exceptions import MlflowException
 
-from orchestrator.results.report.cells import Trial
+from orchestrator.results.report.cells import Trial, without_duplicate_seeds
 from orchestrator.results.report.mitigation import ProductionEvaluation
-from orchestrator.results.runs import child_runs, find_parent_run, groups_of, search_all
+from orchestrator.results.runs import child_runs, find_parent_run, groups_of, safe_uri, search_all
 from trainers.predictions import ARTIFACT as PREDICTIONS
 from trainers.predictions import PRODUCTION_ARTIFACT, Predictions, PredictionsError, read_predictions
 from trainers.tracking import no_download_bars
 
 __all__ = ["MlflowClient", "ProductionRun", "SweepRuns", "safe_uri"]
-
-
-def safe_uri(uri: str) -> str:
-    """The tracking URI without a password."""
-    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", uri)
 
 
 def trial_of(run: Run) -> Trial:
@@ -66,8 +60,9 @@ class SweepRuns:
         return None if parent is None else parent.info.run_id
 
     def trials(self, parent_run_id: str) -> list[Trial]:
-        """The sweep's child runs, oldest first."""
-        return [trial_of(run) for run in child_runs(self.client, self.sweep, parent_run_id)]
+        """The sweep's child runs, oldest first; an older finished run of a config hash and seed that finished
+        again is marked 'duplicate' (the report's tally counts it; no table does)."""
+        return without_duplicate_seeds([trial_of(run) for run in child_runs(self.client, self.sweep, parent_run_id)])
 
     def trial(self, run_id: str | None) -> Trial | None:
         """One run by id; None when there is no id or the run is gone."""
