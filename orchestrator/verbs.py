@@ -12,9 +12,10 @@ from orchestrator.render import (balance_table, console, cost_lines, count_line,
                                  status_table, tpe_line, trial_table)
 from orchestrator.results.production_tables import Outcome, outcome_line
 from orchestrator.sweep.plan import datasets_to_prepare, estimate_cost
-from orchestrator.sweep.preflight import check_prepare_folders, check_sweep_folders
+from orchestrator.sweep.preflight import check_prepare_folders, check_sweep_folders, disk_full_error, sweep_folders
 from orchestrator.sweep.spec import SweepSpec, load_spec
 from trainers.config import ConfigError
+from trainers.process.free_space import is_disk_full
 
 DEFAULT_SPEC = "sweeps/demo.yaml"
 
@@ -36,10 +37,8 @@ def sweep(args: argparse.Namespace) -> int:
     """Run a sweep end to end (or resume it): every planned trial once, then the report."""
     spec = load_spec(args.spec)
     check_sweep_folders(spec, args.storage, args.tracking_uri)    # before the ledger or any run exists
-    from orchestrator.sweep.runner import run_sweep
-
     try:
-        outcome = run_sweep(spec, args.storage, args.tracking_uri, _gpu_list(args.gpus), args.jobs)
+        outcome = _run_sweep(spec, args, enqueue=True)
     except KeyboardInterrupt:    # while preparing data: no trial had started
         print("\nstopped before any trial started; run the same command again to resume", file=sys.stderr)
         return 130
@@ -55,10 +54,8 @@ def worker(args: argparse.Namespace) -> int:
     """Join a started sweep: claim and train waiting trials on this host's slots until none is left."""
     spec = load_spec(args.spec)
     check_sweep_folders(spec, args.storage, args.tracking_uri)
-    from orchestrator.sweep.runner import run_sweep
-
     try:
-        outcome = run_sweep(spec, args.storage, args.tracking_uri, _gpu_list(args.gpus), args.jobs, enqueue=False)
+        outcome = _run_sweep(spec, args, enqueue=False)
     except KeyboardInterrupt:    # while waiting for the sweep to start: nothing was claimed
         print("\nstopped before the sweep started", file=sys.stderr)
         return 130
@@ -66,21 +63,52 @@ def worker(args: argparse.Namespace) -> int:
     return 130 if outcome.interrupted else 0
 
 
+def _run_sweep(spec: SweepSpec, args: argparse.Namespace, enqueue: bool):
+    """run_sweep with the command line's stores and slots. A disk that filled up despite the free-space reserve
+    (ENOSPC, sqlite's "database or disk is full") is one line naming the folder with the least room."""
+    from orchestrator.sweep.ledger import default_storage, take_host_lock
+
+    # Before the runner's imports (MLflow and the trainers' helpers take seconds): a refused sweep says so at once.
+    take_host_lock(args.storage or default_storage())
+    from orchestrator.sweep.runner import run_sweep
+
+    try:
+        return run_sweep(spec, args.storage, args.tracking_uri, _gpu_list(args.gpus), args.jobs, enqueue=enqueue)
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        raise disk_full_error(sweep_folders(spec, args.storage, args.tracking_uri), err) from None
+
+
 def status(args: argparse.Namespace) -> int:
     """Show a sweep's trials: waiting, running, finished, failed, diverged, and who runs what."""
     from trainers.process.side_files import STORE_DIR
-    from orchestrator.sweep.runner import SweepError, open_ledger
+    from orchestrator.sweep.ledger import Ledger, count_points, default_storage
+    from orchestrator.sweep.runner import SweepError, status_points
 
     spec = load_spec(args.spec)
-    if args.storage is None and not (STORE_DIR / "optuna.db").exists():     # reading creates nothing
+    no_ledger = args.storage is None and not (STORE_DIR / "optuna.db").exists()     # reading creates nothing
+    url = f"sqlite:///{(STORE_DIR / 'optuna.db').resolve()}" if no_ledger else args.storage or default_storage()
+    ledger = None if no_ledger else Ledger.open_to_read(url, spec.name)
+    latest = status_points(spec, ledger)     # with the trials MLflow holds that a lost ledger no longer has
+    if not latest and no_ledger:
         raise SweepError(f"no sweep has run from this folder ({STORE_DIR.resolve()} has no optuna.db); start "
                          f"'{spec.name}' with `python -m orchestrator sweep {args.spec}`, or pass --storage")
-    ledger = open_ledger(spec, args.storage)
-    latest = ledger.latest_by_hash()
-    counts = ledger.counts()
-    print(f"sweep '{spec.name}' ({ledger.safe_url}): " + ", ".join(
+    from sqlalchemy.engine import make_url
+
+    shown = make_url(url).render_as_string(hide_password=True)
+    if not latest and ledger is None:
+        storage = f" --storage {shown}" if args.storage else ""
+        raise SweepError(f"sweep '{spec.name}' has not been started in {shown}: no trial of it is queued; start "
+                         f"it with `python -m orchestrator sweep {args.spec}{storage}`")
+    counts = count_points(latest)
+    print(f"sweep '{spec.name}' ({shown}): " + ", ".join(
         f"{k} {counts.get(k, 0)}" for k in ("waiting", "running", "finished", "diverged", "pruned", "failed")))
     console().print(status_table(latest))
+    lost = sum(1 for t in latest.values() if t.number < 0)
+    if lost:
+        print(f"{lost} trial(s) (optuna # -1) ended in MLflow but are missing from the ledger; the next `sweep` "
+              "records them from their runs and does not run them again")
     return 0
 
 
@@ -94,14 +122,24 @@ def _gpu_list(text: str | None) -> list[int] | None:
 
 
 def _write_report(spec: SweepSpec, tracking: str | None, out: str | None = None) -> None:
-    """Write the sweep's report from MLflow, say where it is, and link to the runs in MLflow's UI."""
+    """Write the sweep's report from MLflow, say where it is, and link to the runs in MLflow's UI. A store this
+    process cannot write is only read: the report is written (a read-only mlruns/ needs --out) but not logged."""
+    from orchestrator.results.runs import sweep_store
+    from orchestrator.sweep.preflight import OutputFolder, check_folders, store_write_problem
+
+    client = sweep_store(spec, tracking)     # first: the report's modules would make mlruns/cache for nothing
     from orchestrator.results.links import sweep_links
     from orchestrator.results.report import write_report
-    from trainers.tracking import store_client
+    from orchestrator.results.report.document import REPORTS_DIR
 
-    client = store_client(tracking)
-    path = write_report(spec, client, out)
-    print(f"report: {path} (also logged to the sweep's parent run)")
+    folder = Path(out) if out else REPORTS_DIR / spec.name
+    check_folders([OutputFolder(folder, "the report folder", "pass --out a folder you can write",
+                                "free some space, or pass --out a folder on a disk with room")], need_mb=0)
+    read_only = store_write_problem(client.tracking_uri)
+    path = write_report(spec, client, folder, log=read_only is None)
+    logged = "also logged to the sweep's parent run" if read_only is None else \
+        f"not logged to the sweep's parent run: {read_only}"
+    print(f"report: {path} ({logged})")
     _print_links(client, sweep_links(client, spec.name))
 
 
@@ -133,13 +171,15 @@ def _refresh_report(spec: SweepSpec, client) -> None:
 
 def promote(args: argparse.Namespace) -> int:
     """Register the run nearest the best configuration's mean over seeds; champion if it beats the incumbent."""
-    from orchestrator.results.registry import promote as promote_best
-    from trainers.tracking import store_client
-
-    from orchestrator.results.links import version_link
+    from orchestrator.results.runs import sweep_store
+    from orchestrator.sweep.preflight import check_store_writable
 
     spec = load_spec(args.spec)
-    client = store_client(args.tracking_uri)
+    client = sweep_store(spec, args.tracking_uri)     # a missing store is not created
+    check_store_writable(client.tracking_uri, "the registered version and its alias")
+    from orchestrator.results.links import version_link
+    from orchestrator.results.registry import promote as promote_best
+
     result = promote_best(spec, client, replace=args.replace)
     print(result.message)
     _refresh_report(spec, client)
@@ -150,14 +190,19 @@ def promote(args: argparse.Namespace) -> int:
 def production(args: argparse.Namespace) -> int:
     """Evaluate a sweep's runs on the production data (--runs, else the spec's production.evaluate, else
     the champion): metrics, slices, drift; each run once per production data."""
-    from orchestrator.results.production_runs import Progress, Skipped, production_steps
-    from trainers.tracking import store_client
+    from orchestrator.results.runs import sweep_store
+    from orchestrator.sweep.preflight import check_store_writable
 
     spec = load_spec(args.spec)
+    client = sweep_store(spec, args.tracking_uri)     # a missing store is not created
+    check_store_writable(client.tracking_uri, "the production runs")
+    if spec.production is not None:      # its images are prepared (and cached) before any evaluation
+        check_prepare_folders([spec.production])
+    from orchestrator.results.production_runs import Progress, Skipped, production_steps
+
     asked = [name.strip() for text in args.runs or [] for name in text.split(",") if name.strip()]
     out = console()
     outcomes, skipped, selected = [], 0, 1
-    client = store_client(args.tracking_uri)
     for step in production_steps(spec, client, asked):
         if isinstance(step, Outcome):
             outcomes.append(step)
@@ -243,7 +288,7 @@ def prepare(args: argparse.Namespace) -> int:
     check_prepare_folders([cfg for _, cfg, _ in datasets])
     out = console()
     for title, cfg, size in datasets:
-        data = prepare_data(cfg, size)
+        data = prepare_data(cfg, size, refresh=args.refresh)
         out.print(f"{title}: {cfg.source} at {size} px, align {cfg.align}")
         out.print(data_table(data))
         for line in data_lines(cfg, data):

@@ -596,7 +596,8 @@ def test_only_moderate_or_strong_drift_fails_and_only_with_the_flag():
 
 def test_each_missing_piece_is_one_clear_error(sweep, production, capsys):
     tmp, client, runs = sweep
-    with pytest.raises(RegistryError, match=r"sweep 'nothing' has no finished runs .*run `make sweep` first"):
+    with pytest.raises(RegistryError, match=r"sweep 'nothing' has no finished runs .*run "
+                                            r"`python -m orchestrator sweep nothing.yaml --tracking-uri .*` first"):
         promote(make_spec(tmp, sweep="nothing"), client)
 
     parent = open_parent_run(client, "r")         # a sweep whose only finished run is a ResNet

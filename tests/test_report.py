@@ -295,8 +295,10 @@ def test_report_verb_writes_the_report_or_says_there_are_no_runs(one_seed, tmp_p
     assert "&viewStateShareKey=fer-compare" in out and "#/compare-runs?runs=" in out
     empty = f"sqlite:///{tmp_path / 'empty.db'}"
     assert main(["report", str(spec_file), "--tracking-uri", empty]) == 2
-    last_line = capsys.readouterr().err.strip().splitlines()[-1]   # MLflow logs creating the empty store first
-    assert last_line == f"error: no runs for sweep 'r' in {empty}; run `make sweep` first"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: sweep 'r' has not been run in {tmp_path / 'empty.db'}; run `python -m orchestrator sweep "
+        f"{spec_file} --tracking-uri {empty}` first"]
+    assert not (tmp_path / "empty.db").exists()      # reading creates no store
 
 
 def test_study_values_are_read_from_paper_yaml_reference_blocks(tmp_path):

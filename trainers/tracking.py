@@ -36,6 +36,7 @@ from trainers.metrics import flat
 from trainers.predictions import ARTIFACT as PREDICTIONS_ARTIFACT
 from trainers.process.children import child_env
 from trainers.process.figure_helper import log_figures
+from trainers.process.free_space import require_room
 from trainers.process.protocol import FigureJob, FiguresDone, ProtocolError, decode, encode
 from trainers.process.side_files import STORE_DIR
 
@@ -46,7 +47,10 @@ if TYPE_CHECKING:       # the orchestrator imports this module for its helpers: 
 TEST_INTERVALS = ("accuracy_ci_low", "accuracy_ci_high", "macro_f1_ci_low", "macro_f1_ci_high")
 
 MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FINISHED", "pruned": "FINISHED", "failed": "FAILED",
-                 "killed": "KILLED"}
+                 "killed": "KILLED", "superseded": "KILLED"}
+# The tag naming the ledger claim a sweep's trial run belongs to (set when the run is created or resumed),
+# so that a worker reaping a dead worker's trial finds its run even before the ledger knows the run's id.
+CLAIM_TAG = "claim"
 
 
 def tracking_uri(uri: str | None = None, create: bool = True) -> str:
@@ -364,15 +368,15 @@ def start_figure_helper() -> FigureHelper:
 
 # --- a trial's run, and what its sweep does when a trainer dies ------------------------------------
 
-def close_dead_run(uri: str, run_id: str, status: str) -> None:
-    """Close a run its trainer left RUNNING when it died, as KILLED or FAILED with the status tag to
+def close_dead_run(uri: str, run_id: str, word: str) -> None:
+    """Close a run its trainer left RUNNING when it died with the trial's status `word` (killed or failed;
+    finished, diverged or pruned when the ledger had recorded the result) as tag and MLflow status to
     match; a run already closed is left alone, and a retry reopens it."""
     client = MlflowClient(uri)
     try:
         run = client.get_run(run_id)
         if run.info.status == "RUNNING":
-            client.set_terminated(run_id, status)
-            word = "failed" if status == "FAILED" else "killed"
+            client.set_terminated(run_id, MLFLOW_STATUS[word])
             tags = [RunTag("status", word)]
             note = run.data.tags.get("mlflow.note.content", "")
             if note.endswith(" · running"):          # the description's status, as describe() wrote it
@@ -386,6 +390,25 @@ def close_dead_run(uri: str, run_id: str, status: str) -> None:
 SCORES_FIRST = ("val_macro_f1", "val_accuracy", "val_loss", "train_macro_f1", "train_accuracy", "train_loss")
 
 OUTCOME_METRICS = ("val_macro_f1", "val_accuracy", "train_loss", "test_loss", "test_accuracy", "test_macro_f1")
+
+
+def open_trial_runs(uri: str, parent_run_id: str) -> dict[str, str]:
+    """The parent's child runs MLflow shows RUNNING, as {run id: its claim tag, '' without one}; {} when
+    the store cannot say (the runs are looked at again later)."""
+    client = MlflowClient(uri)
+    found: dict[str, str] = {}
+    token = None
+    try:
+        while True:
+            page = client.search_runs([_experiment_of(uri, parent_run_id)], page_token=token, filter_string=(
+                f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"))
+            found.update({r.info.run_id: r.data.tags.get(CLAIM_TAG, "") for r in page})
+            token = page.token
+            if not token:
+                return found
+    except Exception as err:
+        print(f"warning: could not list the sweep's open runs: {err}", file=sys.stderr)
+        return {}
 
 
 def finished_trial_run(uri: str, parent_run_id: str, config_hash: str) -> tuple[str, dict[str, float]] | None:
@@ -557,8 +580,11 @@ class TrialRun:
         if resume_run_id:
             try:
                 client.get_run(resume_run_id)
+                # This attempt's tags (its claim, its trial number) before RUNNING: a run shown RUNNING
+                # always names the claim it runs for, or a reaper would close it under the retry.
+                tags = {**t.tags, "mlflow.note.content": describe(cfg, "running")}
+                client.log_batch(resume_run_id, tags=[RunTag(k, v) for k, v in tags.items()])
                 client.update_run(resume_run_id, status="RUNNING")
-                client.set_tag(resume_run_id, "mlflow.note.content", describe(cfg, "running"))
                 return cls(client, resume_run_id, resumed=True, cfg=cfg)
             except mlflow.exceptions.MlflowException:
                 pass  # the run was deleted or the store changed: start a fresh one
@@ -572,10 +598,20 @@ class TrialRun:
 
     # --- logging -------------------------------------------------------------------------
 
+    def require_room(self) -> None:
+        """Before the trial writes its setup, an epoch (and that epoch's checkpoint after it), its results or its
+        model: DiskFullError when its checkpoint folder or local store is under the free-space reserve, so the
+        writes that close the run still fit (trainers/process/free_space.py)."""
+        folders = [] if self.cfg is None else [(Path(self.cfg.train.checkpoint_dir), "train.checkpoint_dir")]
+        if self.client.tracking_uri.startswith("sqlite:///"):
+            folders.append((Path(self.client.tracking_uri.removeprefix("sqlite:///")).parent, "the MLflow store"))
+        require_room(folders)
+
     @_timed
     def log_setup(self, cfg: TrialConfig, data: PreparedData) -> None:
         """Params and resolved config (once: a resumed run keeps what it logged), data counts, digest and
         split mode (tag data_split_mode), and data_report.json."""
+        self.require_room()
         if not self.resumed:
             params = [Param(k, v[:6000]) for k, v in applicable_params(cfg).items()]
             for i in range(0, len(params), 100):   # the store takes at most 100 params per batch
@@ -611,6 +647,7 @@ class TrialRun:
     @_timed
     def on_epoch(self, epoch: int, values: dict[str, float]) -> None:
         """Per-epoch metrics with step = epoch, the scores first, one batched call; then the data counters."""
+        self.require_room()
         ordered = {k: values[k] for k in SCORES_FIRST if k in values} | values
         self.client.log_batch(self.run_id, metrics=_metrics(ordered, step=epoch))
         self._log_pending()
@@ -627,6 +664,7 @@ class TrialRun:
         """Test metrics, per-class table and confusion matrix (JSON), logged now; the curves and the confusion
         matrix as PNGs are drawn by the helper process (its messages going to log_file) while the model
         is exported; see wait_figures."""
+        self.require_room()
         title = trial_name(cfg)
         summary = {"train_seconds": result.train_seconds, "epochs_completed": float(len(result.history))}
         if result.history:
@@ -688,6 +726,7 @@ class TrialRun:
 
     def log_model(self, model, cfg: TrialConfig, classes: tuple[str, ...]) -> str:
         """Log the trained model (the exported network; its pyfunc takes photos, see PHOTO_FLAVOR); returns its model id."""
+        self.require_room()
         start = time.perf_counter()
         try:
             return self._log_model(model, cfg, classes)
@@ -715,6 +754,7 @@ class TrialRun:
 
     @_timed
     def log_file(self, path: Path) -> None:
+        self.require_room()
         self.client.log_artifact(self.run_id, str(path))
 
     def finish(self, status: str) -> None:

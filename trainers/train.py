@@ -14,7 +14,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -32,6 +32,7 @@ from trainers.data.split import TEST, TRAIN, VAL
 from trainers.models import FerClassifier
 from trainers.predictions import Predictions
 from trainers.errors import UserError
+from trainers.process.free_space import require_room
 
 
 class StopTrial(Exception):
@@ -376,6 +377,9 @@ class Checkpoint:
     def save(self, state: dict) -> None:
         self.wait()
         snapshot = _host_copy(state)     # training goes on changing the live tensors in place
+        # The file is about the tensors' size: refused here (DiskFullError) when writing it would eat into the
+        # free-space reserve the run needs to close, rather than failing half written on a full disk.
+        require_room([(self.path.parent, "train.checkpoint_dir")], writing_mb=_tensor_bytes(snapshot) // 2**20 + 1)
         self._writer = threading.Thread(target=self._write, args=(snapshot,), name="checkpoint")
         self._writer.start()
 
@@ -388,13 +392,26 @@ class Checkpoint:
             raise failed
 
     def _write(self, state: dict) -> None:
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")   # two processes on one trial never share it
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")   # two processes on one trial never share it
             torch.save(state, tmp)
             os.replace(tmp, self.path)
         except BaseException as err:      # raised in the training thread by the next wait()
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)     # a half-written file would hold the room closing the run needs
             self._failed = err
+
+
+def _tensor_bytes(value) -> int:
+    """Bytes of the tensors in a (nested) state: what a checkpoint of it takes on disk, within a few KB."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 def _host_copy(value):

@@ -28,7 +28,7 @@ from orchestrator.results.production import (Candidate, ModelUnavailable, Prepar
                                              evaluate_run, require_champion)
 from orchestrator.results.production_tables import Outcome, ProductionResult
 from orchestrator.results.registry import champion_version, find_version, source_run_id
-from orchestrator.results.runs import child_runs, groups_of, search_all
+from orchestrator.results.runs import child_runs, groups_of, search_all, sweep_command
 from orchestrator.sweep.spec import SweepSpec, run_selector_problem
 from orchestrator.sweep.spec_types import ALL_RUNS, CHAMPION_RUNS
 from trainers.errors import first_line
@@ -126,7 +126,8 @@ def select_candidates(spec: SweepSpec, client: MlflowClient, selectors: tuple[st
         runs = finished if selector == ALL_RUNS else runs_of_experiment(spec, finished, selector)
         if not runs:
             where = "" if selector == ALL_RUNS else f" in experiment '{selector}'"
-            notes.append(f"no finished run of sweep '{spec.name}'{where} (run `make sweep` first)")
+            notes.append(f"no finished run of sweep '{spec.name}'{where} (run "
+                         f"`{sweep_command(spec, client.tracking_uri)}` first)")
         for run in runs:
             if run.info.run_id not in chosen:
                 chosen[run.info.run_id] = run_candidate(client, spec, run, champion_run, champion)

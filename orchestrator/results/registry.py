@@ -38,7 +38,7 @@ from mlflow.exceptions import MlflowException
 
 from orchestrator.results.report.cells import best_configuration, configurations, runs_of_model
 from orchestrator.results.report.store import trial_of
-from orchestrator.results.runs import child_runs
+from orchestrator.results.runs import child_runs, safe_uri, sweep_command
 from orchestrator.sweep.spec import PromoteSpec, SweepSpec
 from trainers.tracking import global_tracking_uri, model_interface, photo_model_of
 from trainers.errors import UserError
@@ -120,8 +120,8 @@ def select_run(spec: SweepSpec, client: MlflowClient, run_metric: str) -> Select
     to that mean that has a logged model."""
     finished = child_runs(client, spec.name, status="finished")
     if not finished:
-        raise RegistryError(f"sweep '{spec.name}' has no finished runs in {client.tracking_uri}; "
-                            "run `make sweep` first")
+        raise RegistryError(f"sweep '{spec.name}' has no finished runs in {safe_uri(client.tracking_uri)}; "
+                            f"run `{sweep_command(spec, client.tracking_uri)}` first")
     model = spec.promote.model
     candidates = runs_of_model(spec, model, [trial_of(r) for r in finished])
     if not candidates:

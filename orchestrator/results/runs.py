@@ -9,10 +9,47 @@ Conventions every verb relies on:
 """
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 
-from trainers.tracking import find_parent_run
+from orchestrator.sweep.spec import SweepSpec
+from trainers.errors import UserError
+from trainers.tracking import find_parent_run, tracking_uri
+
+
+class SweepNotRunError(UserError, RuntimeError):
+    """A verb that reads a sweep's results found none; the message names the store and the command that runs it."""
+
+
+def safe_uri(uri: str) -> str:
+    """The tracking URI without a password."""
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", uri)
+
+
+def sweep_command(spec: SweepSpec, uri: str) -> str:
+    """The command that runs the spec's sweep into this store: `python -m orchestrator sweep <spec>`, with
+    --tracking-uri when the store is not the one a sweep uses by default."""
+    command = f"python -m orchestrator sweep {spec.path}"
+    return command if uri == tracking_uri(create=False) else f"{command} --tracking-uri {safe_uri(uri)}"
+
+
+def not_run_error(spec: SweepSpec, uri: str) -> SweepNotRunError:
+    """sweep 'x' has not been run in <store>; run `python -m orchestrator sweep <spec>` first."""
+    where = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else safe_uri(uri)
+    return SweepNotRunError(f"sweep '{spec.name}' has not been run in {where}; run `{sweep_command(spec, uri)}` "
+                            "first")
+
+
+def sweep_store(spec: SweepSpec, uri: str | None) -> MlflowClient:
+    """A client on the store that holds the sweep's runs (tracking_uri rules), for the verbs that read them
+    first (report, promote, production): a local sqlite store that does not exist is not created."""
+    resolved = tracking_uri(uri, create=False)
+    if resolved.startswith("sqlite:///") and not Path(resolved.removeprefix("sqlite:///")).is_file():
+        raise not_run_error(spec, resolved)
+    return MlflowClient(resolved)
 
 
 def child_runs(client: MlflowClient, sweep: str, parent_run_id: str | None = None,

@@ -4,6 +4,6 @@ store (the only module here that reads MLflow) -> cells (runs matched to grid po
 -> groups and champion (the sections), with references (the study's numbers) and tables (formatting),
 put together by document.write_report.
 """
-from orchestrator.results.report.document import ReportError, write_report
+from orchestrator.results.report.document import write_report
 
-__all__ = ["ReportError", "write_report"]
+__all__ = ["write_report"]

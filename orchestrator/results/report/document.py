@@ -13,10 +13,10 @@ from orchestrator.results.report.champion import best_model_section, production_
 from orchestrator.results.report.data_section import data_section
 from orchestrator.results.report.groups import experiment_section, other_groups_section
 from orchestrator.results.report.mitigation_section import mitigation_sections
-from orchestrator.results.report.store import MlflowClient, SweepRuns, safe_uri
+from orchestrator.results.report.store import MlflowClient, SweepRuns
+from orchestrator.results.runs import not_run_error
 from orchestrator.results.report.tables import Report
 from orchestrator.sweep.spec import SweepSpec
-from trainers.errors import UserError
 from trainers.process.side_files import STORE_DIR
 
 REPORTS_DIR = STORE_DIR / "reports"
@@ -24,10 +24,6 @@ ONE_SEED_WARNING = ("**One seed per trial.** The intervals below are over test i
                     "number could move with other test images of the same data, not with another seed; "
                     "differences below the run-to-run noise cannot be read from a single seed. List several "
                     "under `seeds:` to get intervals over seeds.")
-
-
-class ReportError(UserError, RuntimeError):
-    """The report cannot be written (e.g. the sweep has no runs); the message says what to do."""
 
 
 def header(report: Report, spec: SweepSpec, uri: str, parent_run_id: str, trials: list[Trial]) -> None:
@@ -50,15 +46,15 @@ def header(report: Report, spec: SweepSpec, uri: str, parent_run_id: str, trials
         report.text(f"> {ONE_SEED_WARNING}")
 
 
-def write_report(spec: SweepSpec, client: MlflowClient, out_dir: Path | str | None = None) -> Path:
-    """Write <out_dir>/report.md with its CSVs and figures from the sweep's MLflow runs; log them to the parent."""
+def write_report(spec: SweepSpec, client: MlflowClient, out_dir: Path | str | None = None, log: bool = True) -> Path:
+    """Write <out_dir>/report.md with its CSVs and figures from the sweep's MLflow runs; log them to the parent
+    (unless log is False: a store this process cannot write)."""
     out = Path(out_dir) if out_dir is not None else REPORTS_DIR / spec.name
     with tempfile.TemporaryDirectory() as scratch:
         store = SweepRuns(client, spec.name, Path(scratch))
         parent_run_id = store.parent_run_id()
         if parent_run_id is None:
-            raise ReportError(f"no runs for sweep '{spec.name}' in {safe_uri(client.tracking_uri)}; "
-                              "run `make sweep` first")
+            raise not_run_error(spec, client.tracking_uri)
         trials = store.trials(parent_run_id)
         sizes = Counter(t.replicate_key() for t in trials if t.finished)
         out.mkdir(parents=True, exist_ok=True)
@@ -75,8 +71,9 @@ def write_report(spec: SweepSpec, client: MlflowClient, out_dir: Path | str | No
         mitigation_sections(report, store, spec, plan, trials)
         path = out / "report.md"
         path.write_text("\n\n".join(report.blocks) + "\n", encoding="utf-8")
-        store.log_report(parent_run_id, [path, *report.files])
-        store.log_summary(parent_run_id, *parent_summary(best))
+        if log:
+            store.log_report(parent_run_id, [path, *report.files])
+            store.log_summary(parent_run_id, *parent_summary(best))
     return path
 
 
