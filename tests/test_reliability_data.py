@@ -3,6 +3,7 @@ prepared is never cached as a bad image, special files (a device, a FIFO) are ne
 cannot fit on the cache's disk is refused before anything is aligned."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -182,3 +183,70 @@ def test_a_set_that_does_not_fit_on_the_cache_disk_is_refused_before_aligning_an
     again = prepare_data(cfg, 64)                          # a cache hit writes nothing: no room needed
     assert again.report.decoded == 0 and again.digest == first.digest
     assert data_line(again.report, 64).startswith("data: 12 images")
+
+
+def write_same_size_pngs(folder: Path, names: list[str], seed: int) -> list[Path]:
+    """Noise PNGs stored uncompressed: any two of the same side have the same size in bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = [folder / name for name in names]
+    for path in paths:
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path, compress_level=0)
+    return paths
+
+
+def test_a_file_replaced_by_one_of_the_same_size_with_its_mtime_kept_is_prepared_from_its_new_bytes(tmp_path):
+    root = tmp_path / "faces"
+    write_noise(root / "anger", 6, seed=15)
+    photo = write_same_size_pngs(root / "happiness", [f"{i}.png" for i in range(6)], seed=16)[0]
+    cfg = data_cfg(tmp_path, root)
+    prepare_data(cfg, SIZE)
+    # A copy or sync that keeps times: new bytes in the same place, of the same size, with the old mtime.
+    before = photo.stat()
+    replacement = write_same_size_pngs(tmp_path / "other", ["new.png"], seed=17)[0].read_bytes()
+    assert len(replacement) == before.st_size and replacement != photo.read_bytes()
+    photo.write_bytes(replacement)
+    os.utime(photo, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert photo.stat().st_mtime_ns == before.st_mtime_ns
+
+    again = prepare_data(cfg, SIZE)
+    assert again.report.skipped == {} and again.report.usable == 12
+    row = again.paths.index(f"happiness/{photo.name}")
+    assert np.array_equal(again.images[row], centre_square(decode_image(photo, decode_side(SIZE)), SIZE))
+
+
+def test_a_set_with_a_file_that_stays_unreadable_is_reused_and_rebuilt_once_the_file_reads(tmp_path, monkeypatch):
+    root = tmp_path / "faces"
+    write_noise(root / "anger", 6, seed=18)
+    photo = write_noise(root / "happiness", 6, seed=19)[0]
+    cfg = data_cfg(tmp_path, root)
+    real_open, real_align_items = os.open, aligning.align_items
+    failing: set[str] = set()
+
+    def open_or_fail(path, *args, **kwargs):
+        # A bad sector or a failing network mount: stat answers as before, reading the file fails.
+        if os.fspath(path) in failing:
+            raise OSError(errno.EIO, "Input/output error", os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    def fail_from_now_then_align(*args, **kwargs):
+        failing.add(str(photo))             # digested (the index now knows it), then never read again
+        return real_align_items(*args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_or_fail)
+    monkeypatch.setattr(aligning, "align_items", fail_from_now_then_align)
+    first = prepare_data(cfg, SIZE)
+    assert first.report.skipped == {"io_error": 1} and first.report.usable == 11
+    monkeypatch.setattr(aligning, "align_items", real_align_items)
+    (stored,) = [p for p in set_files(tmp_path) if p.name.count(".") == 1]   # not its hashes beside it
+    written = stored.stat()
+
+    again = prepare_data(cfg, SIZE)         # the file still fails: the set is the one stored, not rewritten
+    assert again.report.skipped == {"io_error": 1} and again.report.decoded == 0 and again.digest == first.digest
+    assert (stored.stat().st_ino, stored.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+
+    failing.clear()                         # the disk or mount is back
+    healed = prepare_data(cfg, SIZE)
+    assert healed.report.skipped == {} and healed.report.usable == 12 and healed.report.decoded == 1
+    row = healed.paths.index(f"happiness/{photo.name}")
+    assert np.array_equal(healed.images[row], centre_square(decode_image(photo, decode_side(SIZE)), SIZE))

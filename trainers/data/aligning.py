@@ -160,6 +160,24 @@ def build_set(job: AlignJob, set_key: str, workers: int | None) -> AlignedSet:
     return _finished(job.store, set_key, written)
 
 
+def reads_again(job: AlignJob, manifest: dict) -> bool:
+    """Whether a sample a stored set of job's samples left out for something other than its bytes failing to
+    decode (a read failure, or bytes other than its digest's) now reads, as the bytes its digest names: only
+    then would writing the set again change it. Reading those few files is cheap; rewriting every row of
+    the set at every preparation, while a file stays unreadable, is not."""
+    decode_skips = manifest.get("skips", {})
+    for i, kept in enumerate(manifest["keep"][:len(job.keys)]):
+        if kept or decode_skips.get(job.keys[i]) in DECODE_REASONS:
+            continue
+        try:
+            data = read_image_file(job.samples[i].path)
+        except ImageSkipped:
+            continue
+        if hashlib.sha256(data).hexdigest() == job.digests[i]:
+            return True
+    return False
+
+
 def _finished(store: AlignedStore, set_key: str, written: _Written) -> AlignedSet:
     """The set just written, mapped; its hashes kept beside it; what it made redundant removed."""
     set_array = store.set_paths(set_key)[0]
@@ -289,6 +307,9 @@ def _worker_start(parent: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:
             os._exit(1)
+    # Ctrl-C reaches the whole process group: the preparing process stops the pool, so a worker ignores it
+    # rather than print its own traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
     torch.set_num_threads(1)
 

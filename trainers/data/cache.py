@@ -1,7 +1,8 @@
 """Content-addressed cache of decoded, aligned images as uint8 arrays: each image stored once.
 
 Layout under ``cache_dir``:
-  digests/<root>.json                  path -> (size, mtime_ns, sha256): unchanged files are not re-read
+  digests/<root>.json                  path -> (size, mtime_ns, sha256, inode, ctime_ns): unchanged files are
+                                       not re-read
   aligned/<settings>/sets/<key>.npy    a dataset's aligned images, one row each: the storage itself
   aligned/<settings>/sets/<key>.json   its manifest: per row the image's cache key and whether the aligner
                                        fell back (no face, a centre crop); the unusable keys and why
@@ -76,7 +77,12 @@ def save_array(path: Path, array: np.ndarray) -> None:
 
 
 class DigestIndex:
-    """SHA-256 of files under one root, recomputed only when size or mtime changes."""
+    """SHA-256 of files under one root, recomputed whenever the file's stat changes.
+
+    Size and mtime alone miss a file replaced by one of the same size with its mtime restored (a copy or
+    sync that keeps times): its old digest would name bytes it no longer holds, for ever. Its inode (a file
+    renamed over it) or change time (any write; no user can set it) tells. An entry of an index written
+    before these were kept lacks them, so its file is hashed once more."""
 
     def __init__(self, cache_dir: Path, root: Path):
         self.path = cache_dir / "digests" / f"{short_hash(str(root.resolve()))}.json"
@@ -93,10 +99,11 @@ class DigestIndex:
         key = relative_posix(path, self.root) or str(path)
         st = checked_stat(path)
         known = self.entries.get(key)
-        if known and known[0] == st.st_size and known[1] == st.st_mtime_ns:
+        if known and known[:2] == [st.st_size, st.st_mtime_ns] and known[3:] == [st.st_ino, st.st_ctime_ns]:
             return known[2]
         sha = hashlib.sha256(read_image_file(path)).hexdigest()
-        self.entries[key] = [st.st_size, st.st_mtime_ns, sha]
+        # The digest third, where indexes written before the inode and change time were kept have it.
+        self.entries[key] = [st.st_size, st.st_mtime_ns, sha, st.st_ino, st.st_ctime_ns]
         self.dirty = True
         return sha
 

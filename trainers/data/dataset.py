@@ -14,7 +14,7 @@ import numpy as np
 
 from trainers.config import METADATA_FILE, DataConfig
 from trainers.data.align import Aligner, build_aligner
-from trainers.data.aligning import AlignedSet, AlignJob, build_set
+from trainers.data.aligning import AlignedSet, AlignJob, build_set, reads_again
 from trainers.data.audit import AuditResult, audit_splits, near_duplicate_pairs, perceptual_hashes
 from trainers.data.balance import CLASS_COLUMN, balance_cells, balance_summary
 from trainers.data.cache import (NPY_HEADER, AlignedStore, DigestIndex, atomic_write_bytes, npy_header,
@@ -182,9 +182,10 @@ def _load_aligned(job: AlignJob, set_key: str, workers: int | None) -> AlignedSe
     if "keys" not in manifest:
         _adopt_legacy_set(job, set_key, manifest)
     unusable = set(manifest["reasons"])
-    # A set is reused as it is only when every image it left out failed to decode; one that could not
-    # be read (or, from earlier versions, 'unreadable') is read again, taking the other rows from this set.
-    if not unusable <= set(DECODE_REASONS) or (job.refresh and unusable):
+    # A set is reused as it is unless building it again would give another one: a refresh decodes its
+    # failures again; a file it could not read (or, from earlier versions, 'unreadable') is tried again,
+    # and the set rebuilt, taking its other rows from itself, only when one now reads.
+    if (job.refresh and unusable) or (not unusable <= set(DECODE_REASONS) and reads_again(job, manifest)):
         return build_set(job, set_key, workers)
     return AlignedSet(images, manifest["keep"], manifest.get("fallback", [False] * len(images)), 0,
                       Counter(manifest["reasons"]))
