@@ -302,6 +302,7 @@ def _unknown_key(cls: type, key: Any, prefix: str, source: str) -> ConfigError:
     close = difflib.get_close_matches(str(key), names, n=1)
     hint = f"did you mean {close[0]}? " if close else ""
     allowed = ", ".join(names)
+    key = short_list([str(key)])      # a hostile key is cut like any value
     return ConfigError(source, f"{prefix}{key}", f"is not a known field; {hint}allowed here: {allowed}",
                        text=f"{source}: unknown key '{prefix}{key}' (allowed here: {allowed})")
 

@@ -203,7 +203,7 @@ def _reject_unknown(mapping: dict, allowed: tuple[str, ...], prefix: str, source
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f"did you mean {close[0]}? " if close else ""
-            field = f"{prefix}.{key}" if prefix else str(key)
+            field = short_list([f"{prefix}.{key}" if prefix else str(key)])
             _fail(source, field, f"is not a known {what}; {hint}allowed: {', '.join(allowed)}")
 
 

@@ -32,9 +32,12 @@ def min_free_mb() -> int:
     if not text:
         return MIN_FREE_MB
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise DiskFullError(f"{MIN_FREE_ENV} must be a whole number of MB; got '{text}'") from None
+        value = -1
+    if value < 0:   # a typo is not a full disk: a plain UserError, which is_disk_full does not take for one
+        raise UserError(f"{MIN_FREE_ENV} must be a whole number of MB, 0 or more; got '{text[:40]}'")
+    return value
 
 
 def existing_part(path: Path) -> Path:
