@@ -7,16 +7,18 @@ from __future__ import annotations
 import csv
 import random
 import shutil
+import sqlite3
 import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from orchestrator.results.report import write_report
 from orchestrator.results.runs import child_runs
-from orchestrator.sweep.ledger import Ledger, take_host_lock
+from orchestrator.sweep.ledger import Ledger, LedgerError, take_host_lock
 from orchestrator.sweep.plan import trial_flop
 from orchestrator.sweep.spec import load_spec
 
@@ -149,3 +151,55 @@ def test_requeued_trials_are_claimed_costliest_first(tmp_path, write_spec):
     ledger.release(second)                                              # so does an interrupted trial
     assert [epochs(ledger.claim()) for _ in range(3)] == [3, 2, 1]
     assert ledger.claim() is None
+
+
+def test_a_locked_ledger_costs_a_running_trial_a_heartbeat_not_its_life(tmp_path, write_spec, capsys):
+    spec = load_spec(write_spec(tmp_path, "locked", {"lr": {"grid": {"optim.lr": [1e-3]}}}))
+    path = tmp_path / "optuna.db"
+    ledger = Ledger(f"sqlite:///{path}", "locked", max_retries=1)
+    ledger.enqueue(list(spec.plan))
+    claim = ledger.claim()
+    # The ledger's connections give up on a lock after 0.2 s here instead of a minute.
+    sqlalchemy.event.listen(ledger.storage.engine, "connect",
+                            lambda conn, _: conn.execute("PRAGMA busy_timeout = 200"))
+    ledger.storage.engine.dispose()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")       # another process writing, for longer than the ledger waits
+    try:
+        ledger.beat(claim.trial_id)
+        ledger.set_run_id(claim.trial_id, "run-1")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    warned = capsys.readouterr().err
+    assert "heartbeat for trial" in warned and "run id of trial" in warned and "locked" in warned
+    ledger.beat(claim.trial_id)             # the lock gone, the trial is still this worker's to finish
+    assert ledger.finish(claim, "finished", 0.5, "run-1")
+
+
+def test_a_ledger_damaged_mid_file_is_refused_at_open_with_the_one_line(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    ledger = Ledger(url, "damaged", max_retries=1)
+    for i in range(300):
+        ledger.study.enqueue_trial({}, user_attrs={"config_hash": f"{i:016x}", "attempt": 0, "config": "{}" * 50})
+    ledger.storage.engine.dispose()
+    data = bytearray((tmp_path / "optuna.db").read_bytes())
+    # 200 bytes inside a page of trial rows two thirds into the file: sqlite opens it and Optuna loads the
+    # study; only reading the trials (claiming, counting) meets "database disk image is malformed".
+    page = len(data) // 4096 * 2 // 3 * 4096
+    data[page + 100:page + 300] = random.Random(0).randbytes(200)
+    (tmp_path / "optuna.db").write_bytes(bytes(data))
+    with pytest.raises(LedgerError) as refused:
+        Ledger(url, "damaged", max_retries=1)
+    line = str(refused.value)
+    assert "\n" not in line and "optuna.db" in line and "move it aside" in line and "MLflow" in line
+
+
+def test_status_with_an_unreachable_postgresql_ledger_says_so_in_one_line(in_tmp, orchestrate, write_spec):
+    spec_path = write_spec(in_tmp, "away", {"lr": {"grid": {"optim.lr": [1e-3]}}})
+    shown = orchestrate(in_tmp, "status", str(spec_path), "--storage", "postgresql://nobody@127.0.0.1:1/x",
+                        timeout=120)
+    assert shown.returncode == 2, shown.stdout[-2000:] + shown.stderr[-3000:]
+    assert "Traceback" not in shown.stderr
+    (line,) = [line for line in shown.stderr.splitlines() if line.startswith("error:")]
+    assert "postgresql://nobody@127.0.0.1:1/x" in line and "--storage" in line

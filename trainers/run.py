@@ -12,6 +12,7 @@ from trainers.config import TrialConfig, trial_dir
 from trainers.data.dataset import DataError, PreparedData, prepare_data
 from trainers.data.split import TEST, VAL
 from trainers.models import build_model
+from trainers.process.free_space import is_disk_full
 from trainers.process.protocol import Epoch, Message, Started
 from trainers.tracking import TrialRun, start_figure_helper
 from trainers.train import Checkpoint, StopTrial, run_training, seed_everything
@@ -129,15 +130,23 @@ def run_trial(cfg: TrialConfig, log_file: Path | None = None, supervisor: Superv
     except KeyboardInterrupt:
         run.finish("killed")
         raise
-    except BaseException:
-        run.finish("failed")   # the checkpoint stays: a retry resumes this run from its last epoch
+    except BaseException as err:
+        # The checkpoint stays: a retry resumes this run from its last epoch. A full disk is no failure of
+        # the trial: the sweep stops and hands it back, as when interrupted.
+        run.finish("killed" if is_disk_full(err) else "failed")
         raise
-    status = result.status if kept else "superseded"
-    if not kept:
-        print("superseded: another worker took this trial over; this run is closed as KILLED", flush=True)
-    run.finish(status)
-    shutil.rmtree(directory, ignore_errors=True)
-    return TrialOutcome(run.run_id, status, metrics, result.train_seconds)
+    if kept:
+        run.finish(result.status)
+        shutil.rmtree(directory, ignore_errors=True)
+        return TrialOutcome(run.run_id, result.status, metrics, result.train_seconds)
+    # Not kept: the claim was taken over, and a retry on this host may be resuming this same run from this
+    # same folder's checkpoint, or the sweep is stopping and a later run resumes from it: the folder stays.
+    if run.claimed_elsewhere():
+        print("superseded: another worker took this trial over and resumed this run; it is left to it", flush=True)
+    else:
+        print("superseded: this trial's result was not kept; this run is closed as KILLED", flush=True)
+        run.finish("superseded")
+    return TrialOutcome(run.run_id, "superseded", metrics, result.train_seconds)
 
 
 def _final_metrics(result) -> dict[str, float]:

@@ -596,16 +596,28 @@ class TrialRun:
         run = client.create_run(experiment_id, run_name=t.run_name or trial_name(cfg), tags=tags)
         return cls(client, run.info.run_id, resumed=False, cfg=cfg)
 
+    def claimed_elsewhere(self) -> bool:
+        """Whether the run's claim tag names another attempt than this one's: a retry on this host resumed the
+        run (from the same checkpoint folder) after this attempt's claim was taken over, so it is the retry's."""
+        mine = self.cfg.tracking.tags.get(CLAIM_TAG, "") if self.cfg is not None else ""
+        if not mine:
+            return False
+        try:
+            return self.client.get_run(self.run_id).data.tags.get(CLAIM_TAG, "") != mine
+        except mlflow.exceptions.MlflowException:
+            return False        # unreadable: closing it is what a reaper would do too
+
     # --- logging -------------------------------------------------------------------------
 
-    def require_room(self) -> None:
+    def require_room(self, writing_mb: int = 0) -> None:
         """Before the trial writes its setup, an epoch (and that epoch's checkpoint after it), its results or its
-        model: DiskFullError when its checkpoint folder or local store is under the free-space reserve, so the
-        writes that close the run still fit (trainers/process/free_space.py)."""
+        model: DiskFullError when its checkpoint folder or local store is under the free-space reserve (plus
+        writing_mb, the size of what is about to be written), so the writes that close the run still fit
+        (trainers/process/free_space.py)."""
         folders = [] if self.cfg is None else [(Path(self.cfg.train.checkpoint_dir), "train.checkpoint_dir")]
         if self.client.tracking_uri.startswith("sqlite:///"):
             folders.append((Path(self.client.tracking_uri.removeprefix("sqlite:///")).parent, "the MLflow store"))
-        require_room(folders)
+        require_room(folders, writing_mb)
 
     @_timed
     def log_setup(self, cfg: TrialConfig, data: PreparedData) -> None:
@@ -726,7 +738,8 @@ class TrialRun:
 
     def log_model(self, model, cfg: TrialConfig, classes: tuple[str, ...]) -> str:
         """Log the trained model (the exported network; its pyfunc takes photos, see PHOTO_FLAVOR); returns its model id."""
-        self.require_room()
+        # The export takes about the parameters' bytes (buffers are small beside them).
+        self.require_room(sum(p.numel() * p.element_size() for p in model.parameters()) // 2**20 + 1)
         start = time.perf_counter()
         try:
             return self._log_model(model, cfg, classes)

@@ -255,13 +255,30 @@ class Executor:
                 except Exception as err:     # never leave a claimed trial RUNNING behind a dead thread
                     process.kill()
                     process = None
-                    with self.ledger_lock:
-                        self.ledger.fail(claim, f"{slot.name}: {type(err).__name__}: {err}", retriable=True)
+                    self._abandon(slot, claim, err)
         finally:
             if process is not None and process.jobs:
                 process.close()
             elif process is not None:     # never used (nothing left to claim): no waiting for its imports
                 stop_trainers({slot.name: process})
+
+    def _abandon(self, slot: Slot, claim: Claim, err: Exception) -> None:
+        """After the slot's own code raised mid-trial (its trainer killed): close the run the trainer had open,
+        clear the slot, and fail the claim for a retry. A store that refuses these too gets a warning line:
+        the trial's heartbeats have stopped, so a reaper queues it again and closes its run."""
+        state = self.progress.slots[slot.name]
+        problem = f"{slot.name}: {type(err).__name__}: {one_line(err)}"
+        try:
+            if state.run_id:        # (close_run warns, never raises, on a store it cannot reach)
+                word = state.committed.status if state.committed else "killed" if self.stopping.is_set() else "failed"
+                self.hooks.close_run(state.run_id, word)
+            with self.ledger_lock:
+                self.ledger.fail(claim, problem, retriable=True)
+        except Exception as again:
+            print(f"warning: trial {claim.config_hash} left for a reaper after {problem}: "
+                  f"{type(again).__name__}: {one_line(again)}", file=sys.stderr, flush=True)
+        finally:
+            state.trial, state.run_id, state.committed = "", "", None
 
     def _claim(self, slot: Slot) -> Claim | None:
         with self.ledger_lock:
@@ -346,7 +363,11 @@ class Executor:
         state.cost, state.resumed_at, state.committed = trial_flop(cfg, 1), None, None
         process.send(Run(to_dict(cfg), str(log), claim.attempt, f"{self.host}/{slot.name}", claim.token))
         done = self._watch(claim, process, state)
-        if done.status == "error":      # a trial that failed on a full disk is handed back, and the sweep stops
+        if done.disk_full:       # the trainer met a full disk: every next trial would too; hand this one back
+            self._stop_if_disk_full()       # the sweep's own line, when it is the reserve that ran out
+            self.disk_full = self.disk_full or DiskFullError(f"sweep stopped: {done.error}")
+            self.stopping.set()
+        elif done.status == "error":    # a trial that failed on a full disk is handed back, and the sweep stops
             self._stop_if_disk_full()
         if done.status == "error" and state.run_id:     # a trainer that died left its run RUNNING
             word = state.committed.status if state.committed else "killed" if self.stopping.is_set() else "failed"
@@ -416,14 +437,16 @@ class Executor:
             if committed is not None:
                 event = TrialEvent(name, committed.status, seconds, _metrics_line(committed.metrics), cost)
                 self.progress.train_seconds += done.train_seconds
-            elif self.stopping.is_set():
-                self.ledger.release(claim)
-                event = TrialEvent(name, "released", seconds, "interrupted; resumes on the next run")
+            elif self.stopping.is_set() and self.ledger.release(claim):    # still this worker's claim
+                detail = done.error if done.disk_full else "interrupted; resumes on the next run"
+                event = TrialEvent(name, "released", seconds, detail)
             elif done.status == "superseded":
                 print(f"warning: trial {name} ({claim.config_hash}) was taken over by another worker after this "
                       f"one's heartbeats stopped; its late result is not kept: run {done.run_id} closed as KILLED, "
                       "status superseded", file=sys.stderr, flush=True)
                 event = TrialEvent(name, "superseded", seconds, "result not kept: another worker took the trial over")
+            elif self.stopping.is_set():    # a reaper took it over meanwhile: its record is the reaper's
+                event = TrialEvent(name, "superseded", seconds, "another worker took the trial over")
             else:
                 retried = self.ledger.fail(claim, done.error, done.retriable)
                 event = TrialEvent(name, "retried" if retried else "failed", seconds, done.error)

@@ -49,6 +49,9 @@ from trainers.process.side_files import STORE_DIR
 HEARTBEAT_SECONDS = int(os.environ.get("FER_HEARTBEAT_SECONDS", 10))
 GRACE_SECONDS = int(os.environ.get("FER_GRACE_SECONDS", 60))
 
+# A locked, busy or unreachable database, as SQLAlchemy raises it or as Optuna wraps it.
+STORE_ERRORS = (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
+
 # PostgreSQL advisory lock classes (the second key is the study's or the trial's id).
 ENQUEUE_LOCK, SETTLE_LOCK = 0x666572, 0x666573
 
@@ -76,6 +79,13 @@ class Recorded:
     value: float              # as `finish` records it: final validation macro F1, 0 when diverged (pruned: unused)
     name: str
     groups: str               # comma-separated, as the run's groups tag
+
+
+def store_cause(err: BaseException) -> str:
+    """What the database said, under Optuna's wrapper ('OperationalError: database is locked')."""
+    cause = err.__cause__ if isinstance(err, optuna.exceptions.StorageInternalError) and err.__cause__ else err
+    cause = getattr(cause, "orig", None) or cause
+    return f"{type(cause).__name__}: {first_line(cause)}"
 
 
 def default_storage() -> str:
@@ -130,9 +140,26 @@ def corrupt_file_in_one_line(url: str) -> Iterator[None]:
         # Only sqlite's own "not a database" errors: locks, races and servers raise its subclasses.
         if type(err) is not sqlalchemy.exc.DatabaseError or not url.startswith("sqlite:///"):
             raise
-        path = shlex.quote(url.removeprefix("sqlite:///"))
-        raise LedgerError(f"{path} is not a readable Optuna database ({first_line(err.orig)}); move it aside "
-                          f"(mv {path} {path}.bad) and run again: finished trials are recovered from MLflow") from None
+        raise unreadable_file(url, first_line(err.orig)) from None
+
+
+def unreadable_file(url: str, cause: str) -> LedgerError:
+    """The one line for a sqlite ledger that is not a sound database: what sqlite said, and what to do."""
+    path = shlex.quote(url.removeprefix("sqlite:///"))
+    return LedgerError(f"{path} is not a readable Optuna database ({cause}); move it aside (mv {path} {path}.bad) "
+                       "and run again: finished trials are recovered from MLflow")
+
+
+def check_sqlite_file(engine: sqlalchemy.engine.Engine, url: str) -> None:
+    """LedgerError when sqlite's quick check finds the ledger's file damaged: a page overwritten mid-file
+    opens fine and fails only when a trial's row is read, mid-sweep. Milliseconds for a sweep's ledger."""
+    path = Path(url.removeprefix("sqlite:///"))
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with engine.connect() as conn:
+        found = conn.execute(sqlalchemy.text("PRAGMA quick_check")).scalar()
+    if found != "ok":
+        raise unreadable_file(url, first_line(Exception(found)))
 
 
 class Ledger:
@@ -162,6 +189,8 @@ class Ledger:
                     if attempt == 9 or not racing:
                         raise
                     time.sleep(0.1 * (attempt + 1) + random.uniform(0, 0.2))
+            if url.startswith("sqlite:///"):
+                check_sqlite_file(self.storage.engine, url)
             self.study = optuna.create_study(study_name=sweep, storage=self.storage, direction="maximize",
                                              load_if_exists=True, sampler=sampler, pruner=pruner)
 
@@ -182,6 +211,10 @@ class Ledger:
             with corrupt_file_in_one_line(url):
                 if not sqlalchemy.inspect(probe).has_table("studies"):     # RDBStorage would make the tables
                     return None
+        except sqlalchemy.exc.OperationalError as err:      # a server that is down, a wrong host, user or database
+            shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+            raise LedgerError(f"cannot read the ledger at {shown} ({first_line(err.orig or err)}); check --storage "
+                              "and that its database server is running") from None
         finally:
             probe.dispose()
         ledger = cls.__new__(cls)       # no __init__: it creates the study
@@ -267,15 +300,18 @@ class Ledger:
         """A running trial's heartbeat; a missed one is not fatal (the grace period covers a few)."""
         try:
             self.heartbeat(trial_id)
-        except sqlalchemy.exc.SQLAlchemyError as err:
-            print(f"warning: heartbeat for trial {trial_id} not recorded: {type(err).__name__}", file=sys.stderr)
+        except STORE_ERRORS as err:
+            print(f"warning: heartbeat for trial {trial_id} not recorded: {store_cause(err)}", file=sys.stderr)
 
     def set_run_id(self, trial_id: int, run_id: str) -> None:
-        """Record the trial's MLflow run (while it runs, so a reaper can close it if its worker dies)."""
+        """Record the trial's MLflow run (while it runs, so a reaper can close it if its worker dies; one not
+        recorded is still found by its claim tag)."""
         try:
             self.storage.set_trial_user_attr(trial_id, "run_id", run_id)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass    # reaped meanwhile; the reaper closed the run it knew of
+        except STORE_ERRORS as err:
+            print(f"warning: run id of trial {trial_id} not recorded: {store_cause(err)}", file=sys.stderr)
 
     def finish(self, claim: Claim, status: str, value: float, run_id: str | None) -> bool:
         """Record a trial that ran to an end: finished, diverged or pruned. False, and nothing written, when
@@ -295,10 +331,13 @@ class Ledger:
             self._enqueue_copy(self.storage.get_trial(claim.trial_id), attempt=claim.attempt + 1)
         return retry
 
-    def release(self, claim: Claim) -> None:
-        """Give back an interrupted trial (Ctrl-C) without using one of its retries."""
-        if self._settle(claim.trial_id, claim.token, TrialState.FAIL, {"status": "released"}):
-            self._enqueue_copy(self.storage.get_trial(claim.trial_id), attempt=claim.attempt)
+    def release(self, claim: Claim) -> bool:
+        """Give back an interrupted trial (Ctrl-C) without using one of its retries; False, nothing written,
+        when the claim was taken over."""
+        if not self._settle(claim.trial_id, claim.token, TrialState.FAIL, {"status": "released"}):
+            return False
+        self._enqueue_copy(self.storage.get_trial(claim.trial_id), attempt=claim.attempt)
+        return True
 
     def reap_stale(self) -> list[FrozenTrial]:
         """Fail the trials whose worker stopped sending heartbeats and queue them again; returns them.

@@ -86,7 +86,8 @@ class Epoch:
 @dataclass(frozen=True)
 class Done:
     """How the trial ended: finished / diverged / pruned; superseded (its verdict said not kept); or error
-    (retriable or not) with its message."""
+    (retriable or not) with its message; disk_full when the error was a full disk (the run is closed KILLED:
+    the sweep hands the trial back without using a retry and stops, since every next trial would fail too)."""
     kind: ClassVar[str] = "done"
     status: str
     run_id: str | None = None
@@ -95,6 +96,7 @@ class Done:
     wall_seconds: float = 0.0     # the whole trial in the trainer: data, model, training, logging
     error: str = ""
     retriable: bool = False
+    disk_full: bool = False
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from trainers.errors import UserError, one_line
 from trainers.process.children import die_with_parent, output_to
+from trainers.process.free_space import is_disk_full
 from trainers.process.protocol import Done, Finishing, Message, ProtocolError, Run, Stop, Verdict, decode, encode
 
 if TYPE_CHECKING:
@@ -52,7 +53,10 @@ def execute(cfg: TrialConfig, log_file: Path | None = None, supervisor: Supervis
 
 
 def _failure(err: Exception) -> Done:
-    """The `done` of a trial that raised: a user error is not retried; a crash or out of memory is."""
+    """The `done` of a trial that raised: a full disk stops the sweep; another user error is not retried; a
+    crash or out of memory is."""
+    if is_disk_full(err):
+        return Done("error", error=one_line(err), retriable=True, disk_full=True)
     if isinstance(err, UserError):
         return Done("error", error=one_line(err), retriable=False)
     traceback.print_exc()
