@@ -5,8 +5,10 @@ so that no test module imports another one or this file.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +152,37 @@ def store():
 def trainer_processes():
     """find_trainer_processes(folder): the trainer and figure-helper PIDs working in folder."""
     return find_trainer_processes
+
+
+def _writable(folder: Path) -> bool:
+    probe = folder / "probe"
+    try:
+        probe.touch()
+    except OSError:
+        return False
+    probe.unlink()
+    return True
+
+
+@contextlib.contextmanager
+def _read_only(folder: Path):
+    """The folder and everything in it read-only: chmod a-w, and as root (whom chmod does not stop) the
+    immutable attribute too, where chattr may set it; skips the test where neither holds."""
+    subprocess.run(["chmod", "-R", "a-w", str(folder)], check=True)
+    immutable = False
+    try:
+        if _writable(folder) and shutil.which("chattr"):
+            immutable = subprocess.run(["chattr", "-R", "+i", str(folder)], capture_output=True).returncode == 0
+        if _writable(folder):
+            pytest.skip("running as root where chattr +i is unavailable: a read-only folder cannot be staged")
+        yield
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-R", "-i", str(folder)], check=True)
+        subprocess.run(["chmod", "-R", "u+w", str(folder)], check=True)
+
+
+@pytest.fixture
+def read_only():
+    """`with read_only(folder):` the folder and its contents read-only, even as root (or the test skips)."""
+    return _read_only

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import builtins
-import contextlib
 import os
 import re
 import shutil
@@ -94,35 +93,7 @@ def test_mlruns_being_a_file_stops_the_verb_with_one_line_before_anything_is_cre
     assert_nothing_created(work.parent, before)
 
 
-def writable(folder: Path) -> bool:
-    probe = folder / "probe"
-    try:
-        probe.touch()
-    except PermissionError:
-        return False
-    probe.unlink()
-    return True
-
-
-@contextlib.contextmanager
-def read_only(folder: Path):
-    """chmod a-w; as root, which chmod does not stop, the immutable attribute too (where chattr may set it)."""
-    folder.chmod(0o555)
-    immutable = False
-    try:
-        if writable(folder) and shutil.which("chattr"):
-            immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
-        if writable(folder):
-            pytest.skip("running as root where chattr +i is unavailable: a read-only mlruns/ cannot be "
-                        "staged (the 'mlruns is a file' test covers the check for root)")
-        yield
-    finally:
-        if immutable:
-            subprocess.run(["chattr", "-i", str(folder)], check=True)
-        folder.chmod(0o755)
-
-
-def test_a_read_only_mlruns_stops_the_sweep_with_one_line_before_anything_is_created(work):
+def test_a_read_only_mlruns_stops_the_sweep_with_one_line_before_anything_is_created(work, read_only):
     mlruns = work / "mlruns"
     mlruns.mkdir()
     with read_only(mlruns):

@@ -135,36 +135,8 @@ def test_a_disk_filling_up_mid_sweep_ends_in_one_line_with_nothing_left_running(
 
 # --- a read-only store ----------------------------------------------------------------------------
 
-def writable(folder: Path) -> bool:
-    probe = folder / "probe"
-    try:
-        probe.touch()
-    except OSError:
-        return False
-    probe.unlink()
-    return True
-
-
-@contextlib.contextmanager
-def read_only(folder: Path):
-    """The folder and everything in it read-only: chmod a-w, and as root (whom chmod does not stop) the
-    immutable attribute too, where chattr may set it; skips where neither holds."""
-    subprocess.run(["chmod", "-R", "a-w", str(folder)], check=True)
-    immutable = False
-    try:
-        if writable(folder) and shutil.which("chattr"):
-            immutable = subprocess.run(["chattr", "-R", "+i", str(folder)], capture_output=True).returncode == 0
-        if writable(folder):
-            pytest.skip("running as root where chattr +i is unavailable: a read-only store cannot be staged")
-        yield
-    finally:
-        if immutable:
-            subprocess.run(["chattr", "-R", "-i", str(folder)], check=True)
-        subprocess.run(["chmod", "-R", "u+w", str(folder)], check=True)
-
-
 @pytest.fixture
-def read_only_store(stopped_sweep, tmp_path, monkeypatch):
+def read_only_store(stopped_sweep, tmp_path, monkeypatch, read_only):
     """A copy of the stopped sweep's folder with mlruns/ read-only, as the working folder."""
     folder = tmp_path / "copy"
     shutil.copytree(stopped_sweep[0], folder)
