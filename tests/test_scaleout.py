@@ -343,6 +343,23 @@ def test_sweeps_started_at_the_same_moment_queue_each_grid_point_once(tmp_path, 
     assert queued == sorted(t.hash for t in plan) and sum(added) == len(plan), added
 
 
+def test_sweeps_started_at_the_same_moment_share_one_parent_run(tmp_path, storage, mlflow_server, tiny_vit):
+    from orchestrator.sweep.runner import start as start_sweep
+
+    spec = load_spec(write_spec(tmp_path, "one-parent", [1e-4, 2e-4], 1, tiny_vit))
+    ledgers = at_once(lambda _: Ledger(storage, "one-parent", 1), range(4))    # four `sweep` commands...
+    ready = threading.Barrier(len(ledgers))
+
+    def open_sweep(ledger: Ledger) -> str:
+        ready.wait()                                                           # ...starting at one moment
+        return start_sweep(spec, ledger, mlflow_server.url, enqueue=True).parent_run_id
+
+    parents = set(at_once(open_sweep, ledgers))
+    logged, _ = sweep_runs(mlflow_server, "one-parent")
+    assert len(parents) == 1 and [r.info.run_id for r in logged] == list(parents), (parents, logged)
+    assert Ledger(storage, "one-parent", 1).parent_run() in parents
+
+
 def test_a_stalled_worker_whose_trial_was_taken_over_cannot_finish_it_too(tmp_path, storage, mlflow_server,
                                                                           trainer_processes, tiny_vit):
     a, b = tmp_path / "host-a", tmp_path / "host-b"

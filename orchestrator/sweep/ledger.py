@@ -53,7 +53,7 @@ GRACE_SECONDS = int(os.environ.get("FER_GRACE_SECONDS", 60))
 STORE_ERRORS = (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError)
 
 # PostgreSQL advisory lock classes (the second key is the study's or the trial's id).
-ENQUEUE_LOCK, SETTLE_LOCK = 0x666572, 0x666573
+ENQUEUE_LOCK, SETTLE_LOCK, PARENT_LOCK = 0x666572, 0x666573, 0x666574
 
 
 @dataclass(frozen=True)
@@ -382,7 +382,7 @@ class Ledger:
         """Hold the ledger's lock `kind` for `key` (a study or trial id) against every process using it."""
         if self.url.startswith("sqlite:///"):
             # One file lock per kind beside the database (a settle is short: one lock serves every trial).
-            name = "enqueue" if kind == ENQUEUE_LOCK else "settle"
+            name = {ENQUEUE_LOCK: "enqueue", SETTLE_LOCK: "settle", PARENT_LOCK: "parent"}[kind]
             with open(self.url.removeprefix("sqlite:///") + f".{name}.lock", "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 yield
@@ -392,6 +392,11 @@ class Ledger:
         with self.storage.engine.connect() as conn, conn.begin():
             conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:kind, :key)"), {"kind": kind, "key": key})
             yield
+
+    def starting(self):
+        """Held by a sweep while it opens (or joins) the parent run, queues the plan and records the parent:
+        of sweeps started at the same moment, the first opens the parent run and the others join it."""
+        return self._exclusive(PARENT_LOCK, self.study._study_id)
 
     # --- rebuilding from MLflow ---------------------------------------------------------------
 

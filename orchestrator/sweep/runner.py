@@ -222,23 +222,23 @@ def start(spec: SweepSpec, ledger: Ledger, tracking: str | None, enqueue: bool) 
         print(f"resuming: {recovered} trial(s) interrupted last time are queued again")
     uri = tracking_uri(tracking)
     trials = list(spec.plan)
-    known = ledger.parent_run()
     if not enqueue:
-        known = known or wait_for_start(ledger, spec.name)
+        known = ledger.parent_run() or wait_for_start(ledger, spec.name)
         parent = SweepParent.rejoin(uri, known)
         if parent is None:
             raise SweepError(f"sweep '{spec.name}' logs to parent run {known}, which {uri} does not have; "
                              "pass the --tracking-uri the sweep was started with")
         return SweepContext(spec, uri, parent.run_id, {t.hash: t for t in trials})
-    parent = SweepParent.rejoin(uri, known)
-    fresh = parent is None
-    if fresh:       # a new sweep, or a ledger lost: the sweep's newest parent run is reused if there is one
-        parent = SweepParent.open(uri, spec.name, spec.description, source_tags(spec.path))
-        parent.log_axes(sweep_axes(spec))
-    parent.log_texts({"spec.yaml": Path(spec.path).read_text(encoding="utf-8"), "plan.csv": plan_csv(trials)})
-    queue_plan(spec, ledger, functools.partial(ended_runs, uri, spec.name, parent.run_id))
-    if fresh:
-        ledger.set_parent_run(parent.run_id)    # after the queue is full: a worker waiting for it sees every trial
+    with ledger.starting():     # sweeps started together: the first opens the parent run, the others join it
+        parent = SweepParent.rejoin(uri, ledger.parent_run())
+        fresh = parent is None
+        if fresh:       # a new sweep, or a ledger lost: the sweep's newest parent run is reused if there is one
+            parent = SweepParent.open(uri, spec.name, spec.description, source_tags(spec.path))
+            parent.log_axes(sweep_axes(spec))
+        parent.log_texts({"spec.yaml": Path(spec.path).read_text(encoding="utf-8"), "plan.csv": plan_csv(trials)})
+        queue_plan(spec, ledger, functools.partial(ended_runs, uri, spec.name, parent.run_id))
+        if fresh:
+            ledger.set_parent_run(parent.run_id)    # after the queue is full: a worker waiting sees every trial
     return SweepContext(spec, uri, parent.run_id, {t.hash: t for t in trials})
 
 
