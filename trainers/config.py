@@ -210,9 +210,10 @@ class LimitedLoader(yaml.SafeLoader):
                                  problem_mark=node.start_mark) from None
 
 
-def limited_load(text: str):
-    """One YAML document through LimitedLoader: plain data only, within its limits (YAMLLimitError)."""
-    loader = LimitedLoader(text)
+def limited_load(text: str, loader_class: type[LimitedLoader] | None = None):
+    """One YAML document through LimitedLoader (or a subclass): plain data only, within its limits
+    (YAMLLimitError)."""
+    loader = (loader_class or LimitedLoader)(text)
     try:
         return loader.get_single_data()
     finally:

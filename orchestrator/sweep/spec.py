@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from trainers.config import (MODEL_NAMES, ConfigError, DataConfig, LimitedLoader, ModelConfig, TrialConfig,
-                             YAMLLimitError, build, check_seed, describe, short_list, short_repr,
+                             YAMLLimitError, build, check_seed, describe, limited_load, short_list, short_repr,
                              validate_augment, validate_data, validate_model, validate_optim, validate_train)
 from trainers.progress import progress
 from orchestrator.sweep.plan import TrialBuilder, grid, grid_points, resolve_trial, trial_point, unique_trials
@@ -72,11 +72,7 @@ SpecLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list
 
 def parse_yaml(text: str):
     """Parse one YAML document with SpecLoader (safe: plain data only, no Python objects)."""
-    loader = SpecLoader(text)
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
+    return limited_load(text, SpecLoader)
 
 
 def _reject_duplicate_keys(node: yaml.Node, path: str, seen: set[int]) -> None:
