@@ -264,3 +264,58 @@ def test_align_workers_reads_its_setting_and_refuses_a_bad_one(monkeypatch):
     monkeypatch.setenv(aligning.WORKERS_ENV, "many")
     with pytest.raises(UserError, match="FER_ALIGN_WORKERS='many': set it to a whole number"):
         aligning.align_workers(mtcnn)
+
+
+def test_the_digest_index_reads_a_file_once_keeps_every_digest_exactly_and_takes_over_a_json_index(tmp_path,
+                                                                                                monkeypatch):
+    import hashlib
+    from trainers.data import cache as cache_module
+    from trainers.data.cache import DigestIndex
+
+    root = tmp_path / "faces"
+    root.mkdir()
+    # A SHA-256 ending in a zero byte: a fixed-size bytes field would drop it and name other bytes.
+    data = next(b for b in (f"img{i}".encode() for i in range(100_000)) if hashlib.sha256(b).digest()[-1] == 0)
+    (root / "zero.png").write_bytes(data)
+    (root / "b.png").write_bytes(b"b" * 10)
+    expected = {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in ("zero.png", "b.png")}
+    first = DigestIndex(tmp_path / "cache", root)
+    assert {name: first.digest(root / name) for name in expected} == expected
+    first.save()
+
+    reads = []
+    real_read = cache_module.read_image_file
+    monkeypatch.setattr(cache_module, "read_image_file", lambda path: reads.append(path) or real_read(path))
+    again = DigestIndex(tmp_path / "cache", root)
+    assert {name: again.digest(str(root / name)) for name in expected} == expected
+    assert reads == []                                       # unchanged files are not read again
+    os.utime(root / "b.png", ns=(1, 1))                      # a changed stat: read and hashed again
+    assert again.digest(root / "b.png") == expected["b.png"] and len(reads) == 1
+
+    # An index written as JSON before (path -> size, mtime, sha[, inode, ctime]) is read once and replaced;
+    # an entry without inode and change time has its file hashed again, one with them is trusted.
+    st = (root / "zero.png").stat()
+    old = {"zero.png": [st.st_size, st.st_mtime_ns, "ab" * 32, st.st_ino, st.st_ctime_ns],
+           "b.png": [10, 0, "cd" * 32]}
+    legacy = tmp_path / "legacy"
+    index = DigestIndex(legacy, root)
+    index.path.parent.mkdir(parents=True)
+    index.path.with_suffix(".json").write_text(json.dumps(old))
+    taken = DigestIndex(legacy, root)
+    assert taken.digest(root / "zero.png") == "ab" * 32 and taken.digest(root / "b.png") == expected["b.png"]
+    taken.save()
+    assert taken.path.exists() and not taken.path.with_suffix(".json").exists()
+
+
+def test_the_data_digest_is_the_hash_it_always_was():
+    # PreparedData.digest names a dataset in every run's params and in production's "once per data digest":
+    # hashed piece by piece, it must stay the hash of the whole JSON text.
+    from trainers.data.cache import short_hash
+    from trainers.data.dataset import data_digest
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 4096, 4097, 9000):
+        paths = ["".join(rng.choice(list('ab/é"\\\n中 x'), size=rng.integers(0, 12))) for _ in range(n)]
+        labels, splits = rng.integers(0, 300, n), rng.integers(0, 3, n).astype(np.int8)
+        whole = short_hash({"content": 'c/x"é', "paths": paths, "labels": labels.tolist(), "split": splits.tolist()})
+        assert data_digest('c/x"é', paths, labels, splits) == whole

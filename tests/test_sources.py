@@ -23,7 +23,7 @@ def write_image(path: Path, value: int = 128) -> Path:
 
 def labels_by_name(listing) -> dict[str, str]:
     """File name -> class name, for readable assertions."""
-    return {sample.path.name: CLASSES[sample.label] for sample in listing.samples}
+    return {Path(sample.path).name: CLASSES[sample.label] for sample in listing.samples}
 
 
 def test_aliases_are_case_insensitive_and_cover_common_spellings():
@@ -48,7 +48,7 @@ def test_listing_maps_folders_including_two_into_one_class(tmp_path):
     write_image(tmp_path / "SURPRISED" / "s1.jpg")
     listing = list_imagefolder(tmp_path, CLASSES)
     assert labels_by_name(listing) == {"a1.png": "anger", "a2.png": "anger", "h1.png": "happiness", "s1.jpg": "surprise"}
-    assert all(sample.path.is_absolute() for sample in listing.samples)
+    assert all(Path(sample.path).is_absolute() for sample in listing.samples)
     assert listing.dropped == Counter() and listing.skipped == Counter()
 
 
@@ -59,7 +59,7 @@ def test_unmapped_folders_are_dropped_and_counted(tmp_path):
     write_image(tmp_path / "contempt" / "c.png")
     write_image(tmp_path / "xyz" / "deep" / "x.png")
     listing = list_imagefolder(tmp_path, CLASSES)
-    assert [sample.path.name for sample in listing.samples] == ["h.png"]
+    assert [Path(sample.path).name for sample in listing.samples] == ["h.png"]
     assert listing.dropped == Counter({"neutral": 3, "contempt": 1, "xyz": 1})
 
 
@@ -68,7 +68,7 @@ def test_images_in_nested_folders_are_found_and_other_files_ignored(tmp_path):
     (tmp_path / "sad" / "notes.txt").write_text("not an image", encoding="utf-8")
     (tmp_path / "sad" / "broken.jpg").write_text("listed anyway; decode_image rejects it", encoding="utf-8")
     listing = list_imagefolder(tmp_path, CLASSES)
-    assert sorted(sample.path.name for sample in listing.samples) == ["broken.jpg", "deep.PNG"]
+    assert sorted(Path(sample.path).name for sample in listing.samples) == ["broken.jpg", "deep.PNG"]
 
 
 def test_metadata_csv_attaches_subject_and_sorted_attrs(tmp_path):
@@ -82,7 +82,7 @@ def test_metadata_csv_attaches_subject_and_sorted_attrs(tmp_path):
         "sad/missing.png,p03,0,a\n",          # no such file: ignored
         encoding="utf-8",
     )
-    samples = {sample.path.name: sample for sample in list_imagefolder(tmp_path, CLASSES).samples}
+    samples = {Path(sample.path).name: sample for sample in list_imagefolder(tmp_path, CLASSES).samples}
     assert samples["h1.png"].subject == "p01"
     assert samples["h1.png"].attrs == (("group", "b"), ("occluded", "1"))
     assert samples["s1.png"].subject == "p02"
@@ -115,7 +115,7 @@ def test_unicode_and_spaces_in_names_are_listed(tmp_path):
     write_image(tmp_path / "happy" / "café smile 😀.png")
     write_image(tmp_path / "happy" / "Zoë" / "über glücklich.jpg")
     (tmp_path / "metadata.csv").write_text("path,subject\nhappy/café smile 😀.png,Zoë\n", encoding="utf-8")
-    samples = {sample.path.name: sample for sample in list_imagefolder(tmp_path, CLASSES).samples}
+    samples = {Path(sample.path).name: sample for sample in list_imagefolder(tmp_path, CLASSES).samples}
     assert set(samples) == {"café smile 😀.png", "über glücklich.jpg"}
     assert samples["café smile 😀.png"].subject == "Zoë"
 
@@ -125,7 +125,7 @@ def test_symlinked_directory_loop_does_not_hang_or_duplicate(tmp_path):
     os.symlink(tmp_path / "fear", tmp_path / "fear" / "again")      # fear/again -> fear
     os.symlink(tmp_path, tmp_path / "fear" / "up")                  # fear/up -> root
     listing = list_imagefolder(tmp_path, CLASSES)
-    assert [sample.path.name for sample in listing.samples] == ["f1.png"]
+    assert [Path(sample.path).name for sample in listing.samples] == ["f1.png"]
 
 
 def test_dangling_and_looping_image_links_are_skipped_as_unreadable(tmp_path):
@@ -134,7 +134,7 @@ def test_dangling_and_looping_image_links_are_skipped_as_unreadable(tmp_path):
     os.symlink(tmp_path / "fear" / "loop.png", tmp_path / "fear" / "loop.png")
     os.symlink(tmp_path / "fear" / "f1.png", tmp_path / "fear" / "alias.png")   # resolves: listed
     listing = list_imagefolder(tmp_path, CLASSES)
-    assert sorted(sample.path.name for sample in listing.samples) == ["alias.png", "f1.png"]
+    assert sorted(Path(sample.path).name for sample in listing.samples) == ["alias.png", "f1.png"]
     assert listing.skipped == Counter({"unreadable": 2})
 
 
@@ -143,7 +143,7 @@ def test_symlinked_class_folder_is_followed(tmp_path):
     (tmp_path / "dataset").mkdir()
     os.symlink(tmp_path / "elsewhere" / "joy_pics", tmp_path / "dataset" / "joy")
     listing = list_imagefolder(tmp_path / "dataset", CLASSES)
-    assert [sample.path for sample in listing.samples] == [tmp_path / "dataset" / "joy" / "j.png"]
+    assert [sample.path for sample in listing.samples] == [str(tmp_path / "dataset" / "joy" / "j.png")]
 
 
 def test_root_that_is_a_file_says_what_to_set(tmp_path):
@@ -159,7 +159,7 @@ def test_hidden_files_and_folders_are_ignored(tmp_path):
     write_image(tmp_path / "happy" / ".thumbs" / "t.png")
     write_image(tmp_path / ".cache" / "c.png")
     listing = list_imagefolder(tmp_path, CLASSES)
-    assert [sample.path.name for sample in listing.samples] == ["h.png"]
+    assert [Path(sample.path).name for sample in listing.samples] == ["h.png"]
     assert listing.dropped == Counter()
 
 
@@ -170,6 +170,15 @@ def test_listing_order_is_deterministic_and_sorted_by_path(tmp_path):
     first = list_imagefolder(tmp_path, CLASSES)
     second = list_imagefolder(tmp_path, CLASSES)
     assert first.samples == second.samples
-    paths = [sample.path for sample in first.samples]
+    paths = [Path(sample.path) for sample in first.samples]
     assert paths == sorted(paths)
     assert [p.relative_to(tmp_path).as_posix() for p in paths[:3]] == ["Happy/a.png", "Happy/b.png", "Happy/c.png"]
+
+
+def test_listing_order_is_the_order_of_path_parts_so_sets_cached_before_keep_their_rows(tmp_path):
+    # A set's rows (and so its split) follow the listing's order: folder "a" comes before "a-b", part by part,
+    # as when samples held Path objects; a plain string sort would put "a-b/..." first ("-" < "/").
+    for folder in ["a-b", "a", "a.b", "a b"]:
+        write_image(tmp_path / "happy" / folder / "x.png")
+    listing = list_imagefolder(tmp_path, CLASSES)
+    assert [Path(s.path).parent.name for s in listing.samples] == ["a", "a b", "a-b", "a.b"]

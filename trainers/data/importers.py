@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from trainers.data.cache import atomic_write_bytes, short_hash
-from trainers.data.sources import Listing, Sample, canonical_class
+from trainers.data.sources import Listing, Sample, canonical_class, path_order
 
 FER2013_LABELS = {0: "angry", 1: "disgust", 2: "fear", 3: "happy", 4: "sad", 5: "surprise", 6: "neutral"}
 # PublicTest was the challenge's public leaderboard set, PrivateTest its final test.
@@ -51,7 +51,7 @@ def add_sample(listing: Listing, classes: tuple[str, ...], label_name: str, **sa
     if cls is None:
         listing.dropped[label_name] += 1
     else:
-        listing.samples.append(Sample(label=classes.index(cls), **sample))
+        listing.samples.append(Sample(label=classes.index(cls), **{**sample, "path": str(sample["path"])}))
 
 
 # --- fer2013 --------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def list_rafdb(root: Path, classes: tuple[str, ...], cache_dir: Path) -> Listing
             continue
         add_sample(listing, classes, RAFDB_LABELS[code], path=path,
                    split=RAFDB_SPLITS.get(parts[0].split("_", 1)[0]))
-    listing.samples.sort(key=lambda sample: sample.path)
+    listing.samples.sort(key=path_order)
     return listing
 
 
@@ -177,7 +177,7 @@ def list_affectnet(root: Path, classes: tuple[str, ...], cache_dir: Path) -> Lis
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
             for row in csv.DictReader(handle):
                 _add_affectnet_row(listing, classes, images, row, split)
-    listing.samples.sort(key=lambda sample: sample.path)
+    listing.samples.sort(key=path_order)
     return listing
 
 

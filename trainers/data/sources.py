@@ -28,11 +28,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 class Sample:
     """One listed image: absolute path, class index, optional subject and metadata attributes.
 
+    The path is a str, absolute and normalised: a Path object costs ~4x its memory, for every file listed.
+
     Importers may add the dataset's own split ("train", "val" or "test") and a
     face box (x, y, width, height in the file's pixels) to crop to before alignment.
     """
 
-    path: Path
+    path: str
     label: int
     subject: str | None = None
     attrs: tuple[tuple[str, str], ...] = ()
@@ -78,8 +80,15 @@ def list_imagefolder(root: Path, classes: tuple[str, ...]) -> Listing:
         listing.samples.extend(Sample(path=path, label=label) for path in images)
     listing.skipped = +listing.skipped  # drop zero counts so an all-clean listing reports nothing
     listing.samples = _attach_metadata(root, listing.samples)
-    listing.samples.sort(key=lambda sample: sample.path)
+    listing.samples.sort(key=path_order)
     return listing
+
+
+def path_order(sample: Sample) -> str:
+    """Sort key: the order Path objects of the samples' paths compare in (part by part). NUL is below every
+    character a name can hold, so "a/x" comes before "a-b/x" as the parts "a" < "a-b" say (a plain string
+    sort would put "-" first); the rows of every set cached before paths were strings keep their order."""
+    return sample.path.replace("/", "\0")
 
 
 def _canonical_key(name: str) -> str:
@@ -110,9 +119,9 @@ def _links_up(entry: Path, root: Path) -> bool:
     return entry.is_symlink() and root.resolve().is_relative_to(entry.resolve())
 
 
-def _walk_images(folder: Path) -> tuple[list[Path], int]:
+def _walk_images(folder: Path) -> tuple[list[str], int]:
     """Image files under folder (recursively, not into symlinked dirs) and how many were unreadable."""
-    images: list[Path] = []
+    images: list[str] = []
     unreadable = 0
 
     def count_unreadable_dir(_: OSError) -> None:
@@ -125,7 +134,7 @@ def _walk_images(folder: Path) -> tuple[list[Path], int]:
         for name in filenames:
             if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES):
                 continue
-            path = Path(dirpath, name)
+            path = os.path.join(dirpath, name)     # normalised: the walk starts from an absolute, normalised folder
             if _resolves(path):
                 images.append(path)
             else:
@@ -133,7 +142,7 @@ def _walk_images(folder: Path) -> tuple[list[Path], int]:
     return images, unreadable
 
 
-def _resolves(path: Path) -> bool:
+def _resolves(path: str) -> bool:
     """Whether path (following symlinks) can be stat'ed: dangling links and link loops cannot."""
     try:
         os.stat(path)
@@ -149,7 +158,7 @@ def _attach_metadata(root: Path, samples: list[Sample]) -> list[Sample]:
         return samples
     attached = []
     for sample in samples:
-        row = rows.pop(str(sample.path), None)
+        row = rows.pop(sample.path, None)
         if row is None:
             attached.append(sample)
             continue
