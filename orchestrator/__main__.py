@@ -29,6 +29,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", help="GPU indices to use, e.g. 0,1 (default: every visible GPU)")
     parser.add_argument("--jobs", type=int, help="parallel CPU trials when no GPU is used (default: the spec's "
                                                  "execution.jobs)")
+    parser.add_argument("--trials-per-gpu", type=int, help="trials side by side on each GPU (default: the spec's "
+                                                           "execution.trials_per_gpu)")
 
 
 def _add_status_options(parser: argparse.ArgumentParser) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from orchestrator.results.production_tables import Outcome, outcome_line
 from orchestrator.sweep.plan import datasets_to_prepare, estimate_cost
 from orchestrator.sweep.preflight import check_prepare_folders, check_sweep_folders, disk_full_error, sweep_folders
 from orchestrator.sweep.spec import SweepSpec, load_spec
+from orchestrator.sweep.spec_types import MAX_TRIALS_PER_GPU
 from trainers.config import ConfigError
 from trainers.process.free_space import is_disk_full
 
@@ -35,7 +37,7 @@ def plan(args: argparse.Namespace) -> int:
 
 def sweep(args: argparse.Namespace) -> int:
     """Run a sweep end to end (or resume it): every planned trial once, then the report."""
-    spec = load_spec(args.spec)
+    spec = _with_slot_options(load_spec(args.spec), args)
     check_sweep_folders(spec, args.storage, args.tracking_uri)    # before the ledger or any run exists
     try:
         outcome = _run_sweep(spec, args, enqueue=True)
@@ -52,7 +54,7 @@ def sweep(args: argparse.Namespace) -> int:
 
 def worker(args: argparse.Namespace) -> int:
     """Join a started sweep: claim and train waiting trials on this host's slots until none is left."""
-    spec = load_spec(args.spec)
+    spec = _with_slot_options(load_spec(args.spec), args)
     check_sweep_folders(spec, args.storage, args.tracking_uri)
     try:
         outcome = _run_sweep(spec, args, enqueue=False)
@@ -110,6 +112,21 @@ def status(args: argparse.Namespace) -> int:
         print(f"{lost} trial(s) (optuna # -1) ended in MLflow but are missing from the ledger; the next `sweep` "
               "records them from their runs and does not run them again")
     return 0
+
+
+def _with_slot_options(spec: SweepSpec, args: argparse.Namespace) -> SweepSpec:
+    """The spec with --trials-per-gpu applied. --jobs asks for CPU trials, so beside --gpus or --trials-per-gpu it
+    contradicts them: refused rather than one of them silently ignored."""
+    per_gpu = args.trials_per_gpu
+    if args.jobs is not None and (args.gpus is not None or per_gpu is not None):
+        other = "--gpus" if args.gpus is not None else "--trials-per-gpu"
+        raise ConfigError("--jobs", "", f"runs trials on the CPU, {other} on GPUs: give one of them (several trials "
+                                        "per GPU: --gpus with --trials-per-gpu)")
+    if per_gpu is None:
+        return spec
+    if not 1 <= per_gpu <= MAX_TRIALS_PER_GPU:
+        raise ConfigError("--trials-per-gpu", "", f"must be from 1 to {MAX_TRIALS_PER_GPU}; got {per_gpu}")
+    return dataclasses.replace(spec, execution=dataclasses.replace(spec.execution, trials_per_gpu=per_gpu))
 
 
 def _gpu_list(text: str | None) -> list[int] | None:

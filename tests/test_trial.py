@@ -62,6 +62,10 @@ def test_two_epochs_log_params_metrics_and_artifacts(tmp_path, model, tiny_trial
     assert outcome.metrics == {k: pytest.approx(m[k]) for k in ("val_macro_f1", "val_accuracy", "train_loss",
                                                                 "test_loss", "test_accuracy", "test_macro_f1")}
     assert m["data/n_train"] + m["data/n_val"] + m["data/n_test"] == 240
+    # What the trial's steps took (the GPU bench's fixed costs), each inside the trial's own time.
+    steps = ("load", "build", "checkpoint", "test", "figures", "model_log", "train")
+    assert all(m[f"time/{step}_seconds"] >= 0 for step in steps)
+    assert m["time/trial_seconds"] >= sum(m[f"time/{step}_seconds"] for step in ("train", "test", "model_log"))
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
     assert {"config.yaml", "curves.png", "confusion_matrix.png", "confusion_matrix.json",
             "per_class.csv", "data_report.json"} <= artifacts
@@ -188,6 +192,27 @@ def test_a_crashed_trial_is_resumed_in_the_same_mlflow_run(tmp_path, monkeypatch
     assert outcome.run_id == marker["run_id"]
     assert [m.step for m in client.get_metric_history(outcome.run_id, "val_macro_f1")] == [1, 2]
     assert client.get_run(outcome.run_id).info.status == "FINISHED"
+
+
+def test_a_trial_killed_before_it_logged_its_params_logs_them_when_resumed(tmp_path, monkeypatch, tiny_trial):
+    # A sweep's trainer killed between creating its run and logging its params (Ctrl-C, SIGKILL): the retry
+    # resumes that run, which must still get its params and config.yaml (reports and promotion read them).
+    cfg = from_dict(tiny_trial(tmp_path, train={"epochs": 1}))
+    import trainers.tracking as tracking
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tracking.TrialRun, "log_setup", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(cfg)
+    run_id = json.loads((trial_dir(cfg) / "run.json").read_text())["run_id"]
+    client, run = read_run(cfg, run_id)
+    assert run.data.params == {}
+    monkeypatch.undo()
+    assert run_trial(cfg).run_id == run_id
+    params = client.get_run(run_id).data.params
+    assert params["model.name"] == cfg.model.name and params["optim.lr"] == str(cfg.optim.lr)
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run_id)}
 
 
 def test_a_non_finite_loss_ends_the_trial_as_diverged(tmp_path, tiny_trial):

@@ -34,9 +34,14 @@ SYNTHETIC_ATTRIBUTES = ("group", "occluded")   # the synthetic source's metadata
 METADATA_FILE = "metadata.csv"                 # an image folder's per-image subject and attributes
 CLASS_COLUMN = "class"          # data.balance_by's pseudo-column: the image's class, not a metadata column
 ALIGNERS = ("none", "mtcnn")
+BEST_K = "best_k"               # tracking.log_model: log the models of the best k configurations per model
+KEPT_MODELS_DIR = "kept-models"     # under train.checkpoint_dir: weights waiting for the sweep's decision
 MODEL_NAMES = ("vit", "resnet50")
 OPTIMIZERS = ("sgd", "rmsprop", "adam")
 DEVICES = ("auto", "cpu", "cuda")
+# train.precision: auto (the default's choice: trainers/precision.py resolve_precision), autocast (fp32 weights,
+# bf16 autocast on CUDA), bf16 (bf16 weights, fp32 master weights in the optimizer), fp32 (no autocast).
+PRECISIONS = ("auto", "autocast", "bf16", "fp32")
 # Seeds (train.seed, data.split_seed, data.synthetic.seed and a spec's seeds) are 0 ... 2^64 - 1: numpy's
 # generators refuse a negative seed and torch.manual_seed one past 2^64 - 1, each only once a trial runs.
 MAX_SEED = 2**64 - 1
@@ -104,7 +109,9 @@ class ModelConfig:
     pretrained: str | None = None
     image_size: int = 224
     vit: ViTArchConfig = ViTArchConfig()
-    compile: bool = False
+    # true: torch.compile of the whole model; blocks: each repeated block compiled once and reused (a ViT's
+    # encoder layer; ResNet-50 compiles whole: trainers/models.py compile_model).
+    compile: typing.Literal[False, True, "blocks"] = False
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,7 @@ class TrainConfig:
     checkpoint_dir: str = str(STORE_DIR / "checkpoints")
     num_threads: int = 0          # CPU threads for torch; 0 leaves torch's default
     deterministic: bool = False   # torch deterministic algorithms: bit-exact on CUDA too, somewhat slower
+    precision: str = "auto"       # one of PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -146,7 +154,22 @@ class TrackingConfig:
     run_name: str | None = None
     parent_run_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
-    log_model: bool = True
+    # true: every finished trial logs its model; false: none does; best_k (in a sweep): a finished trial keeps
+    # its weights (kept_models_dir) and the sweep, once complete, logs the models of the best_k best
+    # configurations per model (a ViT-B/16 model is ~330 MB: the study's 15 trials would write ~5 GB). A lone
+    # trial (no parent run) has no sweep to wait for: best_k logs its model at once.
+    log_model: typing.Literal[True, False, "best_k"] = True
+    best_k: int = 1
+
+    @property
+    def defers_model(self) -> bool:
+        """log_model: best_k in a sweep: the sweep decides at its end whether this trial's model is logged."""
+        return self.log_model == BEST_K and self.parent_run_id is not None
+
+    @property
+    def logs_model_now(self) -> bool:
+        """Whether a finished trial logs its model when it ends (log_model true, or best_k outside a sweep)."""
+        return self.log_model is True or (self.log_model == BEST_K and self.parent_run_id is None)
 
 
 @dataclass(frozen=True)
@@ -318,6 +341,11 @@ def coerce(tp: Any, value: Any, path: str, source: str):
             return None
         inner = [a for a in args if a is not type(None)]
         return coerce(inner[0], value, path, source)
+    if origin is typing.Literal:        # bool and str values compared by type too: 1 is not true
+        if not any(type(value) is type(a) and value == a for a in args):
+            shown = ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in args)
+            raise ConfigError(source, path, f"must be one of {shown}; got {describe(value)}")
+        return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(source, path, f"must be a list, got {describe(value)}")
@@ -571,6 +599,7 @@ def validate_train(t: TrainConfig, source: str) -> None:
     check_seed(source, "train.seed", t.seed)
     if t.num_threads < 0:
         raise ConfigError(source, "train.num_threads", f"must not be negative; got {short_repr(t.num_threads)}")
+    _one_of(source, "train.precision", t.precision, PRECISIONS)
 
 
 def validate_augment(a: AugmentConfig, source: str) -> None:
@@ -580,13 +609,20 @@ def validate_augment(a: AugmentConfig, source: str) -> None:
                           f"images that get an occluder); got {a.occlusion:g}")
 
 
+def validate_tracking(t: TrackingConfig, source: str) -> None:
+    """The tracking section (fields named tracking.*): log_model's type is checked by the builder."""
+    if t.best_k < 1:
+        raise ConfigError(source, "tracking.best_k", f"must be at least 1 (how many configurations per model keep "
+                          f"their model with log_model: best_k); got {short_repr(t.best_k)}")
+
+
 # --- derived values -------------------------------------------------------------------
 
 # Each section's validator, in the order validate runs them. Each reads its own section alone, so a plan
 # validates each distinct section once (orchestrator/sweep/plan.py TrialBuilder); a check that needs two
 # sections would have to be added there too.
 SECTION_VALIDATORS = {"data": validate_data, "model": validate_model, "optim": validate_optim,
-                      "train": validate_train, "augment": validate_augment}
+                      "train": validate_train, "augment": validate_augment, "tracking": validate_tracking}
 
 
 def to_dict(cfg: Any) -> dict:
@@ -660,6 +696,8 @@ def hash_piece(section: str, value: Any) -> str:
             body.pop(key)
         if not body["deterministic"]:      # hashes from before the option existed still match
             body.pop("deterministic")
+        if body["precision"] in ("auto", "autocast"):     # the arithmetic every trial had before the option
+            body.pop("precision")
     elif section == "data":
         body.pop("cache_dir")
         _drop_inert_data_keys(body)
@@ -680,6 +718,12 @@ def hash_of_pieces(pieces: list[str]) -> str:
 def trial_dir(cfg: TrialConfig) -> Path:
     """Checkpoint folder of this exact config (hash), shared by every retry of it."""
     return Path(cfg.train.checkpoint_dir) / config_hash(cfg)
+
+
+def kept_models_dir(checkpoint_dir: str, sweep: str) -> Path:
+    """Where a sweep's finished trials keep their final weights under log_model: best_k, <run id>.pt each,
+    until the sweep decides which of them to log (orchestrator/results/kept_models.py)."""
+    return Path(checkpoint_dir) / KEPT_MODELS_DIR / sweep
 
 
 DATA_DEFAULTS = to_dict(DataConfig())     # read, never changed: _drop_inert_data_keys compares with it

@@ -139,6 +139,36 @@ def build_model(cfg: ModelConfig, n_classes: int) -> FerClassifier:
     return model
 
 
+def compile_model(model: FerClassifier, mode: bool | str) -> nn.Module:
+    """What training steps run through under model.compile: the model itself (false), torch.compile's
+    wrapper of it (true), or, for blocks, the model with each repeated block compiled in place.
+
+    A block compiled with module.compile() shares its code with its siblings, so one graph serves all 12
+    layers of a ViT-B/16 (and the next trial's model of the same shape, in the same process); the compiled
+    kernels are cached on disk (TORCHINDUCTOR_CACHE_DIR, under mlruns/cache/) for the next process. A model
+    without a repeated block of one shape is compiled whole.
+    """
+    if mode is False:
+        return model
+    blocks = repeated_blocks(model) if mode == "blocks" else []
+    if not blocks:
+        return torch.compile(model)
+    for block in blocks:
+        block.compile()
+    return model
+
+
+def repeated_blocks(model: FerClassifier) -> list[nn.Module]:
+    """The blocks compile_model compiles one graph for: a ViT's encoder layers. None for ResNet-50: its 16
+    bottlenecks come in 8 shapes (each stage's first block downsamples), so one training batch size already
+    makes 8 graphs, dynamo's recompile_limit for one function; a ninth (eval mode, another batch size) would
+    run uncompiled."""
+    if model.family != "vit":
+        return []
+    from transformers.models.vit.modeling_vit import ViTLayer
+    return [m for m in model.modules() if isinstance(m, ViTLayer)]
+
+
 def move_exported(module, device):
     """module.to(device) for a torch.export graph, whose ops carry the export device (cpu) burnt in.
 

@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-from trainers.config import TrialConfig, trial_dir
+from trainers.config import TrialConfig, kept_models_dir, trial_dir
 from trainers.data.dataset import DataError, PreparedData, prepare_data
 from trainers.data.split import TEST, VAL
-from trainers.models import build_model
+from trainers.models import FerClassifier, build_model
 from trainers.process.free_space import is_disk_full
 from trainers.process.protocol import Epoch, Message, Started
 from trainers.tracking import TrialRun, start_figure_helper
@@ -98,18 +100,29 @@ def require_val_and_test(data: PreparedData) -> None:
                             "data.split_seed")
 
 
+def prepare_trial(cfg: TrialConfig, reuse_data: bool) -> tuple[PreparedData, FerClassifier, dict[str, float]]:
+    """Data and the seeded initial model, before any run is created (a bad dataset fails here), and what each
+    took: load_seconds (prepare_data, or the previous trial's data reused) and build_seconds."""
+    started = time.perf_counter()
+    data = load_data(cfg, reuse_data)
+    require_val_and_test(data)
+    loaded = time.perf_counter()
+    seed_everything(cfg.train.seed, cfg.train.deterministic)    # the initial weights come from the seed
+    model = build_model(cfg.model, len(data.classes))
+    return data, model, {"load_seconds": loaded - started, "build_seconds": time.perf_counter() - loaded}
+
+
 def run_trial(cfg: TrialConfig, log_file: Path | None = None, supervisor: Supervisor | None = None,
               reuse_data: bool = False, settle: Settle | None = None) -> TrialOutcome:
     """Prepare data and model (failing before any run is created), then train and log one run; with
     settle, the run is closed FINISHED only when the sweep kept the result."""
+    started = time.perf_counter()
     with contextlib.suppress(OSError):      # without one, the figures are drawn here
         start_figure_helper()                # it imports matplotlib while this trial trains
-    data = load_data(cfg, reuse_data)
-    require_val_and_test(data)
-    seed_everything(cfg.train.seed, cfg.train.deterministic)    # the initial weights come from the seed
-    model = build_model(cfg.model, len(data.classes))
+    data, model, timings = prepare_trial(cfg, reuse_data)
     directory = trial_dir(cfg)
     run = TrialRun.open(cfg, resumable_run_id(cfg, directory))
+    run.timings.update(timings)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "run.json").write_text(json.dumps({"run_id": run.run_id,
@@ -118,15 +131,22 @@ def run_trial(cfg: TrialConfig, log_file: Path | None = None, supervisor: Superv
             supervisor.send(Started(run.run_id))
         run.log_setup(cfg, data)
         reporter = EpochReporter(run, cfg.train.epochs, supervisor)
-        result = run_training(cfg, data, model, Checkpoint(directory), observer=reporter)
+        checkpoint = Checkpoint(directory)
+        result = run_training(cfg, data, model, checkpoint, observer=reporter)
+        run.timings.update(checkpoint_seconds=checkpoint.seconds, test_seconds=result.test_seconds)
         run.log_result(cfg, data, result, log_file)
-        if result.status == "finished" and cfg.tracking.log_model:
+        if result.status == "finished" and cfg.tracking.logs_model_now:
             run.log_model(model, cfg, data.classes)
+        elif result.status == "finished" and cfg.tracking.defers_model:
+            keep_weights(run, model, cfg)
+        figures = time.perf_counter()
         run.wait_figures()
+        run.timings["figures_seconds"] = time.perf_counter() - figures
         if log_file is not None and log_file.exists():
             run.log_file(log_file)
         metrics = _final_metrics(result)
         kept = settle is None or settle(result.status, run.run_id, metrics)
+        run.timings["trial_seconds"] = time.perf_counter() - started
     except KeyboardInterrupt:
         run.finish("killed")
         raise
@@ -147,6 +167,27 @@ def run_trial(cfg: TrialConfig, log_file: Path | None = None, supervisor: Superv
         print("superseded: this trial's result was not kept; this run is closed as KILLED", flush=True)
         run.finish("superseded")
     return TrialOutcome(run.run_id, "superseded", metrics, result.train_seconds)
+
+
+def keep_weights(run: TrialRun, model, cfg: TrialConfig) -> None:
+    """log_model: best_k: the trial's final weights (its fp32 state_dict) kept in the sweep's kept-models folder as
+    <run id>.pt, and the run tagged pending, until the sweep ranks its runs and logs the best models' (the
+    checkpoint folder, with the optimizer's moments, is removed as the run closes)."""
+    import torch
+
+    start = time.perf_counter()
+    state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
+             for k, v in model.state_dict().items()}
+    run.require_room(sum(v.numel() * v.element_size() for v in state.values()) // 2**20 + 1)
+    path = kept_models_dir(cfg.train.checkpoint_dir, cfg.tracking.experiment).resolve() / f"{run.run_id}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")     # a half-written file never passes for the weights
+    try:
+        torch.save(state, partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    run.mark_model_pending(path, time.perf_counter() - start)
 
 
 def _final_metrics(result) -> dict[str, float]:

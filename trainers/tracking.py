@@ -51,6 +51,9 @@ MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FINISHED", "pruned": "FINI
 # The tag naming the ledger claim a sweep's trial run belongs to (set when the run is created or resumed),
 # so that a worker reaping a dead worker's trial finds its run even before the ledger knows the run's id.
 CLAIM_TAG = "claim"
+# A finished trial run whose model waits for its sweep's decision (tracking.log_model: best_k); the value is
+# the kept weights' file. Removed once decided: its model logged, or not among the best.
+MODEL_PENDING_TAG = "model_pending"
 
 
 def tracking_uri(uri: str | None = None, create: bool = True) -> str:
@@ -294,6 +297,23 @@ def photo_model_of(client: MlflowClient, run: Run) -> tuple[str, str | None]:
     with global_tracking_uri(client.tracking_uri), no_download_bars():
         network = mlflow.pytorch.load_model(f"models:/{model_id}")
     return TrialRun(client, run.info.run_id, resumed=True).log_model(network, cfg, cfg.data.classes), "photos"
+
+
+def logged_config(client: MlflowClient, run_id: str) -> TrialConfig:
+    """The trial config a run logged (its config.yaml)."""
+    from trainers.config import from_dict
+
+    with tempfile.TemporaryDirectory() as tmp, no_download_bars():
+        raw = yaml.safe_load(Path(client.download_artifacts(run_id, "config.yaml", tmp)).read_text())
+    return from_dict(raw, f"run {run_id}'s config.yaml")
+
+
+def log_decided_model(client: MlflowClient, run_id: str, network, cfg: TrialConfig) -> str:
+    """Log the model of a finished run whose model was pending (log_model: best_k) from its kept weights, loaded
+    into `network`, and clear the pending tag; returns the model id."""
+    model_id = TrialRun(client, run_id, resumed=True, cfg=cfg).log_model(network, cfg, cfg.data.classes)
+    client.delete_tag(run_id, MODEL_PENDING_TAG)
+    return model_id
 
 
 def link_model(client: MlflowClient, run_id: str, model_id: str | None) -> None:
@@ -566,6 +586,9 @@ class TrialRun:
         self.client, self.run_id, self.resumed, self.cfg = client, run_id, resumed, cfg
         self.seconds = 0.0           # spent in MLflow calls, the model's export and upload excluded
         self.model_seconds = 0.0     # torch.export of the model and its upload
+        # The trial's other steps (trainers.run: data, build, checkpoint, test, figures, the whole trial), in
+        # seconds by metric name, logged with these two when the run closes.
+        self.timings: dict[str, float] = {}
         self._figures: tuple[FigureHelper, FigureJob] | None = None     # drawing in the helper, and its job
         self.summary: dict[str, float] = {}      # the final metrics (log_result), for the description
         self._pending: dict[str, float] = {}     # data counters not logged yet (see log_setup)
@@ -621,14 +644,14 @@ class TrialRun:
 
     @_timed
     def log_setup(self, cfg: TrialConfig, data: PreparedData) -> None:
-        """Params and resolved config (once: a resumed run keeps what it logged), data counts, digest and
-        split mode (tag data_split_mode), and data_report.json."""
+        """Params and resolved config (a resumed run logs the params it lacks: its attempt may have been killed
+        before it logged them), data counts, digest and split mode (tag data_split_mode), and data_report.json."""
         self.require_room()
-        if not self.resumed:
-            params = [Param(k, v[:6000]) for k, v in applicable_params(cfg).items()]
-            for i in range(0, len(params), 100):   # the store takes at most 100 params per batch
-                self.client.log_batch(self.run_id, params=params[i:i + 100])
-            self.client.log_text(self.run_id, yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
+        logged = self.client.get_run(self.run_id).data.params if self.resumed else {}
+        params = [Param(k, v[:6000]) for k, v in applicable_params(cfg).items() if k not in logged]
+        for i in range(0, len(params), 100):   # the store takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        self.client.log_text(self.run_id, yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
         # The counters wait for the first epoch's scores: MLflow's Compare page plots the metric a run
         # logged first (val_macro_f1 then, not data/listed).
         self._pending = data.report.metrics()
@@ -693,7 +716,7 @@ class TrialRun:
             cm = result.test["confusion"]
             confusion = {"classes": list(data.classes), "counts": cm.tolist()}
             self.client.log_text(self.run_id, json.dumps(confusion), "confusion_matrix.json")
-        if result.status == "finished" and cfg.tracking.log_model:
+        if result.status == "finished" and cfg.tracking.logs_model_now:
             # The model is made now, so the final metrics are its metrics too (MLflow's model page shows them).
             self.model_id = self._new_logged_model()
         # Step 0: a metric with one value per run is drawn as one bar per run in MLflow's chart view (the
@@ -765,6 +788,12 @@ class TrialRun:
         self._model_logged = True
         return info.model_id
 
+    def mark_model_pending(self, weights: Path, seconds: float) -> None:
+        """The model waits for the sweep's decision (log_model: best_k): its weights are kept in `weights`,
+        which took `seconds` to write (counted as what the model cost the trial)."""
+        self.model_seconds += seconds
+        self.client.set_tag(self.run_id, MODEL_PENDING_TAG, str(weights))
+
     @_timed
     def log_file(self, path: Path) -> None:
         self.require_room()
@@ -778,7 +807,8 @@ class TrialRun:
             self._figures = None
         self._log_pending()         # a trial that failed before its first epoch still says what data it had
         self.client.log_batch(self.run_id, metrics=_metrics({"mlflow_seconds": self.seconds,
-                                                              "model_log_seconds": self.model_seconds}))
+                                                              "model_log_seconds": self.model_seconds,
+                                                              **self.timings}))
         if self.model_id is not None and not self._model_logged:     # made for a model that never came
             with contextlib.suppress(mlflow.exceptions.MlflowException):
                 from mlflow.entities import LoggedModelStatus

@@ -25,14 +25,16 @@ from torch import nn
 
 from trainers import metrics, stats
 from trainers.augment import augment, occlude
-from trainers.config import TrialConfig
+from trainers.config import OptimConfig, TrialConfig
 from trainers.data.balance import balance_cells, balance_plan, class_weights
 from trainers.data.dataset import PreparedData
 from trainers.data.split import TEST, TRAIN, VAL
-from trainers.models import FerClassifier
+from trainers.models import FerClassifier, compile_model
+from trainers.precision import MasterWeightOptimizer, autocast, release_fp32, resolve_precision
 from trainers.predictions import Predictions
 from trainers.errors import UserError
 from trainers.process.free_space import require_room
+from trainers.process.gpu_share import gpu_share, resident_budget, share_gpu
 
 
 class StopTrial(Exception):
@@ -51,6 +53,7 @@ class TrialResult:
     history: list[dict[str, float]] = field(default_factory=list)   # one dict per epoch, with "epoch"
     test: dict | None = None                      # summary, per-class arrays, confusion matrix
     train_seconds: float = 0.0                    # wall time inside epochs (this process)
+    test_seconds: float = 0.0                     # the test pass after the last epoch
 
 
 # --- small pure helpers ---------------------------------------------------------------
@@ -72,10 +75,17 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_optimizer(cfg: TrialConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """sgd / rmsprop / adam over every parameter; the fused CUDA kernels when the model is on a GPU."""
-    o = cfg.optim
-    params = list(model.parameters())
+def build_optimizer(cfg: TrialConfig, model: nn.Module,
+                    precision: str = "autocast") -> torch.optim.Optimizer | MasterWeightOptimizer:
+    """sgd / rmsprop / adam over every parameter; with precision bf16, the model's weights are cast to bf16
+    and the optimizer steps fp32 master copies of them (MasterWeightOptimizer)."""
+    if precision == "bf16":
+        return MasterWeightOptimizer(model, lambda masters: torch_optimizer(cfg.optim, masters))
+    return torch_optimizer(cfg.optim, list(model.parameters()))
+
+
+def torch_optimizer(o: OptimConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """The optimizer o names over params; the fused CUDA kernels when they are on a GPU (RMSprop has none)."""
     fused = {"fused": True} if params and params[0].is_cuda else {}
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **fused)
@@ -84,7 +94,7 @@ def build_optimizer(cfg: TrialConfig, model: nn.Module) -> torch.optim.Optimizer
     return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, **fused)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer | MasterWeightOptimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
 
@@ -103,12 +113,13 @@ def to_float_images(batch_u8: torch.Tensor) -> torch.Tensor:
 
 
 def resident_images(images: np.ndarray, device: torch.device) -> torch.Tensor | None:
-    """The whole uint8 set copied to the GPU once, when it takes under a quarter of its free memory.
+    """The whole uint8 set copied to the GPU once, when it takes under a quarter of its free memory (and of
+    this trainer's share of the card, when trials_per_gpu slots share it: resident_budget).
 
     A batch is then a gather on the device: no host copy per step and no wait for one. Returns None
     on CPU or when the set does not fit; batches() then gathers on the host into pinned memory.
     """
-    if device.type != "cuda" or images.nbytes > torch.cuda.mem_get_info(device)[0] // 4:
+    if device.type != "cuda" or images.nbytes > resident_budget(*torch.cuda.mem_get_info(device), gpu_share()):
         return None
     with warnings.catch_warnings():     # a read-only memory-mapped cache: only copied from, never written
         warnings.filterwarnings("ignore", message=".*not writable.*")
@@ -237,24 +248,21 @@ def _host_batch(images: np.ndarray, rows: np.ndarray, fd: int | None, pin: bool)
 
 # --- one epoch, one evaluation ------------------------------------------------------------
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op on CPU (bf16 matmuls are slow on most CPUs)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 @dataclass
 class Loop:
     """What every epoch of one trial shares: built once by build_loop, read by train_one_epoch and evaluate."""
     cfg: TrialConfig
     data: PreparedData
     model: nn.Module                          # the classifier whose weights a checkpoint holds
-    step_model: nn.Module                     # what batches run through: model, or torch.compile's wrapper
-    optimizer: torch.optim.Optimizer
+    step_model: nn.Module                     # what batches run through: model (its blocks maybe compiled), or
+                                              # torch.compile's wrapper of it (compile_model)
+    optimizer: torch.optim.Optimizer | MasterWeightOptimizer
     device: torch.device
     plan: tuple[np.ndarray, np.ndarray]       # training rows (balanced) and whether each one is augmented
     loss_fn: nn.Module                        # class-weighted cross-entropy, for training
     eval_loss: nn.Module                      # plain cross-entropy, for validation and test
     resident: torch.Tensor | None = None      # the uint8 set on the GPU (resident_images), or None
+    precision: str = "autocast"               # train.precision as resolved for the device (resolve_precision)
 
 
 def train_one_epoch(loop: Loop, epoch: int) -> dict[str, float]:
@@ -295,7 +303,7 @@ def train_one_epoch(loop: Loop, epoch: int) -> dict[str, float]:
             x[sel] = augment(x[sel], gen)
         if occluders is not None:      # every training row, balance copy or not
             x = occlude(x, occluders, occlusion)
-        with autocast(device):
+        with autocast(device, loop.precision):
             logits = model(x)
             loss = loop.loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
@@ -328,7 +336,7 @@ def evaluate(loop: Loop, split: int, keep_probs: bool = False) -> tuple[dict[str
     probs = []
     for pos, x_u8 in batches(data.images, idx, loop.cfg.train.eval_batch_size, device, resident=loop.resident):
         y = labels[int(pos[0]):int(pos[-1]) + 1]
-        with autocast(device):
+        with autocast(device, loop.precision):
             logits = model(to_float_images(x_u8)).float()
         total_loss += loop.eval_loss(logits, y) * len(pos)
         cells = y * n_classes + logits.argmax(1)
@@ -360,6 +368,7 @@ class Checkpoint:
         self.path = directory / "last.pt"
         self._writer: threading.Thread | None = None
         self._failed: BaseException | None = None
+        self.seconds = 0.0      # what training waited for it: the host copies, and writes still in flight
 
     def load(self) -> dict | None:
         self.wait()
@@ -376,17 +385,21 @@ class Checkpoint:
 
     def save(self, state: dict) -> None:
         self.wait()
+        t0 = time.perf_counter()
         snapshot = _host_copy(state)     # training goes on changing the live tensors in place
         # The file is about the tensors' size: refused here (DiskFullError) when writing it would eat into the
         # free-space reserve the run needs to close, rather than failing half written on a full disk.
         require_room([(self.path.parent, "train.checkpoint_dir")], writing_mb=_tensor_bytes(snapshot) // 2**20 + 1)
         self._writer = threading.Thread(target=self._write, args=(snapshot,), name="checkpoint")
         self._writer.start()
+        self.seconds += time.perf_counter() - t0
 
     def wait(self, raise_failure: bool = True) -> None:
         if self._writer is not None:
+            t0 = time.perf_counter()
             self._writer.join()
             self._writer = None
+            self.seconds += time.perf_counter() - t0
         failed, self._failed = self._failed, None
         if failed is not None and raise_failure:
             raise failed
@@ -446,14 +459,16 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 def build_loop(cfg: TrialConfig, data: PreparedData, model: FerClassifier) -> Loop:
     """Seed, place the model on its device, and build its optimizer, training plan and losses."""
     device = select_device(cfg.train.device)
+    share_gpu(device)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     model.to(device)
     if device.type == "cuda" and model.family == "resnet50":
         model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if cfg.model.compile else model
-    optimizer = build_optimizer(cfg, model)
+    precision = resolve_precision(cfg.train.precision, device)
+    optimizer = build_optimizer(cfg, model, precision)     # bf16: casts the weights, keeps fp32 masters
+    step_model = compile_model(model, cfg.model.compile)
     resident = resident_images(data.images, device)
     train_idx = data.indices(TRAIN)
     # The cells are those prepare_data reported in data_report.json (data.balance_by over the same images).
@@ -462,7 +477,7 @@ def build_loop(cfg: TrialConfig, data: PreparedData, model: FerClassifier) -> Lo
             if cfg.data.balance else (train_idx, np.zeros(len(train_idx), bool)))
     weights = torch.from_numpy(class_weights(data.labels[plan[0]], len(data.classes))).to(device)
     return Loop(cfg, data, model, step_model, optimizer, device, plan, loss_fn=nn.CrossEntropyLoss(weight=weights),
-                eval_loss=nn.CrossEntropyLoss(), resident=resident)
+                eval_loss=nn.CrossEntropyLoss(), resident=resident, precision=precision)
 
 
 def resume(loop: Loop, state: dict) -> tuple[float, int, list[dict[str, float]]]:
@@ -490,7 +505,8 @@ def train_and_validate(loop: Loop, epoch: int, lr: float) -> dict[str, float]:
 
 def run_training(cfg: TrialConfig, data: PreparedData, model: FerClassifier, checkpoint: Checkpoint,
                  observer: EpochObserver | None = None) -> TrialResult:
-    """Train for cfg.train.epochs (resuming from the checkpoint), then test; the study's protocol."""
+    """Train for cfg.train.epochs (resuming from the checkpoint), then test; the study's protocol. The model is
+    trained in place and left in fp32."""
     loop = build_loop(cfg, data, model)
     result, lr, start = TrialResult(status="finished"), cfg.optim.lr, 1
     state = checkpoint.load()
@@ -520,11 +536,14 @@ def run_training(cfg: TrialConfig, data: PreparedData, model: FerClassifier, che
                              "lr": lr, "history": result.history})
 
         if result.status == "finished":     # the last checkpoint is written meanwhile
+            t0 = time.perf_counter()
             result.test = test_metrics(loop)
+            result.test_seconds = time.perf_counter() - t0
     except BaseException:
         checkpoint.wait(raise_failure=False)     # the trial's own error is the one to report
         raise
     checkpoint.wait()
+    release_fp32(loop.optimizer)     # the model handed back (exported, served) holds fp32 weights
     return result
 
 

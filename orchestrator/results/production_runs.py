@@ -178,7 +178,8 @@ def _loadable(candidates: list[Candidate], notes: list[str | Skipped]) -> tuple[
     """The candidates whose model can be loaded; a Skipped for each run that logged none."""
     def loadable(c: Candidate) -> bool:
         return c.version is not None or bool(c.run.data.tags.get("model_id"))
-    notes += [Skipped(c.name, "its run logged no model (tracking.log_model was off)")
+    notes += [Skipped(c.name, "its run logged no model (tracking.log_model was off, or best_k and it was not among "
+                              "the best)")
               for c in candidates if not loadable(c)]
     return [c for c in candidates if loadable(c)], notes
 

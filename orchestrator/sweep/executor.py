@@ -30,6 +30,7 @@ from trainers.config import TrialConfig, to_dict
 from trainers.errors import UserError, one_line
 from trainers.process.children import child_env
 from trainers.process.free_space import DiskFullError
+from trainers.process.gpu_share import GPU_SHARE_ENV
 from trainers.process.protocol import (Done, Epoch, Finishing, Message, ProtocolError, Run, Started, Stop, Verdict,
                                        decode, encode)
 from trainers.tracking import CLAIM_TAG
@@ -47,8 +48,8 @@ class NewTrials(Protocol):
 
 @dataclass(frozen=True)
 class Slot:
-    name: str                     # gpu0, gpu1, ... or cpu0, cpu1, ...
-    env: dict[str, str]           # CUDA_VISIBLE_DEVICES and thread counts for its process
+    name: str                     # gpu0, gpu1, ...; gpu0.0, gpu0.1, ... with several per GPU; or cpu0, cpu1, ...
+    env: dict[str, str]           # CUDA_VISIBLE_DEVICES, the GPU share and thread counts for its process
     threads: int = 0              # torch CPU threads for trials on this slot (0: torch default)
 
 
@@ -65,16 +66,33 @@ def visible_gpus() -> list[int]:
     return [i for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
-def make_slots(gpus: list[int] | None, jobs: int | None) -> list[Slot]:
-    """One slot per GPU; without GPUs (or with --jobs), N CPU slots sharing the cores."""
+def make_slots(gpus: list[int] | None, jobs: int | None, per_gpu: int = 1) -> list[Slot]:
+    """per_gpu slots per GPU (execution.trials_per_gpu); without GPUs (or with --jobs), N CPU slots. Either
+    way the host's cores are split evenly between the slots."""
     if jobs is None and gpus is None:
         gpus = visible_gpus()
     if gpus and jobs is None:
-        return [Slot(f"gpu{g}", {"CUDA_VISIBLE_DEVICES": str(g)}) for g in gpus]
+        return [gpu_slot(g, k, per_gpu, _threads(len(gpus) * per_gpu)) for g in gpus for k in range(per_gpu)]
     jobs = jobs or 1
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    return [Slot(f"cpu{i}", env, threads) for i in range(jobs)]
+    threads = _threads(jobs)
+    return [Slot(f"cpu{i}", {"CUDA_VISIBLE_DEVICES": "", **_thread_env(threads)}, threads) for i in range(jobs)]
+
+
+def gpu_slot(gpu: int, k: int, per_gpu: int, threads: int) -> Slot:
+    """The k-th of per_gpu slots pinned to one GPU. Its trainer reads GPU_SHARE_ENV and sizes what it keeps on
+    the card (the resident set, its allocator's cap) from a 1/per_gpu share, not from the whole card."""
+    name = f"gpu{gpu}" if per_gpu == 1 else f"gpu{gpu}.{k}"
+    env = {"CUDA_VISIBLE_DEVICES": str(gpu), GPU_SHARE_ENV: str(per_gpu), **_thread_env(threads)}
+    return Slot(name, env, threads)
+
+
+def _threads(slots: int) -> int:
+    return max(1, (os.cpu_count() or 1) // slots)
+
+
+def _thread_env(threads: int) -> dict[str, str]:
+    """What caps a process's math libraries' threads before torch starts (torch.set_num_threads does it after)."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
 @dataclass

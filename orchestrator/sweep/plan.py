@@ -225,7 +225,8 @@ def _assumptions(tpe_trials: int, known: bool) -> list[str]:
         "a pretrained ViT is costed as ViT-B/16; ResNet-50 as 4.09 GMACs at 224 px, scaled by pixels",
         f"CPU {CPU_FLOPS / 1e9:.0f} GFLOP/s (fp32, a few cores), GPU {GPU_FLOPS / 1e12:.0f} TFLOP/s "
         f"(bf16, A100/H100 class), plus {TRIAL_OVERHEAD_S} s start-up per trial",
-        "times are serial: divide by the number of parallel slots (GPUs or jobs)",
+        "times are serial: divide by the number of GPUs or CPU jobs; trials packed on one GPU "
+        "(execution.trials_per_gpu) share its FLOP/s, so packing brings small trials nearer this rate, no further",
     ]
     if tpe_trials:
         notes.append(f"the {tpe_trials} TPE trials are costed like the defaults trial")

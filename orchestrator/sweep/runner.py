@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import getpass
 import math
@@ -17,6 +18,7 @@ from typing import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from orchestrator.results.kept_models import decide_kept_models
 from orchestrator.results.runs import child_runs
 from orchestrator.sweep.executor import Executor, Slot, SweepHooks, make_slots, start_trainers, stop_trainers
 from orchestrator.sweep.ledger import (Claim, Ledger, Recorded, default_storage, recorded_trial, take_host_lock,
@@ -24,8 +26,8 @@ from orchestrator.sweep.ledger import (Claim, Ledger, Recorded, default_storage,
 from orchestrator.sweep.plan import PlannedTrial, count_images, datasets_to_prepare, resolve_trial, trial_flop
 from orchestrator.sweep.preflight import OutputFolder, check_sweep_room, sweep_folders
 from orchestrator.sweep.spec import SweepSpec
-from trainers.config import (NAME_SEPARATOR, TrackingConfig, TrialConfig, config_hash, from_dict, to_dict,
-                             leading_parts, trial_name, with_tracking)
+from trainers.config import (BEST_K, NAME_SEPARATOR, TrialConfig, config_hash, from_dict, to_dict, leading_parts,
+                             trial_name, with_tracking)
 from trainers.data.balance import balance_text
 from trainers.errors import UserError, first_line
 from trainers.process.side_files import STORE_DIR
@@ -100,10 +102,11 @@ class SweepContext:
         cfg = planned.config if planned else from_dict(json.loads(claim.attrs["config"]), self.spec.path)
         name = planned.name if planned else claim.attrs["name"]
         groups = ",".join(planned.groups) if planned else claim.attrs.get("groups", "")
-        tracking = TrackingConfig(uri=self.tracking_uri, experiment=self.spec.name, run_name=name,
-                                  parent_run_id=self.parent_run_id,
-                                  tags={**child_run_tags(self.spec.name, groups, claim.number),
-                                        **source_tags(self.spec.path)})
+        # The spec's tracking section (log_model, best_k) with where and under what this run logs.
+        tracking = dataclasses.replace(self.spec.tracking, uri=self.tracking_uri, experiment=self.spec.name,
+                                       run_name=name, parent_run_id=self.parent_run_id,
+                                       tags={**child_run_tags(self.spec.name, groups, claim.number),
+                                             **source_tags(self.spec.path)})
         return with_tracking(cfg, tracking, slot.threads)
 
     def hooks(self, search: TpeTrials | None, folders: list[OutputFolder]) -> SweepHooks:
@@ -319,7 +322,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, tracking: str | None 
         if not gpus:
             from orchestrator.sweep.executor import visible_gpus
             jobs = None if visible_gpus() else spec.execution.jobs
-    slots = make_slots(gpus, jobs)
+    slots = make_slots(gpus, jobs, spec.execution.trials_per_gpu)
     url = storage or default_storage()
     take_host_lock(url)         # before any trainer process starts: a second sweep here is refused at once
     ledger = open_ledger(spec, url)
@@ -342,6 +345,9 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, tracking: str | None 
     counts = dict(ledger.counts())
     if enqueue:     # the process that started the sweep closes its parent run; workers only join
         SweepParent(ctx.tracking_uri, ctx.parent_run_id).finish(counts, interrupted)
+    if spec.tracking.log_model == BEST_K and executor.disk_full is None:
+        complete = not (interrupted or counts.get("waiting") or counts.get("running") or (search and search.has_more()))
+        decide_kept_models(spec, store_client(ctx.tracking_uri), ctx.parent_run_id, complete)
     if executor.disk_full is not None:      # stopped while closing the runs and trials still fitted
         raise executor.disk_full
     return SweepOutcome(counts, ctx.parent_run_id, time.perf_counter() - started,

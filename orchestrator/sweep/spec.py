@@ -21,16 +21,20 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from trainers.config import (MODEL_NAMES, ConfigError, DataConfig, LimitedLoader, ModelConfig, TrialConfig,
-                             YAMLLimitError, build, check_seed, describe, limited_load, short_list, short_repr,
-                             validate_augment, validate_data, validate_model, validate_optim, validate_train)
+from trainers.config import (BEST_K, MODEL_NAMES, ConfigError, DataConfig, LimitedLoader, ModelConfig, TrackingConfig,
+                             TrialConfig, YAMLLimitError, build, check_seed, describe, limited_load, short_list,
+                             short_repr, validate_augment, validate_data, validate_model, validate_optim,
+                             validate_tracking, validate_train)
 from trainers.progress import progress
 from orchestrator.sweep.plan import TrialBuilder, grid, grid_points, resolve_trial, trial_point, unique_trials
-from orchestrator.sweep.spec_types import (ALL_RUNS, CHAMPION_RUNS, Defaults, ExecutionSpec, Experiment, PlannedTrial,
-                                           PromoteSpec, SearchSpec, SweepSpec)
+from orchestrator.sweep.spec_types import (ALL_RUNS, CHAMPION_RUNS, MAX_TRIALS_PER_GPU, Defaults, ExecutionSpec,
+                                           Experiment, PlannedTrial, PromoteSpec, SearchSpec, SweepSpec)
 
 TOP_KEYS = ("name", "description", "data", "production", "models", "defaults", "experiments",
-            "seeds", "search", "promote", "execution")
+            "seeds", "search", "promote", "execution", "tracking")
+# What a spec's tracking section sets; the rest of a trial's tracking (store, experiment, parent run, tags)
+# is the orchestrator's.
+SPEC_TRACKING_KEYS = ("log_model", "best_k")
 EXPERIMENT_KEYS = ("title", "grid", "set", "reference", "compare_to")
 AXIS_ALIASES = {"optimizer": "optim.name", "lr": "optim.lr", "epochs": "train.epochs", "seed": "train.seed"}
 SEARCH_METHODS = ("grid", "tpe")
@@ -158,6 +162,7 @@ def spec_from_dict(raw: dict, source: str = "spec") -> SweepSpec:
         experiments=experiments, seeds=_parse_seeds(raw.get("seeds", [0]), source), search=search,
         promote=_parse_promote(raw.get("promote"), models, source),
         execution=_parse_execution(raw.get("execution"), source), production_evaluate=production_evaluate,
+        tracking=_parse_tracking(raw.get("tracking"), source),
     )
     _check_plan_size(spec)
     spec = dataclasses.replace(spec, plan=_plan(spec, raw))
@@ -297,7 +302,8 @@ def _check_preset(value: Any, models: dict, field: str, source: str) -> None:
 def _parse_defaults(value: Any, models: dict, source: str) -> Defaults:
     defaults = _mapping(value, "defaults", source, optional=True)
     if "tracking" in defaults:
-        _fail(source, "defaults.tracking", "is set by the orchestrator (experiment, parent run, tags); remove it")
+        _fail(source, "defaults.tracking", "is not allowed here; put log_model and best_k in the top-level tracking "
+                                           "section (the rest is set by the orchestrator)")
     if "data" in defaults:
         _fail(source, "defaults.data", "is not allowed here; put shared data settings in the top-level data section")
     if isinstance(defaults.get("train"), dict) and "seed" in defaults["train"]:
@@ -566,6 +572,23 @@ def _parse_promote(value: Any, models: dict, source: str) -> PromoteSpec:
     return spec
 
 
+def _parse_tracking(value: Any, source: str) -> TrackingConfig:
+    """tracking: which trials log their model (log_model: true | false | best_k, with best_k: K)."""
+    tracking = _mapping(value, "tracking", source, optional=True)
+    for key in tracking:
+        if key in TrackingConfig.__dataclass_fields__ and key not in SPEC_TRACKING_KEYS:
+            _fail(source, f"tracking.{key}", "is set by the orchestrator (store, experiment, parent run, tags); "
+                                             f"a spec sets {' and '.join(SPEC_TRACKING_KEYS)}")
+    _reject_unknown(tracking, SPEC_TRACKING_KEYS, "tracking", source)
+    if "best_k" in tracking and tracking.get("log_model") != BEST_K:
+        _fail(source, "tracking.best_k", f"applies only with log_model: {BEST_K}; set log_model: {BEST_K} or "
+                                         "remove best_k")
+    with _located(source):
+        parsed = build(TrackingConfig, tracking, "tracking.", source)
+        validate_tracking(parsed, source)
+    return parsed
+
+
 def _parse_execution(value: Any, source: str) -> ExecutionSpec:
     execution = _mapping(value, "execution", source, optional=True)
     gpus = (lambda g: g is None or (isinstance(g, list) and bool(g) and all(_is_int(i) and i >= 0 for i in g)),
@@ -573,7 +596,9 @@ def _parse_execution(value: Any, source: str) -> ExecutionSpec:
     _check_values(execution, "execution", source, {
         "jobs": (lambda n: _is_int(n) and n >= 1, "an integer >= 1"),
         "max_retries": (lambda n: _is_int(n) and n >= 0, "an integer >= 0"), "gpus": gpus,
-        "max_trials": (lambda n: _is_int(n) and n >= 1, "an integer >= 1")})
+        "max_trials": (lambda n: _is_int(n) and n >= 1, "an integer >= 1"),
+        "trials_per_gpu": (lambda n: _is_int(n) and 1 <= n <= MAX_TRIALS_PER_GPU,
+                           f"an integer from 1 to {MAX_TRIALS_PER_GPU} (trainer slots sharing each GPU)")})
     with _located(source):
         spec = build(ExecutionSpec, execution, "execution.", source)
     if spec.gpus is not None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from trainers.config import AugmentConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig, TrialConfig
+from trainers.config import (AugmentConfig, DataConfig, ModelConfig, OptimConfig, TrackingConfig, TrainConfig,
+                             TrialConfig)
 
 # What production.evaluate (and `production --runs`) may name besides an experiment: the registry's
 # champion, or every finished trial run of the sweep.
@@ -38,10 +39,18 @@ class PromoteSpec:
     alias: str = "champion"
 
 
+# The most trainer slots execution.trials_per_gpu may put on one GPU: 64 processes hold ~32 GB of CUDA
+# contexts alone (~0.5 GB each), a quarter of an H200's memory.
+MAX_TRIALS_PER_GPU = 64
+
+
 @dataclass(frozen=True)
 class ExecutionSpec:
     jobs: int = 1                 # parallel trials (CPU) or slots when no GPU list is given
     gpus: tuple[int, ...] | None = None   # None: every visible GPU, else these indices
+    # Trainer slots per GPU, each a process pinned to the same card with a 1/N share of its memory: small
+    # trials (the demo's) leave an H100/H200 mostly idle, so N of them run side by side. Ignored on CPU.
+    trials_per_gpu: int = 1
     max_retries: int = 2
     # The most trials (grid points x seeds, plus TPE's n_trials) a spec may plan; a larger plan is refused
     # from the axes' lengths, before a point is built. 10^4 trials plan in seconds (tests/test_plan_scale.py)
@@ -87,3 +96,5 @@ class SweepSpec:
     # production.evaluate: champion, all or experiment names; () evaluates the champion alone.
     production_evaluate: tuple[str, ...] = ()
     plan: tuple[PlannedTrial, ...] = ()   # the grid's unique trials, expanded once when the spec is loaded
+    # The spec's tracking section: log_model and best_k, as every trial of the sweep runs with them.
+    tracking: TrackingConfig = TrackingConfig()

@@ -63,7 +63,7 @@ def _failure(err: Exception) -> Done:
     if _out_of_memory(err):
         return Done("error", retriable=True,
                     error=f"out of memory ({one_line(err)[:300]}); lower train.batch_size or model.image_size, "
-                          "or run fewer jobs per machine")
+                          "or run fewer trials per machine (execution.jobs, execution.trials_per_gpu)")
     return Done("error", error=f"{type(err).__name__}: {one_line(err)}", retriable=True)
 
 

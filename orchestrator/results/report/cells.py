@@ -21,7 +21,8 @@ from trainers.config import ModelConfig, TrialConfig, applicable_params, inappli
 # runs that differ only in these and the seed are replicates of one configuration.
 NOT_RESULT_PARAMS = {"train.seed", "train.device", "train.checkpoint_dir", "train.num_threads", "data.cache_dir"}
 # Params at a default added after runs were logged (older runs lack them): not a difference between runs.
-DEFAULT_ONLY_PARAMS = {("train.deterministic", "False")}
+# train.precision auto and autocast compute as every run did before the option (config_hash leaves them out).
+DEFAULT_ONLY_PARAMS = {("train.deterministic", "False"), ("train.precision", "auto"), ("train.precision", "autocast")}
 
 
 @dataclass(frozen=True)
