@@ -311,7 +311,15 @@ def logged_config(client: MlflowClient, run_id: str) -> TrialConfig:
 def log_decided_model(client: MlflowClient, run_id: str, network, cfg: TrialConfig) -> str:
     """Log the model of a finished run whose model was pending (log_model: best_k) from its kept weights, loaded
     into `network`, and clear the pending tag; returns the model id."""
-    model_id = TrialRun(client, run_id, resumed=True, cfg=cfg).log_model(network, cfg, cfg.data.classes)
+    trial = TrialRun(client, run_id, resumed=True, cfg=cfg)
+    trial.model_id = trial._new_logged_model()
+    try:
+        model_id = trial.log_model(network, cfg, cfg.data.classes)
+    except BaseException:       # the logged model made for it is marked FAILED, not left PENDING in the UI
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            from mlflow.entities import LoggedModelStatus
+            client.finalize_logged_model(trial.model_id, LoggedModelStatus.FAILED)
+        raise
     client.delete_tag(run_id, MODEL_PENDING_TAG)
     return model_id
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.entities import Run
 
 from orchestrator.results.registry import RUN_METRICS, closest_to_mean
@@ -27,6 +27,7 @@ from orchestrator.results.report.store import trial_of
 from orchestrator.results.runs import child_runs, sweep_command
 from orchestrator.sweep.spec import SweepSpec
 from trainers.config import kept_models_dir
+from trainers.errors import first_line
 from trainers.tracking import MODEL_PENDING_TAG, log_decided_model, logged_config
 
 
@@ -104,25 +105,47 @@ def choose(spec: SweepSpec, finished: list[Run], k: int) -> tuple[list[Run], lis
 
 def decide(spec: SweepSpec, client: MlflowClient, parent_run_id: str) -> Decision:
     """Log the chosen runs' models from their kept weights, clear the others' pending tags, delete this host's
-    kept weights."""
+    kept weights. Safe to repeat (another host may have decided some runs meanwhile); a model that cannot be
+    logged keeps its run pending and its weights, with one warning line."""
     finished = child_runs(client, spec.name, parent_run_id, status="finished")
     pending = [r for r in finished if MODEL_PENDING_TAG in r.data.tags]
     to_log, missing = choose(spec, finished, spec.tracking.best_k) if pending else ([], [])
     decision = Decision(missing=missing, pending=len(pending))
+    kept_back = set()
     for run in to_log:
-        log_kept_model(client, run)
-        decision.logged.append(run)
+        if client.get_run(run.info.run_id).data.tags.get("model_id"):    # another host logged it meanwhile
+            continue
+        try:
+            log_kept_model(client, run)
+            decision.logged.append(run)
+        except Exception as err:        # a damaged file, the store: this run waits, the others go on
+            kept_back.add(Path(run.data.tags[MODEL_PENDING_TAG]).resolve())
+            print(f"warning: the model of run {run.info.run_name} ({run.info.run_id}) could not be logged from "
+                  f"{run.data.tags[MODEL_PENDING_TAG]}: {first_line(err)}; it stays {MODEL_PENDING_TAG} with its "
+                  "weights (run the sweep again to retry)", flush=True)
     decided = {r.info.run_id for r in to_log + missing}
     for run in pending:
         if run.info.run_id not in decided:
-            client.delete_tag(run.info.run_id, MODEL_PENDING_TAG)      # not among the best: no model
-    logged_files = {Path(r.data.tags[MODEL_PENDING_TAG]).resolve() for r in to_log}
-    decision.unwritten_bytes = sum(f.stat().st_size for f in kept_files(spec) if f.resolve() not in logged_files)
+            forget_pending(client, run.info.run_id)      # not among the best: no model
+    logged_files = {Path(r.data.tags[MODEL_PENDING_TAG]).resolve() for r in decision.logged}
+    for f in kept_files(spec):
+        if f.resolve() not in kept_back:
+            decision.unwritten_bytes += 0 if f.resolve() in logged_files else f.stat().st_size
+            f.unlink(missing_ok=True)
     for folder in kept_folders(spec):
-        shutil.rmtree(folder, ignore_errors=True)
-        with contextlib.suppress(OSError):      # kept-models/ itself, once no sweep keeps weights there
+        with contextlib.suppress(OSError):      # the folders, once they hold no weights
+            folder.rmdir()
             folder.parent.rmdir()
     return decision
+
+
+def forget_pending(client: MlflowClient, run_id: str) -> None:
+    """The run's pending tag removed; already gone (another host decided it) is fine."""
+    try:
+        client.delete_tag(run_id, MODEL_PENDING_TAG)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
 
 
 def log_kept_model(client: MlflowClient, run: Run) -> None:

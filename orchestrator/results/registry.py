@@ -141,7 +141,9 @@ def select_run(spec: SweepSpec, client: MlflowClient, run_metric: str) -> Select
     if not logged:
         raise RegistryError(f"the best {model} configuration of sweep '{spec.name}' (runs "
                             f"{', '.join(t.name for t in best.finished)}) has no logged model; "
-                            "check that tracking.log_model is on and run it again")
+                            "check that tracking.log_model is on and run it again (with log_model: best_k, "
+                            "runs tagged model_pending wait for the sweep to complete on the host that keeps "
+                            "their weights: run the sweep or worker there again)")
     return Selection(closest_to_mean(logged, run_metric, stat.mean), stat.mean, stat.n, len(configs))
 
 

@@ -18,7 +18,7 @@ from typing import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from orchestrator.results.kept_models import decide_kept_models
+from orchestrator.results.kept_models import decide_kept_models, kept_files
 from orchestrator.results.runs import child_runs
 from orchestrator.sweep.executor import Executor, Slot, SweepHooks, make_slots, start_trainers, stop_trainers
 from orchestrator.sweep.ledger import (Claim, Ledger, Recorded, default_storage, recorded_trial, take_host_lock,
@@ -345,9 +345,11 @@ def run_sweep(spec: SweepSpec, storage: str | None = None, tracking: str | None 
     counts = dict(ledger.counts())
     if enqueue:     # the process that started the sweep closes its parent run; workers only join
         SweepParent(ctx.tracking_uri, ctx.parent_run_id).finish(counts, interrupted)
-    if spec.tracking.log_model == BEST_K and executor.disk_full is None:
-        complete = not (interrupted or counts.get("waiting") or counts.get("running") or (search and search.has_more()))
-        decide_kept_models(spec, store_client(ctx.tracking_uri), ctx.parent_run_id, complete)
+    if spec.tracking.log_model == BEST_K or kept_files(spec):     # (weights kept under an earlier setting too)
+        complete = executor.disk_full is None and not (interrupted or counts.get("waiting") or counts.get("running")
+                                                       or (search and search.has_more()))
+        with ledger.starting():     # one host decides at a time; the next finds the runs decided
+            decide_kept_models(spec, store_client(ctx.tracking_uri), ctx.parent_run_id, complete)
     if executor.disk_full is not None:      # stopped while closing the runs and trials still fitted
         raise executor.disk_full
     return SweepOutcome(counts, ctx.parent_run_id, time.perf_counter() - started,

@@ -359,7 +359,8 @@ def _axis_path(key: Any, field: str, source: str) -> str:
         _fail(source, field, "must be a dotted trial field such as optim.lr")
     path = canonical_axis(key)
     if path.split(".")[0] == "tracking":
-        _fail(source, field, "is set by the orchestrator; remove it")
+        _fail(source, field, "is not a grid axis: the orchestrator sets where runs are logged, and log_model / best_k "
+                             "go in the spec's top-level tracking: section; remove it")
     if path != "model" and path not in TRIAL_FIELDS:
         close = difflib.get_close_matches(path, TRIAL_FIELDS + tuple(AXIS_ALIASES), n=1)
         hint = f"did you mean {close[0]}? " if close else ""
