@@ -12,6 +12,7 @@ from trainers.data.dataset import prepare_data
 from trainers.models import build_model, compile_model
 from trainers.precision import MasterWeightOptimizer, autocast, cast_to_bf16
 from trainers.run import run_trial
+from trainers.tracking import global_tracking_uri
 from trainers.train import Checkpoint, run_training, seed_everything
 
 CPU = torch.device("cpu")
@@ -146,9 +147,9 @@ def test_a_bf16_trial_logs_an_fp32_model(tmp_path, tiny_trial):
                                data={"synthetic": {"n_images": 120, "draw_size": 32}}))
     outcome = run_trial(cfg)
     assert outcome.status == "finished"
-    mlflow.set_tracking_uri(cfg.tracking.uri)
     model_id = MlflowClient(cfg.tracking.uri).get_run(outcome.run_id).data.tags["model_id"]
-    network = mlflow.pytorch.load_model(f"models:/{model_id}")
+    with global_tracking_uri(cfg.tracking.uri):     # restored after: later tests must not inherit this store
+        network = mlflow.pytorch.load_model(f"models:/{model_id}")
     floats = [t for t in network.state_dict().values() if t.is_floating_point()]
     assert floats and {t.dtype for t in floats} == {torch.float32}
     logits = network(torch.rand(3, 3, 32, 32))      # production feeds fp32 images

@@ -20,7 +20,7 @@ from trainers.data.dataset import prepare_data
 from trainers.models import ModelUnavailableError, build_model
 from trainers.predictions import read_predictions
 from trainers.run import run_trial
-from trainers.tracking import TrialRun, start_figure_helper
+from trainers.tracking import TrialRun, global_tracking_uri, start_figure_helper
 from trainers.train import Checkpoint, run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,9 +124,9 @@ def running(pid: int) -> bool:
 def test_logged_model_predicts_from_the_store(tmp_path, tiny_trial):
     cfg = from_dict(tiny_trial(tmp_path, train={"epochs": 1}))
     outcome = run_trial(cfg)
-    mlflow.set_tracking_uri(cfg.tracking.uri)
     model_id = MlflowClient(cfg.tracking.uri).get_run(outcome.run_id).data.tags["model_id"]
-    model = mlflow.pytorch.load_model(f"models:/{model_id}")
+    with global_tracking_uri(cfg.tracking.uri):     # restored after: later tests must not inherit this store
+        model = mlflow.pytorch.load_model(f"models:/{model_id}")
     import torch
     logits = model(torch.rand(5, 3, 32, 32))
     assert tuple(logits.shape) == (5, 6)
