@@ -42,6 +42,9 @@ DEVICES = ("auto", "cpu", "cuda")
 # train.precision: auto (the default's choice: trainers/precision.py resolve_precision), autocast (fp32 weights,
 # bf16 autocast on CUDA), bf16 (bf16 weights, fp32 master weights in the optimizer), fp32 (no autocast).
 PRECISIONS = ("auto", "autocast", "bf16", "fp32")
+# The train.precision values that compute as every trial did before the option: config_hash leaves them out and
+# the report counts runs logged with them as replicates of runs logged before it.
+PRECISIONS_AS_BEFORE = ("auto", "autocast")
 # Seeds (train.seed, data.split_seed, data.synthetic.seed and a spec's seeds) are 0 ... 2^64 - 1: numpy's
 # generators refuse a negative seed and torch.manual_seed one past 2^64 - 1, each only once a trial runs.
 MAX_SEED = 2**64 - 1
@@ -696,7 +699,7 @@ def hash_piece(section: str, value: Any) -> str:
             body.pop(key)
         if not body["deterministic"]:      # hashes from before the option existed still match
             body.pop("deterministic")
-        if body["precision"] in ("auto", "autocast"):     # the arithmetic every trial had before the option
+        if body["precision"] in PRECISIONS_AS_BEFORE:
             body.pop("precision")
     elif section == "data":
         body.pop("cache_dir")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from trainers.models import FerClassifier, build_model
 from trainers.process.free_space import is_disk_full
 from trainers.process.protocol import Epoch, Message, Started
 from trainers.tracking import TrialRun, start_figure_helper
-from trainers.train import Checkpoint, StopTrial, run_training, seed_everything
+from trainers.train import Checkpoint, StopTrial, run_training, save_tensors, seed_everything, tensor_bytes
 
 
 @dataclass
@@ -178,15 +177,9 @@ def keep_weights(run: TrialRun, model, cfg: TrialConfig) -> None:
     start = time.perf_counter()
     state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
              for k, v in model.state_dict().items()}
-    run.require_room(sum(v.numel() * v.element_size() for v in state.values()) // 2**20 + 1)
+    run.require_room(tensor_bytes(state) // 2**20 + 1)
     path = kept_models_dir(cfg.train.checkpoint_dir, cfg.tracking.experiment).resolve() / f"{run.run_id}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.tmp")     # a half-written file never passes for the weights
-    try:
-        torch.save(state, partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    save_tensors(state, path)
     run.mark_model_pending(path, time.perf_counter() - start)
 
 

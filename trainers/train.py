@@ -389,7 +389,7 @@ class Checkpoint:
         snapshot = _host_copy(state)     # training goes on changing the live tensors in place
         # The file is about the tensors' size: refused here (DiskFullError) when writing it would eat into the
         # free-space reserve the run needs to close, rather than failing half written on a full disk.
-        require_room([(self.path.parent, "train.checkpoint_dir")], writing_mb=_tensor_bytes(snapshot) // 2**20 + 1)
+        require_room([(self.path.parent, "train.checkpoint_dir")], writing_mb=tensor_bytes(snapshot) // 2**20 + 1)
         self._writer = threading.Thread(target=self._write, args=(snapshot,), name="checkpoint")
         self._writer.start()
         self.seconds += time.perf_counter() - t0
@@ -405,25 +405,33 @@ class Checkpoint:
             raise failed
 
     def _write(self, state: dict) -> None:
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")   # two processes on one trial never share it
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(state, tmp)
-            os.replace(tmp, self.path)
+            save_tensors(state, self.path)
         except BaseException as err:      # raised in the training thread by the next wait()
-            with suppress(OSError):
-                tmp.unlink(missing_ok=True)     # a half-written file would hold the room closing the run needs
             self._failed = err
 
 
-def _tensor_bytes(value) -> int:
+def save_tensors(state: dict, path: Path) -> None:
+    """torch.save through a temporary file renamed into place, so a reader never loads half a file."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")   # two processes writing one file never share it
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)     # a half-written file would hold the room closing the run needs
+        raise
+
+
+def tensor_bytes(value) -> int:
     """Bytes of the tensors in a (nested) state: what a checkpoint of it takes on disk, within a few KB."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, dict):
-        return sum(_tensor_bytes(v) for v in value.values())
+        return sum(tensor_bytes(v) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in value)
+        return sum(tensor_bytes(v) for v in value)
     return 0
 
 

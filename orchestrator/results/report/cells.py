@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 from orchestrator.results.report.tables import Stat, summarize, value_text
 from orchestrator.sweep.plan import PlannedTrial, experiment_points, resolve_trial
 from orchestrator.sweep.spec import Experiment, SweepSpec, same_value
-from trainers.config import ModelConfig, TrialConfig, applicable_params, inapplicable_params
+from trainers.config import PRECISIONS_AS_BEFORE, ModelConfig, TrialConfig, applicable_params, inapplicable_params
 
 # Params that say where or how a trial ran, not what it computed (config_hash leaves them out too);
 # runs that differ only in these and the seed are replicates of one configuration.
 NOT_RESULT_PARAMS = {"train.seed", "train.device", "train.checkpoint_dir", "train.num_threads", "data.cache_dir"}
 # Params at a default added after runs were logged (older runs lack them): not a difference between runs.
-# train.precision auto and autocast compute as every run did before the option (config_hash leaves them out).
-DEFAULT_ONLY_PARAMS = {("train.deterministic", "False"), ("train.precision", "auto"), ("train.precision", "autocast")}
+DEFAULT_ONLY_PARAMS = {("train.deterministic", "False"), *(("train.precision", p) for p in PRECISIONS_AS_BEFORE)}
 
 
 @dataclass(frozen=True)
