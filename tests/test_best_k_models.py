@@ -11,12 +11,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
+from orchestrator.results.kept_models import choose
 from orchestrator.results.registry import promote
 from orchestrator.results.runs import child_runs
 from orchestrator.sweep.runner import run_sweep
 from orchestrator.sweep.spec import SpecError, load_spec
-from trainers.config import ConfigError, from_dict
+from trainers.config import ConfigError, applicable_params, config_hash, from_dict
 from trainers.tracking import MODEL_PENDING_TAG
 
 
@@ -111,3 +113,45 @@ def test_a_trial_config_takes_best_k_and_refuses_other_words(tiny_trial, tmp_pat
     with pytest.raises(ConfigError, match=r"^config: tracking.log_model must be one of true, false, best_k; got str "
                                           r"'True'$"):
         from_dict(tiny_trial(tmp_path, tracking={"log_model": "True"}))
+
+
+def record_finished_runs(client, spec, f1s: dict[float, list[float]], folder: Path) -> list:
+    """Trial runs as the trainer records them (params, config hash, final metric, a model_pending tag naming
+    kept weights written to folder), one per learning rate and seed, under one parent run; the finished runs."""
+    experiment = client.create_experiment(spec.name)
+    parent = client.create_run(experiment, tags={"role": "sweep"}).info.run_id
+    for trial in spec.plan:
+        cfg = trial.config
+        weights = folder / f"{cfg.optim.lr}-{cfg.train.seed}.pt"
+        weights.write_bytes(b"weights")
+        run = client.create_run(experiment, run_name=weights.stem, tags={
+            "role": "trial", "status": "finished", "mlflow.parentRunId": parent, "config_hash": config_hash(cfg),
+            MODEL_PENDING_TAG: str(weights)}).info.run_id
+        for key, value in applicable_params(cfg).items():
+            client.log_param(run, key, value)
+        client.log_metric(run, "final_val_macro_f1", f1s[cfg.optim.lr][cfg.train.seed])
+        client.set_terminated(run)
+    return child_runs(client, spec.name, parent, status="finished")
+
+
+def test_a_chosen_run_whose_weights_are_not_here_is_named_and_the_next_nearest_is_logged_in_its_place(
+        tmp_path, write_spec):
+    spec = load_spec(write_spec(tmp_path, "bestk", {"vit": {"grid": {"optim.lr": [1e-3, 3e-3],
+                                                                   "train.seed": [0, 1, 2]}}}))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # lr 3e-3 is the best configuration (mean 0.8167): seed 1 (0.80) is nearest its mean, then seed 0 (0.70).
+    f1s = {3e-3: [0.70, 0.80, 0.95], 1e-3: [0.50, 0.60, 0.65]}
+    runs = {r.info.run_name: r for r in record_finished_runs(client, spec, f1s, tmp_path)}
+    Path(runs["0.003-1"].data.tags[MODEL_PENDING_TAG]).unlink()      # kept on another host, or deleted
+
+    to_log, missing = choose(spec, list(runs.values()), k=1)
+    assert [r.info.run_name for r in to_log] == ["0.003-0"]     # promote finds a model in the best configuration
+    assert [r.info.run_name for r in missing] == ["0.003-1"]    # named in a warning, left pending for its host
+
+    to_log, missing = choose(spec, list(runs.values()), k=2)    # lr 1e-3 too: its nearest (0.60) has weights
+    assert sorted(r.info.run_name for r in to_log) == ["0.001-1", "0.003-0"]
+    assert [r.info.run_name for r in missing] == ["0.003-1"]
+
+    client.set_tag(runs["0.003-1"].info.run_id, "model_id", "m-logged-by-its-host")
+    runs = {r.info.run_name: r for r in child_runs(client, spec.name, status="finished")}
+    assert choose(spec, list(runs.values()), k=1) == ([], [])   # its host logged it: nothing more to log
