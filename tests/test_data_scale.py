@@ -159,6 +159,21 @@ def test_a_preparation_killed_half_way_leaves_no_set_and_the_rerun_aligns_only_t
     assert len(finished) == 1 and not partial      # the dead process's rows are in the set: its files went
 
 
+def test_temporary_files_a_killed_writer_left_are_removed_by_a_later_preparation_and_fresh_ones_kept(tmp_path):
+    root, cache = tmp_path / "faces", tmp_path / "cache"
+    noise_folder(root, 8)
+    prepare_data(data_cfg(root, cache), SIZE)
+    (sets,) = cache.glob("aligned/*/sets")
+    stale, fresh = sets / ".tmp-4242-abc.npy", sets / ".tmp-4243-def.npy"    # a copy killed an hour ago; one
+    for path in (stale, fresh):                                              # being written now
+        path.write_bytes(b"\x93NUMPY" + bytes(1000))
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    noise_folder(root, 10, seed=1)      # other images: a new set is built
+    prepare_data(data_cfg(root, cache), SIZE)
+    assert not stale.exists() and fresh.exists()
+
+
 def test_two_processes_preparing_the_same_data_at_once_both_finish_with_one_set(tmp_path):
     root, cache = tmp_path / "faces", tmp_path / "cache"
     noise_folder(root, 80)
@@ -243,7 +258,7 @@ def running(pid: int) -> bool:
         return False
 
 
-def test_align_workers_reads_its_setting_and_refuses_a_bad_one(monkeypatch):
+def test_align_workers_reads_its_setting_and_refuses_a_bad_one(monkeypatch, tmp_path):
     mtcnn = aligning.build_aligner("mtcnn", 48, 0.1)
     monkeypatch.setenv(aligning.WORKERS_ENV, "3")
     assert aligning.align_workers(mtcnn) == 3
@@ -264,6 +279,10 @@ def test_align_workers_reads_its_setting_and_refuses_a_bad_one(monkeypatch):
     monkeypatch.setenv(aligning.WORKERS_ENV, "many")
     with pytest.raises(UserError, match="FER_ALIGN_WORKERS='many': set it to a whole number"):
         aligning.align_workers(mtcnn)
+    # A set too small for workers refuses it too: the setting is wrong before the data grows to 512 images.
+    noise_folder(tmp_path / "faces", 8)
+    with pytest.raises(UserError, match="FER_ALIGN_WORKERS='many': set it to a whole number"):
+        prepare_data(data_cfg(tmp_path / "faces", tmp_path / "cache"), SIZE)
 
 
 def test_the_digest_index_reads_a_file_once_keeps_every_digest_exactly_and_takes_over_a_json_index(tmp_path,

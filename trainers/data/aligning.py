@@ -101,17 +101,25 @@ def align_workers(aligner: Aligner) -> int:
     0, this process, for align: none, on a GPU and on one core."""
     if aligner.settings["align"] == "none":
         return 0            # decoding and a resize: threads in this process already use every core
-    configured = os.environ.get(WORKERS_ENV, "").strip()
-    if configured:
-        if not configured.isdigit():
-            raise UserError(f"{WORKERS_ENV}={configured!r}: set it to a whole number of worker processes "
-                            "(0: align in this process), or unset it to use one per core")
-        return int(configured)
+    configured = configured_workers()
+    if configured is not None:
+        return configured
     if detector_device() != "cpu":
         return 0            # this process feeds the GPU batched detections
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = min(cores, _available_memory() // WORKER_MEMORY)
     return workers if workers > 1 else 0    # one worker would only give up this process's threads
+
+
+def configured_workers() -> int | None:
+    """FER_ALIGN_WORKERS as a number, None when unset; a value that is not a whole number is refused."""
+    configured = os.environ.get(WORKERS_ENV, "").strip()
+    if not configured:
+        return None
+    if not configured.isdigit():
+        raise UserError(f"{WORKERS_ENV}={configured[:40]!r}: set it to a whole number of worker processes "
+                        "(0: align in this process), or unset it to use one per core")
+    return int(configured)
 
 
 def _available_memory() -> int:
@@ -128,6 +136,7 @@ def build_set(job: AlignJob, set_key: str, workers: int | None) -> AlignedSet:
     """Write the set file of job's samples, reusing cached rows, aligning the rest; return it mapped.
     workers: worker processes that align, 0 for this process; None: align_workers decides."""
     job.store.check_room(len(job.samples))
+    configured_workers()        # a bad FER_ALIGN_WORKERS is refused on small sets too, not first at 512 images
     index = RowIndex.load(job.store)
     if job.refresh:
         index.skips.clear()

@@ -18,6 +18,7 @@ read; the objects a new set takes in are then removed.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import io
@@ -25,6 +26,7 @@ import json
 import os
 import secrets
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -406,13 +408,21 @@ class SetWriter:
                 pass        # e.g. a full disk refusing the last flush: the error being raised says more
 
 
+# A temporary file (.tmp-*) untouched for this long is a killed writer's: every writer renames or removes its
+# own within seconds, as it goes on writing it updates its mtime, and another host sharing the cache cannot
+# be asked whether its process is alive.
+STALE_TEMPORARY_SECONDS = 3600
+
+
 def remove_stale_partials(store: AlignedStore, finished: str, held: set[str]) -> None:
     """Remove the partial sets no writer holds any more whose rows the set just ``finished`` holds: its own
-    (a killed preparation of the same data), or one whose every journalled key is in ``held``."""
+    (a killed preparation of the same data), or one whose every journalled key is in ``held``; and the
+    temporary files killed writers left (STALE_TEMPORARY_SECONDS)."""
     try:
         names = os.listdir(store.sets)
     except OSError:
         return
+    remove_stale_temporaries(store.sets, names)
     for name in names:
         if not (name.startswith(PARTIAL) and name.endswith(".jsonl")):
             continue
@@ -427,6 +437,17 @@ def remove_stale_partials(store: AlignedStore, finished: str, held: set[str]) ->
                 journal.unlink(missing_ok=True)
         except OSError:
             continue
+
+
+def remove_stale_temporaries(folder: Path, names: list[str]) -> None:
+    """The .tmp-* files among names in folder that no writer has touched for STALE_TEMPORARY_SECONDS."""
+    now = time.time()
+    for name in names:
+        if name.startswith(".tmp-"):
+            with contextlib.suppress(OSError):      # renamed or removed by its writer meanwhile
+                path = folder / name
+                if now - path.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                    path.unlink()
 
 
 def _journal_keys(journal: Path) -> set[str]:

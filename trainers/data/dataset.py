@@ -424,13 +424,17 @@ def _subset(store: AlignedStore, set_key: str, images: np.ndarray, kept: np.ndar
     if not path.exists():
         source = store.set_paths(set_key)[0]
         tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        with open(tmp, "wb") as out:
-            out.write(npy_header((len(kept), *images.shape[1:])))
-            chunks = read_row_chunks(source, len(images), images.shape[1:], HASH_ROWS, _data_offset(source))
-            for start, chunk in zip(range(0, len(images), HASH_ROWS), chunks):
-                rows = kept[(kept >= start) & (kept < start + len(chunk))] - start
-                out.write(np.ascontiguousarray(chunk[rows]).data)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as out:
+                out.write(npy_header((len(kept), *images.shape[1:])))
+                chunks = read_row_chunks(source, len(images), images.shape[1:], HASH_ROWS, _data_offset(source))
+                for start, chunk in zip(range(0, len(images), HASH_ROWS), chunks):
+                    rows = kept[(kept >= start) & (kept < start + len(chunk))] - start
+                    out.write(np.ascontiguousarray(chunk[rows]).data)
+            os.replace(tmp, path)
+        except BaseException:       # a full disk, Ctrl-C: no half-written copy left behind
+            tmp.unlink(missing_ok=True)
+            raise
     return np.load(path, mmap_mode="r", allow_pickle=False), key
 
 
