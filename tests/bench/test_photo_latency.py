@@ -50,7 +50,8 @@ def test_photo_latency_per_image_on_cpu():
     payloads = [buffer.getvalue()] * BATCH
     print(f"\nper photo, batch of {BATCH} ({torch.get_num_threads()} torch threads):")
     for title, (cfg, align) in MODELS.items():
-        model = PhotoModel(exported(cfg), PhotoSettings(DEFAULT_CLASSES, cfg.image_size, align, 0.1, "vit"), "cpu")
+        model = PhotoModel(exported(cfg), PhotoSettings(DEFAULT_CLASSES, cfg.image_size, align, 0.1, "vit",
+                                                             decode_side(cfg.image_size), False), "cpu")
         model.predict(payloads[:2])                          # warm-up: MTCNN and the network built
         side = decode_side(cfg.image_size)
         images = [decode_image_bytes(p, side)[0] for p in payloads]

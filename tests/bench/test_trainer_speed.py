@@ -33,7 +33,8 @@ def bench_config(tmp_path, tiny_trial):
 def demo_trial(tmp_path, seed: int):
     """The demo sweep's ViT / Adam / 1e-3 / 3-epoch trial, as the sweep would run it, stored under tmp_path."""
     spec = load_spec(Path(__file__).resolve().parents[2] / "sweeps" / "demo.yaml")
-    raw = to_dict(next(t.config for t in spec.plan if t.name == "vit-adam-lr0.001-ep3-s0"))
+    raw = to_dict(next(t.config for t in spec.plan if (t.config.model.name, t.config.optim.name, t.config.optim.lr,
+                                                         t.config.train.epochs) == ("vit", "adam", 1e-3, 3)))
     raw = {**raw, "data": {**raw["data"], "cache_dir": str(tmp_path / "cache")},
            "train": {**raw["train"], "checkpoint_dir": str(tmp_path / "checkpoints"), "num_threads": 0,
                      "seed": seed},
