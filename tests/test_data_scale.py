@@ -338,3 +338,17 @@ def test_the_data_digest_is_the_hash_it_always_was():
         labels, splits = rng.integers(0, 300, n), rng.integers(0, 3, n).astype(np.int8)
         whole = short_hash({"content": 'c/x"é', "paths": paths, "labels": labels.tolist(), "split": splits.tolist()})
         assert data_digest('c/x"é', paths, labels, splits) == whole
+
+
+def test_set_keys_are_the_hashes_they_always_were():
+    # A set's key is the hash of its images' keys (subsets: of their rows); hashed piece by piece, every set
+    # cached before is still found under its name.
+    from trainers.data.cache import short_hash, short_hash_of_list
+
+    rng = np.random.default_rng(1)
+    for n in (0, 1, 4096, 4097, 9000):
+        keys = [bytes(rng.integers(0, 256, 32, dtype=np.uint8)).hex() for _ in range(n)]
+        rows = sorted(rng.choice(20000, n, replace=False).tolist())
+        assert short_hash_of_list(keys) == short_hash(keys)
+        assert short_hash_of_list(rows) == short_hash(rows)
+    assert short_hash_of_list(['é"\\', {"b": 1, "a": [2]}]) == short_hash(['é"\\', {"b": 1, "a": [2]}])

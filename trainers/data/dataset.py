@@ -17,8 +17,8 @@ from trainers.data.align import Aligner, build_aligner
 from trainers.data.aligning import AlignedSet, AlignJob, build_set, reads_again
 from trainers.data.audit import AuditResult, audit_splits, near_duplicate_pairs, perceptual_hashes
 from trainers.data.balance import CLASS_COLUMN, balance_cells, balance_summary
-from trainers.data.cache import (NPY_HEADER, AlignedStore, DigestIndex, atomic_write_bytes, npy_header,
-                                 read_row_chunks, relative_posix, save_array, short_hash)
+from trainers.data.cache import (NPY_HEADER, AlignedStore, DigestIndex, atomic_write_json, npy_header,
+                                 read_row_chunks, relative_posix, save_array, short_hash_of_list)
 from trainers.data.images import DECODE_REASONS, READ_REASONS, ImageSkipped
 from trainers.data.importers import IMPORTERS
 from trainers.data.sources import Listing, Sample, list_imagefolder
@@ -139,17 +139,17 @@ def prepare_data(cfg: DataConfig, image_size: int, workers: int | None = None, r
 
 
 def _gather(cfg: DataConfig, image_size: int, workers: int | None, refresh: bool) -> Gathered:
-    """The listing's usable samples and their aligned set; the per-file keys and digests (~0.1 KB a file)
-    are let go on return, before the split and the audit."""
+    """The listing's usable samples, their aligned set and its near-duplicate pairs; the per-file keys and
+    digests (~0.3 KB a file) are let go once the set is aligned, before the near-duplicate pass."""
     root = dataset_root(cfg)
     listing = list_samples(cfg, root)
     cache_dir = Path(cfg.cache_dir)
     aligner = build_aligner(cfg.align, image_size, cfg.align_margin)
     store = AlignedStore(cache_dir, aligner.settings)
     samples, keys, digests, skipped = _digest_samples(listing, DigestIndex(cache_dir, root), aligner)
-    set_key = short_hash(keys)
-    job = AlignJob(store, aligner, samples, keys, digests, image_size, refresh)
-    aligned = _load_aligned(job, set_key, workers)
+    set_key = short_hash_of_list(keys)
+    aligned = _load_aligned(AlignJob(store, aligner, samples, keys, digests, image_size, refresh), set_key, workers)
+    del keys, digests
     skipped.update(aligned.reasons)
     samples = [s for s, k in zip(samples, aligned.keep) if k]
     pairs = _near_duplicates(store, set_key, aligned.images, cfg.duplicate_distance)
@@ -210,7 +210,7 @@ def _adopt_legacy_set(job: AlignJob, set_key: str, manifest: dict) -> None:
         if legacy is not None and isinstance(legacy[0], str):
             skips[key] = legacy[0]
     manifest.update(keys=keys, skips=skips, fallback=manifest.get("fallback", [False] * len(keys)))
-    atomic_write_bytes(manifest_path, json.dumps(manifest).encode())
+    atomic_write_json(manifest_path, manifest)
     job.store.forget_legacy(job.keys)
     print(f"cache: {set_array.name} now lists its images; their per-image copies were removed ({job.store.root})",
           file=sys.stderr)
@@ -419,7 +419,7 @@ def _split_warnings(cfg: DataConfig, rows: Rows, mode: str) -> list[str]:
 
 def _subset(store: AlignedStore, set_key: str, images: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, str]:
     """The rows ``kept`` (ascending) of a stacked set, as their own cached file (read in chunks, never whole)."""
-    key = f"{set_key}-{short_hash(kept.tolist())}"
+    key = f"{set_key}-{short_hash_of_list(kept.tolist())}"
     path = store.set_paths(key)[0]
     if not path.exists():
         source = store.set_paths(set_key)[0]

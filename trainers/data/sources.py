@@ -152,18 +152,16 @@ def _resolves(path: str) -> bool:
 
 
 def _attach_metadata(root: Path, samples: list[Sample]) -> list[Sample]:
-    """Samples with subject and attributes from root/metadata.csv, when that file exists."""
+    """The samples (the list itself) with subject and attributes from root/metadata.csv, when that file
+    exists."""
     rows = _read_metadata(root)
     if not rows:
         return samples
-    attached = []
-    for sample in samples:
+    for i, sample in enumerate(samples):     # replaced in place: one Sample per file alive at a time, not two
         row = rows.pop(sample.path, None)
-        if row is None:
-            attached.append(sample)
-            continue
-        attached.append(Sample(path=sample.path, label=sample.label, subject=row[0], attrs=row[1]))
-    return attached
+        if row is not None:
+            samples[i] = Sample(path=sample.path, label=sample.label, subject=row[0], attrs=row[1])
+    return samples
 
 
 def _read_metadata(root: Path) -> dict[str, tuple[str | None, tuple[tuple[str, str], ...]]]:
