@@ -140,7 +140,7 @@ def prepare_data(cfg: DataConfig, image_size: int, workers: int | None = None, r
 
 def _gather(cfg: DataConfig, image_size: int, workers: int | None, refresh: bool) -> Gathered:
     """The listing's usable samples, their aligned set and its near-duplicate pairs; the per-file keys and
-    digests (~0.3 KB a file) are let go once the set is aligned, before the near-duplicate pass."""
+    digests (~130 bytes a file) are let go once the set is aligned, before the near-duplicate pass."""
     root = dataset_root(cfg)
     listing = list_samples(cfg, root)
     cache_dir = Path(cfg.cache_dir)
