@@ -2,7 +2,7 @@
 and MTCNN alignment with one and two worker processes.
 
 Goals: the larger set's peak RSS <= 1.25x the smaller one's (8x the images; each the lower of two
-preparations from scratch, as a peak moves by up to 6 MB from one run to the next); the aligned cache <= 1.1x
+preparations from scratch, as a peak moves by up to 5 MB from one run to the next); the aligned cache <= 1.1x
 the raw uint8 bytes of its images; two worker processes align >= 1.6x the images per second of one (2 cores);
 alignment in this process alone (torch's threads on every core, the path on a GPU or one core) is shown too.
 Run with `python -m pytest -q -s tests/bench/test_data_scale.py`. FER_BENCH_SCALE="4000,32000" sets the
