@@ -87,8 +87,7 @@ def wait_for(moment: str, folder, rng: random.Random) -> None:
 @pytest.mark.parametrize("seed", KILL_SEEDS)
 def test_an_orchestrator_killed_at_random_moments_finishes_every_point_once(in_tmp, seed, clean_env, orchestrate,
                                                                             store, trainer_processes, write_spec):
-    # Four trials on two slots: after two kills, each at most just past a finished trial, two are still to run.
-    spec_path = write_spec(in_tmp, "chaos", {"lr": {"grid": {"optim.lr": [1e-3, 2e-3, 3e-3, 4e-3]}}},
+    spec_path = write_spec(in_tmp, "chaos", {"lr": {"grid": {"optim.lr": [1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3]}}},
                            defaults={"model": "vit", "optim": {"name": "adam", "lr": 1e-3},
                                      "train": {"epochs": 3, "batch_size": 16}})
     rng = random.Random(seed)
